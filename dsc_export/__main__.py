@@ -1,0 +1,3 @@
+from dsc_export.cli import main
+
+main()

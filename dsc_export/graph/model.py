@@ -1,0 +1,215 @@
+"""Loading ONNX models and the data-flow view the analysis works on."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from dsc_export.errors import UserError
+
+# Ops whose output depends only on the *shape* of their input, never on its values.
+SHAPE_OPS = {"Shape", "Size"}
+
+
+def load_model(path: str | os.PathLike, load_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file with one-line errors for every way it can be unusable.
+
+    Args:
+        path: the ``.onnx`` file; external data files are looked up beside it.
+        load_data: also load external tensor data (False: only check that it exists).
+
+    Returns:
+        The model.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"'{path}' does not exist")
+    if path.is_dir():
+        raise UserError(f"'{path}' is a directory, not an ONNX file")
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as exc:
+        raise UserError(
+            f"'{path}' is not a readable ONNX model (not ONNX, or truncated): "
+            f"{type(exc).__name__}"
+        ) from exc
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise UserError(f"'{path}' is not an ONNX model (no graph or no nodes; truncated?)")
+    missing = sorted(
+        {
+            info.location
+            for t in all_initializers(model.graph)
+            if external_data_helper.uses_external_data(t)
+            for info in [external_data_helper.ExternalDataInfo(t)]
+            if not (path.parent / info.location).is_file()
+        }
+    )
+    if missing:
+        raise UserError(
+            f"'{path}' stores weights in external data file(s) that are missing: "
+            f"{', '.join(missing)} (expected beside the model)"
+        )
+    if load_data:
+        try:
+            external_data_helper.load_external_data_for_model(model, os.fspath(path.parent))
+        except Exception as exc:
+            raise UserError(f"cannot read the external data of '{path}': {exc}") from exc
+    return model
+
+
+def all_initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in _attr_graphs(attr):
+                yield from all_initializers(sub)
+
+
+def _attr_graphs(attr: onnx.AttributeProto):
+    if attr.type == onnx.AttributeProto.GRAPH:
+        yield attr.g
+    elif attr.type == onnx.AttributeProto.GRAPHS:
+        yield from attr.graphs
+
+
+def outer_scope_inputs(node: onnx.NodeProto) -> list[str]:
+    """Tensors a control-flow node's subgraphs (If/Loop/Scan bodies) read from the outer scope.
+
+    They are real data-flow edges into the node, although they are not in ``node.input``.
+    """
+    refs: list[str] = []
+    for attr in node.attribute:
+        for sub in _attr_graphs(attr):
+            refs.extend(_free_names(sub))
+    return list(dict.fromkeys(refs))
+
+
+def _free_names(graph: onnx.GraphProto) -> list[str]:
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.name for t in graph.sparse_initializer}
+    free: list[str] = []
+    for node in graph.node:
+        for name in list(node.input) + outer_scope_inputs(node):
+            if name and name not in defined:
+                free.append(name)
+        defined.update(o for o in node.output if o)
+    for out in graph.output:
+        if out.name not in defined:
+            free.append(out.name)
+    return free
+
+
+@dataclass(frozen=True)
+class OpNode:
+    """One ONNX node in the data-flow view: explicit and outer-scope inputs, outputs."""
+
+    index: int  # position in graph.node
+    name: str
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass
+class Dataflow:
+    """The data-flow view of a graph used by the cut analysis.
+
+    Attributes:
+        inputs: graph inputs that carry data (initializer-backed inputs excluded).
+        outputs: graph outputs.
+        nodes: every node, with outer-scope references of subgraphs as inputs.
+        constants: initializer names (and sparse initializers).
+    """
+
+    inputs: list[str]
+    outputs: list[str]
+    nodes: list[OpNode]
+    constants: set[str]
+
+    def producers(self) -> dict[str, OpNode]:
+        return {o: n for n in self.nodes for o in n.outputs if o}
+
+    def consumers(self) -> dict[str, list[OpNode]]:
+        cons: dict[str, list[OpNode]] = {}
+        for n in self.nodes:
+            for i in dict.fromkeys(n.inputs):
+                if i:
+                    cons.setdefault(i, []).append(n)
+        return cons
+
+
+def dataflow(graph: onnx.GraphProto) -> Dataflow:
+    """Build the :class:`Dataflow` of ``graph`` (linear in its size)."""
+    constants = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    inputs = [i.name for i in graph.input if i.name not in constants]
+    nodes = [
+        OpNode(k, n.name or f"{n.op_type}_{k}", n.op_type,
+               tuple(x for x in n.input if x) + tuple(outer_scope_inputs(n)), tuple(n.output))
+        for k, n in enumerate(graph.node)
+    ]
+    return Dataflow(inputs, [o.name for o in graph.output], nodes, constants)
+
+
+def data_dependent(df: Dataflow) -> tuple[set[str], set[str]]:
+    """Split the tensors that depend on the graph inputs by *how* they depend on them.
+
+    Returns:
+        ``(values, shapes)``: tensors whose values depend on the inputs' values, and tensors
+        that depend on the inputs only through the shape of some tensor (outputs of
+        Shape/Size and everything computed from those alone). Everything else is constant.
+    """
+    values = set(df.inputs)
+    shapes: set[str] = set()
+    for node in topological_nodes(df):
+        ins = node.inputs
+        if node.op_type in SHAPE_OPS:
+            if any(i in values or i in shapes for i in ins):
+                shapes.update(o for o in node.outputs if o)
+        elif any(i in values for i in ins):
+            values.update(o for o in node.outputs if o)
+        elif any(i in shapes for i in ins):
+            shapes.update(o for o in node.outputs if o)
+    return values, shapes
+
+
+def topological_nodes(df: Dataflow) -> list[OpNode]:
+    """The nodes in a topological order (Kahn's algorithm; stable for sorted graphs).
+
+    Raises:
+        UserError: the graph has a cycle or reads a tensor nothing defines.
+    """
+    producers = df.producers()
+    known = set(df.inputs) | df.constants
+    indeg = {}
+    users: dict[int, list[OpNode]] = {}
+    for n in df.nodes:
+        deps = set()
+        for i in n.inputs:
+            if i in producers:
+                deps.add(producers[i].index)
+            elif i not in known:
+                raise UserError(f"node '{n.name}' reads tensor '{i}', which nothing in the graph defines")
+        deps.discard(n.index)
+        indeg[n.index] = len(deps)
+        for d in deps:
+            users.setdefault(d, []).append(n)
+    ready = [n for n in df.nodes if indeg[n.index] == 0]
+    order: list[OpNode] = []
+    import heapq
+
+    heap = [(n.index, n) for n in ready]
+    heapq.heapify(heap)
+    while heap:
+        _, n = heapq.heappop(heap)
+        order.append(n)
+        for u in users.get(n.index, ()):
+            indeg[u.index] -= 1
+            if indeg[u.index] == 0:
+                heapq.heappush(heap, (u.index, u))
+    if len(order) != len(df.nodes):
+        raise UserError("the graph has a cycle; it is not a valid ONNX model")
+    return order

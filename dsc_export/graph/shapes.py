@@ -1,0 +1,279 @@
+"""Exact per-sample sizes of tensors, and folding of static shape arithmetic.
+
+Static shape inference is not enough: timm's ``tf_`` EfficientNets pad "same" at run time
+(Shape -> Gather -> arithmetic -> Pad), and ``onnx.shape_inference`` leaves every spatial
+dimension after the stem unknown. So:
+
+1. :func:`fold_shape_arithmetic` runs the model once per batch size (1 and 2) with the
+   shape-arithmetic tensors that feed data ops (Pad's pads, Reshape's shape, ...) as extra
+   outputs. A value equal at both batch sizes is a constant for this input size and is folded
+   into an initializer; the Shape nodes behind it disappear. A value that changes with the
+   batch size (it reads the batch dimension) is kept, and remains a path in the cut analysis.
+2. :func:`tensor_shapes` then asks static inference for the sizes (now it knows them), and
+   records the rest from one run per batch size. No cut point is ever reported without its
+   true size.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from dsc_export.errors import UserError
+from dsc_export.graph.model import Dataflow, data_dependent, dataflow, outer_scope_inputs
+
+PROBE_BATCHES = (1, 2)
+TWO_GB = 2**31 - 2**20  # protobuf's limit, with a margin
+
+
+def np_dtype_name(elem_type: int) -> str:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+
+
+def input_signature(model: onnx.ModelProto) -> list[tuple[str, list, str]]:
+    """(name, shape with symbolic dims as strings, dtype) of each data input."""
+    inits = {t.name for t in model.graph.initializer}
+    sig = []
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        sig.append((i.name, dims, np_dtype_name(tt.elem_type)))
+    return sig
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The input's batch size if it is fixed in the graph, else None."""
+    _, dims, _ = input_signature(model)[0]
+    return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+
+
+def probe_batches(model: onnx.ModelProto) -> tuple[int, ...]:
+    fb = fixed_batch(model)
+    return (fb,) if fb else PROBE_BATCHES
+
+
+def run_with_outputs(
+    model: onnx.ModelProto, names: list[str], batches: tuple[int, ...], seed: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """Run ``model`` once per batch size on random inputs, returning the named tensors.
+
+    The tensors are added as graph outputs to a copy of the model; models over 2 GB are run
+    from a temporary folder with external data.
+    """
+    from dsc_export.backends.onnxruntime import make_session, random_inputs
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    rng = np.random.default_rng(seed)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="dsc-probe-") as tmp:
+        if probe.ByteSize() > TWO_GB:
+            path = Path(tmp) / "probe.onnx"
+            onnx.save(probe, os.fspath(path), save_as_external_data=True, location="probe.onnx.data")
+            del probe
+            sess = make_session(path, optimize=False)
+        else:
+            data = probe.SerializeToString()
+            del probe
+            sess = make_session(data, optimize=False)
+        out_names = [o.name for o in sess.get_outputs()]
+        for b in batches:
+            feeds = random_inputs(sess, b, rng)
+            values = sess.run(names, feeds) if names else []
+            results.append(dict(zip(names, values)))
+        del out_names
+    return results
+
+
+@dataclass
+class FoldReport:
+    """What :func:`fold_shape_arithmetic` did."""
+
+    folded: list[str] = field(default_factory=list)  # tensors replaced by constants
+    batch_dependent: list[str] = field(default_factory=list)  # kept: they read the batch size
+    removed_nodes: int = 0
+
+
+def fold_shape_arithmetic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
+    """Replace shape arithmetic that is constant for the model's input size by initializers.
+
+    Args:
+        model: the model (not modified).
+
+    Returns:
+        ``(folded model, report)``. The folded model computes the same outputs for inputs of
+        the model's own size (any batch size).
+    """
+    df = dataflow(model.graph)
+    values, shapes = data_dependent(df)
+    report = FoldReport()
+    if not shapes:
+        return model, report
+    frontier = []
+    for n in df.nodes:
+        if any(o in values for o in n.outputs):
+            frontier.extend(i for i in n.inputs if i in shapes)
+    frontier.extend(o for o in df.outputs if o in shapes)
+    frontier = list(dict.fromkeys(frontier))
+    if not frontier:
+        return model, report
+    runs = run_with_outputs(model, frontier, probe_batches(model))
+    constant = {}
+    for name in frontier:
+        vals = [r[name] for r in runs]
+        if all(v.shape == vals[0].shape and np.array_equal(v, vals[0]) for v in vals[1:]):
+            constant[name] = vals[0]
+        else:
+            report.batch_dependent.append(name)
+    if not constant:
+        return model, report
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    g = folded.graph
+    for node in g.node:
+        for k, o in enumerate(node.output):
+            if o in constant:
+                node.output[k] = f"{o}__dsc_unfolded"
+    for name, value in constant.items():
+        g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    report.folded = list(constant)
+    report.removed_nodes = remove_dead_nodes(folded)
+    return folded, report
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> int:
+    """Drop nodes (and initializers) no graph output depends on; returns the node count removed."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep = set()
+    for k in reversed(range(len(g.node))):
+        node = g.node[k]
+        if any(o in needed for o in node.output if o):
+            keep.add(k)
+            needed.update(i for i in node.input if i)
+            needed.update(outer_scope_inputs(node))
+    removed = len(g.node) - len(keep)
+    for k in reversed(range(len(g.node))):
+        if k not in keep:
+            del g.node[k]
+    dropped = set()
+    for k in reversed(range(len(g.initializer))):
+        if g.initializer[k].name not in needed:
+            dropped.add(g.initializer[k].name)
+            del g.initializer[k]
+    for k in reversed(range(len(g.input))):
+        if g.input[k].name in dropped:  # old IR lists initializers as inputs too
+            del g.input[k]
+    produced = {o for n in g.node for o in n.output}
+    for k in reversed(range(len(g.value_info))):
+        if g.value_info[k].name not in produced:
+            del g.value_info[k]
+    return removed
+
+
+def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large initializers keep their dims but not their data (for inference)."""
+    light = _without_data(model)
+    for t in light.graph.initializer:
+        if np.prod(t.dims, dtype=np.int64) > 1024:
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+            t.ClearField("double_data")
+            t.ClearField("int32_data")
+            t.ClearField("int64_data")
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    return light
+
+
+def _without_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    stripped = onnx.ModelProto()
+    stripped.ir_version = model.ir_version
+    stripped.opset_import.extend(model.opset_import)
+    stripped.functions.extend(model.functions)
+    g = stripped.graph
+    src = model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    for t in src.initializer:
+        c = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+        if np.prod(t.dims, dtype=np.int64) <= 1024:
+            c.CopyFrom(t)
+        g.initializer.append(c)
+    return stripped
+
+
+def static_shapes(model: onnx.ModelProto) -> dict[str, tuple[list, str]]:
+    """Shapes (with symbolic dims as strings, unknown as None) and dtypes from static inference."""
+    light = _light_copy(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = light
+    out: dict[str, tuple[list, str]] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or tt.elem_type == 0:
+            continue
+        dims = None
+        if tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        out[vi.name] = (dims, np_dtype_name(tt.elem_type))
+    for t in g.initializer:
+        out[t.name] = (list(t.dims), np_dtype_name(t.data_type))
+    return out
+
+
+def tensor_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[list[int], str]]:
+    """Per-sample shape (batch dimension dropped) and dtype of each named tensor.
+
+    Static inference first; tensors it cannot size are recorded from one run per batch size.
+
+    Raises:
+        UserError: a tensor whose leading dimension is not the batch dimension.
+    """
+    static = static_shapes(model)
+    fb = fixed_batch(model)
+    result: dict[str, tuple[list[int], str]] = {}
+    unknown = []
+    for name in names:
+        dims, dtype = static.get(name, (None, None))
+        if dims and dtype and all(isinstance(d, int) and d > 0 for d in dims[1:]) and (
+            not isinstance(dims[0], int) or (fb and dims[0] == fb)
+        ):
+            result[name] = ([int(d) for d in dims[1:]], dtype)
+        else:
+            unknown.append(name)
+    if unknown:
+        batches = probe_batches(model)
+        runs = run_with_outputs(model, unknown, batches)
+        for name in unknown:
+            arrs = [r[name] for r in runs]
+            lead_ok = all(a.ndim >= 1 and a.shape[0] == b for a, b in zip(arrs, batches))
+            if not lead_ok or any(a.shape[1:] != arrs[0].shape[1:] for a in arrs):
+                raise UserError(
+                    f"tensor '{name}' does not have the batch as its leading dimension "
+                    f"(shapes {[list(a.shape) for a in arrs]} at batch sizes {list(batches)})"
+                )
+            result[name] = (list(arrs[0].shape[1:]), arrs[0].dtype.name)
+    return result
+
+
+def dataflow_of(model: onnx.ModelProto) -> Dataflow:
+    return dataflow(model.graph)

@@ -1,0 +1,190 @@
+"""Head/tail extraction at a cut point, wire casts, and numerical verification.
+
+The head is every node the cut tensor depends on (inputs -> cut tensor); the tail is every
+node the outputs depend on, walking back until the cut tensor (cut tensor -> outputs).
+Constant subgraphs are copied into whichever side reads them. Both keep the model's opset,
+IR version, functions and metadata, and the dynamic batch dimension.
+
+Extraction works directly on the protobuf with one backward walk per side, from the original
+model each time (nothing is shared between head and tail). ``onnx.utils.extract_model`` is not
+used because it does not follow outer-scope references of If/Loop bodies and re-infers shapes
+of the whole model on every call; onnx-graphsurgeon's ``cleanup()`` mutates tensors shared
+between graphs imported from one model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from dsc_export.errors import UserError
+from dsc_export.graph.cuts import FLOAT_DTYPES
+from dsc_export.graph.model import outer_scope_inputs
+from dsc_export.graph.shapes import TWO_GB
+
+BATCH_DIM = "N"
+
+
+@dataclass(frozen=True)
+class CutSpec:
+    """Where and how to cut: the tensor, its per-sample shape and dtype, and the wire dtype."""
+
+    tensor: str
+    shape: tuple[int, ...]
+    dtype: str
+    wire_dtype: str = "float32"
+
+    @property
+    def cast(self) -> bool:
+        """True when the head casts the tensor to float16 for the wire."""
+        return self.wire_dtype == "float16" and self.dtype in FLOAT_DTYPES and self.dtype != "float16"
+
+    @property
+    def wire_tensor(self) -> str:
+        """Name of the tensor that crosses the wire (head output = tail input)."""
+        return f"{self.tensor}.wire_fp16" if self.cast else self.tensor
+
+    @property
+    def wire_elem_dtype(self) -> str:
+        return "float16" if self.cast else self.dtype
+
+
+def _elem(dtype: str) -> int:
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _value_info(name: str, dtype: str, shape, batch) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, _elem(dtype), [batch, *shape])
+
+
+def _backward(graph: onnx.GraphProto, targets: list[str], stop: set[str]) -> tuple[list[int], set[str]]:
+    """Indices of the nodes that ``targets`` depend on, not walking past ``stop``; and every tensor read."""
+    producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
+    needed: set[int] = set()
+    seen: set[str] = set()
+    stack = [t for t in targets if t not in stop]
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        k = producer.get(t)
+        if k is None or k in needed:
+            continue
+        needed.add(k)
+        node = graph.node[k]
+        for i in list(node.input) + outer_scope_inputs(node):
+            if i and i not in stop and i not in seen:
+                stack.append(i)
+    return sorted(needed), seen
+
+
+def _subgraph(model: onnx.ModelProto, node_ids: list[int], reads: set[str], name: str) -> onnx.ModelProto:
+    src = model.graph
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.producer_name = "dsc-export"
+    out.producer_version = model.producer_version
+    out.domain = model.domain
+    out.model_version = model.model_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    out.metadata_props.extend(model.metadata_props)
+    g = out.graph
+    g.name = name
+    g.node.extend(src.node[k] for k in node_ids)
+    g.initializer.extend(t for t in src.initializer if t.name in reads)
+    g.sparse_initializer.extend(t for t in src.sparse_initializer if t.values.name in reads)
+    produced = {o for k in node_ids for o in src.node[k].output}
+    g.value_info.extend(v for v in src.value_info if v.name in produced)
+    return out
+
+
+def extract_head(model: onnx.ModelProto, cut: CutSpec) -> onnx.ModelProto:
+    """The head: the model's inputs -> the cut tensor (cast to float16 when the wire says so)."""
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    ids, reads = _backward(model.graph, [cut.tensor], set())
+    head = _subgraph(model, ids, reads, "head")
+    head.graph.input.extend(i for i in inputs if i.name in reads)
+    batch = _batch_dim(model)
+    if cut.cast:
+        head.graph.node.append(
+            helper.make_node("Cast", [cut.tensor], [cut.wire_tensor], to=TensorProto.FLOAT16,
+                             name="dsc_export/wire_cast")
+        )
+    head.graph.output.append(_value_info(cut.wire_tensor, cut.wire_elem_dtype, cut.shape, batch))
+    return head
+
+
+def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> onnx.ModelProto:
+    """The tail: the cut tensor (float16 on the wire, cast back first) -> the model's outputs.
+
+    Raises:
+        UserError: the outputs need a graph input other than through the cut tensor (not a cut point).
+    """
+    outputs = [o.name for o in model.graph.output]
+    ids, reads = _backward(model.graph, outputs, {cut.tensor})
+    data_inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    leaked = sorted(reads & data_inputs)
+    if leaked:
+        raise UserError(f"'{cut.tensor}' is not a cut point: the outputs also read {', '.join(leaked)}")
+    tail = _subgraph(model, ids, reads, "tail")
+    batch = _batch_dim(model)
+    tail.graph.input.append(_value_info(cut.wire_tensor, cut.wire_elem_dtype, cut.shape, batch))
+    if cut.cast:
+        tail.graph.node.insert(
+            0, helper.make_node("Cast", [cut.wire_tensor], [cut.tensor], to=_elem(cut.dtype),
+                                name="dsc_export/wire_uncast")
+        )
+    tail.graph.output.extend(model.graph.output)
+    return tail
+
+
+def _batch_dim(model: onnx.ModelProto):
+    inits = {t.name for t in model.graph.initializer}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        dims = i.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return dims[0].dim_value
+        if dims and dims[0].dim_param:
+            return dims[0].dim_param
+    return BATCH_DIM
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, check: bool = True) -> None:
+    """Save (with external data beside it when over 2 GB) and run ``onnx.checker`` on the file."""
+    path = Path(path)
+    if model.ByteSize() > TWO_GB:
+        onnx.save(model, os.fspath(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save(model, os.fspath(path))
+    if check:
+        try:
+            onnx.checker.check_model(os.fspath(path))
+        except onnx.checker.ValidationError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise UserError(f"the extracted graph {path.name} fails onnx.checker: {first}") from exc
+
+
+def max_differences(reference: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]:
+    """(max absolute difference, that divided by the largest reference magnitude) over all outputs."""
+    worst_abs, worst_rel = 0.0, 0.0
+    for ref, out in zip(reference, got):
+        if ref.shape != out.shape:
+            return float("inf"), float("inf")
+        if ref.dtype.kind not in "fc":
+            d = float(np.max(ref != out)) if ref.size else 0.0
+            worst_abs, worst_rel = max(worst_abs, d), max(worst_rel, d)
+            continue
+        d = float(np.max(np.abs(ref.astype(np.float64) - out.astype(np.float64)))) if ref.size else 0.0
+        scale = float(np.max(np.abs(ref))) if ref.size else 1.0
+        worst_abs = max(worst_abs, d)
+        worst_rel = max(worst_rel, d / scale if scale > 0 else d)
+    return worst_abs, worst_rel
