@@ -1,0 +1,232 @@
+"""The ``dsc-export`` command line: thin verbs over the library.
+
+Every verb parses, calls one library function and prints. A user error is one line on stderr
+and exit status 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from dsc_export import __version__
+from dsc_export.errors import UserError
+
+ENGINES_ROOT = Path("engines")
+
+
+def _log(msg: str) -> None:
+    click.secho(f"· {msg}", err=True, fg="bright_black")
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="""\b
+Example (the whole offline pipeline so far):
+  dsc-export export efficientnet_b0 -o engines/efficientnet_b0/efficientnet_b0.onnx
+  dsc-export analyze engines/efficientnet_b0/efficientnet_b0.onnx --plot b0.png
+  dsc-export split engines/efficientnet_b0/efficientnet_b0.onnx""",
+)
+@click.version_option(__version__, prog_name="dsc-export")
+def cli() -> None:
+    """Dynamic split computing for ONNX image models.
+
+    Cut a model at its compressive natural bottlenecks into head (device) and tail (server)
+    models, each verified numerically against the whole model.
+    """
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print the catalogue as JSON.")
+def models_cmd(as_json: bool) -> None:
+    """List the supported EfficientNets (V1 B0-B7, V2 B0-B3, S, M, L).
+
+    \b
+    Example:
+      dsc-export models
+    """
+    from dsc_export.zoo import CATALOGUE
+
+    if as_json:
+        click.echo(json.dumps([asdict(e) for e in CATALOGUE.values()], indent=2))
+        return
+    rows = [("name", "family", "timm model", "resolution", "mean", "std")]
+    for e in CATALOGUE.values():
+        rows.append((e.name, e.family, e.timm_name, str(e.resolution),
+                     ",".join(f"{m:g}" for m in e.mean), ",".join(f"{s:g}" for s in e.std)))
+    _table(rows)
+
+
+def _table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for k, r in enumerate(rows):
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        line = "  ".join(cells).rstrip()
+        click.secho(line, bold=(k == 0))
+
+
+@cli.command("export")
+@click.argument("name")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="ONNX file to write [default: engines/NAME/NAME.onnx].")
+@click.option("--resolution", type=int, help="Square input size in pixels [default: the model's].")
+@click.option("--weights", type=click.Path(path_type=Path),
+              help="PyTorch checkpoint (state dict). Default: random weights with re-estimated "
+                   "BatchNorm statistics; nothing is downloaded.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13 or newer).")
+@click.option("--float-input", is_flag=True,
+              help="Take normalised float32 NCHW instead of the raw uint8 NHWC image.")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
+def export_cmd(name, output, resolution, weights, opset, float_input, no_verify) -> None:
+    """Export a catalogue model to ONNX with a dynamic batch dimension.
+
+    The exported model takes the raw image, uint8 [N, H, W, 3] (RGB), and normalises it inside
+    the graph, so offloading sends 8-bit images; it outputs float32 logits [N, 1000]. The ONNX
+    output is checked against torch at batch sizes 1 and 3.
+
+    \b
+    Example:
+      dsc-export export efficientnet_b0 -o engines/efficientnet_b0/efficientnet_b0.onnx
+      dsc-export export efficientnetv2_s --resolution 300 --float-input
+    """
+    from dsc_export.export import export_model
+    from dsc_export.zoo import lookup
+
+    entry = lookup(name)
+    output = output or ENGINES_ROOT / entry.name / f"{entry.name}.onnx"
+    rep = export_model(entry.name, output, resolution, str(weights) if weights else None, opset,
+                       float_input, verify=not no_verify, log=_log)
+    click.echo(f"wrote {rep.path}  ({rep.file_bytes / 1e6:.1f} MB, {rep.seconds:.1f} s)")
+    click.echo(f"  model   {rep.entry.name} ({rep.entry.timm_name}), weights: {rep.weights}")
+    click.echo(f"  input   image  {rep.input_dtype} {rep.input_shape}")
+    click.echo("  output  logits float32 ['N', 1000]")
+    for b, (a, r) in rep.diffs.items():
+        click.echo(f"  verify  batch {b}: max abs diff {a:.2e}, relative {r:.2e} (onnxruntime vs torch)")
+
+
+def _wire_option(f):
+    return click.option("--wire-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+                        show_default=True,
+                        help="dtype of cut tensors on the wire (float16: the head casts down, "
+                             "the tail casts back).")(f)
+
+
+@cli.command("analyze")
+@click.argument("model", type=click.Path(path_type=Path))
+@_wire_option
+@click.option("--json", "as_json", is_flag=True, help="Print the cut points as JSON (manifest fields).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the compression-ratio chart to this PNG.")
+@click.option("--all/--bottlenecks", "show_all", default=True, show_default=True,
+              help="List every cut point, or only the natural bottlenecks.")
+def analyze_cmd(model, wire_dtype, as_json, plot, show_all) -> None:
+    """Find the cut points of an ONNX model and its natural and compressive bottlenecks.
+
+    A cut point is a tensor every input->output path passes through; its compression ratio is
+    its bytes on the wire over the input's bytes. Natural: ratio < 1. Compressive: smaller than
+    every earlier cut point (paper Eq. 3).
+
+    \b
+    Example:
+      dsc-export analyze engines/efficientnet_b0/efficientnet_b0.onnx --plot b0.png
+      dsc-export analyze model.onnx --wire-dtype float16 --json > cuts.json
+    """
+    from dsc_export.splitting import analyze_file
+
+    an = analyze_file(model, wire_dtype, log=_log if not as_json else (lambda s: None))
+    if plot:
+        from dsc_export.plots import bottleneck_chart
+
+        bottleneck_chart(an, plot)
+    if as_json:
+        click.echo(json.dumps({
+            "model": str(model), "input": asdict(an.input), "input_bytes": an.input_bytes,
+            "wire_dtype": wire_dtype, "cut_points": [asdict(c) for c in an.cut_points],
+            "notes": an.notes,
+        }, indent=2))
+        return
+    click.echo(f"{model}: input {an.input.name} {an.input.dtype} {an.input.shape} "
+               f"= {an.input_bytes:,} bytes per sample; wire {wire_dtype}")
+    rows = [("#", "tensor", "shape", "bytes", "ratio", "elem ratio", "natural", "compressive", "scope")]
+    for c in an.cut_points:
+        if not show_all and not c.natural:
+            continue
+        rows.append((str(c.index), _short(c.tensor), "x".join(map(str, c.shape)) or "scalar",
+                     f"{c.bytes:,}", f"{c.ratio:.4f}", f"{c.element_ratio:.4f}",
+                     "yes" if c.natural else "", "YES" if c.compressive else "", c.scope or ""))
+    _table(rows, right={0, 3, 4, 5})
+    for n in an.notes:
+        click.secho(f"note: {n}", fg="yellow")
+    click.echo(f"{an.summary()}  ({an.seconds:.2f} s)")
+    if plot:
+        click.echo(f"wrote {plot}")
+
+
+def _short(name: str, width: int = 60) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+@cli.command("split")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Split dir to write [default: engines/MODEL_STEM/split].")
+@_wire_option
+@click.option("--at", "at", multiple=True, metavar="TENSOR",
+              help="Cut at this cut point instead of the compressive bottlenecks (repeatable).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check tail(head(x)) against the whole model with onnxruntime.")
+def split_cmd(model, out, wire_dtype, at, verify) -> None:
+    """Cut a model into head and tail ONNX models at each compressive bottleneck.
+
+    Writes DIR/manifest.json (schema dsc-export.split/1), DIR/model.onnx (the whole model, for
+    the offload and local candidates), DIR/heads/<id>.onnx and DIR/tails/<id>.onnx. Every split
+    is verified on random inputs at batch sizes 1 and 3; a mismatch is an error and nothing is
+    written.
+
+    \b
+    Example:
+      dsc-export split engines/efficientnet_b0/efficientnet_b0.onnx
+      dsc-export split model.onnx -o out/split --wire-dtype float16
+      dsc-export split model.onnx --at /blocks/blocks.3/blocks.3.2/Add_output_0
+    """
+    from dsc_export.splitting import split_model
+
+    out = out or ENGINES_ROOT / model.stem / "split"
+    man = split_model(model, out, wire_dtype, list(at) or None, verify, log=_log)
+    rows = [("split", "kind", "bytes/sample", "ratio", "max abs diff", "head", "tail")]
+    for s in man.splits:
+        rows.append((s.id, s.kind, f"{s.bytes:,}", f"{s.ratio:.4f}" if s.ratio is not None else "",
+                     "-" if s.max_abs_diff is None else f"{s.max_abs_diff:.1e}",
+                     s.head or "-", s.tail or "-"))
+    _table(rows, right={2, 3, 4})
+    n = sum(1 for s in man.splits if s.kind == "split")
+    verdict = "verified" if verify else "NOT verified (--no-verify)"
+    click.echo(f"wrote {out}/manifest.json: {n} split(s) + offload + local, {verdict}")
+    if n == 0:
+        click.secho("note: no compressive bottleneck; only offload and local are possible", fg="yellow")
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning user errors into one line and a non-zero exit."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UserError as exc:
+        click.secho(f"error: {exc}", err=True, fg="red")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
