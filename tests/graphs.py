@@ -54,6 +54,9 @@ class G:
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         if ir is not None:
             m.ir_version = ir
+        inferred = onnx.shape_inference.infer_shapes(m)
+        del m.graph.output[:]
+        m.graph.output.extend(inferred.graph.output)
         return m
 
 

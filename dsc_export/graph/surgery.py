@@ -105,6 +105,14 @@ def _subgraph(model: onnx.ModelProto, node_ids: list[int], reads: set[str], name
     return out
 
 
+def _initializer_inputs(model: onnx.ModelProto, part: onnx.ModelProto) -> onnx.ModelProto:
+    """Before IR 4 every initializer must also be a graph input: list them after the data input."""
+    if model.ir_version < 4:
+        listed = {i.name: i for i in model.graph.input}
+        part.graph.input.extend(listed[t.name] for t in part.graph.initializer if t.name in listed)
+    return part
+
+
 def extract_head(model: onnx.ModelProto, cut: CutSpec) -> onnx.ModelProto:
     """The head: the model's inputs -> the cut tensor (cast to float16 when the wire says so)."""
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
@@ -118,7 +126,7 @@ def extract_head(model: onnx.ModelProto, cut: CutSpec) -> onnx.ModelProto:
                              name="dsc_export/wire_cast")
         )
     head.graph.output.append(_value_info(cut.wire_tensor, cut.wire_elem_dtype, cut.shape, batch))
-    return head
+    return _initializer_inputs(model, head)
 
 
 def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> onnx.ModelProto:
@@ -142,7 +150,7 @@ def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> onnx.ModelProto:
                                 name="dsc_export/wire_uncast")
         )
     tail.graph.output.extend(model.graph.output)
-    return tail
+    return _initializer_inputs(model, tail)
 
 
 def _batch_dim(model: onnx.ModelProto):
@@ -162,7 +170,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, check: bool = Tr
     """Save (with external data beside it when over 2 GB) and run ``onnx.checker`` on the file."""
     path = Path(path)
     if model.ByteSize() > TWO_GB:
-        onnx.save(model, os.fspath(path), save_as_external_data=True, location=path.name + ".data")
+        onnx.save(model, os.fspath(path), save_as_external_data=True, location=path.name + ".data",
+                  size_threshold=0)
     else:
         onnx.save(model, os.fspath(path))
     if check:

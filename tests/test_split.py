@@ -1,0 +1,201 @@
+"""Head/tail surgery and the split dir, on synthetic graphs (fast, no torch)."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import graphs
+from dsc_export.artifacts import read_manifest
+from dsc_export.backends.onnxruntime import make_session
+from dsc_export.errors import UserError, VerificationError
+from dsc_export.splitting import analyze_file, safe_name, split_model
+
+
+def save(model, path):
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(graphs.ALL) if graphs.ALL[n]()[1]])
+def test_every_cut_point_splits_and_verifies(name, tmp_path):
+    model, expected = graphs.ALL[name]()
+    src = save(model, tmp_path / "m.onnx")
+    man = split_model(src, tmp_path / "split", at=expected)
+    cuts = [s for s in man.splits if s.kind == "split"]
+    assert [s.tensor for s in cuts] == expected
+    assert [s.id for s in man.splits][0] == "offload" and man.splits[-1].id == "local"
+    for s in cuts:
+        assert s.max_rel_diff <= 1e-5
+        head = onnx.load(str(tmp_path / "split" / s.head))
+        tail = onnx.load(str(tmp_path / "split" / s.tail))
+        onnx.checker.check_model(head)
+        onnx.checker.check_model(tail)
+        assert head.opset_import == model.opset_import and tail.ir_version == model.ir_version
+        # dynamic batch kept on both sides of the wire
+        assert head.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "N"
+        assert tail.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+        # share no state: no initializer object is needed by both unless it is a copy
+        assert head.graph.output[0].name == tail.graph.input[0].name == s.wire_tensor
+
+
+def test_split_reproduces_model_outputs_exactly(tmp_path):
+    model, _ = graphs.two_outputs()
+    src = save(model, tmp_path / "m.onnx")
+    man = split_model(src, tmp_path / "s", at=["a", "b"], verify=False)
+    whole = make_session(src)
+    x = np.random.default_rng(5).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    ref = whole.run(None, {"x": x})
+    for s in man.splits[1:-1]:
+        h = make_session(tmp_path / "s" / s.head).run(None, {"x": x})[0]
+        got = make_session(tmp_path / "s" / s.tail).run(None, {s.wire_tensor: h})
+        assert len(got) == 2
+        for r, g in zip(ref, got):
+            np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
+
+
+def test_float16_wire_casts_inside_the_graphs(tmp_path):
+    model, _ = graphs.chain()
+    src = save(model, tmp_path / "m.onnx")
+    man = split_model(src, tmp_path / "s", wire_dtype="float16", at=["b"])
+    s = man.splits[1]
+    head = onnx.load(str(tmp_path / "s" / s.head))
+    tail = onnx.load(str(tmp_path / "s" / s.tail))
+    assert head.graph.node[-1].op_type == "Cast"
+    assert head.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert tail.graph.node[0].op_type == "Cast"
+    assert tail.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert s.bytes == 8 * 16 * 16 * 2 and man.wire_dtype == "float16"
+    assert 0 < s.max_rel_diff <= 2e-2  # float16 rounding is real, and small
+
+
+def test_compressive_bottlenecks_are_the_default(tmp_path):
+    model, _ = graphs.chain()  # x: 3x16x16 float; a, b: 8x16x16; c: 2x8x8
+    src = save(model, tmp_path / "m.onnx")
+    man = split_model(src, tmp_path / "s")
+    assert [s.tensor for s in man.splits if s.kind == "split"] == ["c"]
+    compressive = [c.tensor for c in man.cut_points if c.compressive]
+    assert compressive == ["c"]
+    on_disk = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert list(on_disk)[0] == "schema" and on_disk["schema"] == "dsc-export.split/1"
+    assert read_manifest(tmp_path / "s") == man
+
+
+def test_no_natural_bottleneck_gives_offload_and_local_only(tmp_path):
+    model, _ = graphs.expanding()
+    src = save(model, tmp_path / "m.onnx")
+    an = analyze_file(src)
+    assert an.natural == [] and any("no natural bottleneck" in n for n in an.notes)
+    man = split_model(src, tmp_path / "s")
+    assert [s.id for s in man.splits] == ["offload", "local"]
+
+
+def test_at_a_tensor_that_is_not_a_cut_point_names_the_nearest(tmp_path):
+    model, _ = graphs.residual()
+    src = save(model, tmp_path / "m.onnx")
+    with pytest.raises(UserError) as err:
+        split_model(src, tmp_path / "s", at=["b"])
+    msg = str(err.value)
+    assert "not a cut point" in msg and "'a'" in msg and "'s'" in msg
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(UserError, match="no tensor of that name"):
+        split_model(src, tmp_path / "s", at=["nope"])
+
+
+def test_batch_size_note_explains_the_blocked_cut(tmp_path):
+    model, _ = graphs.batch_reshape()
+    an = analyze_file(save(model, tmp_path / "m.onnx"))
+    assert [c.tensor for c in an.cut_points] == ["a"]
+    assert any("batch size is read from 'a'" in n for n in an.notes)
+
+
+def test_odd_names_get_safe_files(tmp_path):
+    model, cuts = graphs.odd_names()
+    man = split_model(save(model, tmp_path / "m.onnx"), tmp_path / "s", at=cuts)
+    for s in man.splits[1:-1]:
+        assert "/" not in os.path.basename(s.head) and ":" not in s.head
+        assert (tmp_path / "s" / s.head).is_file()
+    assert safe_name("/blocks/blocks.3:0") == "blocks_blocks.3_0"
+
+
+def test_old_opset_model(tmp_path):
+    model, cuts = graphs.old_opset()
+    man = split_model(save(model, tmp_path / "m.onnx"), tmp_path / "s", at=cuts)
+    assert all(s.max_rel_diff <= 1e-5 for s in man.splits[1:-1])
+
+
+def test_external_data_model_and_missing_data(tmp_path):
+    model, cuts = graphs.chain()
+    src = tmp_path / "ext" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save(model, str(src), save_as_external_data=True, location="m.weights", size_threshold=0)
+    man = split_model(src, tmp_path / "s", at=cuts)
+    assert (tmp_path / "s" / "m.weights").is_file()  # the copy of the whole model keeps its data
+    assert len(man.splits) == 5
+    (tmp_path / "ext" / "m.weights").unlink()
+    with pytest.raises(UserError, match="external data.*missing: m.weights"):
+        analyze_file(src)
+
+
+def test_big_models_are_saved_with_external_data(tmp_path, monkeypatch):
+    import dsc_export.graph.surgery as surgery
+
+    monkeypatch.setattr(surgery, "TWO_GB", 10)  # pretend every part is over 2 GB
+    model, cuts = graphs.chain()
+    man = split_model(save(model, tmp_path / "m.onnx"), tmp_path / "s", at=cuts)
+    heads = sorted(p.name for p in (tmp_path / "s" / "heads").iterdir())
+    assert any(n.endswith(".onnx.data") for n in heads)
+    assert all(s.max_rel_diff <= 1e-5 for s in man.splits[1:-1])
+
+
+def test_verification_failure_leaves_nothing_behind(tmp_path, monkeypatch):
+    import dsc_export.splitting as splitting
+
+    monkeypatch.setitem(splitting.TOLERANCE, "float32", -1.0)
+    model, cuts = graphs.chain()
+    with pytest.raises(VerificationError, match="does not reproduce"):
+        split_model(save(model, tmp_path / "m.onnx"), tmp_path / "s", at=cuts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_existing_split_dir_is_replaced_but_other_dirs_are_refused(tmp_path):
+    model, _ = graphs.chain()
+    src = save(model, tmp_path / "m.onnx")
+    split_model(src, tmp_path / "s")
+    split_model(src, tmp_path / "s", at=["a"])
+    assert [s.tensor for s in read_manifest(tmp_path / "s").splits if s.kind == "split"] == ["a"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="not a split dir"):
+        split_model(src, tmp_path / "other")
+
+
+@pytest.mark.parametrize("content", [b"", b"not onnx at all", None])
+def test_unreadable_files(tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    if content is None:  # truncated real model
+        model, _ = graphs.chain()
+        content = model.SerializeToString()[:200]
+    path.write_bytes(content)
+    with pytest.raises(UserError):
+        analyze_file(path)
+
+
+def test_several_inputs_are_refused_with_reason(tmp_path):
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    g = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "g", [a, b], [y])
+    path = save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    with pytest.raises(UserError, match="2 data inputs"):
+        analyze_file(path)
+
+
+def test_dynamic_spatial_dims_are_refused(tmp_path):
+    model, _ = graphs.chain()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    with pytest.raises(UserError, match="only the batch dimension"):
+        analyze_file(save(model, tmp_path / "m.onnx"))
