@@ -1,0 +1,90 @@
+"""The command line: help with examples, one-line errors with a non-zero exit, JSON output."""
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import graphs
+from dsc_export.cli import cli
+
+
+def run(*args):
+    """Run the real console entry point (so error handling is exercised as users see it)."""
+    return subprocess.run([sys.executable, "-m", "dsc_export", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("verb", [[], ["export"], ["analyze"], ["split"], ["models"]])
+def test_help_shows_an_example(verb):
+    res = CliRunner().invoke(cli, [*verb, "--help"])
+    assert res.exit_code == 0
+    assert "Example" in res.output and "dsc-export" in res.output
+
+
+def test_models_table_lists_all_fifteen():
+    res = CliRunner().invoke(cli, ["models"])
+    assert res.exit_code == 0
+    assert res.output.count("EfficientNetV1") == 8 and res.output.count("EfficientNetV2") == 7
+    data = json.loads(CliRunner().invoke(cli, ["models", "--json"]).output)
+    assert data[0]["timm_name"] == "tf_efficientnet_b0"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["analyze", "/no/such.onnx"], "does not exist"),
+    (["split", "/no/such.onnx"], "does not exist"),
+    (["export", "resnet50"], "unknown model 'resnet50'"),
+])
+def test_user_errors_are_one_line_without_traceback(args, needle):
+    res = run(*args)
+    assert res.returncode == 1
+    assert needle in res.stderr
+    errors = [line for line in res.stderr.splitlines() if not line.startswith("· ")]
+    assert "Traceback" not in res.stderr and len(errors) == 1 and errors[0].startswith("error: ")
+
+
+def test_truncated_model_is_one_line(tmp_path):
+    model, _ = graphs.chain()
+    (tmp_path / "t.onnx").write_bytes(model.SerializeToString()[:150])
+    res = run("analyze", str(tmp_path / "t.onnx"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "error:" in res.stderr
+
+
+def test_analyze_json_and_plot(tmp_path):
+    model, _ = graphs.chain()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    res = run("analyze", str(tmp_path / "m.onnx"), "--json", "--plot", str(tmp_path / "c.png"))
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert [c["tensor"] for c in data["cut_points"]] == ["a", "b", "c"]
+    assert set(data["cut_points"][0]) >= {"tensor", "shape", "dtype", "elements", "bytes", "ratio",
+                                          "element_ratio", "natural", "compressive", "scope"}
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_analyze_table_and_summary(tmp_path):
+    model, _ = graphs.chain()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    res = run("analyze", str(tmp_path / "m.onnx"))
+    assert res.returncode == 0
+    assert "3 cut points, 1 natural bottlenecks, 1 compressive" in res.stdout
+    assert res.stdout.splitlines()[1].split()[:3] == ["#", "tensor", "shape"]
+
+
+def test_split_writes_and_reports(tmp_path):
+    model, _ = graphs.chain()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    res = run("split", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s"))
+    assert res.returncode == 0, res.stderr
+    assert "manifest.json" in res.stdout and "verified" in res.stdout
+    assert (tmp_path / "s" / "heads" / "cut002.onnx").is_file()
+
+
+def test_split_at_non_cut_point_is_one_line(tmp_path):
+    model, _ = graphs.residual()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    res = run("split", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s"), "--at", "b")
+    assert res.returncode == 1 and "nearest cut points: 'a', 's'" in res.stderr
+    assert not (tmp_path / "s").exists()
