@@ -139,19 +139,23 @@ def _batch_notes(model: onnx.ModelProto, fold: FoldReport) -> list[str]:
 
 
 def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: str = "<memory>",
-                  log: Log = _quiet) -> tuple[Analysis, onnx.ModelProto]:
+                  log: Log = _quiet, inplace: bool = False) -> tuple[Analysis, onnx.ModelProto]:
     """Find, size and classify the cut points of ``model``.
 
     Returns:
         ``(analysis, folded model)``; the folded model is ``model`` with its static shape
-        arithmetic replaced by constants, from which heads and tails are cut.
+        arithmetic replaced by constants, from which heads and tails are cut. With
+        ``inplace`` the folding edits ``model`` itself (no second copy of the weights).
     """
     if wire_dtype not in WIRE_DTYPES:
         raise UserError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}")
     t0 = time.perf_counter()
     name, dims, dtype = _check_inputs(model)
     log("folding static shape arithmetic")
-    folded, fold = fold_shape_arithmetic(model)
+    scopes = _scopes(model, [o for n in model.graph.node for o in n.output])
+    outputs = _output_sigs(model)
+    folded, fold = fold_shape_arithmetic(model, inplace=inplace)
+    notes = _batch_notes(folded, fold)
     df = dataflow(folded.graph)
     log("finding cut points")
     cuts = find_cut_points(df)
@@ -159,12 +163,12 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
     per_sample = [int(d) for d in dims[1:]]
     in_elements = int(np.prod(per_sample, dtype=np.int64))
     in_bytes = in_elements * np.dtype(dtype).itemsize
-    points = describe_cut_points(cuts, shapes, in_bytes, in_elements, wire_dtype, _scopes(model, cuts))
+    points = describe_cut_points(cuts, shapes, in_bytes, in_elements, wire_dtype, scopes)
     batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else (dims[0] if isinstance(dims[0], str) and dims[0] != "?" else "N")
     analysis = Analysis(
-        source=source, input=TensorSig(name, [batch, *per_sample], dtype), outputs=_output_sigs(model),
+        source=source, input=TensorSig(name, [batch, *per_sample], dtype), outputs=outputs,
         input_bytes=in_bytes, input_elements=in_elements, wire_dtype=wire_dtype,
-        cut_points=points, fold=fold, notes=_batch_notes(model, fold),
+        cut_points=points, fold=fold, notes=notes,
     )
     if not analysis.natural:
         analysis.notes.append(
@@ -178,7 +182,7 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
 def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", log: Log = _quiet) -> Analysis:
     """Load an ONNX file and analyse it (see :func:`analyze_model`)."""
     model = load_model(path)
-    return analyze_model(model, wire_dtype, os.fspath(path), log)[0]
+    return analyze_model(model, wire_dtype, os.fspath(path), log, inplace=True)[0]
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -258,7 +262,7 @@ def split_model(
         raise UserError(f"'{out}' exists and is not a split dir; choose another -o")
     log(f"loading {src}")
     model = load_model(src)
-    analysis, folded = analyze_model(model, wire_dtype, os.fspath(src), log)
+    analysis, folded = analyze_model(model, wire_dtype, os.fspath(src), log, inplace=True)
     del model
     log(analysis.summary())
     chosen = _choose(analysis, folded, at)
@@ -320,7 +324,7 @@ def _verify(root: Path, model_file: Path, splits: list[Split], wire_dtype: str,
     from dsc_export.backends.onnxruntime import make_session, random_inputs
 
     tol = TOLERANCE[wire_dtype]
-    whole = make_session(model_file)
+    whole = make_session(model_file, arena=False)
     rng = np.random.default_rng(seed)
     feeds = [random_inputs(whole, b, rng) for b in batches]
     refs = [whole.run(None, f) for f in feeds]
@@ -329,8 +333,8 @@ def _verify(root: Path, model_file: Path, splits: list[Split], wire_dtype: str,
     for k, s in enumerate(cut_splits, 1):
         log(f"[{k}/{len(cut_splits)}] verifying {s.id}: tail(head(x)) against the whole model "
             f"at batch sizes {list(batches)}")
-        head = make_session(root / s.head)
-        tail = make_session(root / s.tail)
+        head = make_session(root / s.head, arena=False)
+        tail = make_session(root / s.tail, arena=False)
         worst_abs, worst_rel = 0.0, 0.0
         for f, ref in zip(feeds, refs):
             (h,) = head.run(None, f)

@@ -27,7 +27,7 @@ ORT_DTYPES = {
 }
 
 
-def session_options(threads: int | None = None, optimize: bool = True):
+def session_options(threads: int | None = None, optimize: bool = True, arena: bool = True):
     """Return SessionOptions for a quiet, non-spinning CPU session."""
     import onnxruntime as ort
 
@@ -38,18 +38,22 @@ def session_options(threads: int | None = None, optimize: bool = True):
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not arena:  # one-off runs (probes, verification): lower peak memory beats reuse
+        opts.enable_cpu_mem_arena = False
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return opts
 
 
-def make_session(model: str | os.PathLike | bytes, threads: int | None = None, optimize: bool = True):
+def make_session(model: str | os.PathLike | bytes, threads: int | None = None, optimize: bool = True,
+                 arena: bool = True):
     """Create a CPU inference session for an ONNX file path or serialized model bytes.
 
     Args:
         model: path to an ONNX file (external data is found beside it) or its bytes.
         threads: intra-op threads (None: onnxruntime's default, one per core).
         optimize: apply onnxruntime's graph optimisations.
+        arena: use onnxruntime's CPU memory arena (off: lower peak memory for one-off runs).
 
     Returns:
         An ``onnxruntime.InferenceSession`` running on ``CPUExecutionProvider``.
@@ -59,7 +63,7 @@ def make_session(model: str | os.PathLike | bytes, threads: int | None = None, o
     try:
         return ort.InferenceSession(
             model if isinstance(model, bytes) else os.fspath(model),
-            sess_options=session_options(threads, optimize),
+            sess_options=session_options(threads, optimize, arena),
             providers=["CPUExecutionProvider"],
         )
     except Exception as exc:  # onnxruntime raises several unrelated types

@@ -26,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from dsc_export.errors import UserError
+from dsc_export.graph.model import SHAPE_OPS as SHAPE_OPS_LOCAL
 from dsc_export.graph.model import Dataflow, data_dependent, dataflow, outer_scope_inputs
 
 PROBE_BATCHES = (1, 2)
@@ -70,30 +71,33 @@ def run_with_outputs(
     """
     from dsc_export.backends.onnxruntime import make_session, random_inputs
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
+    graph_outputs = model.graph.output
+    n_before = len(graph_outputs)
+    existing = {o.name for o in graph_outputs}
     for name in names:
         if name not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+            graph_outputs.append(onnx.ValueInfoProto(name=name))
     rng = np.random.default_rng(seed)
     results = []
     with tempfile.TemporaryDirectory(prefix="dsc-probe-") as tmp:
-        if probe.ByteSize() > TWO_GB:
-            path = Path(tmp) / "probe.onnx"
-            onnx.save(probe, os.fspath(path), save_as_external_data=True, location="probe.onnx.data")
-            del probe
-            sess = make_session(path, optimize=False)
-        else:
-            data = probe.SerializeToString()
-            del probe
-            sess = make_session(data, optimize=False)
-        out_names = [o.name for o in sess.get_outputs()]
+        try:
+            if model.ByteSize() > TWO_GB:
+                path = Path(tmp) / "probe.onnx"
+                onnx.save(model, os.fspath(path), save_as_external_data=True,
+                          location="probe.onnx.data", convert_attribute=False)
+                onnx.load_external_data_for_model(model, tmp)  # onnx.save moved the data out
+                sess = make_session(path, optimize=False, arena=False)
+            else:
+                data = model.SerializeToString()
+                sess = make_session(data, optimize=False, arena=False)
+                del data
+        finally:
+            while len(graph_outputs) > n_before:
+                graph_outputs.pop()
         for b in batches:
             feeds = random_inputs(sess, b, rng)
             values = sess.run(names, feeds) if names else []
             results.append(dict(zip(names, values)))
-        del out_names
     return results
 
 
@@ -104,13 +108,14 @@ class FoldReport:
     folded: list[str] = field(default_factory=list)  # tensors replaced by constants
     batch_dependent: list[str] = field(default_factory=list)  # kept: they read the batch size
     removed_nodes: int = 0
+    probed: int = 0  # frontier tensors that needed a real run (static evaluation could not size them)
 
 
-def fold_shape_arithmetic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
+def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False) -> tuple[onnx.ModelProto, FoldReport]:
     """Replace shape arithmetic that is constant for the model's input size by initializers.
 
     Args:
-        model: the model (not modified).
+        model: the model (modified only with ``inplace``, which saves a copy of the weights).
 
     Returns:
         ``(folded model, report)``. The folded model computes the same outputs for inputs of
@@ -129,28 +134,148 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Fold
     frontier = list(dict.fromkeys(frontier))
     if not frontier:
         return model, report
-    runs = run_with_outputs(model, frontier, probe_batches(model))
-    constant = {}
-    for name in frontier:
-        vals = [r[name] for r in runs]
-        if all(v.shape == vals[0].shape and np.array_equal(v, vals[0]) for v in vals[1:]):
-            constant[name] = vals[0]
-        else:
-            report.batch_dependent.append(name)
+    batches = probe_batches(model)
+    constant, dependent, unresolved = _evaluate_statically(model, frontier, batches)
+    if unresolved:  # shapes static inference cannot size: record them from real runs
+        runs = run_with_outputs(model, unresolved, batches)
+        for name in unresolved:
+            vals = [r[name] for r in runs]
+            if all(v.shape == vals[0].shape and np.array_equal(v, vals[0]) for v in vals[1:]):
+                constant[name] = vals[0]
+            else:
+                dependent.append(name)
+    report.batch_dependent = [t for t in frontier if t in set(dependent)]
+    report.probed = len(unresolved)
     if not constant:
         return model, report
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
-    g = folded.graph
+    if inplace:
+        folded = model
+    else:
+        folded = onnx.ModelProto()
+        folded.CopyFrom(model)
+    _fold_into(folded, constant)
+    report.folded = [t for t in frontier if t in constant]
+    report.removed_nodes = remove_dead_nodes(folded)
+    return folded, report
+
+
+def _evaluate_statically(model: onnx.ModelProto, frontier: list[str], batches: tuple[int, ...]):
+    """Evaluate shape-arithmetic tensors without running the network.
+
+    Repeats: static shape inference on a weightless copy; every frontier tensor whose Shape/Size
+    sources now have known shapes is evaluated with ``onnx.reference`` on just its arithmetic
+    (the sources fed as zero tensors of that shape, the batch dimension set to each probe batch
+    size); constants are folded into the copy so the next inference sees further. Stops when
+    nothing new resolves.
+
+    Returns:
+        ``(constant values, batch-dependent names, unresolved names)``.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    light = _without_data(model)
+    constant: dict[str, np.ndarray] = {}
+    dependent: list[str] = []
+    pending = list(frontier)
+    for _ in range(len(frontier) + 1):
+        if not pending:
+            break
+        shapes = static_shapes(light)
+        g = light.graph
+        producer = {o: n for n in g.node for o in n.output if o}
+        inits = {t.name: t for t in g.initializer}
+        progress = []
+        for t in pending:
+            plan = _arith_subgraph(t, producer, inits, shapes)
+            if plan is None:
+                continue
+            nodes, sources, needed_inits = plan
+            values = []
+            try:
+                for b in batches:
+                    feeds = {}
+                    sub_inputs = []
+                    for src in sources:
+                        dims, dtype = shapes[src]
+                        shp = [b if not isinstance(d, int) else d for d in dims]
+                        feeds[src] = np.zeros(shp, dtype=dtype)
+                        sub_inputs.append(helper.make_tensor_value_info(src, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shp))
+                    sub = helper.make_model(
+                        helper.make_graph(nodes, "arith", sub_inputs,
+                                          [onnx.ValueInfoProto(name=t)], [inits[i] for i in needed_inits]),
+                        opset_imports=list(model.opset_import), ir_version=model.ir_version,
+                    )
+                    values.append(np.asarray(ReferenceEvaluator(sub).run(None, feeds)[0]))
+            except Exception:
+                continue  # an op the reference evaluator lacks: left to a real run
+            if all(v.shape == values[0].shape and np.array_equal(v, values[0]) for v in values[1:]):
+                constant[t] = values[0]
+                _fold_into(light, {t: values[0]})
+            else:
+                dependent.append(t)
+            progress.append(t)
+        if not progress:
+            break
+        pending = [t for t in pending if t not in progress]
+    return constant, dependent, pending
+
+
+def _arith_subgraph(target, producer, inits, shapes):
+    """Nodes computing ``target`` from Shape/Size sources of known shape, or None."""
+    nodes, sources, needed, seen = [], [], [], set()
+    stack = [target]
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in inits:
+            needed.append(t)
+            continue
+        node = producer.get(t)
+        if node is None:
+            return None  # a graph input read directly: not pure shape arithmetic
+        nodes.append(node)
+        if node.op_type in SHAPE_OPS_LOCAL:
+            src = node.input[0]
+            dims, _ = shapes.get(src, (None, None))
+            # every dimension known; only axis 0 (the batch) may be symbolic
+            if dims is None or any(d is None for d in dims) or any(not isinstance(d, int) for d in dims[1:]):
+                return None
+            if src not in sources:
+                sources.append(src)
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return None
+        stack.extend(i for i in node.input if i)
+    return _topo(nodes), sources, needed
+
+
+def _topo(nodes):
+    produced = {o for n in nodes for o in n.output}
+    done, out, remaining = set(), [], list(nodes)
+    while remaining:
+        rest = []
+        for n in remaining:
+            if all(i in done or i not in produced for i in n.input):
+                out.append(n)
+                done.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(remaining):
+            return nodes
+        remaining = rest
+    return out
+
+
+def _fold_into(model: onnx.ModelProto, constant: dict[str, np.ndarray]) -> None:
+    g = model.graph
     for node in g.node:
         for k, o in enumerate(node.output):
             if o in constant:
                 node.output[k] = f"{o}__dsc_unfolded"
     for name, value in constant.items():
         g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-    report.folded = list(constant)
-    report.removed_nodes = remove_dead_nodes(folded)
-    return folded, report
 
 
 def remove_dead_nodes(model: onnx.ModelProto) -> int:
