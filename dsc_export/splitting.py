@@ -12,25 +12,49 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import external_data_helper
 
 from dsc_export.artifacts import (
-    MANIFEST_NAME, Manifest, ModelRef, Split, TensorSig, sha256_file, write_json_atomic,
+    MANIFEST_NAME,
+    Manifest,
+    ModelRef,
+    Split,
+    TensorSig,
+    sha256_file,
+    write_json_atomic,
 )
 from dsc_export.errors import UserError, VerificationError
 from dsc_export.graph.cuts import (
-    WIRE_DTYPES, CutPoint, describe_cut_points, find_cut_points, nearest_cut_points,
-    scope_of, why_not_cut,
+    WIRE_DTYPES,
+    CutPoint,
+    describe_cut_points,
+    find_cut_points,
+    nearest_cut_points,
+    scope_of,
+    why_not_cut,
 )
 from dsc_export.graph.model import SHAPE_OPS, all_initializers, dataflow, load_model
-from dsc_export.graph.shapes import FoldReport, fixed_batch, fold_shape_arithmetic, input_signature, np_dtype_name, tensor_shapes
-from dsc_export.graph.surgery import CutSpec, extract_head, extract_tail, max_differences, save_model
+from dsc_export.graph.shapes import (
+    FoldReport,
+    fixed_batch,
+    fold_shape_arithmetic,
+    input_signature,
+    np_dtype_name,
+    tensor_shapes,
+)
+from dsc_export.graph.surgery import (
+    CutSpec,
+    extract_head,
+    extract_tail,
+    max_differences,
+    save_model,
+)
 
 VERIFY_BATCHES = (1, 3)
 # tail(head(x)) against the whole model, relative to the largest output magnitude

@@ -4,11 +4,11 @@ import json
 import subprocess
 import sys
 
+import graphs
 import onnx
 import pytest
 from click.testing import CliRunner
 
-import graphs
 from dsc_export.cli import cli
 
 

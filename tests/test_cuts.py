@@ -1,14 +1,17 @@
 """Cut points by dominance on small synthetic graphs, checked exactly and against brute force."""
 
-import itertools
-
-import numpy as np
-import onnx
-import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import graphs
-from dsc_export.graph.cuts import compressive_mask, describe_cut_points, find_cut_points, why_not_cut
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from dsc_export.graph.cuts import (
+    compressive_mask,
+    describe_cut_points,
+    find_cut_points,
+    why_not_cut,
+)
 from dsc_export.graph.model import data_dependent, dataflow
 from dsc_export.graph.shapes import fold_shape_arithmetic
 

@@ -3,12 +3,12 @@
 import json
 import os
 
+import graphs
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import graphs
 from dsc_export.artifacts import read_manifest
 from dsc_export.backends.onnxruntime import make_session
 from dsc_export.errors import UserError, VerificationError
