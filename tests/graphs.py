@@ -31,7 +31,7 @@ class G:
 
     def conv(self, out, x, cout, k=1, stride=1):
         cin = self.c[x]
-        w = self.init(f"{out}.w", RNG.standard_normal((cout, cin, k, k)).astype(np.float32) / np.sqrt(cin * k * k))
+        w = self.init(f"{out}.w", (RNG.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32))
         self.c[out] = cout
         return self.node("Conv", [x, w], out, kernel_shape=[k, k], strides=[stride, stride],
                          pads=[k // 2] * 4)
