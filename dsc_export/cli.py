@@ -217,8 +217,12 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # bad flag or argument: one line, with where to look
+        where = exc.ctx.command_path if exc.ctx else "dsc-export"
+        click.secho(f"error: {exc.format_message()} (see '{where} --help')", err=True, fg="red")
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.secho(f"error: {exc.format_message()}", err=True, fg="red")
         sys.exit(exc.exit_code)
     except UserError as exc:
         click.secho(f"error: {exc}", err=True, fg="red")

@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from dsc_export.errors import UserError, lazy_import
 from dsc_export.zoo import ZooEntry, lookup
 
@@ -258,6 +256,7 @@ def _stamp_metadata(path: str, entry: ZooEntry, res: int, float_input: bool, wei
 
 def _verify(torch, model, path: str, float_input: bool, res: int, seed: int) -> dict[int, tuple[float, float]]:
     from dsc_export.backends.onnxruntime import make_session
+    from dsc_export.graph.surgery import max_differences
 
     sess = make_session(path)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -270,7 +269,5 @@ def _verify(torch, model, path: str, float_input: bool, res: int, seed: int) -> 
         with torch.no_grad():
             ref = model(x).numpy()
         got = sess.run(None, {INPUT_NAME: x.numpy()})[0]
-        abs_diff = float(np.max(np.abs(got - ref)))
-        scale = float(np.max(np.abs(ref))) or 1.0
-        diffs[b] = (abs_diff, abs_diff / scale)
+        diffs[b] = max_differences([ref], [got])
     return diffs

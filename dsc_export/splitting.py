@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import external_data_helper
 
 from dsc_export.artifacts import (
     MANIFEST_NAME,
@@ -39,7 +38,7 @@ from dsc_export.graph.cuts import (
     scope_of,
     why_not_cut,
 )
-from dsc_export.graph.model import SHAPE_OPS, all_initializers, dataflow, load_model
+from dsc_export.graph.model import SHAPE_OPS, dataflow, load_model, load_model_and_data_files
 from dsc_export.graph.shapes import (
     FoldReport,
     fixed_batch,
@@ -176,7 +175,6 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
     t0 = time.perf_counter()
     name, dims, dtype = _check_inputs(model)
     log("folding static shape arithmetic")
-    scopes = _scopes(model, [o for n in model.graph.node for o in n.output])
     outputs = _output_sigs(model)
     folded, fold = fold_shape_arithmetic(model, inplace=inplace)
     notes = _batch_notes(folded, fold)
@@ -187,7 +185,8 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
     per_sample = [int(d) for d in dims[1:]]
     in_elements = int(np.prod(per_sample, dtype=np.int64))
     in_bytes = in_elements * np.dtype(dtype).itemsize
-    points = describe_cut_points(cuts, shapes, in_bytes, in_elements, wire_dtype, scopes)
+    # folding renames only shape-arithmetic tensors, so the cut tensors' producers keep their names
+    points = describe_cut_points(cuts, shapes, in_bytes, in_elements, wire_dtype, _scopes(folded, cuts))
     batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else (dims[0] if isinstance(dims[0], str) and dims[0] != "?" else "N")
     analysis = Analysis(
         source=source, input=TensorSig(name, [batch, *per_sample], dtype), outputs=outputs,
@@ -237,18 +236,11 @@ def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None) -
     return sorted({c.index: c for c in chosen}.values(), key=lambda c: c.index)
 
 
-def _copy_model(src: Path, dst_dir: Path) -> Path:
+def _copy_model(src: Path, data_files: list[str], dst_dir: Path) -> Path:
     """Copy the model file (and its external data files) into the split dir as model.onnx."""
     dst = dst_dir / "model.onnx"
-    model = onnx.load(os.fspath(src), load_external_data=False)
-    locations = {
-        external_data_helper.ExternalDataInfo(t).location
-        for t in all_initializers(model.graph)
-        if external_data_helper.uses_external_data(t)
-    }
-    del model
     shutil.copy2(src, dst)
-    for loc in locations:
+    for loc in data_files:
         target = dst_dir / loc
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src.parent / loc, target)
@@ -285,7 +277,7 @@ def split_model(
     if out.exists() and not (out.is_dir() and ((out / MANIFEST_NAME).is_file() or not any(out.iterdir()))):
         raise UserError(f"'{out}' exists and is not a split dir; choose another -o")
     log(f"loading {src}")
-    model = load_model(src)
+    model, data_files = load_model_and_data_files(src)
     analysis, folded = analyze_model(model, wire_dtype, os.fspath(src), log, inplace=True)
     del model
     log(analysis.summary())
@@ -299,7 +291,7 @@ def split_model(
     try:
         (tmp / "heads").mkdir()
         (tmp / "tails").mkdir()
-        model_file = _copy_model(src, tmp)
+        model_file = _copy_model(src, data_files, tmp)
         out_sigs = analysis.outputs
         splits = [Split("offload", "offload", None, None, "model.onnx", analysis.input_bytes, 0.0, 0.0,
                         analysis.input.name, 1.0)]

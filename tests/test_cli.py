@@ -45,6 +45,20 @@ def test_user_errors_are_one_line_without_traceback(args, needle):
     assert "Traceback" not in res.stderr and len(errors) == 1 and errors[0].startswith("error: ")
 
 
+@pytest.mark.parametrize("args", [
+    ["analyze", "--wire-dtype", "int8", "m.onnx"],
+    ["split", "--bogus", "m.onnx"],
+    ["export", "efficientnet_b0", "--resolution", "abc"],
+    ["models", "--nope"],
+    ["nosuchverb"],
+])
+def test_bad_flags_are_one_line_usage_errors(args):
+    res = run(*args)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0]
+
+
 def test_truncated_model_is_one_line(tmp_path):
     model, _ = graphs.chain()
     (tmp_path / "t.onnx").write_bytes(model.SerializeToString()[:150])

@@ -25,6 +25,11 @@ def load_model(path: str | os.PathLike, load_data: bool = True) -> onnx.ModelPro
     Returns:
         The model.
     """
+    return load_model_and_data_files(path, load_data)[0]
+
+
+def load_model_and_data_files(path: str | os.PathLike, load_data: bool = True) -> tuple[onnx.ModelProto, list[str]]:
+    """:func:`load_model`, also returning the external data files (relative to the model's folder)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"'{path}' does not exist")
@@ -39,15 +44,14 @@ def load_model(path: str | os.PathLike, load_data: bool = True) -> onnx.ModelPro
         ) from exc
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise UserError(f"'{path}' is not an ONNX model (no graph or no nodes; truncated?)")
-    missing = sorted(
+    files = sorted(
         {
-            info.location
+            external_data_helper.ExternalDataInfo(t).location
             for t in all_initializers(model.graph)
             if external_data_helper.uses_external_data(t)
-            for info in [external_data_helper.ExternalDataInfo(t)]
-            if not (path.parent / info.location).is_file()
         }
     )
+    missing = [f for f in files if not (path.parent / f).is_file()]
     if missing:
         raise UserError(
             f"'{path}' stores weights in external data file(s) that are missing: "
@@ -58,7 +62,22 @@ def load_model(path: str | os.PathLike, load_data: bool = True) -> onnx.ModelPro
             external_data_helper.load_external_data_for_model(model, os.fspath(path.parent))
         except Exception as exc:
             raise UserError(f"cannot read the external data of '{path}': {exc}") from exc
-    return model
+    return model, files
+
+
+def empty_like(model: onnx.ModelProto, graph_name: str) -> onnx.ModelProto:
+    """A model with ``model``'s header (IR version, opsets, functions, metadata) and an empty graph."""
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.producer_name = "dsc-export"
+    out.producer_version = model.producer_version
+    out.domain = model.domain
+    out.model_version = model.model_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    out.metadata_props.extend(model.metadata_props)
+    out.graph.name = graph_name
+    return out
 
 
 def all_initializers(graph: onnx.GraphProto):

@@ -4,11 +4,13 @@ Static shape inference is not enough: timm's ``tf_`` EfficientNets pad "same" at
 (Shape -> Gather -> arithmetic -> Pad), and ``onnx.shape_inference`` leaves every spatial
 dimension after the stem unknown. So:
 
-1. :func:`fold_shape_arithmetic` runs the model once per batch size (1 and 2) with the
-   shape-arithmetic tensors that feed data ops (Pad's pads, Reshape's shape, ...) as extra
-   outputs. A value equal at both batch sizes is a constant for this input size and is folded
-   into an initializer; the Shape nodes behind it disappear. A value that changes with the
-   batch size (it reads the batch dimension) is kept, and remains a path in the cut analysis.
+1. :func:`fold_shape_arithmetic` evaluates the shape-arithmetic tensors that feed data ops
+   (Pad's pads, Reshape's shape, ...) at batch sizes 1 and 2: with ``onnx.reference`` on the
+   arithmetic alone, alternating with static inference on a weightless copy, and, only for
+   what that cannot size, from real runs with those tensors as extra outputs. A value equal at
+   both batch sizes is a constant for this input size and is folded into an initializer; the
+   Shape nodes behind it disappear. A value that changes with the batch size (it reads the
+   batch dimension) is kept, and remains a path in the cut analysis.
 2. :func:`tensor_shapes` then asks static inference for the sizes (now it knows them), and
    records the rest from one run per batch size. No cut point is ever reported without its
    true size.
@@ -26,8 +28,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from dsc_export.errors import UserError
-from dsc_export.graph.model import SHAPE_OPS as SHAPE_OPS_LOCAL
-from dsc_export.graph.model import Dataflow, data_dependent, dataflow, outer_scope_inputs
+from dsc_export.graph.model import (
+    SHAPE_OPS,
+    data_dependent,
+    dataflow,
+    empty_like,
+    outer_scope_inputs,
+)
 
 PROBE_BATCHES = (1, 2)
 TWO_GB = 2**31 - 2**20  # protobuf's limit, with a margin
@@ -140,7 +147,7 @@ def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False) -> tupl
         runs = run_with_outputs(model, unresolved, batches)
         for name in unresolved:
             vals = [r[name] for r in runs]
-            if all(v.shape == vals[0].shape and np.array_equal(v, vals[0]) for v in vals[1:]):
+            if _all_equal(vals):
                 constant[name] = vals[0]
             else:
                 dependent.append(name)
@@ -157,6 +164,11 @@ def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False) -> tupl
     report.folded = [t for t in frontier if t in constant]
     report.removed_nodes = remove_dead_nodes(folded)
     return folded, report
+
+
+def _all_equal(values: list[np.ndarray]) -> bool:
+    """True when a value is the same at every probe batch size (so a constant)."""
+    return all(v.shape == values[0].shape and np.array_equal(v, values[0]) for v in values[1:])
 
 
 def _evaluate_statically(model: onnx.ModelProto, frontier: list[str], batches: tuple[int, ...]):
@@ -208,7 +220,7 @@ def _evaluate_statically(model: onnx.ModelProto, frontier: list[str], batches: t
                     values.append(np.asarray(ReferenceEvaluator(sub).run(None, feeds)[0]))
             except Exception:
                 continue  # an op the reference evaluator lacks: left to a real run
-            if all(v.shape == values[0].shape and np.array_equal(v, values[0]) for v in values[1:]):
+            if _all_equal(values):
                 constant[t] = values[0]
                 _fold_into(light, {t: values[0]})
             else:
@@ -236,7 +248,7 @@ def _arith_subgraph(target, producer, inits, shapes):
         if node is None:
             return None  # a graph input read directly: not pure shape arithmetic
         nodes.append(node)
-        if node.op_type in SHAPE_OPS_LOCAL:
+        if node.op_type in SHAPE_OPS:
             src = node.input[0]
             dims, _ = shapes.get(src, (None, None))
             # every dimension known; only axis 0 (the batch) may be symbolic
@@ -308,29 +320,11 @@ def remove_dead_nodes(model: onnx.ModelProto) -> int:
     return removed
 
 
-def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose large initializers keep their dims but not their data (for inference)."""
-    light = _without_data(model)
-    for t in light.graph.initializer:
-        if np.prod(t.dims, dtype=np.int64) > 1024:
-            t.ClearField("raw_data")
-            t.ClearField("float_data")
-            t.ClearField("double_data")
-            t.ClearField("int32_data")
-            t.ClearField("int64_data")
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
-    return light
-
-
 def _without_data(model: onnx.ModelProto) -> onnx.ModelProto:
-    stripped = onnx.ModelProto()
-    stripped.ir_version = model.ir_version
-    stripped.opset_import.extend(model.opset_import)
-    stripped.functions.extend(model.functions)
+    """A copy whose large initializers keep their dims but not their data (for inference)."""
+    stripped = empty_like(model, model.graph.name)
     g = stripped.graph
     src = model.graph
-    g.name = src.name
     g.node.extend(src.node)
     g.input.extend(src.input)
     g.output.extend(src.output)
@@ -345,7 +339,7 @@ def _without_data(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def static_shapes(model: onnx.ModelProto) -> dict[str, tuple[list, str]]:
     """Shapes (with symbolic dims as strings, unknown as None) and dtypes from static inference."""
-    light = _light_copy(model)
+    light = _without_data(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
@@ -399,6 +393,3 @@ def tensor_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[l
             result[name] = (list(arrs[0].shape[1:]), arrs[0].dtype.name)
     return result
 
-
-def dataflow_of(model: onnx.ModelProto) -> Dataflow:
-    return dataflow(model.graph)

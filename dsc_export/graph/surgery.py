@@ -24,8 +24,8 @@ from onnx import TensorProto, helper
 
 from dsc_export.errors import UserError
 from dsc_export.graph.cuts import FLOAT_DTYPES
-from dsc_export.graph.model import outer_scope_inputs
-from dsc_export.graph.shapes import TWO_GB
+from dsc_export.graph.model import empty_like, outer_scope_inputs
+from dsc_export.graph.shapes import TWO_GB, input_signature
 
 BATCH_DIM = "N"
 
@@ -86,17 +86,8 @@ def _backward(graph: onnx.GraphProto, targets: list[str], stop: set[str]) -> tup
 
 def _subgraph(model: onnx.ModelProto, node_ids: list[int], reads: set[str], name: str) -> onnx.ModelProto:
     src = model.graph
-    out = onnx.ModelProto()
-    out.ir_version = model.ir_version
-    out.producer_name = "dsc-export"
-    out.producer_version = model.producer_version
-    out.domain = model.domain
-    out.model_version = model.model_version
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
-    out.metadata_props.extend(model.metadata_props)
+    out = empty_like(model, name)
     g = out.graph
-    g.name = name
     g.node.extend(src.node[k] for k in node_ids)
     g.initializer.extend(t for t in src.initializer if t.name in reads)
     g.sparse_initializer.extend(t for t in src.sparse_initializer if t.values.name in reads)
@@ -154,16 +145,9 @@ def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> onnx.ModelProto:
 
 
 def _batch_dim(model: onnx.ModelProto):
-    inits = {t.name for t in model.graph.initializer}
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
-        dims = i.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
-        if dims and dims[0].dim_param:
-            return dims[0].dim_param
-    return BATCH_DIM
+    """The input's batch dimension: its fixed size, or its symbolic name (``N`` when unnamed)."""
+    dims = input_signature(model)[0][1]
+    return dims[0] if dims and dims[0] != "?" else BATCH_DIM
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, check: bool = True) -> None:
