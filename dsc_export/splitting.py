@@ -52,7 +52,7 @@ from dsc_export.graph.surgery import (
     extract_head,
     extract_tail,
     max_differences,
-    save_model,
+    save_part,
 )
 
 VERIFY_BATCHES = (1, 3)
@@ -302,8 +302,8 @@ def split_model(
             specs[sid] = spec
             log(f"[{k}/{len(chosen)}] cutting at {cp.tensor} ({cp.scope or 'no scope'}, ratio {cp.ratio:.3f})")
             head_rel, tail_rel = f"heads/{sid}.onnx", f"tails/{sid}.onnx"
-            save_model(extract_head(folded, spec), tmp / head_rel)
-            save_model(extract_tail(folded, spec), tmp / tail_rel)
+            save_part(extract_head(folded, spec), tmp / head_rel)
+            save_part(extract_tail(folded, spec), tmp / tail_rel)
             splits.append(Split(sid, "split", cp.tensor, head_rel, tail_rel, cp.bytes, None, None,
                                 spec.wire_tensor, cp.ratio))
         splits.append(Split("local", "local", None, "model.onnx", None, 0, 0.0, 0.0, None, 0.0))

@@ -199,3 +199,24 @@ def test_dynamic_spatial_dims_are_refused(tmp_path):
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
     with pytest.raises(UserError, match="only the batch dimension"):
         analyze_file(save(model, tmp_path / "m.onnx"))
+
+
+def test_streamed_part_file_is_exactly_the_part(tmp_path):
+    from dsc_export.graph.surgery import CutSpec, _write_streaming, extract_tail
+
+    model, _ = graphs.inception()
+    part = extract_tail(model, CutSpec("a", (8, 16, 16), "float32"))
+    assert part.initializers and all(t.name.endswith(".w") for t in part.initializers)
+    _write_streaming(part, tmp_path / "t.onnx")
+    assert onnx.load(str(tmp_path / "t.onnx")) == part.to_model()
+
+
+def test_structure_check_catches_a_broken_part():
+    from dsc_export.graph.surgery import CutSpec, check_structure, extract_head
+
+    model, _ = graphs.chain()
+    part = extract_head(model, CutSpec("b", (8, 16, 16), "float32"))
+    check_structure(part, "head.onnx")
+    part.model.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(UserError, match="head.onnx fails onnx.checker"):
+        check_structure(part, "head.onnx")

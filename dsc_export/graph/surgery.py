@@ -84,43 +84,65 @@ def _backward(graph: onnx.GraphProto, targets: list[str], stop: set[str]) -> tup
     return sorted(needed), seen
 
 
-def _subgraph(model: onnx.ModelProto, node_ids: list[int], reads: set[str], name: str) -> onnx.ModelProto:
+@dataclass
+class Part:
+    """A head or tail: its graph without initializers, and the initializers it reads.
+
+    The initializers are the source model's own messages, not copies: :func:`save_part` streams
+    them to the file one at a time, so cutting a part never holds a second copy of its weights.
+    """
+
+    model: onnx.ModelProto
+    initializers: list[onnx.TensorProto]
+
+    def byte_size(self) -> int:
+        return self.model.ByteSize() + sum(t.ByteSize() for t in self.initializers)
+
+    def to_model(self) -> onnx.ModelProto:
+        """The whole part as one ModelProto (copies the weights)."""
+        out = onnx.ModelProto()
+        out.CopyFrom(self.model)
+        out.graph.initializer.extend(self.initializers)
+        return out
+
+
+def _subgraph(model: onnx.ModelProto, node_ids: list[int], reads: set[str], name: str) -> Part:
     src = model.graph
     out = empty_like(model, name)
     g = out.graph
     g.node.extend(src.node[k] for k in node_ids)
-    g.initializer.extend(t for t in src.initializer if t.name in reads)
     g.sparse_initializer.extend(t for t in src.sparse_initializer if t.values.name in reads)
     produced = {o for k in node_ids for o in src.node[k].output}
     g.value_info.extend(v for v in src.value_info if v.name in produced)
-    return out
+    return Part(out, [t for t in src.initializer if t.name in reads])
 
 
-def _initializer_inputs(model: onnx.ModelProto, part: onnx.ModelProto) -> onnx.ModelProto:
+def _initializer_inputs(model: onnx.ModelProto, part: Part) -> Part:
     """Before IR 4 every initializer must also be a graph input: list them after the data input."""
     if model.ir_version < 4:
         listed = {i.name: i for i in model.graph.input}
-        part.graph.input.extend(listed[t.name] for t in part.graph.initializer if t.name in listed)
+        part.model.graph.input.extend(listed[t.name] for t in part.initializers if t.name in listed)
     return part
 
 
-def extract_head(model: onnx.ModelProto, cut: CutSpec) -> onnx.ModelProto:
+def extract_head(model: onnx.ModelProto, cut: CutSpec) -> Part:
     """The head: the model's inputs -> the cut tensor (cast to float16 when the wire says so)."""
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     ids, reads = _backward(model.graph, [cut.tensor], set())
     head = _subgraph(model, ids, reads, "head")
-    head.graph.input.extend(i for i in inputs if i.name in reads)
+    hg = head.model.graph
+    hg.input.extend(i for i in inputs if i.name in reads)
     batch = _batch_dim(model)
     if cut.cast:
-        head.graph.node.append(
+        hg.node.append(
             helper.make_node("Cast", [cut.tensor], [cut.wire_tensor], to=TensorProto.FLOAT16,
                              name="dsc_export/wire_cast")
         )
-    head.graph.output.append(_value_info(cut.wire_tensor, cut.wire_elem_dtype, cut.shape, batch))
+    hg.output.append(_value_info(cut.wire_tensor, cut.wire_elem_dtype, cut.shape, batch))
     return _initializer_inputs(model, head)
 
 
-def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> onnx.ModelProto:
+def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> Part:
     """The tail: the cut tensor (float16 on the wire, cast back first) -> the model's outputs.
 
     Raises:
@@ -133,14 +155,15 @@ def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> onnx.ModelProto:
     if leaked:
         raise UserError(f"'{cut.tensor}' is not a cut point: the outputs also read {', '.join(leaked)}")
     tail = _subgraph(model, ids, reads, "tail")
+    tg = tail.model.graph
     batch = _batch_dim(model)
-    tail.graph.input.append(_value_info(cut.wire_tensor, cut.wire_elem_dtype, cut.shape, batch))
+    tg.input.append(_value_info(cut.wire_tensor, cut.wire_elem_dtype, cut.shape, batch))
     if cut.cast:
-        tail.graph.node.insert(
+        tg.node.insert(
             0, helper.make_node("Cast", [cut.wire_tensor], [cut.tensor], to=_elem(cut.dtype),
                                 name="dsc_export/wire_uncast")
         )
-    tail.graph.output.extend(model.graph.output)
+    tg.output.extend(model.graph.output)
     return _initializer_inputs(model, tail)
 
 
@@ -150,20 +173,75 @@ def _batch_dim(model: onnx.ModelProto):
     return dims[0] if dims and dims[0] != "?" else BATCH_DIM
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, check: bool = True) -> None:
-    """Save (with external data beside it when over 2 GB) and run ``onnx.checker`` on the file."""
+_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field_header(number: int, length: int) -> bytes:
+    return _varint(number << 3 | 2) + _varint(length)  # wire type 2: length-delimited
+
+
+def _write_streaming(part: Part, path: Path) -> None:
+    """Write ``part`` as one ONNX file, serializing one initializer at a time.
+
+    Protobuf fields may come in any order and repeated fields may be split, so the file is the
+    model header, then the graph field: the graph without initializers followed by each
+    initializer as its own ``initializer`` field. It parses to exactly ``part.to_model()``.
+    """
+    header = onnx.ModelProto()
+    header.CopyFrom(part.model)
+    header.ClearField("graph")
+    graph = part.model.graph.SerializeToString()
+    sizes = [t.ByteSize() for t in part.initializers]
+    inits_len = sum(len(_field_header(_INITIALIZER_FIELD, n)) + n for n in sizes)
+    with open(path, "wb") as f:
+        f.write(header.SerializeToString())
+        f.write(_field_header(_GRAPH_FIELD, len(graph) + inits_len))
+        f.write(graph)
+        for t, n in zip(part.initializers, sizes):
+            f.write(_field_header(_INITIALIZER_FIELD, n))
+            f.write(t.SerializeToString())
+
+
+def check_structure(part: Part, name: str) -> None:
+    """``onnx.checker`` on the part with each initializer replaced by a one-element stand-in of
+    its dtype and rank: nodes, opsets, types and topology are checked without a copy of the
+    weights (which are the source model's, byte for byte)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(part.model)
+    for t in part.initializers:
+        if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+            probe.graph.initializer.append(t)
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        probe.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.zeros([1] * len(t.dims), dtype=dtype), t.name))
+    try:
+        onnx.checker.check_model(probe)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"the extracted graph {name} fails onnx.checker: {first}") from exc
+
+
+def save_part(part: Part, path: str | os.PathLike, check: bool = True) -> None:
+    """Save a head or tail (external data beside it when over 2 GB), after ``onnx.checker``."""
     path = Path(path)
-    if model.ByteSize() > TWO_GB:
-        onnx.save(model, os.fspath(path), save_as_external_data=True, location=path.name + ".data",
-                  size_threshold=0)
-    else:
-        onnx.save(model, os.fspath(path))
     if check:
-        try:
-            onnx.checker.check_model(os.fspath(path))
-        except onnx.checker.ValidationError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(f"the extracted graph {path.name} fails onnx.checker: {first}") from exc
+        check_structure(part, path.name)
+    if part.byte_size() > TWO_GB:
+        onnx.save(part.to_model(), os.fspath(path), save_as_external_data=True,
+                  location=path.name + ".data", size_threshold=0)
+    else:
+        _write_streaming(part, path)
 
 
 def max_differences(reference: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]:
