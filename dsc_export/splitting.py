@@ -41,6 +41,7 @@ from dsc_export.graph.cuts import (
 from dsc_export.graph.model import SHAPE_OPS, dataflow, load_model, load_model_and_data_files
 from dsc_export.graph.shapes import (
     FoldReport,
+    batch_dim,
     fixed_batch,
     fold_shape_arithmetic,
     input_signature,
@@ -187,7 +188,7 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
     in_bytes = in_elements * np.dtype(dtype).itemsize
     # folding renames only shape-arithmetic tensors, so the cut tensors' producers keep their names
     points = describe_cut_points(cuts, shapes, in_bytes, in_elements, wire_dtype, _scopes(folded, cuts))
-    batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else (dims[0] if isinstance(dims[0], str) and dims[0] != "?" else "N")
+    batch = batch_dim(model)
     analysis = Analysis(
         source=source, input=TensorSig(name, [batch, *per_sample], dtype), outputs=outputs,
         input_bytes=in_bytes, input_elements=in_elements, wire_dtype=wire_dtype,

@@ -63,6 +63,12 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
 
 
+def batch_dim(model: onnx.ModelProto) -> int | str:
+    """The input's batch dimension: its fixed size, or its symbolic name (``N`` when unnamed)."""
+    dims = input_signature(model)[0][1]
+    return dims[0] if dims and dims[0] != "?" else "N"
+
+
 def probe_batches(model: onnx.ModelProto) -> tuple[int, ...]:
     fb = fixed_batch(model)
     return (fb,) if fb else PROBE_BATCHES

@@ -25,9 +25,7 @@ from onnx import TensorProto, helper
 from dsc_export.errors import UserError
 from dsc_export.graph.cuts import FLOAT_DTYPES
 from dsc_export.graph.model import empty_like, outer_scope_inputs
-from dsc_export.graph.shapes import TWO_GB, input_signature
-
-BATCH_DIM = "N"
+from dsc_export.graph.shapes import TWO_GB, batch_dim
 
 
 @dataclass(frozen=True)
@@ -132,7 +130,7 @@ def extract_head(model: onnx.ModelProto, cut: CutSpec) -> Part:
     head = _subgraph(model, ids, reads, "head")
     hg = head.model.graph
     hg.input.extend(i for i in inputs if i.name in reads)
-    batch = _batch_dim(model)
+    batch = batch_dim(model)
     if cut.cast:
         hg.node.append(
             helper.make_node("Cast", [cut.tensor], [cut.wire_tensor], to=TensorProto.FLOAT16,
@@ -156,7 +154,7 @@ def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> Part:
         raise UserError(f"'{cut.tensor}' is not a cut point: the outputs also read {', '.join(leaked)}")
     tail = _subgraph(model, ids, reads, "tail")
     tg = tail.model.graph
-    batch = _batch_dim(model)
+    batch = batch_dim(model)
     tg.input.append(_value_info(cut.wire_tensor, cut.wire_elem_dtype, cut.shape, batch))
     if cut.cast:
         tg.node.insert(
@@ -165,12 +163,6 @@ def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> Part:
         )
     tg.output.extend(model.graph.output)
     return _initializer_inputs(model, tail)
-
-
-def _batch_dim(model: onnx.ModelProto):
-    """The input's batch dimension: its fixed size, or its symbolic name (``N`` when unnamed)."""
-    dims = input_signature(model)[0][1]
-    return dims[0] if dims and dims[0] != "?" else BATCH_DIM
 
 
 _GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
