@@ -39,10 +39,10 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(CATALOGUE))
     args = ap.parse_args()
     out = Path(args.out)
-    (out / "models").mkdir(parents=True, exist_ok=True)
+    (out / "table-models").mkdir(parents=True, exist_ok=True)
     rows = {}
     for name in args.models.split(","):
-        path = out / "models" / f"{name}.onnx"
+        path = out / "table-models" / f"{name}.onnx"
         res = subprocess.run([sys.executable, "-c", ONE, name, str(path)], capture_output=True, text=True)
         if res.returncode != 0:
             raise SystemExit(f"{name}: {res.stderr[-1500:]}")

@@ -309,6 +309,7 @@ def split_model(
                                 spec.wire_tensor, cp.ratio))
         splits.append(Split("local", "local", None, "model.onnx", None, 0, 0.0, 0.0, None, 0.0))
         del folded
+        _release_freed_memory()  # the weights' protobuf is gone: hand its pages back before onnxruntime loads
         verification = None
         if verify:
             batches = (fb,) if fb else VERIFY_BATCHES
@@ -336,6 +337,19 @@ def split_model(
     return manifest
 
 
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise, so the process's peak would
+    hold the freed model and the verification sessions at once). No-op off glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _verify(root: Path, model_file: Path, splits: list[Split], wire_dtype: str,
             batches: tuple[int, ...], seed: int, log: Log) -> dict:
     from dsc_export.backends.onnxruntime import make_session, random_inputs
@@ -346,19 +360,23 @@ def _verify(root: Path, model_file: Path, splits: list[Split], wire_dtype: str,
     feeds = [random_inputs(whole, b, rng) for b in batches]
     refs = [whole.run(None, f) for f in feeds]
     del whole
+    _release_freed_memory()
     cut_splits = [s for s in splits if s.kind == "split"]
     for k, s in enumerate(cut_splits, 1):
         log(f"[{k}/{len(cut_splits)}] verifying {s.id}: tail(head(x)) against the whole model "
             f"at batch sizes {list(batches)}")
+        # one session at a time: the head's outputs are small, its weights need not wait for the tail's
         head = make_session(root / s.head, arena=False)
+        sent = [head.run(None, f)[0] for f in feeds]
+        del head
+        _release_freed_memory()
         tail = make_session(root / s.tail, arena=False)
         worst_abs, worst_rel = 0.0, 0.0
-        for f, ref in zip(feeds, refs):
-            (h,) = head.run(None, f)
-            got = tail.run(None, {s.wire_tensor: h})
-            a, r = max_differences(ref, got)
+        for h, ref in zip(sent, refs):
+            a, r = max_differences(ref, tail.run(None, {s.wire_tensor: h}))
             worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
-        del head, tail
+        del tail, sent
+        _release_freed_memory()
         s.max_abs_diff, s.max_rel_diff = worst_abs, worst_rel
         if not worst_rel <= tol:
             raise VerificationError(
