@@ -42,7 +42,6 @@ from dsc_export.graph.model import SHAPE_OPS, dataflow, load_model, load_model_a
 from dsc_export.graph.shapes import (
     FoldReport,
     batch_dim,
-    fixed_batch,
     fold_shape_arithmetic,
     input_signature,
     np_dtype_name,
@@ -278,12 +277,18 @@ def split_model(
     if out.exists() and not (out.is_dir() and ((out / MANIFEST_NAME).is_file() or not any(out.iterdir()))):
         raise UserError(f"'{out}' exists and is not a split dir; choose another -o")
     log(f"loading {src}")
+    model, data_files = load_model_and_data_files(src, load_data=False)  # clear errors first
+    del model
+    _release_freed_memory()
+    reference = None
+    if verify:  # before the weights are in this process: the session's load is the peak
+        log("running the whole model for reference outputs")
+        reference = _reference(src, seed)
     model, data_files = load_model_and_data_files(src)
     analysis, folded = analyze_model(model, wire_dtype, os.fspath(src), log, inplace=True)
     del model
     log(analysis.summary())
     chosen = _choose(analysis, folded, at)
-    fb = fixed_batch(folded)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -311,9 +316,8 @@ def split_model(
         del folded
         _release_freed_memory()  # the weights' protobuf is gone: hand its pages back before onnxruntime loads
         verification = None
-        if verify:
-            batches = (fb,) if fb else VERIFY_BATCHES
-            verification = _verify(tmp, model_file, splits, wire_dtype, batches, seed, log)
+        if reference is not None:
+            verification = _verify(tmp, splits, wire_dtype, reference, seed, log)
         manifest = Manifest(
             model=ModelRef(
                 path="model.onnx", sha256=sha256_file(model_file), input=analysis.input,
@@ -350,17 +354,35 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _verify(root: Path, model_file: Path, splits: list[Split], wire_dtype: str,
-            batches: tuple[int, ...], seed: int, log: Log) -> dict:
+@dataclass
+class _Reference:
+    """Random inputs and the whole model's outputs for them, one entry per batch size."""
+
+    batches: tuple[int, ...]
+    feeds: list[dict]
+    outputs: list[list[np.ndarray]]
+
+
+def _reference(model_file: Path, seed: int) -> _Reference:
     from dsc_export.backends.onnxruntime import make_session, random_inputs
 
-    tol = TOLERANCE[wire_dtype]
     whole = make_session(model_file, arena=False)
+    dim0 = whole.get_inputs()[0].shape[0]
+    batches = (dim0,) if isinstance(dim0, int) and dim0 > 0 else VERIFY_BATCHES
     rng = np.random.default_rng(seed)
     feeds = [random_inputs(whole, b, rng) for b in batches]
-    refs = [whole.run(None, f) for f in feeds]
+    outputs = [whole.run(None, f) for f in feeds]
     del whole
     _release_freed_memory()
+    return _Reference(batches, feeds, outputs)
+
+
+def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, seed: int,
+            log: Log) -> dict:
+    from dsc_export.backends.onnxruntime import make_session
+
+    tol = TOLERANCE[wire_dtype]
+    batches, feeds, refs = ref.batches, ref.feeds, ref.outputs
     cut_splits = [s for s in splits if s.kind == "split"]
     for k, s in enumerate(cut_splits, 1):
         log(f"[{k}/{len(cut_splits)}] verifying {s.id}: tail(head(x)) against the whole model "
