@@ -220,3 +220,24 @@ def test_structure_check_catches_a_broken_part():
     part.model.graph.node[0].op_type = "NoSuchOp"
     with pytest.raises(UserError, match="head.onnx fails onnx.checker"):
         check_structure(part, "head.onnx")
+
+
+def test_verification_catches_a_wrong_tail(tmp_path, monkeypatch):
+    from onnx import numpy_helper
+
+    import dsc_export.splitting as splitting
+
+    real = splitting.extract_tail
+
+    def perturbed(model, cut):
+        part = real(model, cut)
+        w = numpy_helper.to_array(part.initializers[0]).copy()
+        w.flat[0] += 0.5
+        part.initializers[0] = numpy_helper.from_array(w, part.initializers[0].name)
+        return part
+
+    monkeypatch.setattr(splitting, "extract_tail", perturbed)
+    model, _ = graphs.chain()
+    with pytest.raises(VerificationError, match="split cut001 .* does not reproduce"):
+        split_model(save(model, tmp_path / "m.onnx"), tmp_path / "s", at=["b"])
+    assert not (tmp_path / "s").exists()

@@ -99,10 +99,10 @@ def run_with_outputs(
                 onnx.save(model, os.fspath(path), save_as_external_data=True,
                           location="probe.onnx.data", convert_attribute=False)
                 onnx.load_external_data_for_model(model, tmp)  # onnx.save moved the data out
-                sess = make_session(path, optimize=False, arena=False)
+                sess = make_session(path, optimization="none", arena=False)
             else:
                 data = model.SerializeToString()
-                sess = make_session(data, optimize=False, arena=False)
+                sess = make_session(data, optimization="none", arena=False)
                 del data
         finally:
             while len(graph_outputs) > n_before:
