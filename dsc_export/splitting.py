@@ -279,11 +279,10 @@ def split_model(
     if out.exists() and not (out.is_dir() and ((out / MANIFEST_NAME).is_file() or not any(out.iterdir()))):
         raise UserError(f"'{out}' exists and is not a split dir; choose another -o")
     log(f"loading {src}")
-    model, data_files = load_model_and_data_files(src, load_data=False)  # clear errors first
-    del model
-    _release_freed_memory()
     reference = None
-    if verify:  # before the weights are in this process: the session's load is the peak
+    if verify:  # before the weights are in this process: that session's load is the peak
+        load_model(src, load_data=False)  # one-line errors before onnxruntime sees the file
+        _release_freed_memory()
         log("running the whole model for reference outputs")
         reference = _reference(src, seed)
     model, data_files = load_model_and_data_files(src)
@@ -300,14 +299,11 @@ def split_model(
         (tmp / "heads").mkdir()
         (tmp / "tails").mkdir()
         model_file = _copy_model(src, data_files, tmp)
-        out_sigs = analysis.outputs
         splits = [Split("offload", "offload", None, None, "model.onnx", analysis.input_bytes, 0.0, 0.0,
                         analysis.input.name, 1.0)]
-        specs: dict[str, CutSpec] = {}
         for k, cp in enumerate(chosen, 1):
             sid = f"cut{cp.index:03d}"
             spec = CutSpec(cp.tensor, tuple(cp.shape), cp.dtype, wire_dtype)
-            specs[sid] = spec
             log(f"[{k}/{len(chosen)}] cutting at {cp.tensor} ({cp.scope or 'no scope'}, ratio {cp.ratio:.3f})")
             head_rel, tail_rel = f"heads/{sid}.onnx", f"tails/{sid}.onnx"
             save_part(extract_head(folded, spec), tmp / head_rel)
@@ -323,7 +319,7 @@ def split_model(
         manifest = Manifest(
             model=ModelRef(
                 path="model.onnx", sha256=sha256_file(model_file), input=analysis.input,
-                output=out_sigs[0], input_bytes=analysis.input_bytes, outputs=out_sigs,
+                output=analysis.outputs[0], input_bytes=analysis.input_bytes, outputs=analysis.outputs,
                 source=os.fspath(src),
             ),
             wire_dtype=wire_dtype, cut_points=analysis.cut_points, splits=splits,
