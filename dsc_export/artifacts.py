@@ -1,7 +1,8 @@
 """The JSON artifacts: dataclasses, their JSON form, schema versions and hashes.
 
-Only the split manifest exists so far (``dsc-export.split/1``, contract in DESIGN.md); the
-profile and plan schemas join it here with their stages.
+The split manifest (``dsc-export.split/1``, contract in DESIGN.md) and the engine records it
+holds live here; the profile and the plan have their own modules (``profiling``, ``planning``)
+that own their schemas, with the helpers below for hashing and atomic writes.
 """
 
 from __future__ import annotations
@@ -64,6 +65,30 @@ class Split:
 
 
 @dataclass
+class Engine:
+    """One built engine: the optimised form of a head, a tail or the whole model for one batch size.
+
+    The whole model serves two candidates (``local``'s head on the device, ``offload``'s tail
+    on the server); each gets its own record, and both may point at the same file.
+    """
+
+    split: str
+    part: str  # head | tail
+    backend: str
+    batch: int
+    precision: str  # fp32 | fp16
+    path: str  # relative to the split dir
+    sha256: str
+    target: dict[str, Any]  # backend version, device name / compute capability
+    source: str = ""  # the ONNX it was built from (relative path) ...
+    source_sha256: str = ""  # ... and its hash: a rebuild is due when it changes
+    options: dict[str, Any] = field(default_factory=dict)  # build options that change the engine
+    seconds: float | None = None  # build time
+    max_abs_diff: float | None = None  # the engine against its ONNX at this batch size
+    max_rel_diff: float | None = None
+
+
+@dataclass
 class Manifest:
     """``DIR/manifest.json``: the split dir's contents and how they were verified."""
 
@@ -71,8 +96,9 @@ class Manifest:
     wire_dtype: str
     cut_points: list[CutPoint]
     splits: list[Split]
-    engines: list[dict[str, Any]] = field(default_factory=list)
+    engines: list[Engine] = field(default_factory=list)
     verification: dict[str, Any] | None = None
+    files: dict[str, str] = field(default_factory=dict)  # every file of the dir (relative) -> sha256
     schema: str = SPLIT_SCHEMA
 
     def to_json(self) -> str:
@@ -94,7 +120,8 @@ class Manifest:
             model=model, wire_dtype=d["wire_dtype"],
             cut_points=[CutPoint(**c) for c in d["cut_points"]],
             splits=[Split(**s) for s in d["splits"]],
-            engines=d.get("engines", []), verification=d.get("verification"),
+            engines=[Engine(**e) for e in d.get("engines", [])], verification=d.get("verification"),
+            files=d.get("files", {}),
         )
 
     def split(self, split_id: str) -> Split:
@@ -102,6 +129,56 @@ class Manifest:
             if s.id == split_id:
                 return s
         raise UserError(f"no split '{split_id}'; known: {', '.join(s.id for s in self.splits)}")
+
+    def files_of(self, rel: str) -> list[str]:
+        """``rel`` and its external data files (``NAME.data`` beside a part; for the whole model,
+        the data files that were copied with it)."""
+        out = [rel] + [f for f in self.files if f.startswith(rel + ".") and f != rel]
+        if rel == self.model.path:
+            out += [f for f in self.files if f not in out and f.split("/")[0] not in ("heads", "tails", "engines")]
+        return out
+
+    def engine(self, split_id: str, part: str, backend: str, batch: int, precision: str = "fp32") -> Engine | None:
+        for e in self.engines:
+            if (e.split, e.part, e.backend, e.batch, e.precision) == (split_id, part, backend, batch, precision):
+                return e
+        return None
+
+
+def hash_files(root: str | os.PathLike, skip: tuple[str, ...] = (MANIFEST_NAME,)) -> dict[str, str]:
+    """sha256 of every file under ``root`` (relative POSIX paths), except ``skip`` and hidden files."""
+    root = Path(root)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in skip and not any(x.startswith(".") for x in rel.split("/")):
+            out[rel] = sha256_file(p)
+    return out
+
+
+def verify_files(manifest: Manifest, root: str | os.PathLike, paths: list[str]) -> None:
+    """Refuse (one line, naming the file) when a file differs from the hash the manifest recorded.
+
+    Args:
+        manifest: the split dir's manifest; ``files`` holds the hashes written by ``split``.
+        root: the split dir.
+        paths: the relative paths to check (an ONNX file's external data is checked with it).
+    """
+    if not manifest.files:
+        raise UserError(f"'{root}/{MANIFEST_NAME}' records no file hashes (written by an older "
+                        "dsc-export); run dsc-export split again")
+    root = Path(root)
+    for rel in paths:
+        expected = manifest.files.get(rel)
+        if expected is None:
+            raise UserError(f"'{rel}' is not listed in '{root}/{MANIFEST_NAME}'")
+        for f in manifest.files_of(rel):
+            p = root / f
+            if not p.is_file():
+                raise UserError(f"'{p}' is missing; the split dir is incomplete (run dsc-export split again)")
+            if sha256_file(p) != manifest.files[f]:
+                raise UserError(f"'{p}' does not match its sha256 in the manifest: it was changed "
+                                "after the split; run dsc-export split again")
 
 
 def write_json_atomic(path: str | os.PathLike, text: str) -> None:

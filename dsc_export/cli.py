@@ -210,6 +210,102 @@ def split_cmd(model, out, wire_dtype, at, verify) -> None:
         click.secho("note: no compressive bottleneck; only offload and local are possible", fg="yellow")
 
 
+def _batch_sizes(ctx, param, value):
+    from dsc_export.engines import parse_batch_sizes
+
+    if value is None:
+        return None
+    try:
+        return parse_batch_sizes(value)
+    except UserError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command("build")
+@click.argument("split_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--backend", default="onnxruntime", show_default=True,
+              type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt"]),
+              help="Engine backend.")
+@click.option("--batch-sizes", "batch_sizes", default="1,2,4,8,16,32,64", show_default=True, callback=_batch_sizes,
+              help="Batch sizes: a list (1,2,4), a range (1-16) or powers of two (1:64).")
+@click.option("--parts", type=click.Choice(["heads", "tails", "all"]), default="all", show_default=True,
+              help="heads + whole model (device side), tails + whole model (server side), or all.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16 converts the ONNX to float16 compute (inputs/outputs unchanged) before the build.")
+@click.option("--workspace-mb", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="TensorRT workspace limit.")
+@click.option("--version-compatible", is_flag=True, help="TensorRT: engines that later TensorRT versions can run.")
+@click.option("--hardware-compatible", is_flag=True, help="TensorRT: engines for every Ampere-or-newer GPU.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check each new engine against its ONNX at its batch size.")
+@click.option("--emit-trtexec", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the equivalent trtexec commands to this file instead of building.")
+@click.option("--import", "import_", is_flag=True,
+              help="Record engines built elsewhere (by the --emit-trtexec commands) instead of building.")
+def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, version_compatible,
+              hardware_compatible, verify, emit_trtexec, import_) -> None:
+    """Build an engine per (part, batch size) for a split dir and record it in the manifest.
+
+    An engine is the optimised form of a head, a tail or the whole model for one batch size:
+    for onnxruntime the model with its batch fixed and graph optimisations saved, for TensorRT a
+    serialised .plan. Engines go to DIR/engines/BACKEND/. Only what is missing or stale is built.
+
+    \b
+    Example:
+      dsc-export build engines/efficientnet_b0/split --batch-sizes 1,2,4,8
+      dsc-export build DIR --backend tensorrt --parts heads --precision fp16
+      dsc-export build DIR --parts heads --emit-trtexec build-heads.sh   # then, on the Jetson:
+      sh build-heads.sh && dsc-export build . --backend tensorrt --parts heads --import
+    """
+    from dsc_export.backends import BuildOptions
+    from dsc_export.engines import build_engines, import_engines
+    from dsc_export.engines import emit_trtexec as write_trtexec
+
+    options = BuildOptions(workspace_mb=workspace_mb, version_compatible=version_compatible,
+                           hardware_compatible=hardware_compatible)
+    if emit_trtexec:
+        n = write_trtexec(split_dir, emit_trtexec, batch_sizes, parts, precision, options)
+        click.echo(f"wrote {emit_trtexec}: {n} trtexec command(s); run it in {split_dir} on the target machine, "
+                   "then dsc-export build --import there")
+        return
+    from dsc_export.backends import get_backend
+
+    from dsc_export.artifacts import read_manifest
+
+    read_manifest(split_dir)  # not a split dir, a missing backend: one line before any progress bar
+    get_backend(backend).check()
+    if import_:
+        rep = import_engines(split_dir, backend, batch_sizes, parts, precision, options, log=_log)
+    else:
+        bar = click.progressbar(length=1, label="building", file=sys.stderr, show_pos=True,
+                                item_show_func=lambda x: x)
+
+        def progress(done, total, label):
+            bar.length = total
+            bar.update(done - bar.pos, label)
+
+        with bar:
+            rep = build_engines(split_dir, backend, batch_sizes, parts, precision, options, verify,
+                                progress=progress, log=_log)
+    rows = [("engine", "batch", "for", "build s", "max rel diff")]
+    seen = {}
+    for e in rep.built:
+        seen.setdefault(e.path, (e, []))[1].append(f"{e.split}/{e.part}")
+    for path, (e, uses) in seen.items():
+        rows.append((path, str(e.batch), ",".join(uses), "" if e.seconds is None else f"{e.seconds:.2f}",
+                     "" if e.max_rel_diff is None else f"{e.max_rel_diff:.1e}"))
+    if len(rows) > 1:
+        _table(rows, right={1, 3, 4})
+    kept = len({e.path for e in rep.kept})
+    verb = "imported" if import_ else "built"
+    click.echo(f"{verb} {len(seen)} engine(s), {kept} already up to date, {len(rep.failed)} failed; "
+               f"recorded in {split_dir}/manifest.json")
+    for job, why in rep.failed:
+        click.secho(f"failed: {job.path}: {why}", fg="red", err=True)
+    if rep.failed:
+        sys.exit(1)
+
+
 def main() -> None:
     """Entry point: run the CLI, turning user errors into one line and a non-zero exit."""
     try:

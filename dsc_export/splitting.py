@@ -25,6 +25,7 @@ from dsc_export.artifacts import (
     ModelRef,
     Split,
     TensorSig,
+    hash_files,
     sha256_file,
     write_json_atomic,
 )
@@ -323,7 +324,7 @@ def split_model(
                 source=os.fspath(src),
             ),
             wire_dtype=wire_dtype, cut_points=analysis.cut_points, splits=splits,
-            verification=verification,
+            verification=verification, files=hash_files(tmp),
         )
         write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
         if out.exists():

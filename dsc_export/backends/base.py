@@ -1,0 +1,163 @@
+"""The interface every backend implements, shaped after Polygraphy's loaders and runners.
+
+A :class:`Backend` builds an engine file from an ONNX file for one batch size and precision
+(the loader side) and loads an engine into a :class:`Runner` (the runner side). A runner has the
+small life cycle ``activate`` / ``infer`` / ``deactivate`` and is used as a context manager;
+subclasses override only the ``*_impl`` methods. Optional heavy modules (tensorrt, cuda) are
+imported inside the backend that needs them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dsc_export.errors import UserError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape (batch fixed) and numpy dtype of an engine input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclass
+class BuildOptions:
+    """Options that change what an engine is (recorded with it; a change means a rebuild).
+
+    Attributes:
+        workspace_mb: TensorRT workspace limit.
+        version_compatible: TensorRT: engines that run on later TensorRT versions (lean runtime).
+        hardware_compatible: TensorRT: engines that run on every Ampere or newer GPU.
+        optimization: onnxruntime graph optimisation level baked into the engine.
+    """
+
+    workspace_mb: int = 4096
+    version_compatible: bool = False
+    hardware_compatible: bool = False
+    optimization: str = "all"
+
+    def for_backend(self, backend: str) -> dict[str, Any]:
+        if backend.startswith("onnxruntime"):
+            return {"optimization": self.optimization}
+        return {"workspace_mb": self.workspace_mb, "version_compatible": self.version_compatible,
+                "hardware_compatible": self.hardware_compatible}
+
+
+@dataclass
+class Runner:
+    """A loaded engine that runs on numpy arrays; use it as a context manager.
+
+    Subclasses implement ``activate_impl``, ``infer_impl`` and ``deactivate_impl``, and set
+    ``inputs`` and ``outputs`` when activated.
+    """
+
+    path: str
+    threads: int | None = None
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    active: bool = False
+
+    def __enter__(self) -> Runner:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:
+        if not self.active:
+            self.activate_impl()
+            self.active = True
+
+    def deactivate(self) -> None:
+        if self.active:
+            self.deactivate_impl()
+            self.active = False
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the engine on host arrays; returns every output by name."""
+        if not self.active:
+            raise RuntimeError("runner is not active; use it in a 'with' block")
+        return self.infer_impl(feeds)
+
+    def time_ms(self, feeds: dict[str, np.ndarray]) -> float:
+        """One timed run in milliseconds: the engine's execution only, inputs already staged.
+
+        The default stages nothing and times ``infer`` with the wall clock; device backends
+        override it with device events around the execution.
+        """
+        t0 = time.perf_counter()
+        self.infer(feeds)
+        return (time.perf_counter() - t0) * 1e3
+
+    def activate_impl(self) -> None:
+        raise NotImplementedError
+
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def deactivate_impl(self) -> None:
+        pass
+
+
+class Backend:
+    """Builds and loads engines. Subclasses set ``name`` and ``suffix`` and implement the methods."""
+
+    name = ""
+    suffix = ""
+    extra = ""  # the dsc-export extra that installs the backend's modules
+
+    def available(self) -> str | None:
+        """None when the backend can be used here, else a one-line reason."""
+        return None
+
+    def check(self) -> None:
+        """Raise a one-line :class:`UserError` when the backend cannot be used here."""
+        why = self.available()
+        if why:
+            raise UserError(why)
+
+    def target(self) -> dict[str, Any]:
+        """What engines built now are tied to: backend version, device name, compute capability."""
+        raise NotImplementedError
+
+    def compatible(self, target: dict[str, Any], options: dict[str, Any]) -> str | None:
+        """None when an engine built for ``target`` with ``options`` runs here, else what differs."""
+        return None
+
+    def build(self, onnx_path: str | os.PathLike, engine_path: str | os.PathLike, batch: int,
+              precision: str, options: BuildOptions, cache_dir: str | os.PathLike | None = None) -> None:
+        """Build the engine for ``onnx_path`` at a fixed ``batch`` and write it to ``engine_path``.
+
+        Args:
+            onnx_path: head, tail or whole model (batch dimension dynamic or equal to ``batch``).
+            engine_path: the file to write (written whole or not at all).
+            batch: the batch size the engine is optimised for.
+            precision: ``fp32`` or ``fp16`` (``fp16``: converted with
+                :func:`dsc_export.graph.precision.to_float16` before the build).
+            options: build options.
+            cache_dir: where a backend keeps state shared by the builds of one model
+                (TensorRT's timing cache).
+        """
+        raise NotImplementedError
+
+    def load(self, engine_path: str | os.PathLike, threads: int | None = None) -> Runner:
+        """A runner for a built engine (not yet active)."""
+        raise NotImplementedError
+
+    def load_onnx(self, onnx_path: str | os.PathLike, threads: int | None = None) -> Runner:
+        """A runner for an ONNX file as it is (no build step), where the backend can do that."""
+        raise UserError(f"the {self.name} backend runs built engines only")
+
+    def trtexec_command(self, onnx_path: str, engine_path: str, input_name: str, input_shape: list[int],
+                        precision: str, options: BuildOptions, cache_path: str) -> str | None:
+        """The equivalent ``trtexec`` command line, where there is one."""
+        return None

@@ -1,0 +1,352 @@
+"""Engines per (part, batch size, precision, backend) for a split dir, recorded in its manifest.
+
+Heads are what a device needs (every split's head and the whole model for ``local``), tails
+what a server needs (every split's tail and the whole model for ``offload``). The whole model
+is built once per batch size and recorded for both candidates.
+
+Building is idempotent: an engine is rebuilt only when its file is missing or changed, or its
+ONNX, build options or backend version changed. Each engine is checked against its ONNX source
+(run by onnxruntime at the same batch size) before it is recorded, and the manifest is rewritten
+after every engine, so an interrupted build keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dsc_export.artifacts import (
+    MANIFEST_NAME,
+    Engine,
+    Manifest,
+    read_manifest,
+    sha256_file,
+    verify_files,
+    write_json_atomic,
+)
+from dsc_export.backends import Backend, BuildOptions, Runner, get_backend
+from dsc_export.errors import UserError, VerificationError
+
+PARTS = ("heads", "tails", "all")
+ENGINES_DIR = "engines"
+# tail(head(x)) and each engine against its ONNX: relative to the largest output magnitude
+TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}
+
+
+@dataclass
+class Job:
+    """One engine file to build and the (split, part) records it serves."""
+
+    source: str  # ONNX path relative to the split dir
+    batch: int
+    precision: str
+    path: str  # engine path relative to the split dir
+    records: list[tuple[str, str]] = field(default_factory=list)  # (split id, part)
+
+
+@dataclass
+class BuildReport:
+    built: list[Engine] = field(default_factory=list)
+    kept: list[Engine] = field(default_factory=list)
+    failed: list[tuple[Job, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """``"1,2,4"`` or ``"1-16"`` (every size) or ``"1:64"`` (powers of two) -> sorted unique sizes.
+
+    Raises:
+        UserError: an entry that is not a positive integer or range.
+    """
+    sizes: set[int] = set()
+    for item in str(text).split(","):
+        item = item.strip()
+        try:
+            if "-" in item or ":" in item:
+                sep = "-" if "-" in item else ":"
+                lo, hi = (int(x) for x in item.split(sep))
+                if lo < 1 or hi < lo:
+                    raise ValueError
+                if sep == "-":
+                    sizes.update(range(lo, hi + 1))
+                else:
+                    b = lo
+                    while b <= hi:
+                        sizes.add(b)
+                        b *= 2
+            else:
+                b = int(item)
+                if b < 1:
+                    raise ValueError
+                sizes.add(b)
+        except ValueError:
+            raise UserError(f"batch sizes must be positive integers, e.g. 1,2,4 or 1-16 or 1:64; got '{item}'") from None
+    if not sizes:
+        raise UserError("no batch sizes given")
+    return sorted(sizes)
+
+
+def plan_jobs(manifest: Manifest, backend: Backend, parts: str, batch_sizes: list[int], precision: str) -> list[Job]:
+    """The engine files a build of ``parts`` needs, grouped by source ONNX then batch size."""
+    if parts not in PARTS:
+        raise UserError(f"--parts must be one of {', '.join(PARTS)}")
+    wanted: list[tuple[str, str, str]] = []  # (split, part, source)
+    for s in manifest.splits:
+        if parts in ("heads", "all") and s.head:
+            wanted.append((s.id, "head", s.head))
+        if parts in ("tails", "all") and s.tail:
+            wanted.append((s.id, "tail", s.tail))
+    jobs: dict[tuple[str, int], Job] = {}
+    for source in dict.fromkeys(src for _, _, src in wanted):
+        for b in batch_sizes:
+            stem = "model" if source == manifest.model.path else Path(source).parent.name.rstrip("s") + "-" + Path(source).stem
+            path = f"{ENGINES_DIR}/{backend.name}/{stem}-b{b}-{precision}{backend.suffix}"
+            jobs[(source, b)] = Job(source, b, precision, path)
+    for sid, part, source in wanted:
+        for b in batch_sizes:
+            jobs[(source, b)].records.append((sid, part))
+    return list(jobs.values())
+
+
+def _up_to_date(rec: Engine | None, root: Path, job: Job, source_sha: str, opts: dict, version: str) -> bool:
+    return (rec is not None and rec.path == job.path and (root / rec.path).is_file()
+            and rec.source_sha256 == source_sha and rec.options == opts
+            and rec.target.get("version") == version and sha256_file(root / rec.path) == rec.sha256)
+
+
+def build_engines(
+    split_dir: str | os.PathLike,
+    backend_name: str = "onnxruntime",
+    batch_sizes: list[int] = (1,),
+    parts: str = "all",
+    precision: str = "fp32",
+    options: BuildOptions | None = None,
+    verify: bool = True,
+    progress: Callable[[int, int, str], None] = lambda done, total, label: None,
+    log: Callable[[str], None] = lambda s: None,
+) -> BuildReport:
+    """Build the missing or stale engines of a split dir and record them in its manifest.
+
+    Args:
+        split_dir: a split dir written by ``dsc-export split``.
+        backend_name: a name from :data:`dsc_export.backends.BACKENDS`.
+        batch_sizes: batch sizes to build (one engine per size).
+        parts: ``heads`` (device side), ``tails`` (server side) or ``all``.
+        precision: ``fp32`` or ``fp16``.
+        options: build options (TensorRT workspace and compatibility flags, onnxruntime level).
+        verify: check each new engine against its ONNX at its batch size.
+        progress: called as ``progress(done, total, label)`` before each engine.
+        log: progress messages.
+
+    Returns:
+        What was built, what was already up to date and what failed (and why). One engine that
+        fails (e.g. out of memory) does not stop the others.
+    """
+    if precision not in TOLERANCE:
+        raise UserError(f"--precision must be fp32 or fp16, not '{precision}'")
+    root = Path(split_dir)
+    manifest = read_manifest(root)
+    backend = get_backend(backend_name)
+    backend.check()
+    options = options or BuildOptions()
+    opts = options.for_backend(backend.name)
+    jobs = plan_jobs(manifest, backend, parts, list(batch_sizes), precision)
+    sources = list(dict.fromkeys(j.source for j in jobs))
+    verify_files(manifest, root, sources)  # refuse, naming the file, before building anything
+    target = backend.target()
+    report = BuildReport()
+    t_all = time.perf_counter()
+    reference: dict[str, object] = {}
+    for k, job in enumerate(jobs):
+        progress(k, len(jobs), f"{Path(job.path).name}")
+        source_sha = manifest.files[job.source]
+        recs = [manifest.engine(sid, part, backend.name, job.batch, precision) for sid, part in job.records]
+        if all(_up_to_date(r, root, job, source_sha, opts, target["version"]) for r in recs):
+            report.kept.extend(recs)
+            continue
+        t0 = time.perf_counter()
+        try:
+            backend.build(root / job.source, root / job.path, job.batch, precision, options,
+                          cache_dir=root / ENGINES_DIR / backend.name)
+            diffs = (None, None)
+            if verify:
+                if job.source not in reference:
+                    reference.clear()  # one reference session at a time
+                    from dsc_export.backends.onnxruntime import make_session
+
+                    reference[job.source] = make_session(root / job.source, optimization="extended", arena=False)
+                diffs = _check_engine(backend, root / job.path, reference[job.source], job, precision)
+        except MemoryError:
+            _remove(root / job.path)
+            report.failed.append((job, "out of host memory"))
+            log(f"out of host memory building {job.path}; the other engines go on")
+            continue
+        except UserError as exc:
+            _remove(root / job.path)
+            report.failed.append((job, str(exc)))
+            log(f"{job.path}: {exc}")
+            continue
+        seconds = time.perf_counter() - t0
+        sha = sha256_file(root / job.path)
+        for sid, part in job.records:
+            manifest.engines = [e for e in manifest.engines
+                                if (e.split, e.part, e.backend, e.batch, e.precision) != (sid, part, backend.name, job.batch, precision)]
+            rec = Engine(sid, part, backend.name, job.batch, precision, job.path, sha, dict(target),
+                         job.source, source_sha, dict(opts), round(seconds, 3), *diffs)
+            manifest.engines.append(rec)
+            report.built.append(rec)
+        write_json_atomic(root / MANIFEST_NAME, manifest.to_json())
+    progress(len(jobs), len(jobs), "done")
+    report.seconds = time.perf_counter() - t_all
+    return report
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _check_engine(backend: Backend, engine: Path, reference, job: Job, precision: str) -> tuple[float, float]:
+    """Run the engine and its ONNX on one random batch; refuse a mismatch."""
+    from dsc_export.backends.onnxruntime import random_inputs
+    from dsc_export.graph.surgery import max_differences
+
+    feeds = random_inputs(reference, job.batch, np.random.default_rng(job.batch))
+    want = reference.run(None, feeds)
+    with backend.load(engine, threads=None) as runner:
+        got = runner.infer(feeds)
+    outs = [got[o.name] for o in reference.get_outputs()]
+    abs_d, rel_d = max_differences(want, outs)
+    if not rel_d <= TOLERANCE[precision]:
+        raise VerificationError(f"engine {job.path} differs from {job.source} at batch {job.batch}: "
+                                f"max relative difference {rel_d:.2e} > {TOLERANCE[precision]:.0e}")
+    return abs_d, rel_d
+
+
+def load_engine(split_dir: str | os.PathLike, rec: Engine, threads: int | None = None) -> Runner:
+    """A runner for a recorded engine, after checking its sha256 and that it was built for here.
+
+    Raises:
+        UserError: the file is missing or does not match its recorded sha256, or it was built for
+            another backend version or device.
+    """
+    path = Path(split_dir) / rec.path
+    if not path.is_file():
+        raise UserError(f"engine '{path}' is missing; run dsc-export build again")
+    if sha256_file(path) != rec.sha256:
+        raise UserError(f"engine '{path}' does not match its sha256 in the manifest; refusing to load it "
+                        "(rebuild with dsc-export build)")
+    backend = get_backend(rec.backend)
+    why = backend.compatible(rec.target, rec.options)
+    if why:
+        raise UserError(f"engine '{path}' was built elsewhere: {why}; rebuild it here with dsc-export build")
+    return backend.load(path, threads)
+
+
+def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batch_sizes: list[int],
+                 parts: str = "all", precision: str = "fp32", options: BuildOptions | None = None) -> int:
+    """Write the ``trtexec`` commands that build this split dir's engines on another machine.
+
+    The commands are relative to the split dir and write the engine files where ``build
+    --import`` looks for them. For fp16 the converted ONNX files are written first (the commands
+    read them), since TensorRT 11 takes precision from the ONNX types.
+
+    Returns:
+        The number of engine commands written.
+    """
+    from dsc_export.backends.tensorrt import TIMING_CACHE, TensorrtBackend
+
+    root = Path(split_dir)
+    manifest = read_manifest(root)
+    backend = TensorrtBackend()
+    options = options or BuildOptions()
+    jobs = plan_jobs(manifest, backend, parts, batch_sizes, precision)
+    verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))
+    lines = ["#!/bin/sh", "# Build the TensorRT engines of this split dir on the machine that will run them",
+             "# (engines are tied to its GPU and TensorRT version). Run from the split dir, then:",
+             "#   dsc-export build . --backend tensorrt --import " + f"--batch-sizes {','.join(map(str, batch_sizes))} "
+             f"--parts {parts} --precision {precision}", "set -e", f"mkdir -p {ENGINES_DIR}/tensorrt"]
+    converted: dict[str, str] = {}
+    for job in jobs:
+        onnx_path = job.source
+        if precision == "fp16":
+            if job.source not in converted:
+                converted[job.source] = _fp16_copy(root, job.source)
+            onnx_path = converted[job.source]
+        shape = _input_shape(manifest, job)
+        lines.append(backend.trtexec_command(onnx_path, job.path, shape[0], [job.batch] + shape[1], precision,
+                                             options, f"{ENGINES_DIR}/tensorrt/{TIMING_CACHE}"))
+    text = "\n".join(lines) + "\n"
+    out_file = Path(out_file)
+    write_json_atomic(out_file, text)
+    out_file.chmod(0o755)
+    return len(jobs)
+
+
+def _input_shape(manifest: Manifest, job: Job) -> tuple[str, list[int]]:
+    """Name and per-sample shape of the input of a job's ONNX (the model input or the wire tensor)."""
+    if job.source == manifest.model.path:
+        return manifest.model.input.name, list(manifest.model.input.shape[1:])
+    sid = job.records[0][0]
+    split = manifest.split(sid)
+    if job.source == split.head:
+        return manifest.model.input.name, list(manifest.model.input.shape[1:])
+    cp = next(c for c in manifest.cut_points if c.tensor == split.tensor)
+    return split.wire_tensor, list(cp.shape)
+
+
+def _fp16_copy(root: Path, source: str) -> str:
+    import onnx
+
+    from dsc_export.graph.model import load_model
+    from dsc_export.graph.precision import to_float16
+
+    rel = f"{ENGINES_DIR}/tensorrt/onnx-fp16/{source.replace('/', '-')}"
+    dst = root / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    model = to_float16(load_model(root / source))
+    onnx.save(model, os.fspath(dst), save_as_external_data=model.ByteSize() > 1_500_000_000,
+              location=dst.name + ".data")
+    return rel
+
+
+def import_engines(split_dir: str | os.PathLike, backend_name: str, batch_sizes: list[int], parts: str = "all",
+                   precision: str = "fp32", options: BuildOptions | None = None,
+                   log: Callable[[str], None] = lambda s: None) -> BuildReport:
+    """Record engines built outside dsc-export (e.g. by the ``--emit-trtexec`` commands).
+
+    Each expected engine file that exists is loaded once (so a wrong or corrupt file is refused)
+    and recorded with this machine's target; missing files are reported as failed.
+    """
+    root = Path(split_dir)
+    manifest = read_manifest(root)
+    backend = get_backend(backend_name)
+    backend.check()
+    options = options or BuildOptions()
+    opts = options.for_backend(backend.name)
+    jobs = plan_jobs(manifest, backend, parts, batch_sizes, precision)
+    verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))
+    target = backend.target()
+    report = BuildReport()
+    for job in jobs:
+        path = root / job.path
+        if not path.is_file():
+            report.failed.append((job, "not found"))
+            continue
+        with backend.load(path):
+            pass
+        sha = sha256_file(path)
+        for sid, part in job.records:
+            manifest.engines = [e for e in manifest.engines
+                                if (e.split, e.part, e.backend, e.batch, e.precision) != (sid, part, backend.name, job.batch, precision)]
+            rec = Engine(sid, part, backend.name, job.batch, precision, job.path, sha, dict(target),
+                         job.source, manifest.files[job.source], dict(opts), None)
+            manifest.engines.append(rec)
+            report.built.append(rec)
+        log(f"imported {job.path}")
+    write_json_atomic(root / MANIFEST_NAME, manifest.to_json())
+    return report
