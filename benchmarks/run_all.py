@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ["bench_split.py"]
+SCRIPTS = ["bench_split.py", "bench_engines.py"]
 
 for script in SCRIPTS:
     print(f"### {script}", flush=True)

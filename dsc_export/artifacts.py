@@ -1,8 +1,8 @@
 """The JSON artifacts: dataclasses, their JSON form, schema versions and hashes.
 
-The split manifest (``dsc-export.split/1``, contract in DESIGN.md) and the engine records it
-holds live here; the profile and the plan have their own modules (``profiling``, ``planning``)
-that own their schemas, with the helpers below for hashing and atomic writes.
+The split manifest (``dsc-export.split/1``) with its engine records and the profile
+(``dsc-export.profile/1``) live here (contracts in DESIGN.md); the plan's dataclass is in
+``planning`` beside the functions that compute it. Helpers for hashing and atomic writes.
 """
 
 from __future__ import annotations
@@ -201,3 +201,88 @@ def read_manifest(split_dir: str | os.PathLike) -> Manifest:
         return Manifest.from_dict(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"'{path}' is not a valid manifest: {exc}") from exc
+
+
+PROFILE_SCHEMA = "dsc-export.profile/1"
+ROLES = ("device", "server")
+
+
+@dataclass
+class Timing:
+    """Measured time of one part of one split at one batch size, in milliseconds."""
+
+    split: str
+    part: str  # head | tail
+    batch: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+
+@dataclass
+class Profile:
+    """``dsc-export.profile/1``: the times of one role's engines on one machine.
+
+    The device profile holds the heads (and ``local``'s head = the whole model), the server
+    profile the tails (and ``offload``'s tail = the whole model). ``emulation`` is null for a
+    plain measurement, else how a weak device was stood in for (threads limited, GPU clocks
+    locked, an explicit slowdown): emulated figures are always labelled.
+    """
+
+    role: str
+    backend: str
+    host: dict[str, Any]
+    emulation: dict[str, Any] | None
+    model_sha256: str
+    timings: list[Timing]
+    precision: str = "fp32"
+    settings: dict[str, Any] = field(default_factory=dict)  # warmup, repeats, min_time, seed
+    created: str = ""
+    schema: str = PROFILE_SCHEMA
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps({"schema": d.pop("schema"), **d}, indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Profile:
+        if d.get("schema") != PROFILE_SCHEMA:
+            raise UserError(f"not a {PROFILE_SCHEMA} file (schema: {d.get('schema')!r})")
+        if d.get("role") not in ROLES:
+            raise UserError(f"profile role must be one of {', '.join(ROLES)}, not {d.get('role')!r}")
+        return cls(
+            role=d["role"], backend=d["backend"], host=d["host"], emulation=d.get("emulation"),
+            model_sha256=d["model_sha256"], timings=[Timing(**t) for t in d["timings"]],
+            precision=d.get("precision", "fp32"), settings=d.get("settings", {}), created=d.get("created", ""),
+        )
+
+    def time_of(self, split: str, part: str, batch: int) -> Timing | None:
+        for t in self.timings:
+            if (t.split, t.part, t.batch) == (split, part, batch):
+                return t
+        return None
+
+    def batches(self) -> list[int]:
+        return sorted({t.batch for t in self.timings})
+
+
+def read_profile(path: str | os.PathLike) -> Profile:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"profile '{path}' does not exist; make one with dsc-export bench")
+    try:
+        return Profile.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"'{path}' is not a valid profile: {exc}") from exc
+
+
+def check_pair(device: Profile, server: Profile) -> None:
+    """Refuse a device and a server profile that cannot be combined into one plan."""
+    if device.role != "device":
+        raise UserError(f"the --device profile was taken with --role {device.role}")
+    if server.role != "server":
+        raise UserError(f"the --server profile was taken with --role {server.role}")
+    if device.model_sha256 != server.model_sha256:
+        raise UserError(f"the profiles are of different models (model sha256 {device.model_sha256[:12]}… on the "
+                        f"device, {server.model_sha256[:12]}… on the server); profile the same split dir on both")

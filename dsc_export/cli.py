@@ -268,9 +268,8 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
         click.echo(f"wrote {emit_trtexec}: {n} trtexec command(s); run it in {split_dir} on the target machine, "
                    "then dsc-export build --import there")
         return
-    from dsc_export.backends import get_backend
-
     from dsc_export.artifacts import read_manifest
+    from dsc_export.backends import get_backend
 
     read_manifest(split_dir)  # not a split dir, a missing backend: one line before any progress bar
     get_backend(backend).check()
@@ -304,6 +303,79 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
         click.secho(f"failed: {job.path}: {why}", fg="red", err=True)
     if rep.failed:
         sys.exit(1)
+
+
+@cli.command("bench")
+@click.argument("split_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--role", type=click.Choice(["device", "server"]), required=True,
+              help="device: the heads and the whole model (local); server: the tails and the whole model (offload).")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt"]))
+@click.option("--batch-sizes", "batch_sizes", callback=_batch_sizes,
+              help="Batch sizes to time [default: every size built for this role].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per figure.")
+@click.option("--min-time", "min_time", type=click.FloatRange(min=0, min_open=True),
+              help="Instead of --repeats: run until this many seconds were measured per figure.")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads per engine; fewer than the cores is recorded as emulation of a weaker device.")
+@click.option("--slowdown", type=click.FloatRange(min=0, min_open=True),
+              help="Multiply every measured time by K (a labelled what-if for a K-times slower device).")
+@click.option("--lock-gpu-clocks", "lock_mhz", type=click.IntRange(min=1), metavar="MHZ",
+              help="Lock this GPU's SM clock while measuring (root, your own GPU, not Jetson); restored after.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Profile to write [default: DIR/profiles/ROLE-BACKEND.json].")
+def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats, min_time, threads, slowdown,
+              lock_mhz, output) -> None:
+    """Time every engine of one role at every batch size and write a profile.
+
+    The device profile (heads) and the server profile (tails) may be taken on different
+    machines and brought together by plan. Emulating a weak device (--threads below the core
+    count, --lock-gpu-clocks, --slowdown) is recorded in the profile.
+
+    \b
+    Example:
+      dsc-export bench engines/efficientnet_b0/split --role device --threads 1
+      dsc-export bench engines/efficientnet_b0/split --role server -o server.json
+      dsc-export bench DIR --role device --backend tensorrt --lock-gpu-clocks 300   # as root
+    """
+    from dsc_export.artifacts import read_manifest, write_json_atomic
+    from dsc_export.backends import get_backend
+    from dsc_export.profiling import noisy, profile_split_dir
+
+    read_manifest(split_dir)
+    get_backend(backend).check()
+    output = output or split_dir / "profiles" / f"{role}-{backend}.json"
+    bar = click.progressbar(length=1, label=f"timing the {role} side", file=sys.stderr, show_pos=True)
+
+    def progress(done, total, label):
+        bar.length = total
+        bar.update(done - bar.pos)
+
+    with bar:
+        prof = profile_split_dir(split_dir, role, backend, batch_sizes, precision, warmup,
+                                 None if min_time else repeats, min_time, threads, slowdown, lock_mhz,
+                                 progress=progress)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output, prof.to_json())
+    _profile_table(prof)
+    bad = noisy(prof)
+    if bad:
+        worst = max(bad, key=lambda t: t.p90_ms / t.p10_ms)
+        click.secho(f"warning: {len(bad)} figure(s) are noisy (p90/p10 up to {worst.p90_ms / worst.p10_ms:.2f} at "
+                    f"{worst.split}/{worst.part} batch {worst.batch}); use more --repeats or --min-time, fewer "
+                    "--threads, or a quieter machine", fg="yellow", err=True)
+    label = "measured" if not prof.emulation else "EMULATED " + json.dumps(prof.emulation)
+    click.echo(f"wrote {output} ({role}, {backend}, {label})")
+
+
+def _profile_table(prof) -> None:
+    rows = [("split", "part", "batch", "median ms", "p10", "p90", "p90/p10", "runs")]
+    for t in prof.timings:
+        rows.append((t.split, t.part, str(t.batch), f"{t.median_ms:.2f}", f"{t.p10_ms:.2f}", f"{t.p90_ms:.2f}",
+                     f"{t.p90_ms / t.p10_ms:.2f}" if t.p10_ms else "-", str(t.runs)))
+    _table(rows, right={2, 3, 4, 5, 6, 7})
 
 
 def main() -> None:

@@ -52,8 +52,8 @@ class G:
         outs = [helper.make_tensor_value_info(o, out_dtype, None) for o in outputs]
         graph = helper.make_graph(self.nodes, "g", [self.input], outs, self.inits)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        if ir is not None:
-            m.ir_version = ir
+        # IR 10 (onnx 1.16): what torch exports and what older onnxruntime releases still load
+        m.ir_version = ir if ir is not None else 10
         inferred = onnx.shape_inference.infer_shapes(m)
         del m.graph.output[:]
         m.graph.output.extend(inferred.graph.output)

@@ -1,0 +1,57 @@
+"""Helpers shared by the benchmark scripts: models to measure, timing, machine description."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+OUT = HERE / "out"
+sys.path.insert(0, str(HERE.parent))
+
+
+def machine() -> dict:
+    from dsc_export.backends.onnxruntime import cpu_name
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def split_dir(name: str) -> Path:
+    """Export ``name`` (random weights) and split it under benchmarks/out/models/, once."""
+    from dsc_export.export import export_model
+    from dsc_export.splitting import split_model
+
+    root = OUT / "models" / name
+    onnx_path = root / f"{name}.onnx"
+    out = root / "split"
+    if not (out / "manifest.json").is_file():
+        if not onnx_path.is_file():
+            print(f"exporting {name} ...", flush=True)
+            export_model(name, onnx_path)
+        print(f"splitting {name} ...", flush=True)
+        split_model(onnx_path, out)
+    return out
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def write(name: str, payload: dict) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / name
+    path.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path

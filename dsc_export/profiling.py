@@ -1,0 +1,326 @@
+"""Profiling: time every engine of one role at every batch size and write a profile.
+
+The device role times the heads (and the whole model, for ``local``), the server role the tails
+(and the whole model, for ``offload``), as the paper measures the head on a weak device and the
+tail on a strong server (Section 4: one GPU underclocked to 300 MHz, and at full speed). Each
+figure is the median of repeated runs after a warm-up, on fresh random inputs of the right dtype
+(never zeros). A GPU engine is timed with device events around its execution.
+
+Standing in for a weak device is recorded in the profile's ``emulation`` field, so an emulated
+figure can never pass for a measured one: fewer threads than cores, GPU clocks locked through
+NVML (on a GPU the user owns, as root; restored afterwards whatever happens), or an explicit
+slowdown factor applied to the measured times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsc_export.artifacts import ROLES, Profile, Timing, read_manifest, verify_files
+from dsc_export.errors import UserError
+
+NOISY_SPREAD = 1.5  # p90 / p10 above this: the median is not to be trusted
+
+
+@dataclass
+class Measurement:
+    samples_ms: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    def quantile(self, q: float) -> float:
+        return float(np.quantile(self.samples_ms, q))
+
+
+def measure(run_once_ms: Callable[[], float], warmup: int = 3, repeats: int | None = 20,
+            min_time_s: float | None = None, max_runs: int = 10_000) -> Measurement:
+    """Time a workload: ``warmup`` untimed runs, then ``repeats`` timed runs, or as many as fit
+    in ``min_time_s`` seconds of measured time (at least 5).
+
+    Args:
+        run_once_ms: runs the workload once and returns its time in milliseconds (the caller
+            decides what is timed: wall clock around the run, or device events).
+        warmup: runs before timing starts.
+        repeats: number of timed runs (ignored when ``min_time_s`` is given).
+        min_time_s: keep running until this much measured time has accumulated.
+        max_runs: a cap for ``min_time_s`` with a very fast workload.
+    """
+    for _ in range(max(0, warmup)):
+        run_once_ms()
+    samples: list[float] = []
+    if min_time_s is not None:
+        total = 0.0
+        while (total < min_time_s * 1e3 or len(samples) < 5) and len(samples) < max_runs:
+            samples.append(run_once_ms())
+            total += samples[-1]
+    else:
+        for _ in range(max(1, repeats or 1)):
+            samples.append(run_once_ms())
+    return Measurement(samples)
+
+
+# --- what runs where -------------------------------------------------------------------------
+
+def role_parts(manifest, role: str) -> list[tuple[str, str]]:
+    """(split id, part) pairs a role times: device -> heads (local = whole model), server -> tails."""
+    if role not in ROLES:
+        raise UserError(f"--role must be device or server, not '{role}'")
+    part = "head" if role == "device" else "tail"
+    return [(s.id, part) for s in manifest.splits if (s.head if part == "head" else s.tail)]
+
+
+# --- the host --------------------------------------------------------------------------------
+
+def host_info(threads: int | None, backend: str) -> dict[str, Any]:
+    """CPU model, cores, threads used and, where there is a GPU, its name and current clocks."""
+    from dsc_export.backends.onnxruntime import cpu_isa, cpu_name
+
+    host: dict[str, Any] = {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(),
+                            "threads": threads or os.cpu_count(), "hostname": platform.node(),
+                            "platform": platform.platform(), "backend": backend}
+    gpu = gpu_info()
+    if gpu:
+        host["gpu"] = gpu
+    try:
+        import onnxruntime
+
+        host["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return host
+
+
+def gpu_info(index: int = 0) -> dict[str, Any] | None:
+    """Name and current SM / memory clocks of GPU ``index`` through NVML; None without a GPU."""
+    try:
+        import pynvml
+    except ImportError:
+        return _gpu_info_smi(index)
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = pynvml.nvmlDeviceGetName(h)
+        info = {"name": name.decode() if isinstance(name, bytes) else str(name),
+                "sm_clock_mhz": int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)),
+                "mem_clock_mhz": int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM)),
+                "max_sm_clock_mhz": int(pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM)),
+                "driver": _text(pynvml.nvmlSystemGetDriverVersion())}
+        with contextlib.suppress(Exception):
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+            info["compute_capability"] = f"{major}.{minor}"
+        return info
+    except Exception:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _gpu_info_smi(index: int) -> dict[str, Any] | None:
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=name,clocks.sm,clocks.mem,clocks.max.sm,driver_version",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    name, sm, mem, smax, drv = [x.strip() for x in out.stdout.strip().splitlines()[0].split(",")]
+    return {"name": name, "sm_clock_mhz": int(sm), "mem_clock_mhz": int(mem), "max_sm_clock_mhz": int(smax),
+            "driver": drv}
+
+
+# --- GPU clock locking (the paper's underclocked GPU, on the user's own GPU) -------------------
+
+def _is_jetson() -> bool:
+    return Path("/etc/nv_tegra_release").exists() or "tegra" in platform.release().lower()
+
+
+@contextlib.contextmanager
+def locked_gpu_clocks(mhz: int, index: int = 0, nvml=None) -> Iterator[dict[str, Any]]:
+    """Lock the GPU's SM clock to ``mhz`` while the block runs; always reset it afterwards.
+
+    The reset runs on normal exit, on an exception, on Ctrl-C and on SIGTERM (turned into an
+    exception while the lock is held). Refused without root and on Jetson, where ``nvpmodel``
+    and ``jetson_clocks`` are the tools.
+
+    Args:
+        mhz: the SM clock to lock to (the paper: 300 MHz).
+        index: GPU index.
+        nvml: the NVML module (tests pass a fake; default ``pynvml`` from nvidia-ml-py).
+
+    Yields:
+        The emulation record: ``{"gpu_clock_mhz": mhz, "gpu": name}``.
+    """
+    if _is_jetson():
+        raise UserError("--lock-gpu-clocks does not apply to Jetson: set the clocks with nvpmodel and "
+                        "jetson_clocks, then run bench without it")
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        raise UserError("--lock-gpu-clocks needs root (NVML changes the GPU's clocks for every user); "
+                        "run as root on a GPU you own, or use --slowdown / --threads")
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError as exc:
+            raise UserError("--lock-gpu-clocks needs NVML bindings: pip install nvidia-ml-py") from exc
+    nvml.nvmlInit()
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    locked = False
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+        try:
+            nvml.nvmlDeviceSetGpuLockedClocks(handle, int(mhz), int(mhz))
+        except Exception as exc:
+            raise UserError(f"NVML refused to lock the GPU clocks at {mhz} MHz: {exc}") from exc
+        locked = True
+        yield {"gpu_clock_mhz": int(mhz), "gpu": _text(nvml.nvmlDeviceGetName(handle))}
+    finally:
+        try:
+            if locked:
+                nvml.nvmlDeviceResetGpuLockedClocks(handle)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            with contextlib.suppress(Exception):
+                nvml.nvmlShutdown()
+
+
+# --- profiling a split dir -------------------------------------------------------------------
+
+def profile_split_dir(
+    split_dir: str | os.PathLike,
+    role: str,
+    backend_name: str = "onnxruntime",
+    batch_sizes: list[int] | None = None,
+    precision: str = "fp32",
+    warmup: int = 3,
+    repeats: int | None = 20,
+    min_time_s: float | None = None,
+    threads: int | None = None,
+    slowdown: float | None = None,
+    lock_gpu_clocks_mhz: int | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int, str], None] = lambda done, total, label: None,
+) -> Profile:
+    """Time every engine of ``role`` in a split dir at every batch size.
+
+    Args:
+        split_dir: a split dir with engines built for this role and backend.
+        role: ``device`` (heads + whole model) or ``server`` (tails + whole model).
+        backend_name: which engines to time.
+        batch_sizes: default every batch size built for this role.
+        precision: which engines (``fp32`` / ``fp16``).
+        warmup, repeats, min_time_s: see :func:`measure`.
+        threads: intra-op threads for CPU engines (fewer than the cores: recorded as emulation).
+        slowdown: multiply every measured time by this factor (a labelled what-if).
+        lock_gpu_clocks_mhz: lock the GPU's SM clock while measuring (root, not Jetson).
+        seed: seed of the random inputs.
+        progress: ``progress(done, total, label)``.
+
+    Returns:
+        The profile (not yet written).
+    """
+    from dsc_export.backends.onnxruntime import random_array
+    from dsc_export.engines import load_engine
+
+    if slowdown is not None and not slowdown > 0:
+        raise UserError("--slowdown must be a positive factor, e.g. 4 for a device 4x slower")
+    if threads is not None and threads < 1:
+        raise UserError("--threads must be at least 1")
+    root = Path(split_dir)
+    manifest = read_manifest(root)
+    pairs = role_parts(manifest, role)
+    built = sorted({e.batch for e in manifest.engines if e.backend == backend_name and e.precision == precision
+                    and (e.split, e.part) in pairs})
+    batch_sizes = batch_sizes or built
+    missing = [(sid, part, b) for b in batch_sizes for sid, part in pairs
+               if manifest.engine(sid, part, backend_name, b, precision) is None]
+    if missing:
+        sizes = ",".join(str(b) for b in sorted({m[2] for m in missing}))
+        parts = "heads" if role == "device" else "tails"
+        raise UserError(f"no {backend_name} {precision} engine for {missing[0][0]}/{missing[0][1]} at batch "
+                        f"{missing[0][2]} ({len(missing)} missing); run: dsc-export build {root} --backend "
+                        f"{backend_name} --parts {parts} --batch-sizes {sizes}"
+                        + (f" --precision {precision}" if precision != "fp32" else ""))
+    verify_files(manifest, root, [manifest.model.path])
+
+    emulation: dict[str, Any] = {}
+    cores = os.cpu_count() or 1
+    if threads is not None and threads < cores and backend_name == "onnxruntime":
+        emulation["threads"] = threads
+        emulation["of_cores"] = cores
+    if slowdown is not None and slowdown != 1:
+        emulation["slowdown"] = float(slowdown)
+
+    rng = np.random.default_rng(seed)
+    sig = {}  # split id -> (input name, per-sample shape, dtype) of what that part reads
+    cps = {c.tensor: c for c in manifest.cut_points}
+    wire = np.dtype(manifest.wire_dtype)
+    for sid, part in pairs:
+        s = manifest.split(sid)
+        if part == "head" or s.kind == "offload":
+            sig[sid] = (manifest.model.input.name, list(manifest.model.input.shape[1:]), np.dtype(manifest.model.input.dtype))
+        else:
+            sig[sid] = (s.wire_tensor, list(cps[s.tensor].shape), wire)
+
+    timings: list[Timing] = []
+    jobs = [(sid, part, b) for b in batch_sizes for sid, part in pairs]
+    lock = locked_gpu_clocks(lock_gpu_clocks_mhz) if lock_gpu_clocks_mhz else contextlib.nullcontext(None)
+    with lock as locked:
+        if locked:
+            emulation.update(locked)
+        for k, (sid, part, b) in enumerate(jobs):
+            progress(k, len(jobs), f"{sid}/{part} b{b}")
+            rec = manifest.engine(sid, part, backend_name, b, precision)
+            name, shape, dtype = sig[sid]
+            with load_engine(root, rec, threads) as runner:
+                def once(runner=runner, name=name, shape=shape, dtype=dtype, b=b) -> float:
+                    feeds = {name: random_array([b] + shape, dtype, rng)}  # fresh, never zeros
+                    return runner.time_ms(feeds)
+
+                m = measure(once, warmup, repeats, min_time_s)
+            scale = float(slowdown) if slowdown else 1.0
+            timings.append(Timing(sid, part, b, m.median * scale, m.quantile(0.1) * scale, m.quantile(0.9) * scale,
+                                  len(m.samples_ms)))
+        progress(len(jobs), len(jobs), "done")
+    return Profile(
+        role=role, backend=backend_name, host=host_info(threads, backend_name), emulation=emulation or None,
+        model_sha256=manifest.model.sha256, timings=timings, precision=precision,
+        settings={"warmup": warmup, "repeats": None if min_time_s else repeats, "min_time_s": min_time_s,
+                  "seed": seed, "inputs": "fresh random per run (full range for integers, N(0,1) for floats)",
+                  "timer": "device events" if backend_name == "tensorrt" else "wall clock around the run"},
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+
+
+def noisy(profile: Profile, limit: float = NOISY_SPREAD) -> list[Timing]:
+    """Timings whose spread p90/p10 exceeds ``limit``."""
+    return [t for t in profile.timings if t.p10_ms > 0 and t.p90_ms / t.p10_ms > limit]
