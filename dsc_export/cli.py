@@ -378,6 +378,134 @@ def _profile_table(prof) -> None:
     _table(rows, right={2, 3, 4, 5, 6, 7})
 
 
+@cli.command("plan")
+@click.argument("split_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device", "device_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Device profile (bench --role device).")
+@click.option("--server", "server_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Server profile (bench --role server).")
+@click.option("--batch-sizes", "batch_sizes", callback=_batch_sizes,
+              help="Grid rows [default: 1-64 within the profiled range].")
+@click.option("--rates", default="1:128", show_default=True,
+              help="Data rates in MB/s (1 MB = 10^6 B): LO:HI on a log scale, or a list 1,5,20.")
+@click.option("--rate-steps", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Number of rates for LO:HI.")
+@click.option("--rtt-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Round-trip time added to every candidate that sends.")
+@click.option("--privacy", is_flag=True, help="Never send the raw input (no offload candidate).")
+@click.option("--static", "static", multiple=True, metavar="SPLIT",
+              help="Static split to report the gain against (repeatable) [default: every compressive split].")
+@click.option("--margin", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Relative margin a split must win by over one that keeps more on the device (0.05 = 5%).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Plan to write [default: DIR/plan.json].")
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path),
+              help="Write best-split.png and gain-over-STATIC.png (paper Fig. 2 and 3) here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def plan_cmd(split_dir, device_path, server_path, batch_sizes, rates, rate_steps, rtt_ms, privacy, static, margin,
+             output, plots, as_json) -> None:
+    """Compute the split lookup table: the best split per batch size and data rate.
+
+    Predicted time of each candidate (paper Eq. 4): head on the device + bytes / rate + rtt +
+    tail on the server; the table holds the fastest per cell and the gain of choosing
+    dynamically over local-only, full offloading and each static split (Eq. 7).
+
+    \b
+    Example:
+      dsc-export plan engines/efficientnet_b0/split \\
+          --device engines/efficientnet_b0/split/profiles/device-onnxruntime.json \\
+          --server engines/efficientnet_b0/split/profiles/server-onnxruntime.json --plots plots/
+      dsc-export plan DIR --device dev.json --server srv.json --rtt-ms 20 --privacy --json
+    """
+    from dsc_export.artifacts import read_manifest, read_profile, sha256_file, write_json_atomic
+    from dsc_export.planning import best_static, make_plan, rate_grid
+
+    man = read_manifest(split_dir)
+    dev, srv = read_profile(device_path), read_profile(server_path)
+    plan = make_plan(man, dev, srv, batch_sizes, rate_grid(rates, rate_steps), rtt_ms, privacy,
+                     list(static) or None, margin, (sha256_file(device_path), sha256_file(server_path)))
+    output = output or split_dir / "plan.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output, plan.to_json())
+    pictures = []
+    if plots:
+        from dsc_export.plots import choice_heatmap, gain_heatmap
+
+        pictures.append(choice_heatmap(plan, plots / "best-split.png"))
+        base = (list(static) or [best_static(plan) or "local"])[0]
+        pictures.append(gain_heatmap(plan, base, plots / f"gain-over-{base}.png"))
+    if as_json:
+        click.echo(json.dumps({"plan": str(output), "candidates": plan.candidates,
+                               "mean_gain": {b: g["mean"] for b, g in plan.gain.items()},
+                               "best_static": best_static(plan), "plots": [str(p) for p in pictures]}, indent=2))
+        return
+    _choice_map(plan)
+    click.echo("mean gain of dynamic splitting (Eq. 7) over:")
+    for b, g in plan.gain.items():
+        click.echo(f"  {b:10s} {g['mean'] * 100:6.1f} %")
+    for emu, side in ((dev.emulation, "device"), (srv.emulation, "server")):
+        if emu:
+            click.secho(f"note: the {side} profile is EMULATED ({json.dumps(emu)})", fg="yellow")
+    click.echo(f"wrote {output}" + "".join(f"\nwrote {p}" for p in pictures))
+
+
+def _choice_map(plan) -> None:
+    """A compact text map of the choice grid: rows batch sizes, columns rates, one letter per split."""
+    ids = plan.candidates
+    sym = {c: ("O" if c == "offload" else "L" if c == "local" else str(k)) for k, c in enumerate(ids)}
+    rows = [i for i, b in enumerate(plan.batch_sizes) if b in (1, 2, 4, 8, 16, 32, 64, 128)] or list(range(len(plan.batch_sizes)))
+    marks = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    cols = sorted({min(range(len(plan.rates_MBps)), key=lambda j: abs(plan.rates_MBps[j] - m)) for m in marks
+                   if plan.rates_MBps[0] / 1.5 <= m <= plan.rates_MBps[-1] * 1.5}) or list(range(len(plan.rates_MBps)))
+    click.echo("best split (rows: batch size, columns: MB/s)")
+    click.echo("      " + "".join(f"{plan.rates_MBps[j]:>6.3g}" for j in cols))
+    for i in rows:
+        click.echo(f"{plan.batch_sizes[i]:>5} " + "".join(f"{sym[plan.choice[i][j]]:>6}" for j in cols))
+    click.echo("  " + ", ".join(f"{sym[c]} = {c}" for c in ids))
+
+
+@cli.command("simulate")
+@click.argument("plan_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--baseline", "baselines", multiple=True, metavar="local|offload|SPLIT",
+              help="Baseline to compare with (repeatable) [default: local, offload and every split].")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-step choices and the gains as JSON.")
+def simulate_cmd(plan_path, scenario, baselines, as_json) -> None:
+    """Run a scenario of (batch size, data rate) steps through a plan.
+
+    SCENARIO is a CSV with a header naming the columns batch and rate_MBps, one row per time
+    step (the paper's S = ((B1, r1), ...)). Prints the split chosen at each step and the gain of
+    dynamic splitting over each baseline (paper Eq. 7).
+
+    \b
+    Example:
+      dsc-export simulate engines/efficientnet_b0/split/plan.json docs/scenarios/commute.csv
+      dsc-export simulate plan.json busy-hour.csv --baseline local --json
+    """
+    from dsc_export.planning import Plan, parse_scenario, simulate
+
+    if not plan_path.is_file():
+        raise UserError(f"plan '{plan_path}' does not exist; make one with dsc-export plan")
+    if not scenario.is_file():
+        raise UserError(f"scenario '{scenario}' does not exist")
+    try:
+        plan = Plan.from_dict(json.loads(plan_path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"'{plan_path}' is not a valid plan: {exc}") from exc
+    result = simulate(plan, parse_scenario(scenario.read_text(), str(scenario)), list(baselines) or None)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    rows = [("step", "batch", "MB/s", "split", "predicted ms")]
+    for s in result["steps"]:
+        rows.append((str(s["step"]), str(s["batch"]), f"{s['rate_MBps']:g}", s["choice"], f"{s['predicted_ms']:.1f}"))
+    _table(rows, right={0, 1, 2, 4})
+    click.echo(f"total predicted time: dynamic {result['total_ms']['dynamic']:.0f} ms")
+    click.echo("gain of dynamic splitting (Eq. 7, mean over steps) over:")
+    for b, g in result["gain"].items():
+        click.echo(f"  {b:10s} {g * 100:6.1f} %   (total {result['total_ms'][b]:.0f} ms)")
+
+
 def main() -> None:
     """Entry point: run the CLI, turning user errors into one line and a non-zero exit."""
     try:

@@ -50,3 +50,71 @@ def bottleneck_chart(analysis, path: str | os.PathLike, title: str | None = None
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _axes_labels(ax, plan) -> None:
+    ax.set_xlabel("data rate r (MB/s, log scale)")
+    ax.set_ylabel("batch size B")
+    ax.set_xscale("log")
+
+
+def choice_heatmap(plan, path: str | os.PathLike, title: str = "") -> Path:
+    """The paper's Fig. 2: the best split per (batch size, data rate) cell, with a legend."""
+    import numpy as np
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
+    plt = _pyplot()
+    ids = plan.candidates
+    k = np.array([[ids.index(c) for c in row] for row in plan.choice])
+    palette = plt.get_cmap("tab10").colors
+    cmap = ListedColormap([palette[i % 10] for i in range(len(ids))])
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    x, y = _edges(plan.rates_MBps, log=True), _edges(plan.batch_sizes)
+    ax.pcolormesh(x, y, k, cmap=cmap, norm=BoundaryNorm(np.arange(len(ids) + 1) - 0.5, len(ids)))
+    _axes_labels(ax, plan)
+    used = sorted(set(k.ravel().tolist()))
+    ax.legend(handles=[Patch(color=cmap(i), label=ids[i]) for i in used], title="best split",
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    extras = [f"rtt {plan.rtt_ms:g} ms"] + (["privacy"] if plan.privacy else [])
+    ax.set_title(title or f"Best split per batch size and data rate ({', '.join(extras)})")
+    return _save(fig, plt, path)
+
+
+def gain_heatmap(plan, baseline: str, path: str | os.PathLike, title: str = "") -> Path:
+    """The paper's Fig. 3: relative gain |T_dsc - T_base| / T_base of dynamic splitting per cell."""
+    import numpy as np
+
+    plt = _pyplot()
+    g = np.array(plan.gain[baseline]["grid"]) * 100
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    mesh = ax.pcolormesh(_edges(plan.rates_MBps, log=True), _edges(plan.batch_sizes), g, cmap="viridis",
+                         vmin=0, vmax=max(float(g.max()), 1e-9))
+    fig.colorbar(mesh, ax=ax, label=f"gain over static '{baseline}' (%)")
+    _axes_labels(ax, plan)
+    ax.set_title(title or f"Relative gain of dynamic splitting over '{baseline}' "
+                 f"(mean {plan.gain[baseline]['mean'] * 100:.1f} %)")
+    return _save(fig, plt, path)
+
+
+def _edges(values, log: bool = False):
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if len(v) == 1:
+        return np.array([v[0] / 1.1, v[0] * 1.1]) if log else np.array([v[0] - 0.5, v[0] + 0.5])
+    if log:
+        lv = np.log(v)
+        mid = (lv[1:] + lv[:-1]) / 2
+        return np.exp(np.concatenate([[lv[0] - (mid[0] - lv[0])], mid, [lv[-1] + (lv[-1] - mid[-1])]]))
+    mid = (v[1:] + v[:-1]) / 2
+    return np.concatenate([[v[0] - (mid[0] - v[0])], mid, [v[-1] + (v[-1] - mid[-1])]])
+
+
+def _save(fig, plt, path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,374 @@
+"""Planning: the split lookup table, its gains, and scenarios (paper Eq. 4-7). Pure functions.
+
+Predicted end-to-end time of candidate l for a batch of B samples at data rate r (Eq. 4, with
+bytes on the wire and a round-trip time as the two honest extras)::
+
+    T_l(B, r) = T_head_l(B) + B * bytes_l / r + rtt + T_tail_l(B)
+
+``offload`` has no head (the input is sent), ``local`` no tail and nothing to send (so no rtt).
+The lookup table is the argmin over the candidates per (B, r) cell (Eq. 5-6); ties, and with a
+margin every candidate within the margin of the fastest, go to the candidate that keeps more of
+the model on the device. The gain over a baseline is Eq. 7: the mean of |T_dsc - T_base| / T_base.
+
+Head and tail times for batch sizes between profiled ones are interpolated linearly in the batch
+size (time per batch grows close to linearly between neighbouring sizes); a batch size outside
+the profiled range is an error, never a silent extrapolation. Rates are in MB/s, 1 MB = 10^6 B.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dsc_export.artifacts import Manifest, Profile, check_pair
+from dsc_export.errors import UserError
+
+PLAN_SCHEMA = "dsc-export.plan/1"
+
+
+@dataclass
+class Candidate:
+    """One split as the planner sees it: profiled head and tail times and bytes per sample."""
+
+    id: str
+    batches: list[int]  # profiled batch sizes (sorted)
+    head_ms: list[float]  # per profiled batch size (zeros for offload)
+    tail_ms: list[float]  # (zeros for local)
+    bytes: int  # per sample on the wire (0 for local)
+
+    def compute_ms(self, batch: float) -> float:
+        """T_head(B) + T_tail(B), interpolated linearly between profiled batch sizes."""
+        return interpolate(self.batches, [h + t for h, t in zip(self.head_ms, self.tail_ms)], batch, self.id)
+
+    @property
+    def sends(self) -> bool:
+        return self.bytes > 0
+
+
+def interpolate(xs: list[int], ys: list[float], x: float, what: str = "") -> float:
+    """Piecewise-linear y(x) on sorted ``xs``; outside [xs[0], xs[-1]] is an error."""
+    if not xs[0] <= x <= xs[-1]:
+        raise UserError(f"batch size {x:g} is outside the profiled range {xs[0]}-{xs[-1]}"
+                        + (f" for {what}" if what else "") + "; profile those batch sizes (bench --batch-sizes)")
+    i = bisect.bisect_left(xs, x)
+    if xs[i] == x:
+        return ys[i]
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def candidates(manifest: Manifest, device: Profile, server: Profile, privacy: bool = False) -> list[Candidate]:
+    """The planner's candidates in device order (offload, splits in graph order, local).
+
+    Raises:
+        UserError: the profiles cannot be combined, are not of this split dir's model, or miss
+            a split or part the candidates need.
+    """
+    check_pair(device, server)
+    if device.model_sha256 != manifest.model.sha256:
+        raise UserError("the profiles were taken on another model than this split dir's (model sha256 differs)")
+    out = []
+    for s in manifest.splits:
+        if privacy and s.kind == "offload":
+            continue
+        head = _series(device, s.id, "head") if s.head else None
+        tail = _series(server, s.id, "tail") if s.tail else None
+        batches = sorted(set(head or {}) & set(tail or {})) if head and tail else sorted(head or tail)
+        if len(batches) == 0:
+            raise UserError(f"the device and server profiles share no batch size for split {s.id}")
+        out.append(Candidate(s.id, batches, [head[b] if head else 0.0 for b in batches],
+                             [tail[b] if tail else 0.0 for b in batches], s.bytes if s.kind != "local" else 0))
+    return out
+
+
+def _series(p: Profile, split: str, part: str) -> dict[int, float]:
+    got = {t.batch: t.median_ms for t in p.timings if t.split == split and t.part == part}
+    if not got:
+        raise UserError(f"the {p.role} profile has no time for {split}/{part}; profile the split dir that was planned")
+    return got
+
+
+def latency_grid(cands: list[Candidate], batch_sizes: list[int], rates: list[float], rtt_ms: float = 0.0) -> np.ndarray:
+    """T_l(B, r) for every candidate and cell, shape [candidates, batches, rates] (Eq. 4)."""
+    if any(b <= 0 for b in batch_sizes):
+        raise UserError("batch sizes must be positive")
+    if any(not r > 0 for r in rates):
+        raise UserError("data rates must be positive (MB/s)")
+    b = np.asarray(batch_sizes, dtype=np.float64)[:, None]
+    r = np.asarray(rates, dtype=np.float64)[None, :]
+    grid = np.empty((len(cands), len(batch_sizes), len(rates)))
+    for i, c in enumerate(cands):
+        compute = np.array([c.compute_ms(x) for x in batch_sizes])[:, None]
+        wire = b * c.bytes / (r * 1e3) + (rtt_ms if c.sends else 0.0)  # bytes / (MB/s * 1e6) s -> ms
+        grid[i] = compute + wire
+    return grid
+
+
+def choose_index(times: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """Argmin over axis 0; among the candidates within ``margin`` of the fastest (and exact ties),
+    the one with the highest index — the most kept on the device — wins."""
+    best = times.min(axis=0)
+    ok = times <= best * (1.0 + margin) + 1e-12
+    n = times.shape[0]
+    return (n - 1) - np.argmax(ok[::-1], axis=0)
+
+
+def gain(t_dsc: np.ndarray, t_base: np.ndarray) -> np.ndarray:
+    """Eq. 7 per cell: |T_dsc - T_base| / T_base."""
+    return np.abs(t_dsc - t_base) / t_base
+
+
+def rate_grid(text: str, steps: int = 64) -> list[float]:
+    """``"1:128"`` -> ``steps`` rates on a log scale; ``"1,5,20"`` -> those rates."""
+    try:
+        if ":" in text:
+            lo, hi = (float(x) for x in text.split(":"))
+            if not (lo > 0 and hi >= lo):
+                raise ValueError
+            return [float(v) for v in np.geomspace(lo, hi, steps)] if hi > lo else [lo]
+        rates = sorted({float(x) for x in text.split(",") if x.strip()})
+        if not rates or rates[0] <= 0:
+            raise ValueError
+        return rates
+    except ValueError:
+        raise UserError(f"data rates must be positive MB/s, as LO:HI (log scale) or a list; got '{text}'") from None
+
+
+@dataclass
+class Plan:
+    """``dsc-export.plan/1``: the lookup table (batch x data rate -> split), every candidate's
+    predicted time per cell, and the gains over the baselines (contract in DESIGN.md).
+
+    ``times`` keeps each candidate's profiled head/tail times and bytes, so :meth:`choose`
+    answers for any batch size in range and any rate, not only the grid's cells.
+    """
+
+    batch_sizes: list[int]
+    rates_MBps: list[float]
+    rtt_ms: float
+    privacy: bool
+    margin: float
+    candidates: list[str]
+    choice: list[list[str]]
+    latency_ms: dict[str, list[list[float]]]
+    gain: dict[str, dict[str, Any]]
+    times: dict[str, dict[str, Any]]
+    model_sha256: str
+    device_profile: dict[str, Any]  # sha256 of the profile file, host, emulation
+    server_profile: dict[str, Any]
+    schema: str = PLAN_SCHEMA
+    _fast: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # --- run time ---------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """Per integer batch size in range: each candidate's compute time (+ rtt if it sends)."""
+        cands = [Candidate(c, t["batches"], t["head_ms"], t["tail_ms"], t["bytes"]) for c, t in self.times.items()
+                 if c in self.candidates]
+        lo = max(c.batches[0] for c in cands)
+        hi = min(c.batches[-1] for c in cands)
+        fixed = {}
+        for b in range(lo, hi + 1):
+            fixed[b] = tuple(c.compute_ms(b) + (self.rtt_ms if c.sends else 0.0) for c in cands)
+        self._fast.update(fixed=fixed, ids=tuple(c.id for c in cands),
+                          per_byte=tuple(c.bytes / 1e3 for c in cands), cands=cands, range=(lo, hi))
+
+    def choose(self, batch: int, rate_MBps: float, current: str | None = None) -> tuple[str, float]:
+        """The split for this batch size and data rate, and its predicted time in ms.
+
+        Computed from the stored per-candidate times (Eq. 4), not from the nearest grid cell.
+        With ``current`` (the split in use) and a margin, stay with it unless another candidate
+        is faster by more than the margin.
+        """
+        if not self._fast:
+            self._prepare()
+        f = self._fast
+        base = f["fixed"].get(batch)
+        if base is None:
+            if not isinstance(batch, int):
+                lo, hi = f["range"]
+                if lo <= batch <= hi:
+                    base = tuple(c.compute_ms(batch) + (self.rtt_ms if c.sends else 0.0) for c in f["cands"])
+            if base is None:
+                lo, hi = f["range"]
+                raise UserError(f"batch size {batch} is outside the plan's profiled range {lo}-{hi}")
+        if not rate_MBps > 0:
+            raise UserError(f"data rate must be positive, got {rate_MBps}")
+        inv = batch / rate_MBps
+        best_i, best_t = 0, float("inf")
+        times = []
+        for i, (t0, pb) in enumerate(zip(base, f["per_byte"])):
+            t = t0 + pb * inv
+            times.append(t)
+            if t < best_t:
+                best_t = t
+        limit = best_t * (1.0 + self.margin) + 1e-12
+        for i in range(len(times) - 1, -1, -1):  # ties (within the margin) to the most on the device
+            if times[i] <= limit:
+                best_i = i
+                break
+        if current is not None and current in f["ids"]:
+            j = f["ids"].index(current)
+            if times[j] <= times[best_i] * (1.0 + self.margin):
+                return current, times[j]
+        return f["ids"][best_i], times[best_i]
+
+    # --- JSON -------------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("_fast")
+        return json.dumps({"schema": d.pop("schema"), **d}, indent=1) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        if d.get("schema") != PLAN_SCHEMA:
+            raise UserError(f"not a {PLAN_SCHEMA} file (schema: {d.get('schema')!r})")
+        d = dict(d)
+        d.pop("schema")
+        return cls(**d)
+
+
+def make_plan(manifest: Manifest, device: Profile, server: Profile, batch_sizes: list[int] | None = None,
+              rates: list[float] | None = None, rtt_ms: float = 0.0, privacy: bool = False,
+              static: list[str] | None = None, margin: float = 0.0,
+              profile_hashes: tuple[str, str] = ("", "")) -> Plan:
+    """Compute the lookup table and the gains.
+
+    Args:
+        manifest: the split dir's manifest (split ids, bytes per sample, model hash).
+        device, server: the two profiles (same model).
+        batch_sizes: grid rows [default 1-64, or the profiled range if narrower].
+        rates: grid columns in MB/s [default 64 rates from 1 to 128 on a log scale].
+        rtt_ms: round-trip time added to every candidate that sends.
+        privacy: leave ``offload`` out (raw input never leaves the device).
+        static: static splits to report gains against [default: every compressive split].
+        margin: relative margin (0.05 = 5 %) a split must win by over one that keeps more on
+            the device.
+        profile_hashes: sha256 of the device and server profile files, recorded in the plan.
+    """
+    if rtt_ms < 0 or margin < 0:
+        raise UserError("--rtt-ms and --margin must not be negative")
+    cands = candidates(manifest, device, server, privacy)
+    lo = max(c.batches[0] for c in cands)
+    hi = min(c.batches[-1] for c in cands)
+    batch_sizes = batch_sizes or list(range(max(1, lo), min(64, hi) + 1))
+    rates = rates or rate_grid("1:128")
+    for c in cands:
+        for b in (min(batch_sizes), max(batch_sizes)):
+            c.compute_ms(b)  # out of range: a one-line error naming the candidate
+    grid = latency_grid(cands, batch_sizes, rates, rtt_ms)
+    idx = choose_index(grid, margin)
+    ids = [c.id for c in cands]
+    t_dsc = np.take_along_axis(grid, idx[None], axis=0)[0]
+    all_ids = [s.id for s in manifest.splits]
+    static = static if static is not None else [s.id for s in manifest.splits if s.kind == "split"]
+    for s in static:
+        if s not in all_ids:
+            raise UserError(f"unknown static split '{s}'; known: {', '.join(all_ids)}")
+    baselines = ["local", "offload"] + [s for s in static if s not in ("local", "offload")]
+    gains: dict[str, dict[str, Any]] = {}
+    for base in baselines:
+        if base in ids:
+            t_base = grid[ids.index(base)]
+        else:  # offload under privacy: still a baseline worth comparing with
+            bc = candidates(manifest, device, server, False)[[s.id for s in manifest.splits].index(base)]
+            t_base = latency_grid([bc], batch_sizes, rates, rtt_ms)[0]
+        g = gain(t_dsc, t_base)
+        gains[base] = {"grid": np.round(g, 5).tolist(), "mean": float(g.mean())}
+    return Plan(
+        batch_sizes=list(batch_sizes), rates_MBps=[round(r, 6) for r in rates], rtt_ms=rtt_ms, privacy=privacy,
+        margin=margin, candidates=ids, choice=[[ids[k] for k in row] for row in idx.tolist()],
+        latency_ms={c: np.round(grid[i], 4).tolist() for i, c in enumerate(ids)}, gain=gains,
+        times={c.id: {"batches": c.batches, "head_ms": c.head_ms, "tail_ms": c.tail_ms, "bytes": c.bytes} for c in cands},
+        model_sha256=manifest.model.sha256,
+        device_profile={"sha256": profile_hashes[0], "host": device.host, "emulation": device.emulation,
+                        "backend": device.backend},
+        server_profile={"sha256": profile_hashes[1], "host": server.host, "emulation": server.emulation,
+                        "backend": server.backend},
+    )
+
+
+def best_static(plan: Plan) -> str | None:
+    """The static split whose gain is smallest (the best fixed choice), among the compressive splits."""
+    statics = [b for b in plan.gain if b not in ("local", "offload")]
+    return min(statics, key=lambda b: plan.gain[b]["mean"]) if statics else None
+
+
+# --- scenarios -------------------------------------------------------------------------------
+
+@dataclass
+class Step:
+    batch: int
+    rate_MBps: float
+
+
+def parse_scenario(text: str, source: str = "scenario") -> list[Step]:
+    """A CSV with a header naming ``batch`` and ``rate_MBps`` columns (others are ignored).
+
+    Raises:
+        UserError: a missing column or a malformed row (with its line number).
+    """
+    rows = list(csv.reader(io.StringIO(text)))
+    lines = [(k + 1, r) for k, r in enumerate(rows) if r and not r[0].lstrip().startswith("#")]
+    if not lines:
+        raise UserError(f"{source}: empty scenario")
+    _, header = lines[0]
+    header = [h.strip() for h in header]
+    if "batch" not in header or "rate_MBps" not in header:
+        raise UserError(f"{source}: the header must name the columns 'batch' and 'rate_MBps' (got {','.join(header)})")
+    ib, ir = header.index("batch"), header.index("rate_MBps")
+    steps = []
+    for line_no, row in lines[1:]:
+        try:
+            b, r = int(row[ib]), float(row[ir])
+            if b <= 0 or not r > 0:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise UserError(f"{source}, line {line_no}: expected a positive integer batch and a positive rate, "
+                            f"got {','.join(row)}") from None
+        steps.append(Step(b, r))
+    if not steps:
+        raise UserError(f"{source}: no steps after the header")
+    return steps
+
+
+def simulate(plan: Plan, steps: list[Step], baselines: list[str] | None = None) -> dict[str, Any]:
+    """Run a scenario through the plan: the per-step choice and Eq. 7's gain against each baseline.
+
+    The dynamic choice keeps the split in use unless another wins by more than the plan's margin.
+    """
+    baselines = baselines or (["local"] + ([] if plan.privacy else ["offload"])
+                              + [c for c in plan.candidates if c not in ("local", "offload")])
+    if not plan._fast:
+        plan._prepare()
+    ids = plan._fast["ids"]
+    for b in baselines:
+        if b not in ids:
+            raise UserError(f"unknown baseline '{b}'; the plan's candidates: {', '.join(ids)}")
+    per_step = []
+    current = None
+    for k, s in enumerate(steps):
+        choice, t = plan.choose(s.batch, s.rate_MBps, current)
+        current = choice
+        base_t = {b: _time_of(plan, b, s.batch, s.rate_MBps) for b in baselines}
+        per_step.append({"step": k, "batch": s.batch, "rate_MBps": s.rate_MBps, "choice": choice,
+                         "predicted_ms": t, "baseline_ms": base_t})
+    gains = {b: float(np.mean([abs(p["predicted_ms"] - p["baseline_ms"][b]) / p["baseline_ms"][b] for p in per_step]))
+             for b in baselines}
+    return {"steps": per_step, "gain": gains,
+            "total_ms": {"dynamic": sum(p["predicted_ms"] for p in per_step),
+                         **{b: sum(p["baseline_ms"][b] for p in per_step) for b in baselines}}}
+
+
+def _time_of(plan: Plan, cand: str, batch: int, rate: float) -> float:
+    f = plan._fast
+    i = f["ids"].index(cand)
+    c = f["cands"][i]
+    return c.compute_ms(batch) + (plan.rtt_ms if c.sends else 0.0) + c.bytes * batch / (rate * 1e3)
