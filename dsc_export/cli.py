@@ -506,6 +506,171 @@ def simulate_cmd(plan_path, scenario, baselines, as_json) -> None:
         click.echo(f"  {b:10s} {g * 100:6.1f} %   (total {result['total_ms'][b]:.0f} ms)")
 
 
+@cli.command("bundle")
+@click.argument("split_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device", "side", flag_value="device", help="Heads, whole model, device engines, plan.")
+@click.option("--server", "side", flag_value="server", help="Tails, whole model, server engines, Triton repository.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Tar file to write.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Plan for the device bundle [default: DIR/plan.json].")
+@click.option("--triton-platform", type=click.Choice(["onnxruntime_onnx", "tensorrt_plan"]), default="onnxruntime_onnx",
+              show_default=True, help="Platform of the server bundle's Triton model repository.")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Triton instance_group count per model.")
+def bundle_cmd(split_dir, side, output, plan_path, triton_platform, max_batch_size, instances) -> None:
+    """Pack what one side needs into a tar file, every file listed with its sha256.
+
+    \b
+    Example:
+      dsc-export bundle engines/efficientnet_b0/split --device -o b0-device.tar
+      dsc-export bundle engines/efficientnet_b0/split --server -o b0-server.tar
+    """
+    from dsc_export.bundle import make_bundle
+
+    if side is None:
+        raise click.UsageError("choose --device or --server")
+    index = make_bundle(split_dir, side, output, plan_path, triton_platform, max_batch_size, instances)
+    size = output.stat().st_size
+    click.echo(f"wrote {output}: {side} bundle, {len(index['files'])} files, {size / 1e6:.1f} MB")
+
+
+def _open_dir_or_bundle(path: Path, side: str):
+    """A split dir as it is, or a bundle unpacked (and checked) into a temporary directory."""
+    import tempfile
+
+    if path.is_dir():
+        return path, None
+    from dsc_export.bundle import open_bundle
+
+    tmp = tempfile.TemporaryDirectory(prefix="dsc-bundle-")
+    dest = Path(tmp.name) / "bundle"
+    open_bundle(path, dest, expect_side=side)
+    return dest, tmp
+
+
+@cli.command("serve")
+@click.argument("source", type=click.Path(exists=True, path_type=Path), metavar="DIR|BUNDLE")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told).")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads per tail.")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--dynamic-batching/--no-dynamic-batching", default=True, show_default=True)
+@click.option("--triton-log", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write Triton's own log here instead of the terminal.")
+def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_batch_size, dynamic_batching,
+              triton_log) -> None:
+    """Serve every tail (and the whole model for offload) over Triton's protocol (HTTP + gRPC).
+
+    One Triton model per split, named by its id. Stops cleanly on Ctrl-C or SIGTERM and prints
+    per-split request counts and compute time.
+
+    \b
+    Example:
+      dsc-export serve engines/efficientnet_b0/split
+      dsc-export serve b0-server.tar --host 0.0.0.0 --threads 4
+    """
+    from dsc_export.serving.server import TailServer, serve_forever
+
+    root, tmp = _open_dir_or_bundle(source, "server")
+    try:
+        server = TailServer(root, host, http_port, grpc_port, metrics_port, threads, max_batch_size, dynamic_batching,
+                            log=_log, log_file=triton_log)
+        serve_forever(server, on_ready=lambda: click.echo(
+            f"serving {len([s for s in server.manifest.splits if s.tail])} model(s) on http://{host}:{http_port} "
+            f"and grpc {host}:{grpc_port}; Ctrl-C to stop", err=True))
+        _table(server.stats.table())
+    finally:
+        if tmp:
+            tmp.cleanup()
+
+
+@cli.command("run")
+@click.argument("source", type=click.Path(exists=True, path_type=Path), metavar="DIR|BUNDLE")
+@click.option("--server", "server_url", required=True, help="host:port of the server (HTTP or gRPC port).")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Plan [default: DIR/plan.json].")
+@click.option("--privacy", is_flag=True, help="Never send the raw input.")
+@click.option("--input", "input_kind", type=click.Choice(["random", "images"]), default="random", show_default=True)
+@click.option("--images", "image_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of images for --input images (resized to the model's input).")
+@click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="CPU threads here.")
+@click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="Seconds before a request is abandoned and the batch finished locally.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line per batch.")
+def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_dir, batches, batch_size, threads,
+            deadline, as_json) -> None:
+    """Run batches with dynamic split computing against a server.
+
+    Per batch: estimate the data rate from recent transfers, ask the plan for the split, run
+    the head here, send the cut tensor, get the result; finish locally if the server fails.
+
+    \b
+    Example:
+      dsc-export run engines/efficientnet_b0/split --server 127.0.0.1:8000 --batches 50
+      dsc-export run b0-device.tar --server 10.0.0.5:8001 --protocol grpc --privacy
+    """
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from dsc_export.planning import Plan
+    from dsc_export.serving.client import DynamicSplitClient
+
+    root, tmp = _open_dir_or_bundle(source, "device")
+    try:
+        plan = Plan.from_dict(json.loads(plan_path.read_text())) if plan_path else None
+        rows = [("batch", "size", "split", "bytes", "rate est", "measured", "predicted ms", "measured ms", "note")]
+
+        def log(b):
+            if as_json:
+                click.echo(json.dumps(asdict(b)))
+            else:
+                rows.append((str(b.index), str(b.batch), b.split, f"{b.bytes:,}", f"{b.rate_MBps:.1f}",
+                             "" if b.measured_rate_MBps is None else f"{b.measured_rate_MBps:.1f}",
+                             f"{b.predicted_ms:.1f}", f"{b.measured_ms:.1f}", b.fallback or ""))
+
+        with DynamicSplitClient(root, server_url, plan, protocol, privacy, threads, deadline, log=log) as client:
+            shape = [batch_size] + list(client.manifest.model.input.shape[1:])
+            dtype = np.dtype(client.manifest.model.input.dtype)
+            images = _images(image_dir, shape, dtype) if input_kind == "images" else None
+            rng = np.random.default_rng(0)
+            from dsc_export.backends.onnxruntime import random_array
+
+            for k in range(batches):
+                x = images[k % len(images)] if images is not None else random_array(shape, dtype, rng)
+                client.infer(x)
+        if not as_json:
+            _table(rows, right={0, 1, 3, 4, 5, 6, 7})
+    finally:
+        if tmp:
+            tmp.cleanup()
+
+
+def _images(folder, shape, dtype):
+    """Batches of images from a folder, resized to the model's NHWC uint8 input."""
+    import numpy as np
+
+    if folder is None:
+        raise UserError("--input images needs --images FOLDER")
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise UserError("--input images needs a model that takes uint8 NHWC images (dsc-export export's default)")
+    from dsc_export.errors import lazy_import
+
+    Image = lazy_import("PIL.Image", "export")
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
+    if not files:
+        raise UserError(f"no .jpg/.png images in '{folder}'")
+    arrs = [np.asarray(Image.open(f).convert("RGB").resize((shape[2], shape[1]))) for f in files]
+    b = shape[0]
+    return [np.stack([arrs[(k * b + i) % len(arrs)] for i in range(b)]) for k in range(max(1, len(arrs) // b))]
+
+
 def main() -> None:
     """Entry point: run the CLI, turning user errors into one line and a non-zero exit."""
     try:

@@ -21,6 +21,7 @@ import bisect
 import csv
 import io
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -179,12 +180,14 @@ class Plan:
         self._fast.update(fixed=fixed, ids=tuple(c.id for c in cands),
                           per_byte=tuple(c.bytes / 1e3 for c in cands), cands=cands, range=(lo, hi))
 
-    def choose(self, batch: int, rate_MBps: float, current: str | None = None) -> tuple[str, float]:
+    def choose(self, batch: int, rate_MBps: float, current: str | None = None,
+               exclude: set[str] | frozenset[str] = frozenset()) -> tuple[str, float]:
         """The split for this batch size and data rate, and its predicted time in ms.
 
         Computed from the stored per-candidate times (Eq. 4), not from the nearest grid cell.
         With ``current`` (the split in use) and a margin, stay with it unless another candidate
-        is faster by more than the margin.
+        is faster by more than the margin. ``exclude``: candidates not to consider (privacy mode
+        excludes ``offload``; a client whose server is down excludes all but ``local``).
         """
         if not self._fast:
             self._prepare()
@@ -201,19 +204,16 @@ class Plan:
         if not rate_MBps > 0:
             raise UserError(f"data rate must be positive, got {rate_MBps}")
         inv = batch / rate_MBps
-        best_i, best_t = 0, float("inf")
-        times = []
-        for i, (t0, pb) in enumerate(zip(base, f["per_byte"])):
-            t = t0 + pb * inv
-            times.append(t)
-            if t < best_t:
-                best_t = t
+        times = [t0 + pb * inv for t0, pb in zip(base, f["per_byte"])]
+        if exclude:
+            times = [math.inf if c in exclude else t for c, t in zip(f["ids"], times)]
+        best_i, best_t = 0, min(times)
         limit = best_t * (1.0 + self.margin) + 1e-12
         for i in range(len(times) - 1, -1, -1):  # ties (within the margin) to the most on the device
             if times[i] <= limit:
                 best_i = i
                 break
-        if current is not None and current in f["ids"]:
+        if current is not None and current in f["ids"] and current not in exclude:
             j = f["ids"].index(current)
             if times[j] <= times[best_i] * (1.0 + self.margin):
                 return current, times[j]

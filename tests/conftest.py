@@ -20,6 +20,11 @@ def pytest_collection_modifyitems(config, items):
     skip_trt = pytest.mark.skip(reason="TensorRT Python package not installed (extra 'tensorrt')")
     skip_gpu = pytest.mark.skip(reason="no NVIDIA GPU visible (nvidia-smi / CUDA)")
     has_gpu = Path("/dev/nvidiactl").exists()
+    netns_why = None
+    if any("netns" in item.keywords for item in items):
+        from dsc_export.serving.bandwidth import permitted
+
+        netns_why = permitted()
     for item in items:
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
@@ -27,6 +32,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_trt)
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
+        if "netns" in item.keywords and netns_why:
+            item.add_marker(pytest.mark.skip(reason=netns_why))
 
 
 @pytest.fixture(scope="session")

@@ -163,7 +163,7 @@ def test_plan_round_trips_and_gains_are_recorded(tmp_path):
     assert set(d["gain"]) == {"local", "offload", "cut000", "cut001", "cut002"}
     again = Plan.from_dict(d)
     assert again.choose(2, 10.0) == plan.choose(2, 10.0)
-    for base, g in plan.gain.items():
+    for g in plan.gain.values():
         grid = np.array(g["grid"])
         assert grid.min() >= 0 and g["mean"] == pytest.approx(grid.mean(), abs=1e-4)
     assert np.array(plan.gain["local"]["grid"]).max() > 0
@@ -200,7 +200,6 @@ def test_latency_grid_formula():
 
 
 def test_cli_plan_and_simulate(tmp_path):
-    import shutil  # noqa: F401
 
     man, dev, srv = random_setup(np.random.default_rng(5), batches=(1, 2, 4))
     d = tmp_path / "split"

@@ -1,0 +1,100 @@
+"""Benchmark: the plan's run-time lookup and grid build, and the plan of real B0 profiles.
+
+- ``Plan.choose(batch, rate)`` per call, at random batch sizes and rates (off the grid), median
+  over many calls (target: under 20 us in Python on this machine);
+- building the full default grid (batch 1-64 x 64 rates, 1-128 MB/s) for 5 candidates + local:
+  median over repeats (target: under 100 ms);
+- with the profiles written by bench_profiles.py (if present): the plan, both heatmaps and the
+  mean gains, written under benchmarks/out/plan/.
+
+Usage: python benchmarks/bench_plan.py [--model efficientnet_b0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+from common import OUT, write
+
+
+def synthetic(n_splits: int = 4):
+    from dsc_export.artifacts import Manifest, ModelRef, Profile, Split, TensorSig, Timing
+
+    rng = np.random.default_rng(0)
+    sha = "00" * 32
+    ids = [f"cut{k:03d}" for k in range(n_splits)]
+    splits = ([Split("offload", "offload", None, None, "model.onnx", 150528, 0.0)]
+              + [Split(i, "split", f"t{i}", "h", "t", int(rng.integers(5000, 120000)), 0.0) for i in ids]
+              + [Split("local", "local", None, "model.onnx", None, 0, 0.0)])
+    sig = TensorSig("image", ["N", 224, 224, 3], "uint8")
+    man = Manifest(ModelRef("model.onnx", sha, sig, sig, 150528), "float32", [], splits)
+    batches = [1, 2, 4, 8, 16, 32, 64]
+    dev = [Timing("local", "head", b, 12.0 * b, 0, 0, 5) for b in batches]
+    srv = [Timing("offload", "tail", b, 3.0 * b, 0, 0, 5) for b in batches]
+    for k, i in enumerate(ids):
+        f = (k + 1) / (n_splits + 1)
+        dev += [Timing(i, "head", b, 12.0 * b * f, 0, 0, 5) for b in batches]
+        srv += [Timing(i, "tail", b, 3.0 * b * (1 - f), 0, 0, 5) for b in batches]
+    return man, Profile("device", "onnxruntime", {}, None, sha, dev), Profile("server", "onnxruntime", {}, None, sha, srv)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="efficientnet_b0")
+    args = ap.parse_args()
+    from dsc_export.planning import make_plan
+
+    man, dev, srv = synthetic(4)  # offload + 4 splits + local
+    builds = []
+    for _ in range(15):
+        t = time.perf_counter()
+        plan = make_plan(man, dev, srv)
+        builds.append((time.perf_counter() - t) * 1e3)
+    grid = (len(plan.batch_sizes), len(plan.rates_MBps), len(plan.candidates))
+    rng = np.random.default_rng(1)
+    queries = [(int(b), float(r)) for b, r in zip(rng.integers(1, 65, 20000), np.exp(rng.uniform(0, np.log(128), 20000)))]
+    plan.choose(1, 1.0)  # the per-batch table is prepared on first use
+    per_call = []
+    for k in range(0, len(queries), 1000):
+        chunk = queries[k:k + 1000]
+        t = time.perf_counter()
+        for b, r in chunk:
+            plan.choose(b, r)
+        per_call.append((time.perf_counter() - t) / len(chunk) * 1e6)
+    choose_us, build_ms = statistics.median(per_call), statistics.median(builds)
+    print(f"Plan.choose: {choose_us:.2f} us per call (median of {len(per_call)} x 1000 calls; target < 20 us)")
+    print(f"make_plan, grid {grid[0]} batch sizes x {grid[1]} rates x {grid[2]} candidates: "
+          f"{build_ms:.1f} ms (median of {len(builds)}; target < 100 ms)")
+    result = {"choose_us": choose_us, "build_ms": build_ms, "grid": grid,
+              "met": {"choose_under_20us": choose_us < 20, "build_under_100ms": build_ms < 100}}
+
+    prof = OUT / "profiles"
+    dev_p, srv_p = prof / f"{args.model}-device.json", prof / f"{args.model}-server.json"
+    if dev_p.is_file() and srv_p.is_file():
+        from dsc_export.artifacts import read_manifest, read_profile, sha256_file
+        from dsc_export.planning import best_static
+        from dsc_export.plots import choice_heatmap, gain_heatmap
+
+        root = OUT / "models" / args.model / "split"
+        real = make_plan(read_manifest(root), read_profile(dev_p), read_profile(srv_p),
+                         profile_hashes=(sha256_file(dev_p), sha256_file(srv_p)))
+        out = OUT / "plan"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.model}.json").write_text(real.to_json())
+        static = best_static(real)
+        choice_heatmap(real, out / f"{args.model}-best-split.png",
+                       f"{args.model}: best split (device 1 thread, server 2 threads, this machine)")
+        gain_heatmap(real, static, out / f"{args.model}-gain-over-{static}.png")
+        gains = {b: g["mean"] for b, g in real.gain.items()}
+        counts = {c: sum(row.count(c) for row in real.choice) for c in real.candidates}
+        print(f"{args.model} plan: cells per split {counts}; mean gain " +
+              ", ".join(f"{b} {v * 100:.1f}%" for b, v in gains.items()) + f"; best static {static}")
+        result["real_plan"] = {"model": args.model, "cells_per_split": counts, "mean_gain": gains, "best_static": static}
+    write("plan.json", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Device and server bundles: what ships to each side, hashed, with safe extraction.
+
+A bundle is a tar file holding a split dir's subset and ``bundle.json`` (schema
+``dsc-export.bundle/1``) that lists every other file with its sha256:
+
+- **device**: the manifest, the whole model (``local`` and the fallback), the heads, the
+  engines built for them, and the plan;
+- **server**: the manifest, the whole model (``offload``), the tails, their engines, and a
+  Triton model repository under ``triton/`` that a stock Triton Inference Server serves
+  unchanged: one model per split (``onnxruntime_onnx``, or ``tensorrt_plan`` with the commands
+  that build the plans on the server's GPU), with dynamic batching and instance groups. The
+  repository's ONNX copies name their input ``input`` and their outputs like PyTriton's, so the
+  device client talks to either server the same way.
+
+Opening a bundle extracts it to a temporary directory, refusing absolute paths, ``..``, links
+and special files, checks every file against ``bundle.json`` (and refuses files it does not
+list), then moves it into place. A bundle whose engines were built for another backend version,
+or of another model than expected, is refused with what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from dsc_export import __version__
+from dsc_export.artifacts import MANIFEST_NAME, Manifest, read_manifest, sha256_file, verify_files
+from dsc_export.errors import UserError
+
+BUNDLE_SCHEMA = "dsc-export.bundle/1"
+BUNDLE_INDEX = "bundle.json"
+SIDES = ("device", "server")
+PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
+
+_TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8",
+                 "int32": "TYPE_INT32", "int64": "TYPE_INT64", "float64": "TYPE_FP64", "bool": "TYPE_BOOL"}
+
+
+def _side_files(man: Manifest, side: str) -> tuple[list[str], list[Any]]:
+    part = "head" if side == "device" else "tail"
+    onnx_files = sorted({getattr(s, part) for s in man.splits if getattr(s, part)} | {man.model.path})
+    files: list[str] = []
+    for rel in onnx_files:
+        files += man.files_of(rel)
+    engines = [e for e in man.engines if e.part == part]
+    return sorted(set(files)), engines
+
+
+def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike, plan: str | os.PathLike | None = None,
+                triton_platform: str = "onnxruntime_onnx", max_batch_size: int = 64, instances: int = 1,
+                triton: bool = True) -> dict[str, Any]:
+    """Write a device or server bundle of ``split_dir`` to ``out`` (a tar file, written atomically).
+
+    Args:
+        split_dir: the split dir.
+        side: ``device`` or ``server``.
+        out: the tar file to write.
+        plan: the plan to ship to the device [default: ``split_dir/plan.json`` if it exists].
+        triton_platform: Triton platform of the server's model repository.
+        max_batch_size, instances: Triton ``max_batch_size`` and CPU/GPU instance count per model.
+        triton: include the Triton model repository (server side).
+
+    Returns:
+        The bundle index (``bundle.json``).
+    """
+    if side not in SIDES:
+        raise UserError(f"bundle side must be device or server, not '{side}'")
+    if triton_platform not in PLATFORMS:
+        raise UserError(f"--triton-platform must be one of {', '.join(PLATFORMS)}")
+    root = Path(split_dir)
+    man = read_manifest(root)
+    files, engines = _side_files(man, side)
+    verify_files(man, root, [f for f in files if f.endswith(".onnx")])
+    for e in engines:
+        if not (root / e.path).is_file() or sha256_file(root / e.path) != e.sha256:
+            raise UserError(f"engine '{root / e.path}' is missing or changed; run dsc-export build again")
+    staging = Path(tempfile.mkdtemp(prefix="dsc-bundle-"))
+    try:
+        sub = Manifest(model=man.model, wire_dtype=man.wire_dtype, cut_points=man.cut_points, splits=man.splits,
+                       engines=engines, verification=man.verification,
+                       files={f: h for f, h in man.files.items() if f in files})
+        (staging / MANIFEST_NAME).write_text(sub.to_json())
+        for rel in files + sorted({e.path for e in engines}):
+            _link_or_copy(root / rel, staging / rel)
+        if side == "device":
+            plan_path = Path(plan) if plan else root / "plan.json"
+            if plan_path.is_file():
+                plan_d = json.loads(plan_path.read_text())
+                if plan_d.get("model_sha256") != man.model.sha256:
+                    raise UserError(f"plan '{plan_path}' was made for another model than '{root}'")
+                shutil.copy2(plan_path, staging / "plan.json")
+            elif plan:
+                raise UserError(f"plan '{plan}' does not exist")
+        elif triton:
+            write_triton_repository(root, man, staging / "triton", triton_platform, max_batch_size, instances)
+        backends = sorted({(e.backend, e.target.get("version", "")) for e in engines})
+        index = {"schema": BUNDLE_SCHEMA, "side": side, "model_sha256": man.model.sha256,
+                 "dsc_export": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "backends": [{"backend": b, "version": v} for b, v in backends],
+                 "files": {p.relative_to(staging).as_posix(): sha256_file(p)
+                           for p in sorted(staging.rglob("*")) if p.is_file()}}
+        (staging / BUNDLE_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            with tarfile.open(tmp, "w") as tar:
+                for p in sorted(staging.rglob("*")):
+                    if p.is_file():
+                        tar.add(p, arcname=p.relative_to(staging).as_posix(), recursive=False)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return index
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # staging only: the tar stores regular files
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str = "onnxruntime_onnx",
+                            max_batch_size: int = 64, instances: int = 1) -> list[str]:
+    """One Triton model per split with a tail: ``repo/<split>/config.pbtxt`` and the model.
+
+    Returns:
+        The model names written.
+    """
+    import onnx
+
+    from dsc_export.graph.model import load_model
+    from dsc_export.serving.server import INPUT, output_names
+
+    outs = output_names(man)
+    names = []
+    build_lines = ["#!/bin/sh", "# Build the TensorRT plans of this Triton repository on the server's GPU.", "set -e",
+                   'cd "$(dirname "$0")"']
+    for s in man.splits:
+        if not s.tail:
+            continue
+        model = load_model(root / s.tail)
+        _rename_io(model, INPUT, outs)
+        inp = model.graph.input[0].type.tensor_type
+        in_dims = [d.dim_value for d in inp.shape.dim[1:]]
+        in_type = _TRITON_TYPES[onnx.helper.tensor_dtype_to_np_dtype(inp.elem_type).name]
+        outputs = []
+        for o in model.graph.output:
+            tt = o.type.tensor_type
+            outputs.append((o.name, _TRITON_TYPES[onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name],
+                            [d.dim_value for d in tt.shape.dim[1:]]))
+        d = repo / s.id
+        (d / "1").mkdir(parents=True, exist_ok=True)
+        if platform == "onnxruntime_onnx":
+            onnx.save(model, os.fspath(d / "1" / "model.onnx"), save_as_external_data=model.ByteSize() > 1_900_000_000,
+                      location="model.onnx.data")
+            kind = "KIND_CPU"
+        else:
+            onnx.save(model, os.fspath(d / "model.onnx"), save_as_external_data=model.ByteSize() > 1_900_000_000,
+                      location="model.onnx.data")
+            shape = "x".join(str(v) for v in in_dims)
+            build_lines.append(
+                f"trtexec --onnx={s.id}/model.onnx --saveEngine={s.id}/1/model.plan --stronglyTyped "
+                f"--minShapes={INPUT}:1x{shape} --optShapes={INPUT}:{max(1, max_batch_size // 2)}x{shape} "
+                f"--maxShapes={INPUT}:{max_batch_size}x{shape}")
+            kind = "KIND_GPU"
+        config = [f'name: "{s.id}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size}",
+                  "input [", f'  {{ name: "{INPUT}" data_type: {in_type} dims: [ {", ".join(map(str, in_dims))} ] }}', "]",
+                  "output ["]
+        config += [f'  {{ name: "{n}" data_type: {t} dims: [ {", ".join(map(str, dims))} ] }}'
+                   + ("," if k < len(outputs) - 1 else "") for k, (n, t, dims) in enumerate(outputs)]
+        config += ["]", "dynamic_batching { max_queue_delay_microseconds: 2000 }",
+                   f"instance_group [ {{ count: {instances} kind: {kind} }} ]",
+                   f'parameters {{ key: "dsc_model_sha256" value: {{ string_value: "{man.model.sha256}" }} }}']
+        (d / "config.pbtxt").write_text("\n".join(config) + "\n")
+        names.append(s.id)
+    if platform == "tensorrt_plan":
+        (repo / "build-plans.sh").write_text("\n".join(build_lines) + "\n")
+    return names
+
+
+def _rename_io(model, input_name: str, output_names: list[str]) -> None:
+    """Rename the graph's input and outputs in place (every reader and producer follows)."""
+    renames = {model.graph.input[0].name: input_name}
+    for o, new in zip(model.graph.output, output_names):
+        renames[o.name] = new
+    for n in model.graph.node:
+        n.input[:] = [renames.get(x, x) for x in n.input]
+        n.output[:] = [renames.get(x, x) for x in n.output]
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        vi.name = renames.get(vi.name, vi.name)
+
+
+def _safe_members(tar: tarfile.TarFile, source: str) -> list[tarfile.TarInfo]:
+    members = []
+    for m in tar.getmembers():
+        p = PurePosixPath(m.name)
+        if p.is_absolute() or ".." in p.parts or m.name.startswith(("/", "\\")) or ":" in p.parts[0]:
+            raise UserError(f"bundle '{source}' holds an unsafe path '{m.name}'; refusing to extract it")
+        if m.issym() or m.islnk():
+            raise UserError(f"bundle '{source}' holds a link '{m.name}'; refusing to extract it")
+        if not (m.isfile() or m.isdir()):
+            raise UserError(f"bundle '{source}' holds a special file '{m.name}'; refusing to extract it")
+        members.append(m)
+    return members
+
+
+def open_bundle(path: str | os.PathLike, dest: str | os.PathLike, expect_side: str | None = None,
+                expect_model_sha256: str | None = None, check_backends: bool = True) -> dict[str, Any]:
+    """Extract and check a bundle into ``dest`` (which must not exist, or be an earlier copy).
+
+    Raises:
+        UserError: unsafe members, a file that does not match its sha256 or is not listed, the
+            wrong side, another model, or engines built for another backend version.
+    """
+    path, dest = Path(path), Path(dest)
+    if not path.is_file():
+        raise UserError(f"bundle '{path}' does not exist")
+    try:
+        tar = tarfile.open(path, "r")
+    except tarfile.TarError as exc:
+        raise UserError(f"'{path}' is not a bundle (not a tar file: {exc})") from exc
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        with tar:
+            members = _safe_members(tar, str(path))
+            tar.extractall(tmp, members=members, filter="data")
+        index_path = tmp / BUNDLE_INDEX
+        if not index_path.is_file():
+            raise UserError(f"'{path}' is not a dsc-export bundle (no {BUNDLE_INDEX})")
+        index = json.loads(index_path.read_text())
+        if index.get("schema") != BUNDLE_SCHEMA:
+            raise UserError(f"'{path}' is not a {BUNDLE_SCHEMA} bundle (schema: {index.get('schema')!r})")
+        listed = index.get("files", {})
+        for p in sorted(tmp.rglob("*")):
+            rel = p.relative_to(tmp).as_posix()
+            if p.is_file() and rel != BUNDLE_INDEX and rel not in listed:
+                raise UserError(f"bundle '{path}' holds '{rel}', which its index does not list; refusing it")
+        for rel, sha in listed.items():
+            f = tmp / rel
+            if not f.is_file():
+                raise UserError(f"bundle '{path}' is missing '{rel}'")
+            if sha256_file(f) != sha:
+                raise UserError(f"'{rel}' in bundle '{path}' does not match its sha256; the bundle was changed "
+                                "or damaged — make it again with dsc-export bundle")
+        if expect_side and index.get("side") != expect_side:
+            raise UserError(f"'{path}' is a {index.get('side')} bundle; this needs a {expect_side} bundle")
+        if expect_model_sha256 and index.get("model_sha256") != expect_model_sha256:
+            raise UserError(f"bundle '{path}' is of another model (sha256 {index.get('model_sha256', '')[:12]}…, "
+                            f"expected {expect_model_sha256[:12]}…)")
+        if check_backends:
+            for b in index.get("backends", []):
+                why = _backend_differs(b["backend"], b["version"])
+                if why:
+                    raise UserError(f"bundle '{path}' has {b['backend']} engines built with version {b['version']}, "
+                                    f"{why}; rebuild them here with dsc-export build")
+        if dest.exists():
+            if not (dest / BUNDLE_INDEX).is_file():
+                raise UserError(f"'{dest}' exists and is not an unpacked bundle; choose another place")
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+        return index
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _backend_differs(backend: str, version: str) -> str | None:
+    from dsc_export.backends import get_backend
+
+    b = get_backend(backend)
+    if b.available():
+        return f"and {backend} cannot run here ({b.available()})"
+    here = b.target().get("version")
+    return None if here == version else f"this machine has {here}"

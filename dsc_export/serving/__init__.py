@@ -1,0 +1,1 @@
+"""Run time: the tails server (PyTriton), the dynamic split client, and a shaped network link."""

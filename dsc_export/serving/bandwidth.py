@@ -1,0 +1,135 @@
+"""A real shaped link for tests and benchmarks: a network namespace, a veth pair and ``tc``.
+
+The server runs inside the namespace, the client outside; the traffic between them crosses the
+veth pair, whose host side is shaped with a token bucket (``tbf``: the data rate the client
+sees for its uploads) and optionally ``netem`` (a one-way delay). :meth:`ShapedLink.set_rate`
+retunes the rate while transfers run (``tc qdisc change``). Only loopback and this namespace are
+ever addressed; everything is removed on exit, on an error, and by :func:`cleanup_stale` for
+namespaces a killed process left behind. Needs root (CAP_NET_ADMIN); :func:`permitted` says
+whether this machine allows it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+from dsc_export.errors import UserError
+
+PREFIX = "dsc"
+
+
+def _run(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(list(cmd), capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise UserError(f"'{' '.join(cmd)}' failed: {out.stderr.strip() or out.stdout.strip()}")
+    return out
+
+
+def permitted() -> str | None:
+    """None when namespaces and tc can be used here, else why not (one line)."""
+    if os.name != "posix" or not hasattr(os, "geteuid"):
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "creating network namespaces and shaping links needs root"
+    for tool in ("ip", "tc"):
+        if not shutil.which(tool):
+            return f"'{tool}' is not installed (iproute2)"
+    name = f"{PREFIX}probe{os.getpid()}"
+    out = _run(["ip", "netns", "add", name], check=False)
+    if out.returncode != 0:
+        return f"this machine does not permit network namespaces ({out.stderr.strip()})"
+    _run(["ip", "netns", "del", name], check=False)
+    return None
+
+
+def cleanup_stale() -> list[str]:
+    """Delete namespaces of this project whose creating process is gone."""
+    out = _run(["ip", "netns", "list"], check=False)
+    removed = []
+    for line in out.stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.startswith(PREFIX) and name[len(PREFIX):].split("-")[0].isdigit():
+            pid = int(name[len(PREFIX):].split("-")[0])
+            if not os.path.exists(f"/proc/{pid}"):
+                _run(["ip", "netns", "del", name], check=False)
+                removed.append(name)
+    return removed
+
+
+class ShapedLink:
+    """A namespace ``dsc<pid>-<n>`` reachable from here at ``server_ip`` through a shaped veth.
+
+    Args:
+        rate_MBps: data rate from here into the namespace, MB/s (1 MB = 10^6 bytes).
+        delay_ms: one-way delay added on the same direction (netem), 0 for none.
+        index: a small number to tell several links of one process apart.
+    """
+
+    def __init__(self, rate_MBps: float, delay_ms: float = 0.0, index: int = 0):
+        self.ns = f"{PREFIX}{os.getpid()}-{index}"
+        self.host_if, self.ns_if = f"{PREFIX}{os.getpid() % 100000}h{index}", f"{PREFIX}{os.getpid() % 100000}n{index}"
+        self.host_ip, self.server_ip = f"10.231.{index}.1", f"10.231.{index}.2"
+        self.rate_MBps, self.delay_ms = rate_MBps, delay_ms
+        self.up = False
+
+    def __enter__(self) -> ShapedLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        why = permitted()
+        if why:
+            raise UserError(why)
+        try:
+            _run(["ip", "netns", "add", self.ns])
+            self.up = True
+            _run(["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if])
+            _run(["ip", "link", "set", self.ns_if, "netns", self.ns])
+            _run(["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if])
+            _run(["ip", "link", "set", self.host_if, "up"])
+            _run(["ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{self.server_ip}/30", "dev", self.ns_if])
+            _run(["ip", "netns", "exec", self.ns, "ip", "link", "set", self.ns_if, "up"])
+            _run(["ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up"])
+            # no offloads: tbf must see real packet sizes
+            if shutil.which("ethtool"):
+                _run(["ethtool", "-K", self.host_if, "tso", "off", "gso", "off", "gro", "off"], check=False)
+            self._qdisc("add")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _qdisc(self, verb: str) -> None:
+        rate_bit = int(self.rate_MBps * 8e6)
+        burst = max(int(self.rate_MBps * 1e6 / 250), 16 * 1514)  # about 4 ms of data, at least 16 packets
+        if self.delay_ms > 0:
+            _run(["tc", "qdisc", verb, "dev", self.host_if, "root", "handle", "1:", "netem", "delay",
+                  f"{self.delay_ms}ms", "limit", "100000"])
+            _run(["tc", "qdisc", verb, "dev", self.host_if, "parent", "1:1", "handle", "10:", "tbf", "rate",
+                  f"{rate_bit}bit", "burst", str(burst), "latency", "2s"])
+        else:
+            _run(["tc", "qdisc", verb, "dev", self.host_if, "root", "handle", "1:", "tbf", "rate",
+                  f"{rate_bit}bit", "burst", str(burst), "latency", "2s"])
+
+    def set_rate(self, rate_MBps: float) -> None:
+        """Change the data rate now (transfers in flight continue at the new rate)."""
+        if not rate_MBps > 0:
+            raise UserError("the rate must be positive")
+        self.rate_MBps = rate_MBps
+        self._qdisc("change")
+
+    def exec_argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` prefixed to run inside the namespace."""
+        return ["ip", "netns", "exec", self.ns, *argv]
+
+    def stop(self) -> None:
+        """Remove the namespace (the veth pair goes with it) and the host side, if left."""
+        _run(["ip", "link", "del", self.host_if], check=False)
+        if self.up:
+            _run(["ip", "netns", "del", self.ns], check=False)
+            self.up = False

@@ -1,0 +1,259 @@
+"""The device side of dynamic split computing: estimate the rate, choose the split, run the head,
+send the cut tensor, get the result — and finish locally when the server does not answer.
+
+Per batch (paper Section 3, with the run-time details the paper leaves open):
+
+1. the current data rate is estimated from this client's own recent transfers: bytes sent over
+   the time on the wire (the request's round trip minus the server's reported compute time),
+   smoothed with an exponential moving average;
+2. the plan gives the split for (batch size, rate) — computed from the profiled times, not the
+   nearest grid cell — keeping the split in use unless another wins by the plan's margin;
+3. the head runs here; the cut tensor goes to the server with ``tritonclient`` as binary tensor
+   data (HTTP or gRPC); the server's tail returns the outputs.
+
+If the server is unreachable, slower than the deadline or answers with an error, the batch is
+finished here with the whole model, the server is marked down and retried after a back-off that
+doubles up to a limit: no batch is ever lost. In privacy mode the raw input never leaves the
+device (``offload`` is never chosen). While ``local`` is chosen nothing is sent and the rate
+estimate would go stale, so after ``probe_every`` local batches one batch goes to the most
+compressive split to measure the link again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsc_export.artifacts import read_manifest, verify_files
+from dsc_export.errors import UserError, lazy_import
+from dsc_export.planning import Plan
+from dsc_export.serving.server import INPUT, META, SERVER_MS, output_names
+
+
+@dataclass
+class BatchLog:
+    """What happened to one batch."""
+
+    index: int
+    batch: int
+    split: str  # what ran (``local`` after a fallback)
+    planned: str  # what the plan chose
+    bytes: int  # sent over the wire
+    rate_MBps: float | None  # the estimate the choice was made with
+    measured_rate_MBps: float | None  # this transfer's bytes / time on the wire
+    predicted_ms: float
+    measured_ms: float
+    head_ms: float
+    wire_ms: float
+    server_ms: float
+    fallback: str | None = None  # why the batch was finished locally
+
+
+class RateEstimator:
+    """Exponentially smoothed data rate from (bytes, seconds on the wire) observations."""
+
+    def __init__(self, initial_MBps: float, alpha: float = 0.5, min_bytes: int = 4096):
+        self.value, self.alpha, self.min_bytes = float(initial_MBps), alpha, min_bytes
+        self.observations = 0
+
+    def observe(self, nbytes: int, seconds: float) -> float | None:
+        """Add one transfer; tiny ones (latency-bound) are not counted. Returns its rate."""
+        if nbytes < self.min_bytes or seconds <= 0:
+            return None
+        rate = nbytes / seconds / 1e6
+        self.value = rate if self.observations == 0 else self.alpha * rate + (1 - self.alpha) * self.value
+        self.observations += 1
+        return rate
+
+
+class _Remote:
+    """tritonclient over HTTP or gRPC with a deadline."""
+
+    def __init__(self, url: str, protocol: str, timeout_s: float):
+        self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
+        if protocol == "http":
+            self.mod = lazy_import("tritonclient.http", "serve")
+            self.client = self.mod.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        elif protocol == "grpc":
+            self.mod = lazy_import("tritonclient.grpc", "serve")
+            self.client = self.mod.InferenceServerClient(url)
+        else:
+            raise UserError(f"--protocol must be http or grpc, not '{protocol}'")
+
+    def infer(self, model: str, x: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+        from tritonclient.utils import np_to_triton_dtype
+
+        inp = self.mod.InferInput(INPUT, list(x.shape), np_to_triton_dtype(x.dtype))
+        if self.protocol == "http":
+            inp.set_data_from_numpy(x, binary_data=True)
+            req = [self.mod.InferRequestedOutput(o, binary_data=True) for o in outputs + [SERVER_MS]]
+            res = self.client.infer(model, [inp], outputs=req, timeout=int(self.timeout_s * 1e6))
+        else:
+            inp.set_data_from_numpy(x)
+            req = [self.mod.InferRequestedOutput(o) for o in outputs + [SERVER_MS]]
+            res = self.client.infer(model, [inp], outputs=req, client_timeout=self.timeout_s)
+        return {o: res.as_numpy(o) for o in outputs + [SERVER_MS]}
+
+    def model_sha256(self) -> str:
+        ping = self.mod.InferInput("ping", [1, 1], "INT32")
+        ping.set_data_from_numpy(np.zeros((1, 1), np.int32))
+        if self.protocol == "http":
+            res = self.client.infer(META, [ping], timeout=int(self.timeout_s * 1e6))
+        else:
+            res = self.client.infer(META, [ping], client_timeout=self.timeout_s)
+        v = res.as_numpy("model_sha256").ravel()[0]
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
+
+
+class DynamicSplitClient:
+    """Runs batches with dynamic split computing against a tails server.
+
+    Args:
+        split_dir: the split dir (or an unpacked device bundle) with the heads and the whole model.
+        plan: the plan (default: ``split_dir/plan.json``).
+        server_url: ``host:port`` of the server (HTTP port for ``http``, gRPC port for ``grpc``).
+        protocol: ``http`` or ``grpc``.
+        privacy: never send the raw input.
+        threads: CPU threads for the heads and the whole model here.
+        deadline_s: a request slower than this is abandoned and the batch finished locally.
+        initial_rate_MBps: the rate assumed before the first transfer [default: the middle of
+            the plan's rate range on a log scale].
+        backoff_s, max_backoff_s: retry the server after this long, doubling up to the limit.
+        probe_every: after this many local batches in a row, one batch measures the link.
+        log: called with each :class:`BatchLog`.
+    """
+
+    def __init__(self, split_dir: str | os.PathLike, server_url: str | None, plan: Plan | None = None,
+                 protocol: str = "http", privacy: bool = False, threads: int | None = 1, deadline_s: float = 5.0,
+                 initial_rate_MBps: float | None = None, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
+                 probe_every: int = 10, alpha: float = 0.5, log: Callable[[BatchLog], None] = lambda b: None):
+        from dsc_export.backends.onnxruntime import make_session
+
+        self.root = Path(split_dir)
+        self.manifest = read_manifest(self.root)
+        if plan is None:
+            path = self.root / "plan.json"
+            if not path.is_file():
+                raise UserError(f"no plan in '{self.root}'; make one with dsc-export plan or pass --plan")
+            import json
+
+            plan = Plan.from_dict(json.loads(path.read_text()))
+        if plan.model_sha256 != self.manifest.model.sha256:
+            raise UserError("the plan was made for another model than this split dir's (model sha256 differs)")
+        self.plan = plan
+        self.privacy = privacy or plan.privacy
+        heads = [s for s in self.manifest.splits if s.head]
+        verify_files(self.manifest, self.root, sorted({s.head for s in heads}))
+        self._heads = {s.id: make_session(self.root / s.head, threads) for s in heads if s.kind == "split"}
+        self._whole = make_session(self.root / self.manifest.model.path, threads)
+        self._outputs = output_names(self.manifest)
+        self._in = self.manifest.model.input.name
+        lo, hi = min(plan.rates_MBps), max(plan.rates_MBps)
+        self.rate = RateEstimator(initial_rate_MBps or math.sqrt(lo * hi), alpha)
+        self.deadline_s, self.backoff_s, self.max_backoff_s = deadline_s, backoff_s, max_backoff_s
+        self.probe_every, self.log = probe_every, log
+        self._current: str | None = None
+        self._down_until, self._backoff = 0.0, backoff_s
+        self._local_streak = 0
+        self._count = 0
+        self.remote = None
+        if server_url:
+            self.remote = _Remote(server_url, protocol, deadline_s)
+            self._check_server()
+        compressive = [s for s in self.manifest.splits if s.kind == "split"]
+        self._probe_split = min(compressive, key=lambda s: s.bytes).id if compressive else None
+
+    def _check_server(self) -> None:
+        try:
+            sha = self.remote.model_sha256()
+        except Exception:
+            self._mark_down("unreachable at start")
+            return
+        if sha != self.manifest.model.sha256:
+            raise UserError(f"the server at {self.remote.url} serves another model (sha256 {sha[:12]}…, "
+                            f"here {self.manifest.model.sha256[:12]}…); deploy the server bundle of this split dir")
+
+    def _mark_down(self, why: str) -> None:
+        self._down_until = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self.max_backoff_s)
+
+    def close(self) -> None:
+        if self.remote:
+            self.remote.close()
+
+    def __enter__(self) -> DynamicSplitClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def choose(self, batch: int) -> tuple[str, float]:
+        """The split for a batch of this size now (local while the server is down)."""
+        exclude = {"offload"} if self.privacy else set()
+        if self.remote is None or time.monotonic() < self._down_until:
+            return "local", self.plan.choose(batch, self.rate.value, None, exclude=set(self.plan.candidates) - {"local"})[1]
+        split, t = self.plan.choose(batch, self.rate.value, self._current, exclude=exclude)
+        if split == "local" and self._probe_split and self._local_streak >= self.probe_every:
+            split, t = self._probe_split, self.plan.choose(batch, self.rate.value, self._probe_split,
+                                                           exclude=set(self.plan.candidates) - {self._probe_split})[1]
+        return split, t
+
+    def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one batch (the model's input, batch first) and return the model's outputs by name."""
+        batch = int(x.shape[0])
+        est = self.rate.value
+        split, predicted = self.choose(batch, )
+        t0 = time.perf_counter()
+        head_ms = wire_ms = server_ms = 0.0
+        sent, measured_rate, fallback, ran = 0, None, None, split
+        out = None
+        if split != "local":
+            s = self.manifest.split(split)
+            z = x if s.kind == "offload" else self._heads[split].run([s.wire_tensor], {self._in: x})[0]
+            head_ms = (time.perf_counter() - t0) * 1e3
+            try:
+                t1 = time.perf_counter()
+                res = self.remote.infer(split, z, self._outputs)
+                rtt_ms = (time.perf_counter() - t1) * 1e3
+                server_ms = float(res.pop(SERVER_MS).ravel()[0])
+                wire_ms = max(rtt_ms - server_ms, 1e-3)
+                sent = int(z.nbytes)
+                measured_rate = self.rate.observe(sent, wire_ms / 1e3)
+                out = res
+                self._backoff = self.backoff_s
+            except Exception as exc:  # unreachable, deadline, protocol error: finish here
+                fallback = _reason(exc)
+                self._mark_down(fallback)
+                ran = "local"
+        if out is None:
+            outs = self._whole.run(None, {self._in: x})
+            out = dict(zip(self._outputs, outs))
+        self._local_streak = self._local_streak + 1 if ran == "local" else 0
+        self._current = split if fallback is None else self._current
+        measured = (time.perf_counter() - t0) * 1e3
+        self.log(BatchLog(self._count, batch, ran, split, sent, est, measured_rate, predicted, measured,
+                          head_ms, wire_ms, server_ms, fallback))
+        self._count += 1
+        return out
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
+def batch_log_dict(b: BatchLog) -> dict[str, Any]:
+    return asdict(b)

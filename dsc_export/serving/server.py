@@ -1,0 +1,196 @@
+"""Serve every tail (and the whole model, for ``offload``) behind Triton's inference protocol.
+
+PyTriton runs the real Triton server core (KServe v2 over HTTP and gRPC) and calls our backend
+in Python. One Triton model per split, named by the split id, with one input ``input`` (the cut
+tensor, or the raw image for ``offload``) and the model's outputs, plus ``server_ms``: the time
+the tail took on this batch, so a client can take it out of its data-rate estimate. A model
+``dsc_meta`` returns the served model's sha256, so a client can refuse a server that runs another
+model. Triton checks shapes and dtypes against each model's config and answers a wrong tensor
+with the protocol's error.
+
+Dynamic batching is on by default (requests of several clients are batched up to
+``max_batch_size``); tails run as onnxruntime sessions on their ONNX (any batch size), with
+spinning off so the tails' thread pools do not spin against each other.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import sysconfig
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dsc_export.artifacts import Manifest, read_manifest, verify_files
+from dsc_export.errors import lazy_import
+
+INPUT = "input"
+SERVER_MS = "server_ms"
+META = "dsc_meta"
+
+
+def output_names(manifest: Manifest) -> list[str]:
+    """Triton output names: the model's output names made safe for Triton (letters, digits, _)."""
+    import re
+
+    return [re.sub(r"[^A-Za-z0-9_]", "_", o.name).strip("_") or f"output_{k}"
+            for k, o in enumerate(manifest.model.outputs or [manifest.model.output])]
+
+
+@dataclass
+class Stats:
+    """Per-split request counts and server-side compute time."""
+
+    requests: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+    compute_ms: dict[str, float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, split: str, batch: int, ms: float) -> None:
+        with self.lock:
+            self.requests[split] = self.requests.get(split, 0) + 1
+            self.samples[split] = self.samples.get(split, 0) + batch
+            self.compute_ms[split] = self.compute_ms.get(split, 0.0) + ms
+
+    def table(self) -> list[tuple[str, str, str, str]]:
+        rows = [("split", "batches", "samples", "compute ms (mean per batch)")]
+        for s in sorted(self.requests):
+            rows.append((s, str(self.requests[s]), str(self.samples[s]), f"{self.compute_ms[s] / self.requests[s]:.2f}"))
+        return rows
+
+
+def _pytriton_env() -> None:
+    """PyTriton's Triton process needs the interpreter's libpython on LD_LIBRARY_PATH."""
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    cur = os.environ.get("LD_LIBRARY_PATH", "")
+    if libdir and libdir not in cur.split(":"):
+        os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{cur}" if cur else libdir
+
+
+class TailServer:
+    """The tails of a split dir behind PyTriton. Use :meth:`start` / :meth:`stop` or ``with``."""
+
+    def __init__(self, split_dir: str | os.PathLike, host: str = "127.0.0.1", http_port: int = 8000,
+                 grpc_port: int = 8001, metrics_port: int = 8002, threads: int | None = None,
+                 max_batch_size: int = 64, dynamic_batching: bool = True, max_queue_delay_us: int = 2000,
+                 instances: int = 1, log: Callable[[str], None] = lambda s: None,
+                 log_file: str | os.PathLike | None = None):
+        self.root = Path(split_dir)
+        self.manifest = read_manifest(self.root)
+        self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
+        self.threads, self.max_batch_size = threads, max_batch_size
+        self.dynamic_batching, self.max_queue_delay_us, self.instances = dynamic_batching, max_queue_delay_us, instances
+        self.log = log
+        self.log_file = Path(log_file) if log_file else None  # Triton's own log (None: on stderr)
+        self.stats = Stats()
+        self._triton = None
+        self._sessions = {}
+
+    def __enter__(self) -> TailServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _infer_fn(self, split_id: str, session, in_name: str, outs: list[str]):
+        from pytriton.decorators import batch
+
+        @batch
+        def infer(**inputs):
+            x = inputs[INPUT]
+            t = time.perf_counter()
+            results = session.run(None, {in_name: x})
+            ms = (time.perf_counter() - t) * 1e3
+            self.stats.add(split_id, len(x), ms)
+            out = {name: r for name, r in zip(outs, results)}
+            out[SERVER_MS] = np.full((len(x), 1), ms, dtype=np.float32)
+            return out
+
+        return infer
+
+    def start(self) -> None:
+        """Load every tail, bind one Triton model per split and start serving (non-blocking)."""
+        lazy_import("pytriton", "serve")
+        _pytriton_env()
+        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+        from pytriton.triton import Triton, TritonConfig
+
+        from dsc_export.backends.onnxruntime import ORT_DTYPES, make_session
+
+        man = self.manifest
+        tails = [s for s in man.splits if s.tail]
+        verify_files(man, self.root, [s.tail for s in tails])
+        outs = output_names(man)
+        cfg = TritonConfig(http_address=self.host, http_port=self.http_port, grpc_address=self.host,
+                           grpc_port=self.grpc_port, metrics_address=self.host, metrics_port=self.metrics_port,
+                           allow_metrics=False, exit_on_error=True, log_verbose=0, exit_timeout_secs=5,
+                           log_file=self.log_file)
+        triton = Triton(config=cfg)
+        try:
+            for s in tails:
+                self.log(f"loading {s.tail} for {s.id}")
+                sess = make_session(self.root / s.tail, self.threads)
+                self._sessions[s.id] = sess
+                inp = sess.get_inputs()[0]
+                shape = tuple(int(d) for d in inp.shape[1:])
+                out_specs = [Tensor(name=n, dtype=ORT_DTYPES.get(o.type, np.float32), shape=tuple(int(d) for d in o.shape[1:]))
+                             for n, o in zip(outs, sess.get_outputs())]
+                out_specs.append(Tensor(name=SERVER_MS, dtype=np.float32, shape=(1,)))
+                batcher = DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us) if self.dynamic_batching else None
+                # batcher None: no dynamic_batching block, each request runs as it came
+                config = ModelConfig(max_batch_size=self.max_batch_size, batching=True, batcher=batcher)
+                triton.bind(model_name=s.id, infer_func=[self._infer_fn(s.id, sess, inp.name, outs)] * self.instances,
+                            inputs=[Tensor(name=INPUT, dtype=ORT_DTYPES.get(inp.type, np.float32), shape=shape)],
+                            outputs=out_specs, config=config, strict=True)
+            sha = man.model.sha256.encode()
+
+            def meta(**inputs):
+                n = len(next(iter(inputs.values())))
+                return {"model_sha256": np.array([[sha]] * n, dtype=np.object_)}
+
+            from pytriton.decorators import batch
+
+            triton.bind(model_name=META, infer_func=batch(meta),
+                        inputs=[Tensor(name="ping", dtype=np.int32, shape=(1,))],
+                        outputs=[Tensor(name="model_sha256", dtype=np.bytes_, shape=(1,))],
+                        config=ModelConfig(max_batch_size=8))
+            triton.run()
+        except BaseException:
+            triton.stop()
+            raise
+        self._triton = triton
+
+    def stop(self) -> None:
+        if self._triton is not None:
+            self._triton.stop()
+            self._triton = None
+
+    def urls(self) -> dict[str, str]:
+        return {"http": f"{self.host}:{self.http_port}", "grpc": f"{self.host}:{self.grpc_port}"}
+
+
+def serve_forever(server: TailServer, on_ready: Callable[[], None] = lambda: None) -> None:
+    """Start ``server`` and block until SIGTERM or Ctrl-C, then shut down cleanly."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        stop.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        on_ready()
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+        sys.stdout.flush()
