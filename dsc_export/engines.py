@@ -350,3 +350,57 @@ def import_engines(split_dir: str | os.PathLike, backend_name: str, batch_sizes:
         log(f"imported {job.path}")
     write_json_atomic(root / MANIFEST_NAME, manifest.to_json())
     return report
+
+
+class PartRunner:
+    """Runs one part (a head, a tail or the whole model) at any batch size: the engine built for
+    that batch size where there is one (loaded on first use and warmed up), else its ONNX.
+
+    Engines are batch-fixed and optimised, so they are what the profiles measured; the ONNX
+    fallback serves batch sizes without an engine (dynamic batching on a server, an odd batch
+    on a device).
+    """
+
+    def __init__(self, split_dir: str | os.PathLike, manifest: Manifest, split: str, part: str,
+                 backend: str = "onnxruntime", precision: str = "fp32", threads: int | None = None):
+        self.root, self.manifest, self.split, self.part = Path(split_dir), manifest, split, part
+        self.backend, self.precision, self.threads = backend, precision, threads
+        s = manifest.split(split)
+        self.source = s.head if part == "head" else s.tail
+        self.records = {e.batch: e for e in manifest.engines if (e.split, e.part, e.backend, e.precision)
+                        == (split, part, backend, precision)}
+        self._engines: dict[int, Runner] = {}
+        self._onnx = None
+        self.input_name: str | None = None
+
+    def _onnx_session(self):
+        if self._onnx is None:
+            from dsc_export.backends.onnxruntime import make_session
+
+            self._onnx = make_session(self.root / self.source, self.threads)
+        return self._onnx
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+        batch = int(next(iter(feeds.values())).shape[0])
+        rec = self.records.get(batch)
+        if rec is not None:
+            runner = self._engines.get(batch)
+            if runner is None:
+                runner = load_engine(self.root, rec, self.threads)
+                runner.activate()
+                runner.infer(feeds)  # first run: allocations and kernel choices
+                self._engines[batch] = runner
+            got = runner.infer(feeds)
+            names = outputs or [o.name for o in runner.outputs]
+            return [got[n] for n in names]
+        return self._onnx_session().run(outputs, feeds)
+
+    def warm(self, batch: int, feeds: dict[str, np.ndarray]) -> None:
+        """Load and run once at ``batch`` (so the first real batch is not slower than the profile)."""
+        self.run(feeds)
+
+    def close(self) -> None:
+        for r in self._engines.values():
+            r.deactivate()
+        self._engines.clear()
+        self._onnx = None

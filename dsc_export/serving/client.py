@@ -15,8 +15,9 @@ If the server is unreachable, slower than the deadline or answers with an error,
 finished here with the whole model, the server is marked down and retried after a back-off that
 doubles up to a limit: no batch is ever lost. In privacy mode the raw input never leaves the
 device (``offload`` is never chosen). While ``local`` is chosen nothing is sent and the rate
-estimate would go stale, so after ``probe_every`` local batches one batch goes to the most
-compressive split to measure the link again.
+estimate would go stale, so after ``probe_every`` local batches one batch goes to the cheapest
+split (by the plan) that sends enough bytes to measure the link. Transfers under 64 KB are not
+used for the estimate: they are bound by latency and TCP's slow start, and read low.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class BatchLog:
 class RateEstimator:
     """Exponentially smoothed data rate from (bytes, seconds on the wire) observations."""
 
-    def __init__(self, initial_MBps: float, alpha: float = 0.5, min_bytes: int = 4096):
+    def __init__(self, initial_MBps: float, alpha: float = 0.5, min_bytes: int = 65536):
         self.value, self.alpha, self.min_bytes = float(initial_MBps), alpha, min_bytes
         self.observations = 0
 
@@ -134,13 +135,16 @@ class DynamicSplitClient:
         backoff_s, max_backoff_s: retry the server after this long, doubling up to the limit.
         probe_every: after this many local batches in a row, one batch measures the link.
         log: called with each :class:`BatchLog`.
+        static: always use this split (a static baseline for comparisons); the local fallback
+            still applies.
     """
 
     def __init__(self, split_dir: str | os.PathLike, server_url: str | None, plan: Plan | None = None,
                  protocol: str = "http", privacy: bool = False, threads: int | None = 1, deadline_s: float = 5.0,
                  initial_rate_MBps: float | None = None, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
-                 probe_every: int = 10, alpha: float = 0.5, log: Callable[[BatchLog], None] = lambda b: None):
-        from dsc_export.backends.onnxruntime import make_session
+                 probe_every: int = 10, alpha: float = 0.5, log: Callable[[BatchLog], None] = lambda b: None,
+                 static: str | None = None):
+        from dsc_export.engines import PartRunner
 
         self.root = Path(split_dir)
         self.manifest = read_manifest(self.root)
@@ -155,10 +159,16 @@ class DynamicSplitClient:
             raise UserError("the plan was made for another model than this split dir's (model sha256 differs)")
         self.plan = plan
         self.privacy = privacy or plan.privacy
+        if static is not None and static not in plan.candidates:
+            raise UserError(f"unknown split '{static}'; the plan's candidates: {', '.join(plan.candidates)}")
+        if static == "offload" and self.privacy:
+            raise UserError("privacy mode never sends the raw input: offload cannot be the static split")
+        self.static = static
         heads = [s for s in self.manifest.splits if s.head]
         verify_files(self.manifest, self.root, sorted({s.head for s in heads}))
-        self._heads = {s.id: make_session(self.root / s.head, threads) for s in heads if s.kind == "split"}
-        self._whole = make_session(self.root / self.manifest.model.path, threads)
+        self._heads = {s.id: PartRunner(self.root, self.manifest, s.id, "head", threads=threads)
+                       for s in heads if s.kind == "split"}
+        self._whole = PartRunner(self.root, self.manifest, "local", "head", threads=threads)
         self._outputs = output_names(self.manifest)
         self._in = self.manifest.model.input.name
         lo, hi = min(plan.rates_MBps), max(plan.rates_MBps)
@@ -173,8 +183,6 @@ class DynamicSplitClient:
         if server_url:
             self.remote = _Remote(server_url, protocol, deadline_s)
             self._check_server()
-        compressive = [s for s in self.manifest.splits if s.kind == "split"]
-        self._probe_split = min(compressive, key=lambda s: s.bytes).id if compressive else None
 
     def _check_server(self) -> None:
         try:
@@ -193,6 +201,17 @@ class DynamicSplitClient:
     def close(self) -> None:
         if self.remote:
             self.remote.close()
+        for r in [*self._heads.values(), self._whole]:
+            r.close()
+
+    def warm_up(self, batch: int) -> None:
+        """Load and run every head and the whole model once at ``batch`` (first runs are slow)."""
+        from dsc_export.backends.onnxruntime import random_array
+
+        x = random_array([batch] + list(self.manifest.model.input.shape[1:]),
+                         np.dtype(self.manifest.model.input.dtype), np.random.default_rng(0))
+        for r in [*self._heads.values(), self._whole]:
+            r.run({self._in: x})
 
     def __enter__(self) -> DynamicSplitClient:
         return self
@@ -203,13 +222,25 @@ class DynamicSplitClient:
     def choose(self, batch: int) -> tuple[str, float]:
         """The split for a batch of this size now (local while the server is down)."""
         exclude = {"offload"} if self.privacy else set()
+        if self.static is not None:
+            exclude = set(self.plan.candidates) - {self.static}
         if self.remote is None or time.monotonic() < self._down_until:
             return "local", self.plan.choose(batch, self.rate.value, None, exclude=set(self.plan.candidates) - {"local"})[1]
         split, t = self.plan.choose(batch, self.rate.value, self._current, exclude=exclude)
-        if split == "local" and self._probe_split and self._local_streak >= self.probe_every:
-            split, t = self._probe_split, self.plan.choose(batch, self.rate.value, self._probe_split,
-                                                           exclude=set(self.plan.candidates) - {self._probe_split})[1]
+        if self.static is None and self._local_streak >= self.probe_every:
+            probe = self._probe(batch, exclude)
+            if probe:
+                split, t = probe
         return split, t
+
+    def _probe(self, batch: int, exclude: set[str]) -> tuple[str, float] | None:
+        """The cheapest (by the plan, at the current estimate) candidate that sends enough bytes
+        to measure the link; small transfers are latency-bound and would read low."""
+        senders = {s.id for s in self.manifest.splits
+                   if s.kind != "local" and s.bytes * batch >= self.rate.min_bytes} - exclude
+        if not senders:
+            return None
+        return self.plan.choose(batch, self.rate.value, None, exclude=set(self.plan.candidates) - senders)
 
     def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Run one batch (the model's input, batch first) and return the model's outputs by name."""
@@ -222,7 +253,7 @@ class DynamicSplitClient:
         out = None
         if split != "local":
             s = self.manifest.split(split)
-            z = x if s.kind == "offload" else self._heads[split].run([s.wire_tensor], {self._in: x})[0]
+            z = x if s.kind == "offload" else self._heads[split].run({self._in: x}, [s.wire_tensor])[0]
             head_ms = (time.perf_counter() - t0) * 1e3
             try:
                 t1 = time.perf_counter()
@@ -231,7 +262,8 @@ class DynamicSplitClient:
                 server_ms = float(res.pop(SERVER_MS).ravel()[0])
                 wire_ms = max(rtt_ms - server_ms, 1e-3)
                 sent = int(z.nbytes)
-                measured_rate = self.rate.observe(sent, wire_ms / 1e3)
+                # the plan's rtt is the per-request overhead (Eq. 4's extra term): not bytes on the wire
+                measured_rate = self.rate.observe(sent, (wire_ms - self.plan.rtt_ms) / 1e3)
                 out = res
                 self._backoff = self.backoff_s
             except Exception as exc:  # unreachable, deadline, protocol error: finish here
@@ -239,9 +271,9 @@ class DynamicSplitClient:
                 self._mark_down(fallback)
                 ran = "local"
         if out is None:
-            outs = self._whole.run(None, {self._in: x})
+            outs = self._whole.run({self._in: x})
             out = dict(zip(self._outputs, outs))
-        self._local_streak = self._local_streak + 1 if ran == "local" else 0
+        self._local_streak = 0 if measured_rate is not None else self._local_streak + 1  # batches without news
         self._current = split if fallback is None else self._current
         measured = (time.perf_counter() - t0) * 1e3
         self.log(BatchLog(self._count, batch, ran, split, sent, est, measured_rate, predicted, measured,

@@ -9,8 +9,9 @@ model. Triton checks shapes and dtypes against each model's config and answers a
 with the protocol's error.
 
 Dynamic batching is on by default (requests of several clients are batched up to
-``max_batch_size``); tails run as onnxruntime sessions on their ONNX (any batch size), with
-spinning off so the tails' thread pools do not spin against each other.
+``max_batch_size``). A batch runs on the tail's engine for its batch size where one was built
+(what the server profile measured), else on the tail's ONNX; sessions have spinning off so the
+tails' thread pools do not spin against each other.
 """
 
 from __future__ import annotations
@@ -99,14 +100,14 @@ class TailServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _infer_fn(self, split_id: str, session, in_name: str, outs: list[str]):
+    def _infer_fn(self, split_id: str, runner, in_name: str, outs: list[str]):
         from pytriton.decorators import batch
 
         @batch
         def infer(**inputs):
             x = inputs[INPUT]
             t = time.perf_counter()
-            results = session.run(None, {in_name: x})
+            results = runner.run({in_name: x})
             ms = (time.perf_counter() - t) * 1e3
             self.stats.add(split_id, len(x), ms)
             out = {name: r for name, r in zip(outs, results)}
@@ -123,6 +124,7 @@ class TailServer:
         from pytriton.triton import Triton, TritonConfig
 
         from dsc_export.backends.onnxruntime import ORT_DTYPES, make_session
+        from dsc_export.engines import PartRunner
 
         man = self.manifest
         tails = [s for s in man.splits if s.tail]
@@ -136,8 +138,10 @@ class TailServer:
         try:
             for s in tails:
                 self.log(f"loading {s.tail} for {s.id}")
-                sess = make_session(self.root / s.tail, self.threads)
-                self._sessions[s.id] = sess
+                sess = make_session(self.root / s.tail, self.threads)  # its signature; runs batches without an engine
+                runner = PartRunner(self.root, man, s.id, "tail", threads=self.threads)
+                runner._onnx = sess
+                self._sessions[s.id] = runner
                 inp = sess.get_inputs()[0]
                 shape = tuple(int(d) for d in inp.shape[1:])
                 out_specs = [Tensor(name=n, dtype=ORT_DTYPES.get(o.type, np.float32), shape=tuple(int(d) for d in o.shape[1:]))
@@ -146,7 +150,7 @@ class TailServer:
                 batcher = DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us) if self.dynamic_batching else None
                 # batcher None: no dynamic_batching block, each request runs as it came
                 config = ModelConfig(max_batch_size=self.max_batch_size, batching=True, batcher=batcher)
-                triton.bind(model_name=s.id, infer_func=[self._infer_fn(s.id, sess, inp.name, outs)] * self.instances,
+                triton.bind(model_name=s.id, infer_func=[self._infer_fn(s.id, runner, inp.name, outs)] * self.instances,
                             inputs=[Tensor(name=INPUT, dtype=ORT_DTYPES.get(inp.type, np.float32), shape=shape)],
                             outputs=out_specs, config=config, strict=True)
             sha = man.model.sha256.encode()
