@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--rates", default="2,20,100,5")
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4, help="batches of each phase before it counts as steady")
+    ap.add_argument("--device-slowdown", type=float, default=4.0,
+                    help="the device stands for a K-times slower one than this machine on 1 thread (labelled "
+                         "emulation on both the profile and the client, as the paper's 300 MHz GPU)")
     args = ap.parse_args()
 
     from dsc_export.artifacts import read_manifest, read_profile
@@ -86,6 +89,12 @@ def main() -> None:
     man = read_manifest(root)
     prof = OUT / "profiles"
     dev, srv = read_profile(prof / f"{args.model}-device.json"), read_profile(prof / f"{args.model}-server.json")
+    k = args.device_slowdown
+    if k != 1:  # what bench --slowdown K records: every device time x K, labelled
+        from dataclasses import replace
+
+        dev = replace(dev, timings=[replace(t, median_ms=t.median_ms * k, p10_ms=t.p10_ms * k, p90_ms=t.p90_ms * k)
+                                    for t in dev.timings], emulation={**(dev.emulation or {}), "slowdown": k})
     rates = [float(r) for r in args.rates.split(",")]
     log_dir = OUT / "e2e"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -102,18 +111,23 @@ def main() -> None:
             rtt = measure_rtt_ms(url)
             link.set_rate(rates[0])
             plan = make_plan(man, dev, srv, rtt_ms=rtt)
-            print(f"request overhead (rtt) on the link: {rtt:.2f} ms; plan made with it", flush=True)
+            print(f"request overhead (rtt) on the link: {rtt:.2f} ms; plan made with it; device emulated as "
+                  f"{k:g}x slower than this machine on 1 thread", flush=True)
+            cells = {c: sum(row.count(c) for row in plan.choice) for c in plan.candidates}
+            print(f"plan at batch {args.batch}: " + ", ".join(
+                f"{r:g} MB/s -> {plan.choose(args.batch, r * 0.96)[0]}" for r in rates) + f"; cells {cells}", flush=True)
             rng = np.random.default_rng(0)
             shape = [args.batch] + list(man.model.input.shape[1:])
             dtype = np.dtype(man.model.input.dtype)
             statics = [s.id for s in man.splits]
             logs: list = []
             dynamic = DynamicSplitClient(root, url, plan, threads=1, log=logs.append, deadline_s=30,
-                                         initial_rate_MBps=rates[0])
+                                         initial_rate_MBps=rates[0], device_slowdown=k)
             dynamic.warm_up(args.batch)
             static_clients = {}
             for s in statics:
-                static_clients[s] = DynamicSplitClient(root, url, plan, threads=1, deadline_s=30, static=s)
+                static_clients[s] = DynamicSplitClient(root, url, plan, threads=1, deadline_s=30, static=s,
+                                                       device_slowdown=k)
                 static_clients[s].warm_up(args.batch)
             phases = []
             for rate in rates:
@@ -161,7 +175,7 @@ def main() -> None:
           + ", ".join(f"{s} {v:.1f}" for s, v in static_total.items()))
     print(f"targets: within 15% of predicted in every phase: {'met' if within else 'NOT met'}; "
           f"dynamic at least as fast as the best static: {'met' if beats else 'NOT met'}")
-    write("e2e.json", {"model": args.model, "batch": args.batch, "rtt_ms": rtt, "phases": phases,
+    write("e2e.json", {"model": args.model, "batch": args.batch, "rtt_ms": rtt, "device_slowdown": k, "phases": phases,
                        "dynamic_mean_ms": dyn_total, "static_mean_ms": static_total, "best_static": best,
                        "met": {"within_15pct": within, "dynamic_beats_best_static": beats}})
     (log_dir / "phases.json").write_text(json.dumps(phases, indent=1, default=str))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -602,9 +603,10 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="CPU threads here.")
 @click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
               help="Seconds before a request is abandoned and the batch finished locally.")
+@click.option("--split", "static", metavar="SPLIT", help="Always use this split (a static baseline).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per batch.")
 def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_dir, batches, batch_size, threads,
-            deadline, as_json) -> None:
+            deadline, static, as_json) -> None:
     """Run batches with dynamic split computing against a server.
 
     Per batch: estimate the data rate from recent transfers, ask the plan for the split, run
@@ -635,7 +637,8 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
                              "" if b.measured_rate_MBps is None else f"{b.measured_rate_MBps:.1f}",
                              f"{b.predicted_ms:.1f}", f"{b.measured_ms:.1f}", b.fallback or ""))
 
-        with DynamicSplitClient(root, server_url, plan, protocol, privacy, threads, deadline, log=log) as client:
+        with DynamicSplitClient(root, server_url, plan, protocol, privacy, threads, deadline, log=log,
+                                static=static) as client:
             shape = [batch_size] + list(client.manifest.model.input.shape[1:])
             dtype = np.dtype(client.manifest.model.input.dtype)
             images = _images(image_dir, shape, dtype) if input_kind == "images" else None
@@ -669,6 +672,60 @@ def _images(folder, shape, dtype):
     arrs = [np.asarray(Image.open(f).convert("RGB").resize((shape[2], shape[1]))) for f in files]
     b = shape[0]
     return [np.stack([arrs[(k * b + i) % len(arrs)] for i in range(b)]) for k in range(max(1, len(arrs) // b))]
+
+
+@cli.command("demo")
+@click.option("--model", default="efficientnet_b0", show_default=True, help="Catalogue model (dsc-export models).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines/demo"),
+              show_default=True, help="Where everything goes.")
+@click.option("--batch-sizes", "batch_sizes", default="1,2,4,8,16", show_default=True, callback=_batch_sizes,
+              help="Engines and profiles at these batch sizes (the plan interpolates between them).")
+@click.option("--slowdown", type=click.FloatRange(min=1), default=4.0, show_default=True,
+              help="The device stands for a K-times slower device than this machine on 1 thread (labelled).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs per figure.")
+@click.option("--serve/--no-serve", default=True, show_default=True,
+              help="Serve the tails on loopback and run a short dynamic session (needs the serve extra).")
+@click.option("--resolution", type=int, hidden=True)
+def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> None:
+    """The whole idea on one machine: export, analyze, split, build, profile, plan, serve, run.
+
+    Runs in a few minutes on a 2-core laptop without a GPU and ends with a summary of where
+    every file is and what the plan concluded.
+
+    \b
+    Example:
+      dsc-export demo
+      dsc-export demo --model efficientnetv2_b0 --out engines/demo-v2
+    """
+    from dsc_export.demo import run_demo
+
+    t0 = time.perf_counter()
+    rep = run_demo(model, out, batch_sizes, slowdown, repeats, serve=serve,
+                   step=lambda s: click.secho(f"== {s}", bold=True, err=True), log=_log, resolution=resolution)
+    ps = rep.plan_summary
+    click.echo("")
+    click.secho(f"dsc-export demo: {model}, {time.perf_counter() - t0:.0f} s", bold=True)
+    for k, v in rep.files.items():
+        click.echo(f"  {k:28s} {v}")
+    click.echo("the plan (device: this machine on 1 thread, labelled as %gx slower; server: every core):" % slowdown)
+    for c, where in ps["where"].items():
+        click.echo(f"  {c:8s} wins at {where} ({ps['share_of_cells'][c] * 100:.0f} % of the grid)")
+    g = ps["mean_gain"]
+    click.echo(f"  mean gain of dynamic splitting: {g['local'] * 100:.1f} % over local-only, "
+               f"{g['offload'] * 100:.1f} % over full offloading, "
+               f"{g.get(ps['best_static'], 0) * 100:.1f} % over the best static split ({ps['best_static']})")
+    if rep.session:
+        click.echo("short dynamic session (simulated data rates, batch %d):" % rep.session[0]["batch"])
+        by_rate = {}
+        for r in rep.session:
+            by_rate.setdefault(r["rate_MBps"], []).append(r)
+        for rate, rows in by_rate.items():
+            splits = ",".join(dict.fromkeys(r["split"] for r in rows))
+            mean = sum(r["measured_ms"] for r in rows) / len(rows)
+            pred = sum(r["predicted_ms"] for r in rows) / len(rows)
+            click.echo(f"  {rate:6.1f} MB/s -> {splits:20s} measured {mean:6.1f} ms, predicted {pred:6.1f} ms")
+    for n in rep.notes:
+        click.secho(f"note: {n}", fg="yellow")
 
 
 def main() -> None:

@@ -133,3 +133,26 @@ class ShapedLink:
         if self.up:
             _run(["ip", "netns", "del", self.ns], check=False)
             self.up = False
+
+
+class SimulatedLink:
+    """A link simulated in the client: each request waits ``bytes / rate`` before it is sent.
+
+    For demos and what-if runs on one machine without root: wraps a client's remote so that a
+    transfer of N bytes takes at least N / rate seconds on top of the real (loopback) transfer.
+    The rate can be changed between batches (``link.rate_MBps = 5``).
+    """
+
+    def __init__(self, rate_MBps: float):
+        self.rate_MBps = rate_MBps
+
+    def attach(self, remote) -> None:
+        import time
+
+        real = remote.infer
+
+        def infer(model, x, outputs):
+            time.sleep(x.nbytes / (self.rate_MBps * 1e6))
+            return real(model, x, outputs)
+
+        remote.infer = infer

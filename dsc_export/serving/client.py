@@ -16,7 +16,8 @@ finished here with the whole model, the server is marked down and retried after 
 doubles up to a limit: no batch is ever lost. In privacy mode the raw input never leaves the
 device (``offload`` is never chosen). While ``local`` is chosen nothing is sent and the rate
 estimate would go stale, so after ``probe_every`` local batches one batch goes to the cheapest
-split (by the plan) that sends enough bytes to measure the link. Transfers under 64 KB are not
+split (by the plan) that sends enough bytes to measure the link; while probes find local still
+best, the gap between them doubles (up to 4x), and it resets when the choice moves off local. Transfers under 64 KB are not
 used for the estimate: they are bound by latency and TCP's slow start, and read low.
 """
 
@@ -64,12 +65,16 @@ class RateEstimator:
         self.value, self.alpha, self.min_bytes = float(initial_MBps), alpha, min_bytes
         self.observations = 0
 
-    def observe(self, nbytes: int, seconds: float) -> float | None:
-        """Add one transfer; tiny ones (latency-bound) are not counted. Returns its rate."""
+    def observe(self, nbytes: int, seconds: float, stale: bool = False) -> float | None:
+        """Add one transfer; tiny ones (latency-bound) are not counted. Returns its rate.
+
+        ``stale``: the estimate is old (no measurement for a while): the new one replaces it.
+        """
         if nbytes < self.min_bytes or seconds <= 0:
             return None
         rate = nbytes / seconds / 1e6
-        self.value = rate if self.observations == 0 else self.alpha * rate + (1 - self.alpha) * self.value
+        fresh = self.observations == 0 or stale
+        self.value = rate if fresh else self.alpha * rate + (1 - self.alpha) * self.value
         self.observations += 1
         return rate
 
@@ -79,6 +84,7 @@ class _Remote:
 
     def __init__(self, url: str, protocol: str, timeout_s: float):
         self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
+        self.has_server_ms = True  # dsc-export serve reports it; a stock Triton does not
         if protocol == "http":
             self.mod = lazy_import("tritonclient.http", "serve")
             self.client = self.mod.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
@@ -92,23 +98,39 @@ class _Remote:
         from tritonclient.utils import np_to_triton_dtype
 
         inp = self.mod.InferInput(INPUT, list(x.shape), np_to_triton_dtype(x.dtype))
+        names = outputs + ([SERVER_MS] if self.has_server_ms else [])
         if self.protocol == "http":
             inp.set_data_from_numpy(x, binary_data=True)
-            req = [self.mod.InferRequestedOutput(o, binary_data=True) for o in outputs + [SERVER_MS]]
+            req = [self.mod.InferRequestedOutput(o, binary_data=True) for o in names]
             res = self.client.infer(model, [inp], outputs=req, timeout=int(self.timeout_s * 1e6))
         else:
             inp.set_data_from_numpy(x)
-            req = [self.mod.InferRequestedOutput(o) for o in outputs + [SERVER_MS]]
+            req = [self.mod.InferRequestedOutput(o) for o in names]
             res = self.client.infer(model, [inp], outputs=req, client_timeout=self.timeout_s)
-        return {o: res.as_numpy(o) for o in outputs + [SERVER_MS]}
+        out = {o: res.as_numpy(o) for o in names}
+        if not self.has_server_ms:
+            out[SERVER_MS] = np.zeros((x.shape[0], 1), np.float32)
+        return out
 
-    def model_sha256(self) -> str:
+    def model_sha256(self, any_model: str) -> str:
+        """The served model's sha256: from ``dsc_meta`` (dsc-export serve) or, on a stock Triton
+        serving a bundle's repository, from the ``dsc_model_sha256`` parameter of a model's config."""
         ping = self.mod.InferInput("ping", [1, 1], "INT32")
         ping.set_data_from_numpy(np.zeros((1, 1), np.int32))
-        if self.protocol == "http":
-            res = self.client.infer(META, [ping], timeout=int(self.timeout_s * 1e6))
-        else:
-            res = self.client.infer(META, [ping], client_timeout=self.timeout_s)
+        try:
+            if self.protocol == "http":
+                res = self.client.infer(META, [ping], timeout=int(self.timeout_s * 1e6))
+            else:
+                res = self.client.infer(META, [ping], client_timeout=self.timeout_s)
+        except Exception as exc:
+            if "unknown model" not in str(exc).lower() and "not found" not in str(exc).lower():
+                raise
+            self.has_server_ms = False
+            if self.protocol == "http":
+                cfg = self.client.get_model_config(any_model)
+            else:
+                cfg = self.client.get_model_config(any_model, as_json=True)["config"]
+            return cfg.get("parameters", {}).get("dsc_model_sha256", {}).get("string_value", "")
         v = res.as_numpy("model_sha256").ravel()[0]
         return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -137,13 +159,16 @@ class DynamicSplitClient:
         log: called with each :class:`BatchLog`.
         static: always use this split (a static baseline for comparisons); the local fallback
             still applies.
+        device_slowdown: make the heads and the whole model take K times as long here — the
+            run-time side of a device profile taken with ``bench --slowdown K`` (labelled
+            emulation, for what-if runs on a machine faster than the device).
     """
 
     def __init__(self, split_dir: str | os.PathLike, server_url: str | None, plan: Plan | None = None,
                  protocol: str = "http", privacy: bool = False, threads: int | None = 1, deadline_s: float = 5.0,
                  initial_rate_MBps: float | None = None, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
                  probe_every: int = 10, alpha: float = 0.5, log: Callable[[BatchLog], None] = lambda b: None,
-                 static: str | None = None):
+                 static: str | None = None, device_slowdown: float = 1.0):
         from dsc_export.engines import PartRunner
 
         self.root = Path(split_dir)
@@ -175,6 +200,13 @@ class DynamicSplitClient:
         self.rate = RateEstimator(initial_rate_MBps or math.sqrt(lo * hi), alpha)
         self.deadline_s, self.backoff_s, self.max_backoff_s = deadline_s, backoff_s, max_backoff_s
         self.probe_every, self.log = probe_every, log
+        self._probe_gap = probe_every  # doubles while probes find nothing better than local
+        if device_slowdown < 1:
+            raise UserError("device_slowdown must be at least 1")
+        self.device_slowdown = device_slowdown
+        if device_slowdown > 1:
+            for r in [*self._heads.values(), self._whole]:
+                _slow_down(r, device_slowdown)
         self._current: str | None = None
         self._down_until, self._backoff = 0.0, backoff_s
         self._local_streak = 0
@@ -186,7 +218,7 @@ class DynamicSplitClient:
 
     def _check_server(self) -> None:
         try:
-            sha = self.remote.model_sha256()
+            sha = self.remote.model_sha256(next(s.id for s in self.manifest.splits if s.tail))
         except Exception:
             self._mark_down("unreachable at start")
             return
@@ -227,7 +259,7 @@ class DynamicSplitClient:
         if self.remote is None or time.monotonic() < self._down_until:
             return "local", self.plan.choose(batch, self.rate.value, None, exclude=set(self.plan.candidates) - {"local"})[1]
         split, t = self.plan.choose(batch, self.rate.value, self._current, exclude=exclude)
-        if self.static is None and self._local_streak >= self.probe_every:
+        if self.static is None and self._local_streak >= self._probe_gap:
             probe = self._probe(batch, exclude)
             if probe:
                 split, t = probe
@@ -246,7 +278,8 @@ class DynamicSplitClient:
         """Run one batch (the model's input, batch first) and return the model's outputs by name."""
         batch = int(x.shape[0])
         est = self.rate.value
-        split, predicted = self.choose(batch, )
+        split, predicted = self.choose(batch)
+        probing = split != "local" and self._local_streak >= self._probe_gap
         t0 = time.perf_counter()
         head_ms = wire_ms = server_ms = 0.0
         sent, measured_rate, fallback, ran = 0, None, None, split
@@ -263,7 +296,8 @@ class DynamicSplitClient:
                 wire_ms = max(rtt_ms - server_ms, 1e-3)
                 sent = int(z.nbytes)
                 # the plan's rtt is the per-request overhead (Eq. 4's extra term): not bytes on the wire
-                measured_rate = self.rate.observe(sent, (wire_ms - self.plan.rtt_ms) / 1e3)
+                measured_rate = self.rate.observe(sent, (wire_ms - self.plan.rtt_ms) / 1e3,
+                                                  stale=self._local_streak >= self.probe_every)
                 out = res
                 self._backoff = self.backoff_s
             except Exception as exc:  # unreachable, deadline, protocol error: finish here
@@ -274,12 +308,28 @@ class DynamicSplitClient:
             outs = self._whole.run({self._in: x})
             out = dict(zip(self._outputs, outs))
         self._local_streak = 0 if measured_rate is not None else self._local_streak + 1  # batches without news
+        if probing and measured_rate is not None:  # back off while probes show local is still best
+            after = self.plan.choose(batch, self.rate.value, None, exclude={"offload"} if self.privacy else set())[0]
+            self._probe_gap = min(self._probe_gap * 2, 4 * self.probe_every) if after == "local" else self.probe_every
         self._current = split if fallback is None else self._current
         measured = (time.perf_counter() - t0) * 1e3
         self.log(BatchLog(self._count, batch, ran, split, sent, est, measured_rate, predicted, measured,
                           head_ms, wire_ms, server_ms, fallback))
         self._count += 1
         return out
+
+
+def _slow_down(runner, factor: float) -> None:
+    """Make a device-side runner take ``factor`` times as long (labelled emulation)."""
+    real = runner.run
+
+    def run(feeds, outputs=None):
+        t = time.perf_counter()
+        out = real(feeds, outputs)
+        time.sleep((factor - 1) * (time.perf_counter() - t))
+        return out
+
+    runner.run = run
 
 
 def _reason(exc: BaseException) -> str:

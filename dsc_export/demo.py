@@ -1,0 +1,185 @@
+"""``dsc-export demo``: the whole offline pipeline and a short run-time session on one machine.
+
+export -> analyze (+ chart) -> split (verified) -> engines (onnxruntime, batch 1-16) -> profiles
+(device: 1 thread and a labelled slowdown standing for a weak device; server: every core) ->
+plan (+ the paper's two heatmaps) -> the tails served on loopback and a short dynamic session
+at changing simulated data rates -> a summary of where everything is and what the plan says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsc_export.errors import UserError
+
+DEMO_RATES = (2.0, 20.0, 100.0, 5.0)
+
+
+@dataclass
+class DemoReport:
+    out: Path
+    files: dict[str, str] = field(default_factory=dict)
+    plan_summary: dict[str, Any] = field(default_factory=dict)
+    session: list[dict[str, Any]] = field(default_factory=list)
+    steps: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def run_demo(model: str = "efficientnet_b0", out: str | os.PathLike = "engines/demo", batch_sizes=(1, 2, 4, 8, 16),
+             slowdown: float = 4.0, repeats: int = 5, session_batches: int = 6, serve: bool = True,
+             step: Callable[[str], None] = lambda s: None, log: Callable[[str], None] = lambda s: None,
+             resolution: int | None = None) -> DemoReport:
+    """Run the demo into ``out``; see the module docstring. Returns what was made and concluded."""
+    from dsc_export.artifacts import read_manifest, sha256_file, write_json_atomic
+    from dsc_export.engines import build_engines
+    from dsc_export.planning import best_static, make_plan
+    from dsc_export.plots import bottleneck_chart, choice_heatmap, gain_heatmap
+    from dsc_export.profiling import profile_split_dir
+    from dsc_export.splitting import analyze_file, split_model
+    from dsc_export.zoo import lookup
+
+    entry = lookup(model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = DemoReport(out)
+    onnx_path = out / f"{entry.name}.onnx"
+    t = time.perf_counter()
+
+    def done(name: str) -> None:
+        nonlocal t
+        rep.steps[name] = time.perf_counter() - t
+        t = time.perf_counter()
+
+    step(f"1/8 export {entry.name} (random weights, BatchNorm re-estimated)")
+    if not onnx_path.is_file():
+        from dsc_export.export import export_model
+
+        export_model(entry.name, onnx_path, resolution=resolution, log=log)
+    else:
+        log(f"{onnx_path} exists; using it")
+    rep.files["model"] = str(onnx_path)
+    done("export")
+
+    step("2/8 analyze: cut points, natural and compressive bottlenecks")
+    an = analyze_file(onnx_path, log=log)
+    rep.files["bottleneck chart"] = str(bottleneck_chart(an, out / "bottlenecks.png"))
+    log(an.summary())
+    done("analyze")
+
+    step("3/8 split at every compressive bottleneck, verified against the whole model")
+    split = out / "split"
+    man = split_model(onnx_path, split, log=log)
+    rep.files["split dir"] = str(split)
+    done("split")
+
+    step(f"4/8 build onnxruntime engines for batch sizes {','.join(map(str, batch_sizes))}")
+    b = build_engines(split, "onnxruntime", list(batch_sizes), "all", log=log)
+    if b.failed:
+        raise UserError(f"{len(b.failed)} engine(s) failed to build: {b.failed[0][1]}")
+    done("build")
+
+    step(f"5/8 profile the device side (1 thread, then x{slowdown:g} labelled slowdown for a weak device) "
+         "and the server side (every core); the slowest step")
+    prof = split / "profiles"
+    prof.mkdir(exist_ok=True)
+    dev = profile_split_dir(split, "device", batch_sizes=list(batch_sizes), repeats=repeats, warmup=1, threads=1,
+                            slowdown=slowdown)
+    srv = profile_split_dir(split, "server", batch_sizes=list(batch_sizes), repeats=repeats, warmup=1)
+    write_json_atomic(prof / "device.json", dev.to_json())
+    write_json_atomic(prof / "server.json", srv.to_json())
+    rep.files["device profile"], rep.files["server profile"] = str(prof / "device.json"), str(prof / "server.json")
+    done("profile")
+
+    step("6/8 plan: the best split per batch size and data rate, gains, heatmaps")
+    plan = make_plan(read_manifest(split), dev, srv, profile_hashes=(sha256_file(prof / "device.json"),
+                                                                     sha256_file(prof / "server.json")))
+    write_json_atomic(split / "plan.json", plan.to_json())
+    static = best_static(plan) or "local"
+    rep.files["plan"] = str(split / "plan.json")
+    rep.files["best-split heatmap (Fig. 2)"] = str(choice_heatmap(plan, out / "best-split.png"))
+    rep.files["gain heatmap (Fig. 3)"] = str(gain_heatmap(plan, static, out / f"gain-over-{static}.png"))
+    cells = {c: sum(row.count(c) for row in plan.choice) for c in plan.candidates}
+    total = sum(cells.values())
+    rep.plan_summary = {
+        "share_of_cells": {c: n / total for c, n in cells.items() if n},
+        "mean_gain": {k: v["mean"] for k, v in plan.gain.items()}, "best_static": static,
+        "where": _where(plan),
+    }
+    done("plan")
+
+    if serve:
+        step("7/8 serve the tails on loopback (PyTriton) and run a short dynamic session at changing "
+             "simulated rates; starting Triton takes about 10-20 s")
+        try:
+            rep.session = _session(split, plan, session_batches, log, slowdown)
+        except UserError as exc:
+            rep.notes.append(f"run-time session skipped: {exc}")
+        done("session")
+    else:
+        rep.notes.append("run-time session skipped (--no-serve)")
+    step("8/8 summary")
+    write_json_atomic(out / "summary.json", json.dumps({
+        "model": entry.name, "files": rep.files, "plan": rep.plan_summary, "session": rep.session,
+        "seconds": rep.steps, "notes": rep.notes, "device_emulation": dev.emulation}, indent=1) + "\n")
+    rep.files["summary"] = str(out / "summary.json")
+    return rep
+
+
+def _where(plan) -> dict[str, str]:
+    """For each split that wins somewhere: the batch sizes and rates where it wins (ranges)."""
+    out = {}
+    for c in plan.candidates:
+        bs = [b for i, b in enumerate(plan.batch_sizes) if c in plan.choice[i]]
+        rs = [r for j, r in enumerate(plan.rates_MBps) if any(row[j] == c for row in plan.choice)]
+        if bs:
+            out[c] = f"batch {min(bs)}-{max(bs)}, {min(rs):.3g}-{max(rs):.3g} MB/s"
+    return out
+
+
+def _session(split: Path, plan, batches_per_rate: int, log, slowdown: float = 1.0) -> list[dict[str, Any]]:
+    import socket
+
+    import numpy as np
+
+    from dsc_export.backends.onnxruntime import random_array
+    from dsc_export.errors import lazy_import
+    from dsc_export.serving.bandwidth import SimulatedLink
+    from dsc_export.serving.client import DynamicSplitClient
+    from dsc_export.serving.server import TailServer
+
+    lazy_import("pytriton", "serve")
+    ports = []
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    rows: list[dict[str, Any]] = []
+    with TailServer(split, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
+                    log_file=split.parent / "triton.log") as srv:
+        link = SimulatedLink(DEMO_RATES[0])
+        batch = 8 if 8 in plan.batch_sizes else plan.batch_sizes[len(plan.batch_sizes) // 2]
+        logs = []
+        with DynamicSplitClient(split, srv.urls()["http"], plan, threads=1, log=logs.append,
+                                initial_rate_MBps=DEMO_RATES[0], device_slowdown=slowdown) as client:
+            if client.remote is None:
+                raise UserError("the client could not reach the demo server")
+            link.attach(client.remote)
+            client.warm_up(batch)
+            rng = np.random.default_rng(0)
+            shape = [batch] + list(client.manifest.model.input.shape[1:])
+            for rate in DEMO_RATES:
+                link.rate_MBps = rate
+                for _ in range(batches_per_rate):
+                    client.infer(random_array(shape, np.dtype(client.manifest.model.input.dtype), rng))
+                    b = logs[-1]
+                    rows.append({"rate_MBps": rate, "batch": b.batch, "split": b.split,
+                                 "rate_estimate_MBps": round(b.rate_MBps, 2), "predicted_ms": round(b.predicted_ms, 1),
+                                 "measured_ms": round(b.measured_ms, 1), "fallback": b.fallback})
+                    log(f"{rate:g} MB/s: batch of {b.batch} -> {b.split} ({b.measured_ms:.0f} ms)")
+    return rows

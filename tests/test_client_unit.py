@@ -1,0 +1,63 @@
+"""Client pieces that need no server: the rate estimator and talking to a stock Triton."""
+
+import numpy as np
+import pytest
+
+from dsc_export.serving.client import RateEstimator, _Remote
+
+
+def test_rate_estimator_smooths_and_ignores_latency_bound_transfers():
+    r = RateEstimator(10.0, alpha=0.5, min_bytes=65536)
+    assert r.observe(1000, 0.001) is None and r.value == 10.0  # too small to say anything
+    assert r.observe(2_000_000, 0.1) == pytest.approx(20.0)
+    assert r.value == pytest.approx(20.0)  # the first observation replaces the guess
+    r.observe(1_000_000, 0.1)  # 10 MB/s
+    assert r.value == pytest.approx(15.0)
+    assert r.observe(1_000_000, 0.0) is None
+    r.observe(4_000_000, 0.1, stale=True)  # after a long silence the new figure replaces the old
+    assert r.value == pytest.approx(40.0)
+
+
+class FakeMod:
+    class InferInput:
+        def __init__(self, name, shape, dtype):
+            self.name, self.shape, self.dtype = name, shape, dtype
+
+        def set_data_from_numpy(self, x, binary_data=True):
+            self.x = x
+
+    class InferRequestedOutput:
+        def __init__(self, name, binary_data=True):
+            self.name = name
+
+
+class StockTriton:
+    """A stock Triton serving a bundle's repository: no dsc_meta model, no server_ms output."""
+
+    def __init__(self):
+        self.asked = []
+
+    def infer(self, model, inputs, outputs=None, timeout=None):
+        if model == "dsc_meta":
+            raise RuntimeError("[404] Request for unknown model: 'dsc_meta' is not found")
+        self.asked.append([o.name for o in outputs])
+
+        class R:
+            def as_numpy(self, name):
+                return np.ones((inputs[0].x.shape[0], 1000), np.float32)
+
+        return R()
+
+    def get_model_config(self, name):
+        return {"name": name, "parameters": {"dsc_model_sha256": {"string_value": "ab" * 32}}}
+
+
+def test_client_talks_to_a_stock_triton_repository():
+    remote = _Remote.__new__(_Remote)
+    remote.url, remote.protocol, remote.timeout_s, remote.has_server_ms = "x:8000", "http", 1.0, True
+    remote.mod, remote.client = FakeMod, StockTriton()
+    assert remote.model_sha256("offload") == "ab" * 32
+    assert remote.has_server_ms is False
+    out = remote.infer("cut033", np.zeros((2, 40, 28, 28), np.float32), ["logits"])
+    assert remote.client.asked == [["logits"]]  # server_ms is not requested from a stock server
+    assert out["logits"].shape == (2, 1000) and out["server_ms"].shape == (2, 1) and not out["server_ms"].any()
