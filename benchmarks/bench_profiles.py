@@ -23,7 +23,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="efficientnet_b0,efficientnetv2_b0")
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
-    ap.add_argument("--min-time", type=float, default=0.5)
+    ap.add_argument("--min-time", type=float, default=0.6)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--backend", default="onnxruntime", help="engines to build and time (tensorrt on a GPU)")
     args = ap.parse_args()
 
     from dsc_export.engines import build_engines, parse_batch_sizes
@@ -33,7 +35,7 @@ def main() -> None:
     summary = {}
     for name in args.models.split(","):
         root = split_dir(name)
-        build_engines(root, "onnxruntime", batches, "all")
+        build_engines(root, args.backend, batches, "all")
         out = OUT / "profiles"
         out.mkdir(parents=True, exist_ok=True)
         entry = {}
@@ -41,8 +43,8 @@ def main() -> None:
             runs = []
             for k in range(2):
                 print(f"{name}: {role} profile, {threads} thread(s), run {k + 1}/2 ...", flush=True)
-                p = profile_split_dir(root, role, "onnxruntime", batches, threads=threads, warmup=2,
-                                      repeats=None, min_time_s=args.min_time)
+                p = profile_split_dir(root, role, args.backend, batches, threads=threads if args.backend == "onnxruntime" else None,
+                                      warmup=2, repeats=None, min_time_s=args.min_time, rounds=args.rounds)
                 (out / f"{name}-{role}{'' if k == 0 else '-rerun'}.json").write_text(p.to_json())
                 runs.append(p)
             a, b = runs
@@ -61,7 +63,7 @@ def main() -> None:
         _table(name, entry)
     met = all(e[r]["within_10pct"] == e[r]["figures"] for e in summary.values() for r in e)
     print(f"target (every median within 10% on the rerun): {'met' if met else 'NOT met'}")
-    write("profiles.json", {"batch_sizes": batches, "min_time_s": args.min_time, "models": summary, "met": met})
+    write("profiles.json", {"backend": args.backend, "rounds": args.rounds, "batch_sizes": batches, "min_time_s": args.min_time, "models": summary, "met": met})
 
 
 def _table(name: str, entry: dict) -> None:

@@ -1,14 +1,125 @@
-"""`make bench`: run every benchmark script in turn (each writes its JSON under benchmarks/out/)."""
+"""`make bench`: run every benchmark script, then write one results file and a Markdown summary.
 
+Each script writes its own JSON under benchmarks/out/; this collects the figures that have a
+target into benchmarks/results/summary-<date>.json and .md (machine, date, figure, target, met
+or not). ``--summarize`` only collects what the scripts last wrote. The GPU workflow calls this
+with ``--backend tensorrt`` (passed to the scripts that time engines).
+
+Usage: python benchmarks/run_all.py [--summarize] [--backend onnxruntime|tensorrt] [--only a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
 import subprocess
 import sys
-from pathlib import Path
+import time
 
-HERE = Path(__file__).parent
-SCRIPTS = ["bench_split.py", "bench_engines.py"]
+from common import HERE, OUT, machine
 
-for script in SCRIPTS:
-    print(f"### {script}", flush=True)
-    rc = subprocess.call([sys.executable, str(HERE / script)])
-    if rc != 0:
-        sys.exit(rc)
+SCRIPTS = ["bench_split.py", "bench_engines.py", "bench_profiles.py", "bench_plan.py", "bench_e2e.py", "bench_load.py"]
+BACKEND_AWARE = {"bench_profiles.py"}
+
+
+def load(name: str) -> dict | None:
+    p = OUT / name
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def rows() -> list[dict]:
+    """(benchmark, figure, value, target, met) for every figure with a target, and key figures without."""
+    out = []
+
+    def add(bench, figure, value, target="", met=None):
+        out.append({"benchmark": bench, "figure": figure, "value": value, "target": target, "met": met})
+
+    d = load("split.json")
+    if d:
+        for r in d["rows"]:
+            add("split", f"{r['model']}: analyze", f"{r['analyze_s']:.2f} s", "< 2 s", r["analyze_s"] < 2)
+            add("split", f"{r['model']}: split + verify", f"{r['split_s']:.1f} s", "< 60 s (V2-L)" if "v2_l" in r["model"] else "",
+                r["split_s"] < 60 if "v2_l" in r["model"] else None)
+            if "v2_l" in r["model"]:
+                x = r.get("split_peak_x_file")
+                add("split", f"{r['model']}: split peak memory / file size", f"{x:.2f}x", "< 3x", x < 3)
+    d = load("engines.json")
+    if d:
+        add("engines", f"{d['model']}: worst (head + tail) / whole model, engines, batch 1-64",
+            f"{d['worst_cut_ratio']:.3f}", "<= 1.05", d["met"])
+        sp = d["spinning"]
+        add("engines", "3 sessions in one process: whole model batch 1, spinning on / off",
+            f"{sp['slowdown_spinning_vs_not']:.2f}x slower with spinning", "allow_spinning = 0 used")
+    d = load("profiles.json")
+    if d:
+        for m, e in d["models"].items():
+            for role, v in e.items():
+                add("profiles", f"{m} {role} ({v['threads']} thread(s)): rerun medians within 10 %",
+                    f"{v['within_10pct']}/{v['figures']} (max {v['rerun_max_rel_change'] * 100:.1f} %, "
+                    f"median {v['rerun_median_rel_change'] * 100:.1f} %)", "all within 10 %",
+                    v["within_10pct"] == v["figures"])
+    d = load("plan.json")
+    if d:
+        add("plan", "Plan.choose per call", f"{d['choose_us']:.2f} us", "< 20 us", d["choose_us"] < 20)
+        add("plan", "full default grid, 6 candidates", f"{d['build_ms']:.1f} ms", "< 100 ms", d["build_ms"] < 100)
+        if "real_plan" in d:
+            g = d["real_plan"]["mean_gain"]
+            add("plan", f"{d['real_plan']['model']} plan: mean gain over local / offload / best static",
+                f"{g['local'] * 100:.1f} % / {g['offload'] * 100:.1f} % / {g[d['real_plan']['best_static']] * 100:.1f} %")
+    d = load("e2e.json")
+    if d:
+        for p in d["phases"]:
+            add("e2e", f"{p['rate_MBps']:g} MB/s phase: measured vs predicted ({', '.join(p['choices'])})",
+                f"{p['measured_ms']:.1f} vs {p['predicted_ms']:.1f} ms ({p['error'] * 100:+.1f} %)", "within 15 %",
+                abs(p["error"]) <= 0.15)
+        add("e2e", f"dynamic vs best static ({d['best_static']}), mean over phases",
+            f"{d['dynamic_mean_ms']:.1f} vs {d['static_mean_ms'][d['best_static']]:.1f} ms", "dynamic <= best static",
+            d["met"]["dynamic_beats_best_static"])
+    d = load("load.json")
+    if d:
+        r = d["results"]
+        add("load", f"{d['clients']} clients, {d['split']}: throughput with / without dynamic batching",
+            f"{r['dynamic_batching']['throughput_per_s']:.0f} / {r['no_batching']['throughput_per_s']:.0f} samples/s")
+        add("load", "p99 latency with / without dynamic batching",
+            f"{r['dynamic_batching']['p99_ms']:.1f} / {r['no_batching']['p99_ms']:.1f} ms")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--summarize", action="store_true", help="only collect what the scripts last wrote")
+    ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--only", help="comma-separated script names")
+    args = ap.parse_args()
+    failed = []
+    if not args.summarize:
+        for script in (args.only.split(",") if args.only else SCRIPTS):
+            print(f"### {script}", flush=True)
+            cmd = [sys.executable, str(HERE / script)]
+            if script in BACKEND_AWARE:
+                cmd += ["--backend", args.backend]
+            if subprocess.call(cmd) != 0:
+                failed.append(script)
+    table = rows()
+    date = time.strftime("%Y-%m-%d")
+    res = HERE / "results"
+    res.mkdir(exist_ok=True)
+    info = machine()
+    (res / f"summary-{date}.json").write_text(json.dumps({"machine": info, "date": date, "backend": args.backend,
+                                                           "rows": table, "failed_scripts": failed}, indent=1) + "\n")
+    lines = [f"# Benchmark summary, {date}", "",
+             f"Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, backend {args.backend}. "
+             "Produced by `make bench` (`benchmarks/run_all.py`); the scripts' own JSON is in `benchmarks/out/`.", "",
+             "| benchmark | figure | value | target | met |", "|---|---|---|---|---|"]
+    for r in table:
+        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {r['benchmark']} | {r['figure']} | {r['value']} | {r['target']} | {met} |")
+    if failed:
+        lines += ["", f"Scripts that failed: {', '.join(failed)}"]
+    (res / f"summary-{date}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

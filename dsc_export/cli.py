@@ -319,6 +319,8 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per figure.")
 @click.option("--min-time", "min_time", type=click.FloatRange(min=0, min_open=True),
               help="Instead of --repeats: run until this many seconds were measured per figure.")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Measure every figure in this many interleaved rounds (steadier on a shared machine).")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads per engine; fewer than the cores is recorded as emulation of a weaker device.")
 @click.option("--slowdown", type=click.FloatRange(min=0, min_open=True),
@@ -327,7 +329,7 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
               help="Lock this GPU's SM clock while measuring (root, your own GPU, not Jetson); restored after.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Profile to write [default: DIR/profiles/ROLE-BACKEND.json].")
-def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats, min_time, threads, slowdown,
+def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats, min_time, rounds, threads, slowdown,
               lock_mhz, output) -> None:
     """Time every engine of one role at every batch size and write a profile.
 
@@ -357,7 +359,7 @@ def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats,
     with bar:
         prof = profile_split_dir(split_dir, role, backend, batch_sizes, precision, warmup,
                                  None if min_time else repeats, min_time, threads, slowdown, lock_mhz,
-                                 progress=progress)
+                                 rounds=rounds, progress=progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output, prof.to_json())
     _profile_table(prof)
@@ -707,7 +709,7 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
     click.secho(f"dsc-export demo: {model}, {time.perf_counter() - t0:.0f} s", bold=True)
     for k, v in rep.files.items():
         click.echo(f"  {k:28s} {v}")
-    click.echo("the plan (device: this machine on 1 thread, labelled as %gx slower; server: every core):" % slowdown)
+    click.echo(f"the plan (device: this machine on 1 thread, labelled as {slowdown:g}x slower; server: every core):")
     for c, where in ps["where"].items():
         click.echo(f"  {c:8s} wins at {where} ({ps['share_of_cells'][c] * 100:.0f} % of the grid)")
     g = ps["mean_gain"]
@@ -715,7 +717,7 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
                f"{g['offload'] * 100:.1f} % over full offloading, "
                f"{g.get(ps['best_static'], 0) * 100:.1f} % over the best static split ({ps['best_static']})")
     if rep.session:
-        click.echo("short dynamic session (simulated data rates, batch %d):" % rep.session[0]["batch"])
+        click.echo(f"short dynamic session (simulated data rates, batch {rep.session[0]['batch']}):")
         by_rate = {}
         for r in rep.session:
             by_rate.setdefault(r["rate_MBps"], []).append(r)

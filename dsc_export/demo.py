@@ -74,7 +74,7 @@ def run_demo(model: str = "efficientnet_b0", out: str | os.PathLike = "engines/d
 
     step("3/8 split at every compressive bottleneck, verified against the whole model")
     split = out / "split"
-    man = split_model(onnx_path, split, log=log)
+    split_model(onnx_path, split, log=log)
     rep.files["split dir"] = str(split)
     done("split")
 

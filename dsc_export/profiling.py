@@ -228,6 +228,7 @@ def profile_split_dir(
     slowdown: float | None = None,
     lock_gpu_clocks_mhz: int | None = None,
     seed: int = 0,
+    rounds: int = 1,
     progress: Callable[[int, int, str], None] = lambda done, total, label: None,
 ) -> Profile:
     """Time every engine of ``role`` in a split dir at every batch size.
@@ -243,6 +244,9 @@ def profile_split_dir(
         slowdown: multiply every measured time by this factor (a labelled what-if).
         lock_gpu_clocks_mhz: lock the GPU's SM clock while measuring (root, not Jetson).
         seed: seed of the random inputs.
+        rounds: measure every figure in this many interleaved rounds (repeats and min time split
+            between them) so slow drift and bursts of noise on a shared machine spread over all
+            figures instead of landing on a few.
         progress: ``progress(done, total, label)``.
 
     Returns:
@@ -293,28 +297,37 @@ def profile_split_dir(
 
     timings: list[Timing] = []
     jobs = [(sid, part, b) for b in batch_sizes for sid, part in pairs]
+    rounds = max(1, int(rounds))
+    per_repeats = None if repeats is None else max(1, -(-repeats // rounds))
+    per_time = None if min_time_s is None else min_time_s / rounds
+    samples: dict[tuple[str, str, int], list[float]] = {j: [] for j in jobs}
     lock = locked_gpu_clocks(lock_gpu_clocks_mhz) if lock_gpu_clocks_mhz else contextlib.nullcontext(None)
     with lock as locked:
         if locked:
             emulation.update(locked)
-        for k, (sid, part, b) in enumerate(jobs):
-            progress(k, len(jobs), f"{sid}/{part} b{b}")
-            rec = manifest.engine(sid, part, backend_name, b, precision)
-            name, shape, dtype = sig[sid]
-            with load_engine(root, rec, threads) as runner:
-                def once(runner=runner, name=name, shape=shape, dtype=dtype, b=b) -> float:
-                    feeds = {name: random_array([b] + shape, dtype, rng)}  # fresh, never zeros
-                    return runner.time_ms(feeds)
+        for rnd in range(rounds):  # a burst of noise then touches one round of every figure, not one figure
+            for k, (sid, part, b) in enumerate(jobs):
+                progress(rnd * len(jobs) + k, rounds * len(jobs), f"{sid}/{part} b{b}")
+                rec = manifest.engine(sid, part, backend_name, b, precision)
+                name, shape, dtype = sig[sid]
+                with load_engine(root, rec, threads) as runner:
+                    def once(runner=runner, name=name, shape=shape, dtype=dtype, b=b) -> float:
+                        feeds = {name: random_array([b] + shape, dtype, rng)}  # fresh, never zeros
+                        return runner.time_ms(feeds)
 
-                m = measure(once, warmup, repeats, min_time_s)
-            scale = float(slowdown) if slowdown else 1.0
+                    m = measure(once, warmup if rnd == 0 else min(warmup, 1), per_repeats, per_time)
+                samples[(sid, part, b)].extend(m.samples_ms)
+        scale = float(slowdown) if slowdown else 1.0
+        for (sid, part, b), xs in samples.items():
+            m = Measurement(xs)
             timings.append(Timing(sid, part, b, m.median * scale, m.quantile(0.1) * scale, m.quantile(0.9) * scale,
-                                  len(m.samples_ms)))
-        progress(len(jobs), len(jobs), "done")
+                                  len(xs)))
+        progress(rounds * len(jobs), rounds * len(jobs), "done")
     return Profile(
         role=role, backend=backend_name, host=host_info(threads, backend_name), emulation=emulation or None,
         model_sha256=manifest.model.sha256, timings=timings, precision=precision,
         settings={"warmup": warmup, "repeats": None if min_time_s else repeats, "min_time_s": min_time_s,
+                  "rounds": rounds,
                   "seed": seed, "inputs": "fresh random per run (full range for integers, N(0,1) for floats)",
                   "timer": "device events" if backend_name == "tensorrt" else "wall clock around the run"},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

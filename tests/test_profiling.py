@@ -165,3 +165,20 @@ def test_gpu_clock_locking_is_refused_without_root_or_on_jetson(monkeypatch):
     with pytest.raises(UserError, match="nvpmodel"):
         with locked_gpu_clocks(300, nvml=FakeNVML()):
             pass
+
+
+def test_rounds_split_the_repeats_and_pool_the_samples(tiny, monkeypatch):
+    calls = []
+
+    def fake(run_once, warmup, repeats, min_time_s):
+        calls.append((warmup, repeats))
+        return Measurement([float(len(calls))] * repeats)
+
+    monkeypatch.setattr(profiling, "measure", fake)
+    p = profile_split_dir(tiny, "device", batch_sizes=[1], repeats=6, warmup=3, rounds=3)
+    n = len(p.timings)
+    assert len(calls) == 3 * n and all(r == 2 for _, r in calls)
+    assert [w for w, _ in calls[:n]] == [3] * n and all(w == 1 for w, _ in calls[n:])  # warm-up once in full
+    t = p.timings[0]
+    assert t.runs == 6 and t.median_ms == 1 + n  # samples of rounds 1, 2, 3 pooled: values 1, 1+n, 1+2n
+    assert p.settings["rounds"] == 3
