@@ -9,24 +9,24 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 DSC    := $(VENV)/bin/dsc-export
 
 DEMO_MODEL ?= efficientnet_b0
-DEMO_OUT   ?= engines/$(DEMO_MODEL)
+DEMO_OUT   ?= engines/demo
 
 .PHONY: demo test lint bench clean help
 
 help:
-	@echo "make demo   install into .venv and run the main job on EfficientNet-B0"
+	@echo "make demo   install into .venv and run dsc-export demo on EfficientNet-B0 (engines/demo/)"
 	@echo "make test   install every CPU-runnable extra into .venv and run the tests"
 	@echo "make lint   ruff over the package, tests and benchmarks"
-	@echo "make bench  run the benchmark scripts (writes benchmarks/out/)"
+	@echo "make bench  run the benchmark scripts; summary in benchmarks/results/summary-DATE.md"
 	@echo "make clean  remove .venv, build litter and engines/ outputs"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 
-# export: torch + timm (the demo exports a real EfficientNet)
+# export: torch + timm (the demo exports a real EfficientNet); serve: PyTriton + tritonclient
 $(VENV)/.stamp-demo: pyproject.toml | $(PY)
-	$(PIP) install -e '.[export]'
+	$(PIP) install -e '.[export,serve]'
 	@touch $@
 
 # every extra that runs on a CPU, so that every CPU-runnable test runs in CI
@@ -35,9 +35,7 @@ $(VENV)/.stamp-test: pyproject.toml | $(PY)
 	@touch $@ $(VENV)/.stamp-demo
 
 demo: $(VENV)/.stamp-demo
-	$(DSC) export $(DEMO_MODEL) -o $(DEMO_OUT)/$(DEMO_MODEL).onnx
-	$(DSC) analyze $(DEMO_OUT)/$(DEMO_MODEL).onnx --plot $(DEMO_OUT)/bottlenecks.png
-	$(DSC) split $(DEMO_OUT)/$(DEMO_MODEL).onnx -o $(DEMO_OUT)/split
+	$(DSC) demo --model $(DEMO_MODEL) --out $(DEMO_OUT)
 
 test: $(VENV)/.stamp-test
 	$(PY) -m pytest -q

@@ -193,14 +193,19 @@ def write_json_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def _read_json(path: Path, parse, what: str):
+    """``parse(json)`` of a file; a malformed one is a one-line error naming it."""
+    try:
+        return parse(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"'{path}' is not a valid {what}: {exc}") from exc
+
+
 def read_manifest(split_dir: str | os.PathLike) -> Manifest:
     path = Path(split_dir) / MANIFEST_NAME
     if not path.is_file():
         raise UserError(f"'{split_dir}' is not a split dir (no {MANIFEST_NAME}); run dsc-export split first")
-    try:
-        return Manifest.from_dict(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"'{path}' is not a valid manifest: {exc}") from exc
+    return _read_json(path, Manifest.from_dict, "manifest")
 
 
 PROFILE_SCHEMA = "dsc-export.profile/1"
@@ -271,10 +276,7 @@ def read_profile(path: str | os.PathLike) -> Profile:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"profile '{path}' does not exist; make one with dsc-export bench")
-    try:
-        return Profile.from_dict(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"'{path}' is not a valid profile: {exc}") from exc
+    return _read_json(path, Profile.from_dict, "profile")
 
 
 def check_pair(device: Profile, server: Profile) -> None:

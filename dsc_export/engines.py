@@ -113,6 +113,20 @@ def plan_jobs(manifest: Manifest, backend: Backend, parts: str, batch_sizes: lis
     return list(jobs.values())
 
 
+def _prepare(split_dir, backend_name: str, parts: str, batch_sizes, precision: str, options: BuildOptions | None):
+    """Read and check everything a build or an import needs, before anything is written."""
+    if precision not in TOLERANCE:
+        raise UserError(f"--precision must be fp32 or fp16, not '{precision}'")
+    root = Path(split_dir)
+    manifest = read_manifest(root)
+    backend = get_backend(backend_name)
+    backend.check()
+    options = options or BuildOptions()
+    jobs = plan_jobs(manifest, backend, parts, list(batch_sizes), precision)
+    verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))  # refuse, naming the file
+    return root, manifest, backend, options, options.for_backend(backend.name), jobs
+
+
 def _up_to_date(rec: Engine | None, root: Path, job: Job, source_sha: str, opts: dict, version: str) -> bool:
     return (rec is not None and rec.path == job.path and (root / rec.path).is_file()
             and rec.source_sha256 == source_sha and rec.options == opts
@@ -147,17 +161,8 @@ def build_engines(
         What was built, what was already up to date and what failed (and why). One engine that
         fails (e.g. out of memory) does not stop the others.
     """
-    if precision not in TOLERANCE:
-        raise UserError(f"--precision must be fp32 or fp16, not '{precision}'")
-    root = Path(split_dir)
-    manifest = read_manifest(root)
-    backend = get_backend(backend_name)
-    backend.check()
-    options = options or BuildOptions()
-    opts = options.for_backend(backend.name)
-    jobs = plan_jobs(manifest, backend, parts, list(batch_sizes), precision)
-    sources = list(dict.fromkeys(j.source for j in jobs))
-    verify_files(manifest, root, sources)  # refuse, naming the file, before building anything
+    root, manifest, backend, options, opts, jobs = _prepare(split_dir, backend_name, parts, batch_sizes, precision,
+                                                            options)
     target = backend.target()
     report = BuildReport()
     t_all = time.perf_counter()
@@ -322,14 +327,8 @@ def import_engines(split_dir: str | os.PathLike, backend_name: str, batch_sizes:
     Each expected engine file that exists is loaded once (so a wrong or corrupt file is refused)
     and recorded with this machine's target; missing files are reported as failed.
     """
-    root = Path(split_dir)
-    manifest = read_manifest(root)
-    backend = get_backend(backend_name)
-    backend.check()
-    options = options or BuildOptions()
-    opts = options.for_backend(backend.name)
-    jobs = plan_jobs(manifest, backend, parts, batch_sizes, precision)
-    verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))
+    root, manifest, backend, options, opts, jobs = _prepare(split_dir, backend_name, parts, batch_sizes, precision,
+                                                            options)
     target = backend.target()
     report = BuildReport()
     for job in jobs:

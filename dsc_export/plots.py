@@ -44,12 +44,7 @@ def bottleneck_chart(analysis, path: str | os.PathLike, title: str | None = None
     ax.set_title(f"{name}: {analysis.summary()}")
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(True, which="both", alpha=0.25)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path)
 
 
 def _axes_labels(ax, plan) -> None:

@@ -1,0 +1,33 @@
+"""The demo, at a reduced size: every artifact is left behind and the summary says what it found."""
+
+import importlib.util
+import json
+import shutil
+
+from click.testing import CliRunner
+
+from dsc_export.cli import cli
+
+
+def test_demo_reduced(exported, tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    shutil.copy(exported("efficientnet_b0").path, out / "efficientnet_b0.onnx")  # the export step reuses it
+    serve = importlib.util.find_spec("pytriton") is not None
+    args = ["demo", "--out", str(out), "--batch-sizes", "1,2", "--repeats", "2"] + ([] if serve else ["--no-serve"])
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    for f in ("bottlenecks.png", "best-split.png", "summary.json", "split/plan.json", "split/manifest.json",
+              "split/profiles/device.json", "split/profiles/server.json"):
+        assert (out / f).is_file(), f
+    assert list(out.glob("gain-over-*.png"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device_emulation"]["slowdown"] == 4.0 and summary["device_emulation"]["threads"] >= 1 or \
+        summary["device_emulation"]["slowdown"] == 4.0
+    gains = summary["plan"]["mean_gain"]
+    assert set(gains) >= {"local", "offload"} and all(g >= 0 for g in gains.values())
+    assert abs(sum(summary["plan"]["share_of_cells"].values()) - 1) < 1e-9
+    assert "mean gain of dynamic splitting" in r.output and "wins at" in r.output
+    if serve:
+        assert len(summary["session"]) == 4 * 6 and all(s["fallback"] is None for s in summary["session"])
+        assert "short dynamic session" in r.output
