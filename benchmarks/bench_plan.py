@@ -93,6 +93,22 @@ def main() -> None:
         print(f"{args.model} plan: cells per split {counts}; mean gain " +
               ", ".join(f"{b} {v * 100:.1f}%" for b, v in gains.items()) + f"; best static {static}")
         result["real_plan"] = {"model": args.model, "cells_per_split": counts, "mean_gain": gains, "best_static": static}
+        # the same with the device standing for one 4x slower (as the paper's 300 MHz GPU), labelled
+        from dataclasses import replace
+
+        dev = read_profile(dev_p)
+        slow = replace(dev, timings=[replace(t, median_ms=t.median_ms * 4, p10_ms=t.p10_ms * 4, p90_ms=t.p90_ms * 4)
+                                     for t in dev.timings], emulation={**(dev.emulation or {}), "slowdown": 4.0})
+        real4 = make_plan(read_manifest(root), slow, read_profile(srv_p))
+        static4 = best_static(real4)
+        choice_heatmap(real4, out / f"{args.model}-slow4-best-split.png",
+                       f"{args.model}: best split, device emulated 4x slower (1 thread x 4), server 2 threads")
+        gain_heatmap(real4, static4, out / f"{args.model}-slow4-gain-over-{static4}.png")
+        gains4 = {b: g["mean"] for b, g in real4.gain.items()}
+        counts4 = {c: sum(row.count(c) for row in real4.choice) for c in real4.candidates}
+        print(f"{args.model} plan, device x4: cells per split {counts4}; mean gain " +
+              ", ".join(f"{b} {v * 100:.1f}%" for b, v in gains4.items()) + f"; best static {static4}")
+        result["real_plan_device_x4"] = {"cells_per_split": counts4, "mean_gain": gains4, "best_static": static4}
     write("plan.json", result)
 
 

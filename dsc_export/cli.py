@@ -717,7 +717,8 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
                f"{g['offload'] * 100:.1f} % over full offloading, "
                f"{g.get(ps['best_static'], 0) * 100:.1f} % over the best static split ({ps['best_static']})")
     if rep.session:
-        click.echo(f"short dynamic session (simulated data rates, batch {rep.session[0]['batch']}):")
+        click.echo(f"short dynamic session (simulated data rates, batch {rep.session[0]['batch']}; predicted at the "
+                   "client's own rate estimate, which lags a change of rate by a batch or more):")
         by_rate = {}
         for r in rep.session:
             by_rate.setdefault(r["rate_MBps"], []).append(r)

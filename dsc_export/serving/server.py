@@ -165,7 +165,19 @@ class TailServer:
                         inputs=[Tensor(name="ping", dtype=np.int32, shape=(1,))],
                         outputs=[Tensor(name="model_sha256", dtype=np.bytes_, shape=(1,))],
                         config=ModelConfig(max_batch_size=8))
-            triton.run()
+            if self.log_file is not None:  # Triton prints to the stdout it inherits: keep it to its log
+                sys.stdout.flush()
+                saved = os.dup(1)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 1)
+                try:
+                    triton.run()
+                finally:
+                    os.dup2(saved, 1)
+                    os.close(saved)
+                    os.close(null)
+            else:
+                triton.run()
         except BaseException:
             triton.stop()
             raise
