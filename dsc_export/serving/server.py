@@ -66,6 +66,20 @@ class Stats:
         return rows
 
 
+def _check_versions() -> None:
+    """PyTriton before 0.7 installs beside numpy 2 but then answers with empty outputs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pt = version("nvidia-pytriton")
+    except PackageNotFoundError:
+        return
+    major, minor = (int(x) for x in pt.split(".")[:2])
+    if (major, minor) < (0, 7) and int(np.__version__.split(".")[0]) >= 2:
+        raise UserError(f"nvidia-pytriton {pt} does not work with numpy {np.__version__} (its outputs come back "
+                        "empty); install the 'serve' extra again: pip install 'nvidia-pytriton>=0.7' 'numpy<2'")
+
+
 def _pytriton_env() -> None:
     """PyTriton's Triton process needs the interpreter's libpython on LD_LIBRARY_PATH."""
     libdir = sysconfig.get_config_var("LIBDIR") or ""
@@ -119,6 +133,7 @@ class TailServer:
     def start(self) -> None:
         """Load every tail, bind one Triton model per split and start serving (non-blocking)."""
         lazy_import("pytriton", "serve")
+        _check_versions()
         _pytriton_env()
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig
