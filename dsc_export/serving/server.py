@@ -180,17 +180,20 @@ class TailServer:
                         inputs=[Tensor(name="ping", dtype=np.int32, shape=(1,))],
                         outputs=[Tensor(name="model_sha256", dtype=np.bytes_, shape=(1,))],
                         config=ModelConfig(max_batch_size=8))
-            if self.log_file is not None:  # Triton prints to the stdout it inherits: keep it to its log
+            if self.log_file is not None:  # Triton prints to what it inherits: keep that to its log file
                 sys.stdout.flush()
-                saved = os.dup(1)
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, 1)
+                sys.stderr.flush()
+                saved = [os.dup(1), os.dup(2)]
+                sink = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                os.dup2(sink, 1)
+                os.dup2(sink, 2)
                 try:
                     triton.run()
                 finally:
-                    os.dup2(saved, 1)
-                    os.close(saved)
-                    os.close(null)
+                    os.dup2(saved[0], 1)
+                    os.dup2(saved[1], 2)
+                    for fd in (*saved, sink):
+                        os.close(fd)
             else:
                 triton.run()
         except BaseException:
