@@ -61,3 +61,17 @@ def test_client_talks_to_a_stock_triton_repository():
     out = remote.infer("cut033", np.zeros((2, 40, 28, 28), np.float32), ["logits"])
     assert remote.client.asked == [["logits"]]  # server_ms is not requested from a stock server
     assert out["logits"].shape == (2, 1000) and out["server_ms"].shape == (2, 1) and not out["server_ms"].any()
+
+
+def test_server_refuses_old_pytriton_with_numpy_2(monkeypatch):
+    import importlib.metadata
+
+    from dsc_export.errors import UserError
+    from dsc_export.serving import server
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.5.7")
+    monkeypatch.setattr(server.np, "__version__", "2.4.6")
+    with pytest.raises(UserError, match="nvidia-pytriton 0.5.7 does not work with numpy 2.4.6"):
+        server._check_versions()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.7.0")
+    server._check_versions()  # the pair the serve extra installs

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dsc_export.artifacts import Manifest, read_manifest, verify_files
-from dsc_export.errors import lazy_import
+from dsc_export.errors import UserError, lazy_import
 
 INPUT = "input"
 SERVER_MS = "server_ms"
