@@ -41,6 +41,21 @@ def synthetic(n_splits: int = 4):
     return man, Profile("device", "onnxruntime", {}, None, sha, dev), Profile("server", "onnxruntime", {}, None, sha, srv)
 
 
+def report(plan, stem, title: str, label: str) -> dict:
+    """Both heatmaps of ``plan`` beside ``stem``; print and return cells per split and mean gains."""
+    from dsc_export.planning import best_static
+    from dsc_export.plots import choice_heatmap, gain_heatmap
+
+    static = best_static(plan)
+    choice_heatmap(plan, f"{stem}-best-split.png", title)
+    gain_heatmap(plan, static, f"{stem}-gain-over-{static}.png")
+    gains = {b: g["mean"] for b, g in plan.gain.items()}
+    counts = {c: sum(row.count(c) for row in plan.choice) for c in plan.candidates}
+    print(f"{label}: cells per split {counts}; mean gain " +
+          ", ".join(f"{b} {v * 100:.1f}%" for b, v in gains.items()) + f"; best static {static}")
+    return {"cells_per_split": counts, "mean_gain": gains, "best_static": static}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="efficientnet_b0")
@@ -74,41 +89,26 @@ def main() -> None:
     prof = OUT / "profiles"
     dev_p, srv_p = prof / f"{args.model}-device.json", prof / f"{args.model}-server.json"
     if dev_p.is_file() and srv_p.is_file():
+        from dataclasses import replace
+
         from dsc_export.artifacts import read_manifest, read_profile, sha256_file
-        from dsc_export.planning import best_static
-        from dsc_export.plots import choice_heatmap, gain_heatmap
 
         root = OUT / "models" / args.model / "split"
-        real = make_plan(read_manifest(root), read_profile(dev_p), read_profile(srv_p),
-                         profile_hashes=(sha256_file(dev_p), sha256_file(srv_p)))
+        dev, srv = read_profile(dev_p), read_profile(srv_p)
+        real = make_plan(read_manifest(root), dev, srv, profile_hashes=(sha256_file(dev_p), sha256_file(srv_p)))
         out = OUT / "plan"
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{args.model}.json").write_text(real.to_json())
-        static = best_static(real)
-        choice_heatmap(real, out / f"{args.model}-best-split.png",
-                       f"{args.model}: best split (device 1 thread, server 2 threads, this machine)")
-        gain_heatmap(real, static, out / f"{args.model}-gain-over-{static}.png")
-        gains = {b: g["mean"] for b, g in real.gain.items()}
-        counts = {c: sum(row.count(c) for row in real.choice) for c in real.candidates}
-        print(f"{args.model} plan: cells per split {counts}; mean gain " +
-              ", ".join(f"{b} {v * 100:.1f}%" for b, v in gains.items()) + f"; best static {static}")
-        result["real_plan"] = {"model": args.model, "cells_per_split": counts, "mean_gain": gains, "best_static": static}
+        result["real_plan"] = {"model": args.model, **report(
+            real, out / args.model, f"{args.model}: best split (device 1 thread, server 2 threads, this machine)",
+            f"{args.model} plan")}
         # the same with the device standing for one 4x slower (as the paper's 300 MHz GPU), labelled
-        from dataclasses import replace
-
-        dev = read_profile(dev_p)
         slow = replace(dev, timings=[replace(t, median_ms=t.median_ms * 4, p10_ms=t.p10_ms * 4, p90_ms=t.p90_ms * 4)
                                      for t in dev.timings], emulation={**(dev.emulation or {}), "slowdown": 4.0})
-        real4 = make_plan(read_manifest(root), slow, read_profile(srv_p))
-        static4 = best_static(real4)
-        choice_heatmap(real4, out / f"{args.model}-slow4-best-split.png",
-                       f"{args.model}: best split, device emulated 4x slower (1 thread x 4), server 2 threads")
-        gain_heatmap(real4, static4, out / f"{args.model}-slow4-gain-over-{static4}.png")
-        gains4 = {b: g["mean"] for b, g in real4.gain.items()}
-        counts4 = {c: sum(row.count(c) for row in real4.choice) for c in real4.candidates}
-        print(f"{args.model} plan, device x4: cells per split {counts4}; mean gain " +
-              ", ".join(f"{b} {v * 100:.1f}%" for b, v in gains4.items()) + f"; best static {static4}")
-        result["real_plan_device_x4"] = {"cells_per_split": counts4, "mean_gain": gains4, "best_static": static4}
+        result["real_plan_device_x4"] = report(
+            make_plan(read_manifest(root), slow, srv), out / f"{args.model}-slow4",
+            f"{args.model}: best split, device emulated 4x slower (1 thread x 4), server 2 threads",
+            f"{args.model} plan, device x4")
     write("plan.json", result)
 
 

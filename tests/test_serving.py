@@ -173,6 +173,14 @@ def _rewrite(src: Path, dst: Path, edit):
                 out.addfile(m2, io.BytesIO(data2))
 
 
+def _append(src: Path, dst: Path, member: tarfile.TarInfo, data: bytes | None):
+    """A copy of the tar ``src`` with one more member."""
+    with tarfile.open(src) as t, tarfile.open(dst, "w") as out:
+        for m in t.getmembers():
+            out.addfile(m, t.extractfile(m))
+        out.addfile(member, io.BytesIO(data) if data is not None else None)
+
+
 def test_tampered_and_unsafe_bundles_are_refused(b0, tmp_path):
     make_bundle(b0, "device", tmp_path / "dev.tar")
 
@@ -184,31 +192,22 @@ def test_tampered_and_unsafe_bundles_are_refused(b0, tmp_path):
         open_bundle(tmp_path / "t1.tar", tmp_path / "o1")
     assert not (tmp_path / "o1").exists() and not any(p.name.startswith(".o1") for p in tmp_path.iterdir())
 
-    with tarfile.open(tmp_path / "dev.tar") as t, tarfile.open(tmp_path / "t2.tar", "w") as out:
-        for m in t.getmembers():
-            out.addfile(m, t.extractfile(m))
-        evil = tarfile.TarInfo("../evil.txt")
-        evil.size = 3
-        out.addfile(evil, io.BytesIO(b"bad"))
+    evil = tarfile.TarInfo("../evil.txt")
+    evil.size = 3
+    _append(tmp_path / "dev.tar", tmp_path / "t2.tar", evil, b"bad")
     with pytest.raises(UserError, match="unsafe path"):
         open_bundle(tmp_path / "t2.tar", tmp_path / "o2")
     assert not (tmp_path / "evil.txt").exists()
 
-    with tarfile.open(tmp_path / "dev.tar") as t, tarfile.open(tmp_path / "t3.tar", "w") as out:
-        for m in t.getmembers():
-            out.addfile(m, t.extractfile(m))
-        link = tarfile.TarInfo("heads/link.onnx")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        out.addfile(link)
+    link = tarfile.TarInfo("heads/link.onnx")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    _append(tmp_path / "dev.tar", tmp_path / "t3.tar", link, None)
     with pytest.raises(UserError, match="link"):
         open_bundle(tmp_path / "t3.tar", tmp_path / "o3")
 
-    with tarfile.open(tmp_path / "dev.tar") as t, tarfile.open(tmp_path / "t4.tar", "w") as out:
-        for m in t.getmembers():
-            out.addfile(m, t.extractfile(m))
-        extra = tarfile.TarInfo("heads/extra.onnx")
-        extra.size = 1
-        out.addfile(extra, io.BytesIO(b"x"))
+    extra = tarfile.TarInfo("heads/extra.onnx")
+    extra.size = 1
+    _append(tmp_path / "dev.tar", tmp_path / "t4.tar", extra, b"x")
     with pytest.raises(UserError, match="does not list"):
         open_bundle(tmp_path / "t4.tar", tmp_path / "o4")
 
