@@ -117,7 +117,7 @@ class TensorrtRunner(Runner):
             self._buffers[spec.name].upload(arr, self._stream)
 
     def _execute(self) -> None:
-        if not self._context.execute_async_v3(self._stream.handle):
+        if not self._context.execute_async_v3(int(self._stream.handle)):
             raise UserError(f"TensorRT execution failed for '{self.path}': {self._log.last()}")
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
