@@ -15,9 +15,11 @@ If the server is unreachable, slower than the deadline or answers with an error,
 finished here with the whole model, the server is marked down and retried after a back-off that
 doubles up to a limit: no batch is ever lost. In privacy mode the raw input never leaves the
 device (``offload`` is never chosen). While ``local`` is chosen nothing is sent and the rate
-estimate would go stale, so after ``probe_every`` local batches one batch goes to the cheapest
-split (by the plan) that sends enough bytes to measure the link; while probes find local still
-best, the gap between them doubles (up to 4x), and it resets when the choice moves off local. Transfers under 64 KB are not
+estimate would go stale. Probing is paid for from a budget: every batch without a measurement
+adds ``probe_budget`` (default 5 %) of its predicted time, and when the budget covers the extra
+predicted cost of the cheapest split that sends enough bytes to measure the link, that batch
+goes there. Probing thus costs at most about 5 % over staying local, cheap probes come often
+and expensive ones (a slow link) rarely; at least ``probe_every`` batches lie between probes. Transfers under 64 KB are not
 used for the estimate: they are bound by latency and TCP's slow start, and read low.
 """
 
@@ -155,7 +157,9 @@ class DynamicSplitClient:
         initial_rate_MBps: the rate assumed before the first transfer [default: the middle of
             the plan's rate range on a log scale].
         backoff_s, max_backoff_s: retry the server after this long, doubling up to the limit.
-        probe_every: after this many local batches in a row, one batch measures the link.
+        probe_every: the fewest batches between two probes of the link.
+        probe_budget: the share of each unmeasured batch's predicted time that may be spent on
+            probing (see the module docstring).
         log: called with each :class:`BatchLog`.
         static: always use this split (a static baseline for comparisons); the local fallback
             still applies.
@@ -167,7 +171,7 @@ class DynamicSplitClient:
     def __init__(self, split_dir: str | os.PathLike, server_url: str | None, plan: Plan | None = None,
                  protocol: str = "http", privacy: bool = False, threads: int | None = 1, deadline_s: float = 5.0,
                  initial_rate_MBps: float | None = None, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
-                 probe_every: int = 10, alpha: float = 0.5, log: Callable[[BatchLog], None] = lambda b: None,
+                 probe_every: int = 3, alpha: float = 0.5, probe_budget: float = 0.05, log: Callable[[BatchLog], None] = lambda b: None,
                  static: str | None = None, device_slowdown: float = 1.0):
         from dsc_export.engines import PartRunner
 
@@ -200,7 +204,7 @@ class DynamicSplitClient:
         self.rate = RateEstimator(initial_rate_MBps or math.sqrt(lo * hi), alpha)
         self.deadline_s, self.backoff_s, self.max_backoff_s = deadline_s, backoff_s, max_backoff_s
         self.probe_every, self.log = probe_every, log
-        self._probe_gap = probe_every  # doubles while probes find nothing better than local
+        self.probe_budget, self._budget = probe_budget, 0.0
         if device_slowdown < 1:
             raise UserError("device_slowdown must be at least 1")
         self.device_slowdown = device_slowdown
@@ -210,6 +214,7 @@ class DynamicSplitClient:
         self._current: str | None = None
         self._down_until, self._backoff = 0.0, backoff_s
         self._local_streak = 0
+        self._probing = False
         self._count = 0
         self.remote = None
         if server_url:
@@ -259,9 +264,12 @@ class DynamicSplitClient:
         if self.remote is None or time.monotonic() < self._down_until:
             return "local", self.plan.choose(batch, self.rate.value, None, exclude=set(self.plan.candidates) - {"local"})[1]
         split, t = self.plan.choose(batch, self.rate.value, self._current, exclude=exclude)
-        if self.static is None and self._local_streak >= self._probe_gap:
+        self._probing = False
+        if self.static is None and self._local_streak >= self.probe_every:
             probe = self._probe(batch, exclude)
-            if probe:
+            if probe and probe[0] != split and self._budget >= probe[1] - t:
+                self._budget = 0.0
+                self._probing = True
                 split, t = probe
         return split, t
 
@@ -279,7 +287,6 @@ class DynamicSplitClient:
         batch = int(x.shape[0])
         est = self.rate.value
         split, predicted = self.choose(batch)
-        probing = split != "local" and self._local_streak >= self._probe_gap
         t0 = time.perf_counter()
         head_ms = wire_ms = server_ms = 0.0
         sent, measured_rate, fallback, ran = 0, None, None, split
@@ -297,7 +304,7 @@ class DynamicSplitClient:
                 sent = int(z.nbytes)
                 # the plan's rtt is the per-request overhead (Eq. 4's extra term): not bytes on the wire
                 measured_rate = self.rate.observe(sent, (wire_ms - self.plan.rtt_ms) / 1e3,
-                                                  stale=self._local_streak >= self.probe_every)
+                                                  stale=self._local_streak >= 2 * self.probe_every)
                 out = res
                 self._backoff = self.backoff_s
             except Exception as exc:  # unreachable, deadline, protocol error: finish here
@@ -307,10 +314,11 @@ class DynamicSplitClient:
         if out is None:
             outs = self._whole.run({self._in: x})
             out = dict(zip(self._outputs, outs))
-        self._local_streak = 0 if measured_rate is not None else self._local_streak + 1  # batches without news
-        if probing and measured_rate is not None:  # back off while probes show local is still best
-            after = self.plan.choose(batch, self.rate.value, None, exclude={"offload"} if self.privacy else set())[0]
-            self._probe_gap = min(self._probe_gap * 2, 4 * self.probe_every) if after == "local" else self.probe_every
+        if measured_rate is not None:
+            self._local_streak, self._budget = 0, 0.0
+        else:  # a batch without news of the link: it earns a share of its time for a probe
+            self._local_streak += 1
+            self._budget += self.probe_budget * predicted
         self._current = split if fallback is None else self._current
         measured = (time.perf_counter() - t0) * 1e3
         self.log(BatchLog(self._count, batch, ran, split, sent, est, measured_rate, predicted, measured,
