@@ -32,7 +32,7 @@ class DemoReport:
 
 
 def run_demo(model: str = "efficientnet_b0", out: str | os.PathLike = "engines/demo", batch_sizes=(1, 2, 4, 8, 16),
-             slowdown: float = 4.0, repeats: int = 5, session_batches: int = 6, serve: bool = True,
+             slowdown: float = 4.0, repeats: int = 5, session_batches: int = 10, serve: bool = True,
              step: Callable[[str], None] = lambda s: None, log: Callable[[str], None] = lambda s: None,
              resolution: int | None = None) -> DemoReport:
     """Run the demo into ``out``; see the module docstring. Returns what was made and concluded."""

@@ -29,5 +29,5 @@ def test_demo_reduced(exported, tmp_path):
     assert abs(sum(summary["plan"]["share_of_cells"].values()) - 1) < 1e-9
     assert "mean gain of dynamic splitting" in r.output and "wins at" in r.output
     if serve:
-        assert len(summary["session"]) == 4 * 6 and all(s["fallback"] is None for s in summary["session"])
+        assert len(summary["session"]) == 4 * 10 and all(s["fallback"] is None for s in summary["session"])
         assert "short dynamic session" in r.output
