@@ -229,7 +229,7 @@ def open_bundle(path: str | os.PathLike, dest: str | os.PathLike, expect_side: s
     try:
         tar = tarfile.open(path, "r")
     except tarfile.TarError as exc:
-        raise UserError(f"'{path}' is not a bundle (not a tar file: {exc})") from exc
+        raise UserError(f"'{path}' is not a bundle (not a tar file)") from exc
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:

@@ -6,6 +6,7 @@ and exit status 1; never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -211,6 +212,28 @@ def split_cmd(model, out, wire_dtype, at, verify) -> None:
         click.secho("note: no compressive bottleneck; only offload and local are possible", fg="yellow")
 
 
+@contextlib.contextmanager
+def _progress(label: str):
+    """A ``progress(done, total, item)`` callback whose bar appears on its first call, so that the
+    library's checks (a bad dir, a missing backend or engine) fail as one line before any bar."""
+    state = {}
+
+    def progress(done: int, total: int, item: str) -> None:
+        if "bar" not in state:
+            state["bar"] = click.progressbar(length=max(total, 1), label=label, file=sys.stderr, show_pos=True,
+                                             item_show_func=lambda x: x)
+            state["bar"].__enter__()
+        bar = state["bar"]
+        bar.length = max(total, 1)
+        bar.update(done - bar.pos, item)
+
+    try:
+        yield progress
+    finally:
+        if "bar" in state:
+            state["bar"].__exit__(None, None, None)
+
+
 def _batch_sizes(ctx, param, value):
     from dsc_export.engines import parse_batch_sizes
 
@@ -343,20 +366,11 @@ def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats,
       dsc-export bench engines/efficientnet_b0/split --role server -o server.json
       dsc-export bench DIR --role device --backend tensorrt --lock-gpu-clocks 300   # as root
     """
-    from dsc_export.artifacts import read_manifest, write_json_atomic
-    from dsc_export.backends import get_backend
+    from dsc_export.artifacts import write_json_atomic
     from dsc_export.profiling import noisy, profile_split_dir
 
-    read_manifest(split_dir)
-    get_backend(backend).check()
     output = output or split_dir / "profiles" / f"{role}-{backend}.json"
-    bar = click.progressbar(length=1, label=f"timing the {role} side", file=sys.stderr, show_pos=True)
-
-    def progress(done, total, label):
-        bar.length = total
-        bar.update(done - bar.pos)
-
-    with bar:
+    with _progress(f"timing the {role} side") as progress:
         prof = profile_split_dir(split_dir, role, backend, batch_sizes, precision, warmup,
                                  None if min_time else repeats, min_time, threads, slowdown, lock_mhz,
                                  rounds=rounds, progress=progress)
@@ -731,6 +745,10 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
         click.secho(f"note: {n}", fg="yellow")
 
 
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def main() -> None:
     """Entry point: run the CLI, turning user errors into one line and a non-zero exit."""
     try:
@@ -740,13 +758,13 @@ def main() -> None:
         sys.exit(130)
     except click.UsageError as exc:  # bad flag or argument: one line, with where to look
         where = exc.ctx.command_path if exc.ctx else "dsc-export"
-        click.secho(f"error: {exc.format_message()} (see '{where} --help')", err=True, fg="red")
+        click.secho(f"error: {_one_line(exc.format_message())} (see '{where} --help')", err=True, fg="red")
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        click.secho(f"error: {exc.format_message()}", err=True, fg="red")
+        click.secho(f"error: {_one_line(exc.format_message())}", err=True, fg="red")
         sys.exit(exc.exit_code)
     except UserError as exc:
-        click.secho(f"error: {exc}", err=True, fg="red")
+        click.secho(f"error: {_one_line(exc)}", err=True, fg="red")
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

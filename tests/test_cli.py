@@ -17,7 +17,8 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "dsc_export", *args], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("verb", [[], ["export"], ["analyze"], ["split"], ["models"]])
+@pytest.mark.parametrize("verb", [[], ["export"], ["analyze"], ["split"], ["models"], ["build"], ["bench"], ["plan"],
+                                  ["simulate"], ["bundle"], ["serve"], ["run"], ["demo"]])
 def test_help_shows_an_example(verb):
     res = CliRunner().invoke(cli, [*verb, "--help"])
     assert res.exit_code == 0
@@ -36,6 +37,12 @@ def test_models_table_lists_all_fifteen():
     (["analyze", "/no/such.onnx"], "does not exist"),
     (["split", "/no/such.onnx"], "does not exist"),
     (["export", "resnet50"], "unknown model 'resnet50'"),
+    (["build", "/no/such/dir"], "not a split dir"),
+    (["bench", "/no/such/dir", "--role", "device"], "not a split dir"),
+    (["plan", "/no/such/dir", "--device", "d.json", "--server", "s.json"], "not a split dir"),
+    (["simulate", "/no/plan.json", "/no/s.csv"], "does not exist"),
+    (["bundle", "/no/such/dir", "--device", "-o", "x.tar"], "not a split dir"),
+    (["demo", "--model", "resnet50"], "unknown model 'resnet50'"),
 ])
 def test_user_errors_are_one_line_without_traceback(args, needle):
     res = run(*args)
@@ -51,12 +58,21 @@ def test_user_errors_are_one_line_without_traceback(args, needle):
     ["export", "efficientnet_b0", "--resolution", "abc"],
     ["models", "--nope"],
     ["nosuchverb"],
+    ["bench", "."],  # click's "Missing option" message spans several lines: still one line here
+    ["build", ".", "--batch-sizes", "0"],
+    ["bundle", "."],
 ])
 def test_bad_flags_are_one_line_usage_errors(args):
     res = run(*args)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0]
+
+
+def test_not_a_bundle_is_one_line(tmp_path):
+    (tmp_path / "b.tar").write_bytes(b"not a tar")
+    res = run("serve", str(tmp_path / "b.tar"))
+    assert res.returncode == 1 and res.stderr.strip() == f"error: '{tmp_path / 'b.tar'}' is not a bundle (not a tar file)"
 
 
 def test_truncated_model_is_one_line(tmp_path):
