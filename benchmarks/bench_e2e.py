@@ -91,10 +91,7 @@ def main() -> None:
     dev, srv = read_profile(prof / f"{args.model}-device.json"), read_profile(prof / f"{args.model}-server.json")
     k = args.device_slowdown
     if k != 1:  # what bench --slowdown K records: every device time x K, labelled
-        from dataclasses import replace
-
-        dev = replace(dev, timings=[replace(t, median_ms=t.median_ms * k, p10_ms=t.p10_ms * k, p90_ms=t.p90_ms * k)
-                                    for t in dev.timings], emulation={**(dev.emulation or {}), "slowdown": k})
+        dev = dev.scaled(k)
     rates = [float(r) for r in args.rates.split(",")]
     log_dir = OUT / "e2e"
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,6 @@ def main() -> None:
     prof = OUT / "profiles"
     dev_p, srv_p = prof / f"{args.model}-device.json", prof / f"{args.model}-server.json"
     if dev_p.is_file() and srv_p.is_file():
-        from dataclasses import replace
 
         from dsc_export.artifacts import read_manifest, read_profile, sha256_file
 
@@ -103,8 +102,7 @@ def main() -> None:
             real, out / args.model, f"{args.model}: best split (device 1 thread, server 2 threads, this machine)",
             f"{args.model} plan")}
         # the same with the device standing for one 4x slower (as the paper's 300 MHz GPU), labelled
-        slow = replace(dev, timings=[replace(t, median_ms=t.median_ms * 4, p10_ms=t.p10_ms * 4, p90_ms=t.p90_ms * 4)
-                                     for t in dev.timings], emulation={**(dev.emulation or {}), "slowdown": 4.0})
+        slow = dev.scaled(4.0)
         result["real_plan_device_x4"] = report(
             make_plan(read_manifest(root), slow, srv), out / f"{args.model}-slow4",
             f"{args.model}: best split, device emulated 4x slower (1 thread x 4), server 2 threads",

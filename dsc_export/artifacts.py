@@ -130,6 +130,12 @@ class Manifest:
                 return s
         raise UserError(f"no split '{split_id}'; known: {', '.join(s.id for s in self.splits)}")
 
+    def parts(self, part: str) -> list[tuple[str, str]]:
+        """(split id, ONNX path) of every split with a ``part`` (``head``: the device side, the
+        whole model for ``local`` included; ``tail``: the server side, ``offload`` included)."""
+        return [(s.id, s.head if part == "head" else s.tail) for s in self.splits
+                if (s.head if part == "head" else s.tail)]
+
     def files_of(self, rel: str) -> list[str]:
         """``rel`` and its external data files (``NAME.data`` beside a part; for the whole model,
         the data files that were copied with it)."""
@@ -261,6 +267,14 @@ class Profile:
             model_sha256=d["model_sha256"], timings=[Timing(**t) for t in d["timings"]],
             precision=d.get("precision", "fp32"), settings=d.get("settings", {}), created=d.get("created", ""),
         )
+
+    def scaled(self, factor: float) -> Profile:
+        """This profile with every time multiplied by ``factor``, labelled as a slowdown."""
+        from dataclasses import replace
+
+        return replace(self, timings=[replace(t, median_ms=t.median_ms * factor, p10_ms=t.p10_ms * factor,
+                                              p90_ms=t.p90_ms * factor) for t in self.timings],
+                       emulation={**(self.emulation or {}), "slowdown": float(factor)})
 
     def time_of(self, split: str, part: str, batch: int) -> Timing | None:
         for t in self.timings:

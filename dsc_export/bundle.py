@@ -44,7 +44,7 @@ _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_
 
 def _side_files(man: Manifest, side: str) -> tuple[list[str], list[Any]]:
     part = "head" if side == "device" else "tail"
-    onnx_files = sorted({getattr(s, part) for s in man.splits if getattr(s, part)} | {man.model.path})
+    onnx_files = sorted({path for _, path in man.parts(part)} | {man.model.path})
     files: list[str] = []
     for rel in onnx_files:
         files += man.files_of(rel)

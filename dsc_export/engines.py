@@ -95,12 +95,8 @@ def plan_jobs(manifest: Manifest, backend: Backend, parts: str, batch_sizes: lis
     """The engine files a build of ``parts`` needs, grouped by source ONNX then batch size."""
     if parts not in PARTS:
         raise UserError(f"--parts must be one of {', '.join(PARTS)}")
-    wanted: list[tuple[str, str, str]] = []  # (split, part, source)
-    for s in manifest.splits:
-        if parts in ("heads", "all") and s.head:
-            wanted.append((s.id, "head", s.head))
-        if parts in ("tails", "all") and s.tail:
-            wanted.append((s.id, "tail", s.tail))
+    sides = {"heads": ("head",), "tails": ("tail",), "all": ("head", "tail")}[parts]
+    wanted = [(sid, part, source) for part in sides for sid, source in manifest.parts(part)]
     jobs: dict[tuple[str, int], Job] = {}
     for source in dict.fromkeys(src for _, _, src in wanted):
         for b in batch_sizes:
@@ -372,7 +368,8 @@ class PartRunner:
         self._onnx = None
         self.input_name: str | None = None
 
-    def _onnx_session(self):
+    def onnx_session(self):
+        """The part's ONNX session (created on first use)."""
         if self._onnx is None:
             from dsc_export.backends.onnxruntime import make_session
 
@@ -392,11 +389,7 @@ class PartRunner:
             got = runner.infer(feeds)
             names = outputs or [o.name for o in runner.outputs]
             return [got[n] for n in names]
-        return self._onnx_session().run(outputs, feeds)
-
-    def warm(self, batch: int, feeds: dict[str, np.ndarray]) -> None:
-        """Load and run once at ``batch`` (so the first real batch is not slower than the profile)."""
-        self.run(feeds)
+        return self.onnx_session().run(outputs, feeds)
 
     def close(self) -> None:
         for r in self._engines.values():

@@ -79,7 +79,7 @@ def role_parts(manifest, role: str) -> list[tuple[str, str]]:
     if role not in ROLES:
         raise UserError(f"--role must be device or server, not '{role}'")
     part = "head" if role == "device" else "tail"
-    return [(s.id, part) for s in manifest.splits if (s.head if part == "head" else s.tail)]
+    return [(sid, part) for sid, _ in manifest.parts(part)]
 
 
 # --- the host --------------------------------------------------------------------------------

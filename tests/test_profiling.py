@@ -182,3 +182,9 @@ def test_rounds_split_the_repeats_and_pool_the_samples(tiny, monkeypatch):
     t = p.timings[0]
     assert t.runs == 6 and t.median_ms == 1 + n  # samples of rounds 1, 2, 3 pooled: values 1, 1+n, 1+2n
     assert p.settings["rounds"] == 3
+
+
+def test_scaled_profile_is_labelled():
+    p = _profile(emulation={"threads": 1, "of_cores": 2}).scaled(4)
+    assert p.emulation == {"threads": 1, "of_cores": 2, "slowdown": 4.0}
+    assert [t.median_ms for t in p.timings] == [8.0, 4.0] and p.timings[0].p90_ms == 10.0

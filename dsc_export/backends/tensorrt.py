@@ -25,18 +25,13 @@ from typing import Any
 import numpy as np
 
 from dsc_export.backends.base import Backend, BuildOptions, Runner, TensorSpec
-from dsc_export.errors import UserError
+from dsc_export.errors import UserError, lazy_import
 
 TIMING_CACHE = "tensorrt.timing-cache"
 
 
 def _trt():
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise UserError("TensorRT is not installed; install the 'tensorrt' extra on a machine with an "
-                        "NVIDIA GPU: pip install 'dsc-export[tensorrt]'") from exc
-    return tensorrt
+    return lazy_import("tensorrt", "tensorrt")
 
 
 def trt_major(trt) -> int:

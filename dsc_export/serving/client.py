@@ -214,7 +214,6 @@ class DynamicSplitClient:
         self._current: str | None = None
         self._down_until, self._backoff = 0.0, backoff_s
         self._local_streak = 0
-        self._probing = False
         self._count = 0
         self.remote = None
         if server_url:
@@ -264,12 +263,10 @@ class DynamicSplitClient:
         if self.remote is None or time.monotonic() < self._down_until:
             return "local", self.plan.choose(batch, self.rate.value, None, exclude=set(self.plan.candidates) - {"local"})[1]
         split, t = self.plan.choose(batch, self.rate.value, self._current, exclude=exclude)
-        self._probing = False
         if self.static is None and self._local_streak >= self.probe_every:
             probe = self._probe(batch, exclude)
             if probe and probe[0] != split and self._budget >= probe[1] - t:
                 self._budget = 0.0
-                self._probing = True
                 split, t = probe
         return split, t
 

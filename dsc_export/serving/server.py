@@ -138,7 +138,7 @@ class TailServer:
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig
 
-        from dsc_export.backends.onnxruntime import ORT_DTYPES, make_session
+        from dsc_export.backends.onnxruntime import ORT_DTYPES
         from dsc_export.engines import PartRunner
 
         man = self.manifest
@@ -153,9 +153,8 @@ class TailServer:
         try:
             for s in tails:
                 self.log(f"loading {s.tail} for {s.id}")
-                sess = make_session(self.root / s.tail, self.threads)  # its signature; runs batches without an engine
                 runner = PartRunner(self.root, man, s.id, "tail", threads=self.threads)
-                runner._onnx = sess
+                sess = runner.onnx_session()  # its signature; it runs the batch sizes without an engine
                 self._sessions[s.id] = runner
                 inp = sess.get_inputs()[0]
                 shape = tuple(int(d) for d in inp.shape[1:])
