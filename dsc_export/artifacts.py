@@ -46,6 +46,19 @@ class ModelRef:
     input_bytes: int  # per sample
     outputs: list[TensorSig] = field(default_factory=list)  # every output (several-output models)
     source: str | None = None  # where the model was read from when split
+    # The only batch size the model runs at: declared fixed in its input, or found by running it
+    # (e.g. a Reshape with the batch baked in). None: any batch size. Engines, profiles and the
+    # plan are then for this batch size only, and a server never batches its requests.
+    fixed_batch: int | None = None
+    # False when one sample's result depends on the other samples of its batch (BatchNorm with
+    # batch statistics): requests of different devices must never be merged into one batch.
+    # None: not checked (split --no-verify).
+    batch_independent: bool | None = None
+
+    @property
+    def mergeable(self) -> bool:
+        """True when a server may merge requests into larger batches (dynamic batching)."""
+        return self.fixed_batch is None and self.batch_independent is not False
 
 
 @dataclass
@@ -115,6 +128,7 @@ class Manifest:
             path=m["path"], sha256=m["sha256"], input=TensorSig(**m["input"]),
             output=TensorSig(**m["output"]), input_bytes=m["input_bytes"],
             outputs=[TensorSig(**o) for o in m.get("outputs", [])], source=m.get("source"),
+            fixed_batch=m.get("fixed_batch"), batch_independent=m.get("batch_independent"),
         )
         return cls(
             model=model, wire_dtype=d["wire_dtype"],

@@ -34,8 +34,7 @@ from dsc_export.errors import UserError, VerificationError
 
 PARTS = ("heads", "tails", "all")
 ENGINES_DIR = "engines"
-# tail(head(x)) and each engine against its ONNX: relative to the largest output magnitude
-TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}
+PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass
@@ -111,7 +110,7 @@ def plan_jobs(manifest: Manifest, backend: Backend, parts: str, batch_sizes: lis
 
 def _prepare(split_dir, backend_name: str, parts: str, batch_sizes, precision: str, options: BuildOptions | None):
     """Read and check everything a build or an import needs, before anything is written."""
-    if precision not in TOLERANCE:
+    if precision not in PRECISIONS:
         raise UserError(f"--precision must be fp32 or fp16, not '{precision}'")
     root = Path(split_dir)
     manifest = read_manifest(root)
@@ -212,20 +211,25 @@ def _remove(path: Path) -> None:
 
 
 def _check_engine(backend: Backend, engine: Path, reference, job: Job, precision: str) -> tuple[float, float]:
-    """Run the engine and its ONNX on one random batch; refuse a mismatch."""
+    """Run the engine and its ONNX on one random batch; refuse a mismatch.
+
+    The tolerance follows the dtypes compared (:func:`dsc_export.compare.tolerance`): the
+    outputs' dtypes, and float16 for an fp16 engine; a NaN or inf is a failure of its own.
+    """
     from dsc_export.backends.onnxruntime import random_inputs
-    from dsc_export.graph.surgery import max_differences
+    from dsc_export.compare import compare, tolerance
 
     feeds = random_inputs(reference, job.batch, np.random.default_rng(job.batch))
     want = reference.run(None, feeds)
     with backend.load(engine, threads=None) as runner:
         got = runner.infer(feeds)
-    outs = [got[o.name] for o in reference.get_outputs()]
-    abs_d, rel_d = max_differences(want, outs)
-    if not rel_d <= TOLERANCE[precision]:
+    names = [o.name for o in reference.get_outputs()]
+    result = compare(want, [got[n] for n in names], names, what=f"engine {job.path}")
+    tol = tolerance(*(w.dtype for w in want), "float16" if precision == "fp16" else None, engine=True)
+    if not result.ok(tol):
         raise VerificationError(f"engine {job.path} differs from {job.source} at batch {job.batch}: "
-                                f"max relative difference {rel_d:.2e} > {TOLERANCE[precision]:.0e}")
-    return abs_d, rel_d
+                                f"{result.describe(tol)}")
+    return result.max_abs, result.max_rel
 
 
 def load_engine(split_dir: str | os.PathLike, rec: Engine, threads: int | None = None) -> Runner:

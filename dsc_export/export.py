@@ -256,7 +256,7 @@ def _stamp_metadata(path: str, entry: ZooEntry, res: int, float_input: bool, wei
 
 def _verify(torch, model, path: str, float_input: bool, res: int, seed: int) -> dict[int, tuple[float, float]]:
     from dsc_export.backends.onnxruntime import make_session
-    from dsc_export.graph.surgery import max_differences
+    from dsc_export.compare import compare
 
     sess = make_session(path)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -269,5 +269,8 @@ def _verify(torch, model, path: str, float_input: bool, res: int, seed: int) -> 
         with torch.no_grad():
             ref = model(x).numpy()
         got = sess.run(None, {INPUT_NAME: x.numpy()})[0]
-        diffs[b] = max_differences([ref], [got])
+        c = compare([ref], [got], what="onnxruntime")
+        if c.problem:
+            raise UserError(f"the exported model does not reproduce torch at batch {b}: {c.problem}")
+        diffs[b] = (c.max_abs, c.max_rel)
     return diffs

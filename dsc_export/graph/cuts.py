@@ -46,6 +46,10 @@ class CutPoint:
     natural: bool
     compressive: bool
     scope: str | None = None
+    # float16 wire only: the largest |value| of the cut tensor on the sample inputs, and whether
+    # it fits float16 (finite, at most 65504). A cut point that does not fit is never split at.
+    max_abs: float | None = None
+    fits_wire: bool = True
 
 
 @dataclass

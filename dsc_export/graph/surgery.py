@@ -234,20 +234,3 @@ def save_part(part: Part, path: str | os.PathLike, check: bool = True) -> None:
                   location=path.name + ".data", size_threshold=0)
     else:
         _write_streaming(part, path)
-
-
-def max_differences(reference: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]:
-    """(max absolute difference, that divided by the largest reference magnitude) over all outputs."""
-    worst_abs, worst_rel = 0.0, 0.0
-    for ref, out in zip(reference, got):
-        if ref.shape != out.shape:
-            return float("inf"), float("inf")
-        if ref.dtype.kind not in "fc":
-            d = float(np.max(ref != out)) if ref.size else 0.0
-            worst_abs, worst_rel = max(worst_abs, d), max(worst_rel, d)
-            continue
-        d = float(np.max(np.abs(ref.astype(np.float64) - out.astype(np.float64)))) if ref.size else 0.0
-        scale = float(np.max(np.abs(ref))) if ref.size else 1.0
-        worst_abs = max(worst_abs, d)
-        worst_rel = max(worst_rel, d / scale if scale > 0 else d)
-    return worst_abs, worst_rel
