@@ -112,6 +112,7 @@ class Manifest:
     engines: list[Engine] = field(default_factory=list)
     verification: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)  # every file of the dir (relative) -> sha256
+    notes: list[str] = field(default_factory=list)  # what split found and did about it (one line each)
     schema: str = SPLIT_SCHEMA
 
     def to_json(self) -> str:
@@ -135,7 +136,7 @@ class Manifest:
             cut_points=[CutPoint(**c) for c in d["cut_points"]],
             splits=[Split(**s) for s in d["splits"]],
             engines=[Engine(**e) for e in d.get("engines", [])], verification=d.get("verification"),
-            files=d.get("files", {}),
+            files=d.get("files", {}), notes=d.get("notes", []),
         )
 
     def split(self, split_id: str) -> Split:

@@ -207,6 +207,8 @@ def split_cmd(model, out, wire_dtype, at, verify) -> None:
     _table(rows, right={2, 3, 4})
     n = sum(1 for s in man.splits if s.kind == "split")
     verdict = "verified" if verify else "NOT verified (--no-verify)"
+    for note in man.notes:
+        click.secho(f"note: {note}", fg="yellow")
     click.echo(f"wrote {out}/manifest.json: {n} split(s) + offload + local, {verdict}")
     if n == 0:
         click.secho("note: no compressive bottleneck; only offload and local are possible", fg="yellow")

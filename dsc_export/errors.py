@@ -19,6 +19,31 @@ class VerificationError(UserError):
     """A split whose head+tail does not reproduce the whole model."""
 
 
+class ModelRunError(UserError):
+    """onnxruntime failed while running a model: where (node, op) and at which batch size.
+
+    Attributes:
+        batch: the batch size it ran at.
+        node: the failing node's name ('' when onnxruntime did not say).
+        op: its op type ('' when unknown).
+        reason: onnxruntime's status message, first line.
+    """
+
+    def __init__(self, what: str, batch: int, exc: BaseException):
+        import re
+
+        text = " ".join(str(exc).split())
+        m = re.search(r"running (\S+) node\. Name:'([^']*)'", text)
+        self.op, self.node = (m.group(1), m.group(2)) if m else ("", "")
+        status = text.split("Status Message:", 1)[-1].strip()
+        status = re.sub(r"^\S*/onnxruntime_src/\S+ ", "", status)  # drop the C++ source location
+        status = re.sub(r"^\S+::\S+\(.*?\)\s+", "", status)  # ... and function
+        status = status.split(" was false. ", 1)[-1]  # ... and the failed assertion's text
+        self.batch, self.reason = batch, status[:300]
+        where = (f" in {self.op} node '{self.node}'" if self.node else f" in an unnamed {self.op} node") if m else ""
+        super().__init__(f"onnxruntime fails to run {what} at batch {batch}{where}: {self.reason}")
+
+
 def lazy_import(module: str, extra: str) -> ModuleType:
     """Import an optional heavy dependency, or raise a one-line :class:`UserError`.
 

@@ -30,23 +30,32 @@ from dsc_export.artifacts import (
     write_json_atomic,
 )
 from dsc_export.compare import Comparison, compare
-from dsc_export.errors import UserError, VerificationError
+from dsc_export.errors import ModelRunError, UserError, VerificationError
 from dsc_export.graph.cuts import (
     WIRE_DTYPES,
     CutPoint,
+    compressive_mask,
     describe_cut_points,
     find_cut_points,
     nearest_cut_points,
     scope_of,
     why_not_cut,
 )
-from dsc_export.graph.model import SHAPE_OPS, dataflow, load_model, load_model_and_data_files
+from dsc_export.graph.model import (
+    SHAPE_OPS,
+    data_dependent,
+    dataflow,
+    load_model,
+    load_model_and_data_files,
+    sort_nodes,
+)
 from dsc_export.graph.shapes import (
     FoldReport,
     batch_dim,
     fold_shape_arithmetic,
     input_signature,
     np_dtype_name,
+    run_with_outputs,
     tensor_shapes,
 )
 from dsc_export.graph.surgery import (
@@ -56,11 +65,9 @@ from dsc_export.graph.surgery import (
     save_part,
 )
 
-VERIFY_BATCHES = (1, 3)
+VERIFY_BATCHES = (1, 3)  # the largest is also run sample by sample (batch independence)
 # verification sessions are used once: skip the layout transform that copies the weights again
 ONE_OFF = "extended"
-# tail(head(x)) against the whole model, relative to the largest output magnitude
-TOLERANCE = {"float32": 1e-5, "float16": 2e-2}
 
 Log = Callable[[str], None]
 
@@ -83,6 +90,8 @@ class Analysis:
     fold: FoldReport
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    fixed_batch: int | None = None  # the only batch size the model runs at (declared or found)
+    unbatched: dict[str, list] = field(default_factory=dict)  # dominators without a leading batch axis
 
     @property
     def natural(self) -> list[CutPoint]:
@@ -157,44 +166,120 @@ def _batch_notes(model: onnx.ModelProto, fold: FoldReport) -> list[str]:
         users = [n.name for n in consumers.get(t, [])]
         for src in dict.fromkeys(sources):
             notes.append(
-                f"the batch size is read from '{src}' (Shape) and used by {', '.join(users) or t}: "
-                "no tensor between them can be a cut point; re-export with Flatten or a -1 in the "
-                "Reshape so that the batch size is not taken from an early tensor"
+                f"the shape of '{src}' is read (Shape) and used by {', '.join(users) or t}, and it "
+                "changes with the batch size otherwise than as the batch dimension (e.g. the batch "
+                "merged into another axis): no tensor between them can be a cut point; re-export "
+                "with a -1 in that Reshape so that no early tensor's shape is read"
             )
     return notes
 
 
+def _fix_input_batch(model: onnx.ModelProto, batch: int) -> None:
+    """Declare the input's batch dimension fixed at ``batch`` (in place)."""
+    model.graph.input[[i.name for i in model.graph.input].index(input_signature(model)[0][0])] \
+        .type.tensor_type.shape.dim[0].dim_value = batch
+
+
+def _graph_notes(model: onnx.ModelProto, sorted_nodes: bool) -> list[str]:
+    """What the graph hygiene on load found (notes; nothing here refuses)."""
+    notes = []
+    if sorted_nodes:
+        notes.append("the graph's nodes were not in topological order (as graph editors leave them); "
+                     "they were sorted before cutting")
+    names = [o.name for o in model.graph.output]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        notes.append(f"output(s) {', '.join(repr(d) for d in dup)} are listed more than once")
+    inputs = {i.name for i in model.graph.input}
+    for o in dict.fromkeys(names):
+        if o in inputs:
+            notes.append(f"output '{o}' is the input itself: every split would have to send the input "
+                         "too, so only offload and local remain")
+    df = dataflow(model.graph)
+    values, shapes = data_dependent(df)
+    for o in dict.fromkeys(names):
+        if o not in values and o not in shapes:
+            notes.append(f"output '{o}' is a constant (not computed from the input); every tail returns it")
+    return notes
+
+
 def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: str = "<memory>",
-                  log: Log = _quiet, inplace: bool = False) -> tuple[Analysis, onnx.ModelProto]:
+                  log: Log = _quiet, inplace: bool = False, inputs=None,
+                  fixed_batch: int | None = None) -> tuple[Analysis, onnx.ModelProto]:
     """Find, size and classify the cut points of ``model``.
+
+    Args:
+        model: the model (its weights loaded).
+        wire_dtype: ``float32`` or ``float16``; with ``float16`` every cut point's activations on
+            the sample inputs are checked against float16's range (``CutPoint.fits_wire``), and
+            only those that fit can be compressive.
+        source: where the model came from (for the report).
+        log: progress callback.
+        inplace: edit ``model`` itself (sorting, folding; no second copy of the weights).
+        inputs: sample inputs for the runs (``feeds(batch, index)``); None: random.
+        fixed_batch: the only batch size the model runs at, when known (split finds it by running
+            the whole model); None: the declared one, or any. When a probe run fails at a batch
+            size above 1 and works at 1, the model is analysed at batch 1 (``Analysis.fixed_batch``).
 
     Returns:
         ``(analysis, folded model)``; the folded model is ``model`` with its static shape
-        arithmetic replaced by constants, from which heads and tails are cut. With
-        ``inplace`` the folding edits ``model`` itself (no second copy of the weights).
+        arithmetic replaced by constants and its batch-size reads made explicit, from which
+        heads and tails are cut.
+
+    Raises:
+        UserError: not a single-input model with only the batch dynamic, or the model does not
+            run at any batch size (the message names the node).
     """
     if wire_dtype not in WIRE_DTYPES:
         raise UserError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}")
     t0 = time.perf_counter()
     name, dims, dtype = _check_inputs(model)
-    log("folding static shape arithmetic")
+    if not inplace:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+    notes = _graph_notes(model, sort_nodes(model))
     outputs = _output_sigs(model)
-    folded, fold = fold_shape_arithmetic(model, inplace=inplace)
-    notes = _batch_notes(folded, fold)
-    df = dataflow(folded.graph)
-    log("finding cut points")
-    cuts = find_cut_points(df)
-    shapes = tensor_shapes(folded, cuts)
+    declared = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+    fixed = declared or fixed_batch
+    if fixed and not declared:
+        _fix_input_batch(model, fixed)
+    while True:
+        try:
+            log("folding static shape arithmetic")
+            folded, fold = fold_shape_arithmetic(model, inplace=True, inputs=inputs)
+            df = dataflow(folded.graph)
+            log("finding cut points")
+            cuts = find_cut_points(df)
+            unbatched: dict[str, list] = {}
+            shapes = tensor_shapes(folded, cuts, unbatched, inputs=inputs)
+            break
+        except ModelRunError as exc:
+            if fixed or exc.batch <= 1:
+                raise UserError(f"{exc}; check that the model runs with onnxruntime, or give real inputs "
+                                "with --inputs FILE.npz|DIR") from exc
+            fixed = 1
+            _fix_input_batch(model, 1)
+            notes.append(_fixed_batch_note(model, exc))
+    notes += _batch_notes(folded, fold)
+    if unbatched:
+        names = ", ".join(f"'{t}' {v[0]}" for t, v in list(unbatched.items())[:3])
+        more = f" and {len(unbatched) - 3} more" if len(unbatched) > 3 else ""
+        notes.append(f"{len(unbatched)} tensor(s) through which every path passes have no leading batch "
+                     f"dimension ({names}{more}, e.g. sequence-first attention): they are not cut points")
+    cuts = [c for c in cuts if c in shapes]
     per_sample = [int(d) for d in dims[1:]]
     in_elements = int(np.prod(per_sample, dtype=np.int64))
     in_bytes = in_elements * np.dtype(dtype).itemsize
     # folding renames only shape-arithmetic tensors, so the cut tensors' producers keep their names
     points = describe_cut_points(cuts, shapes, in_bytes, in_elements, wire_dtype, _scopes(folded, cuts))
-    batch = batch_dim(model)
+    if wire_dtype == "float16":
+        notes += _check_wire_range(folded, points, inputs, fixed)
+    batch = fixed or batch_dim(model)
     analysis = Analysis(
         source=source, input=TensorSig(name, [batch, *per_sample], dtype), outputs=outputs,
         input_bytes=in_bytes, input_elements=in_elements, wire_dtype=wire_dtype,
-        cut_points=points, fold=fold, notes=notes,
+        cut_points=points, fold=fold, notes=notes, fixed_batch=fixed, unbatched=unbatched,
     )
     if not analysis.natural:
         analysis.notes.append(
@@ -205,10 +290,75 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
     return analysis, folded
 
 
-def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", log: Log = _quiet) -> Analysis:
-    """Load an ONNX file and analyse it (see :func:`analyze_model`)."""
+def _fixed_batch_note(model: onnx.ModelProto, exc: ModelRunError) -> str:
+    """The note for a model that runs at batch 1 only, naming the node that fixes the batch."""
+    where = f"{exc.op} node '{exc.node}'" if exc.node else _batch_fixing_node(model, exc.op)
+    return (f"the model runs at batch 1 only: at batch {exc.batch} onnxruntime fails in {where} "
+            f"({exc.reason}); it is analysed, verified and built at batch 1, and never batched")
+
+
+def _batch_fixing_node(model: onnx.ModelProto, op: str) -> str:
+    """Name the node that bakes a batch size in when onnxruntime did not (unnamed nodes): a
+    Reshape/Expand/Tile whose constant target has a positive first dimension."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == (op or "Reshape") and len(n.input) > 1 and n.input[1] in inits:
+            target = onnx.numpy_helper.to_array(inits[n.input[1]])
+            if target.ndim == 1 and target.size and target[0] > 0:
+                return (f"{n.op_type} node '{n.name or n.output[0]}' (its target shape "
+                        f"{target.tolist()} has the batch size {int(target[0])} baked in)")
+    return f"an unnamed {op or 'unknown'} node"
+
+
+def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, fixed: int | None) -> list[str]:
+    """float16 wire: record each cut point's largest |activation| on the sample inputs, mark
+    those beyond float16's range (or non-finite) as not fitting, and re-apply Eq. 3 to the rest."""
+    from dsc_export.compare import fits
+
+    if not points:
+        return []
+    batch = fixed or 2
+    run = run_with_outputs(folded, [p.tensor for p in points], (batch,), inputs=inputs)[0]
+    for p in points:
+        if np.dtype(p.dtype).kind != "f":
+            continue
+        v = run[p.tensor].astype(np.float64)
+        p.max_abs = float(np.nanmax(np.abs(v))) if np.isfinite(v).all() else float("inf")
+        p.fits_wire = fits("float16", v)
+    fitting = [p for p in points if p.fits_wire]
+    for p, c in zip(fitting, compressive_mask([p.ratio for p in fitting])):
+        p.compressive = c
+    over = [p for p in points if not p.fits_wire]
+    for p in over:
+        p.compressive = False
+    if not over:
+        return []
+    names = ", ".join(f"'{p.tensor}' (max |x| {p.max_abs:.3g})" for p in over[:3])
+    more = f" and {len(over) - 3} more" if len(over) > 3 else ""
+    return [f"{len(over)} cut point(s) overflow float16 on the sample inputs ({names}{more}): they are "
+            "not split at with --wire-dtype float16 (use float32 for them)"]
+
+
+def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", log: Log = _quiet, inputs=None) -> Analysis:
+    """Load an ONNX file and analyse it (see :func:`analyze_model`).
+
+    Args:
+        inputs: a ``.npz`` file or a folder of images for the runs (see
+            :mod:`dsc_export.inputs`), or None for random inputs.
+    """
     model = load_model(path)
-    return analyze_model(model, wire_dtype, os.fspath(path), log, inplace=True)[0]
+    samples = _samples(inputs, model)
+    return analyze_model(model, wire_dtype, os.fspath(path), log, inplace=True, inputs=samples)[0]
+
+
+def _samples(inputs, model: onnx.ModelProto):
+    """Sample inputs for ``model``: a path made into :class:`dsc_export.inputs.SampleInputs`, an
+    object with ``feeds`` as it is, None as None (random inputs)."""
+    if inputs is None or hasattr(inputs, "feeds"):
+        return inputs
+    from dsc_export.inputs import SampleInputs
+
+    return SampleInputs.from_path(inputs, model)
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -225,10 +375,24 @@ def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None) -
     by_name = {c.tensor: c for c in analysis.cut_points}
     chosen = []
     df = None
+    outputs = {o.name for o in analysis.outputs}
     for t in at:
         if t in by_name:
-            chosen.append(by_name[t])
+            cp = by_name[t]
+            if not cp.fits_wire:
+                raise UserError(f"--at '{t}': its activations overflow float16 on the sample inputs (max |x| "
+                                f"{cp.max_abs:.3g} > 65504); split there with --wire-dtype float32")
+            chosen.append(cp)
             continue
+        if t in outputs:
+            raise UserError(f"--at '{t}' is a graph output: cutting there is the 'local' candidate (everything "
+                            "on the device), which every split dir has already")
+        if t == analysis.input.name:
+            raise UserError(f"--at '{t}' is the graph input: cutting there is the 'offload' candidate (send the "
+                            "input), which every split dir has already")
+        if t in analysis.unbatched:
+            raise UserError(f"--at '{t}' has no leading batch dimension (shapes {analysis.unbatched[t]} at batch "
+                            "sizes 1 and 2), so it cannot travel as a batch of samples; choose another cut point")
         df = df or dataflow(folded.graph)
         known = {o for n in df.nodes for o in n.outputs} | set(df.inputs)
         if t not in known:
@@ -258,6 +422,7 @@ def split_model(
     verify: bool = True,
     seed: int = 0,
     log: Log = _quiet,
+    inputs=None,
 ) -> Manifest:
     """Cut ``path`` at each compressive bottleneck (or at each tensor of ``at``) and write a split dir.
 
@@ -271,9 +436,15 @@ def split_model(
         verify: check tail(head(x)) against the whole model with onnxruntime.
         seed: seed of the random verification inputs.
         log: progress callback.
+        inputs: a ``.npz`` file or a folder of images for sizing and verification (see
+            :mod:`dsc_export.inputs`); None: random inputs within the ranges the graph implies.
 
     Returns:
         The manifest written to ``out_dir/manifest.json``.
+
+    Raises:
+        UserError: the model cannot be split (one line saying why); VerificationError: a split
+            does not reproduce the model (nothing is written).
     """
     src = Path(path)
     out = Path(out_dir)
@@ -281,14 +452,21 @@ def split_model(
         raise UserError(f"'{out}' exists and is not a split dir; choose another -o")
     log(f"loading {src}")
     reference = None
+    structure = load_model(src, load_data=False)  # one-line errors before onnxruntime sees the file
+    _check_inputs(structure)
+    samples = _samples(inputs, structure)
+    del structure
+    _release_freed_memory()
     if verify:  # before the weights are in this process: that session's load is the peak
-        load_model(src, load_data=False)  # one-line errors before onnxruntime sees the file
-        _release_freed_memory()
         log("running the whole model for reference outputs")
-        reference = _reference(src, seed)
+        reference = _reference(src, seed, samples)
+        _release_freed_memory()  # the whole model's session is gone: hand its pages back
     model, data_files = load_model_and_data_files(src)
-    analysis, folded = analyze_model(model, wire_dtype, os.fspath(src), log, inplace=True)
+    analysis, folded = analyze_model(model, wire_dtype, os.fspath(src), log, inplace=True, inputs=samples,
+                                     fixed_batch=reference.fixed_batch if reference else None)
     del model
+    notes = (reference.notes if reference else []) + [
+        n for n in analysis.notes if not reference or not n.startswith("the model runs at batch")]
     log(analysis.summary())
     chosen = _choose(analysis, folded, at)
     try:
@@ -321,10 +499,11 @@ def split_model(
             model=ModelRef(
                 path="model.onnx", sha256=sha256_file(model_file), input=analysis.input,
                 output=analysis.outputs[0], input_bytes=analysis.input_bytes, outputs=analysis.outputs,
-                source=os.fspath(src),
+                source=os.fspath(src), fixed_batch=analysis.fixed_batch,
+                batch_independent=reference.batch_independent if reference else None,
             ),
             wire_dtype=wire_dtype, cut_points=analysis.cut_points, splits=splits,
-            verification=verification, files=hash_files(tmp),
+            verification=verification, files=hash_files(tmp), notes=notes,
         )
         write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
         if out.exists():
@@ -355,34 +534,129 @@ def _release_freed_memory() -> None:
 
 @dataclass
 class _Reference:
-    """Random inputs and the whole model's outputs for them, one entry per batch size."""
+    """Inputs and the whole model's outputs for them, one entry per batch size, and what running
+    the whole model taught about its batch dimension."""
 
     batches: tuple[int, ...]
     feeds: list[dict]
     outputs: list[list[np.ndarray]]
+    output_names: list[str]
+    fixed_batch: int | None = None
+    batch_independent: bool | None = None
+    notes: list[str] = field(default_factory=list)
+    inputs: str = "random"
 
 
-def _reference(model_file: Path, seed: int) -> _Reference:
+def _reference(model_file: Path, seed: int, samples=None) -> _Reference:
+    """Run the whole model at the verification batch sizes (1 and 3; a fixed batch as it is).
+
+    Finds the batch sizes the model runs at: when it fails above batch 1 and runs at 1, it is a
+    batch-1 model (``fixed_batch``). Checks that each sample of the batch-3 run equals that
+    sample run alone (``batch_independent``; False for BatchNorm with batch statistics).
+
+    Raises:
+        UserError: the model does not run at all (names the node and what to try).
+    """
     from dsc_export.backends.onnxruntime import make_session, random_inputs
+    from dsc_export.compare import tolerance
 
     whole = make_session(model_file, optimization=ONE_OFF, arena=False)
+    names = [o.name for o in whole.get_outputs()]
     dim0 = whole.get_inputs()[0].shape[0]
-    batches = (dim0,) if isinstance(dim0, int) and dim0 > 0 else VERIFY_BATCHES
+    declared = dim0 if isinstance(dim0, int) and dim0 > 0 else None
     rng = np.random.default_rng(seed)
-    feeds = [random_inputs(whole, b, rng) for b in batches]
-    outputs = [whole.run(None, f) for f in feeds]
-    del whole
-    _release_freed_memory()
-    return _Reference(batches, feeds, outputs)
+
+    def feeds_at(b: int) -> dict:
+        return random_inputs(whole, b, rng) if samples is None else samples.feeds(b)
+
+    def run(f: dict, b: int) -> list[np.ndarray]:
+        try:
+            return whole.run(None, f)
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise ModelRunError("the whole model", b, exc) from exc
+
+    ref = _Reference((), [], [], names, inputs=getattr(samples, "description", "random, full range of the input dtype"))
+    big = declared or max(VERIFY_BATCHES)
+    f = feeds_at(big)
+    try:
+        out = run(f, big)
+    except ModelRunError as exc:
+        if declared:
+            raise UserError(f"{exc}; check that the model runs with onnxruntime, or give real inputs with "
+                            "--inputs FILE.npz|DIR") from exc
+        one = {k: v[:1] for k, v in f.items()}
+        _run_or_refuse(run, one, 1)
+        ref.fixed_batch = 1
+        ref.notes.append(_fixed_batch_note(load_model(model_file, load_data=False), exc))
+        ref.batches, ref.feeds, ref.outputs = (1,), [one], [run(one, 1)]
+        return ref
+    tol = tolerance(*(o.dtype for o in out), engine=True)  # other batch sizes, other kernels
+    if declared:
+        ref.batches, ref.feeds, ref.outputs, ref.fixed_batch = (declared,), [f], [out], declared
+        if declared == 1:
+            return ref
+        # the same first sample among other batch-mates (fresh ones: a permutation would keep batch statistics)
+        other = feeds_at(declared)
+        mates = {k: np.concatenate([v[:1], other[k][1:]]) for k, v in f.items()}
+        pairs = [(0, [_sample(o, 0, declared) for o in out], [_sample(o, 0, declared) for o in run(mates, declared)])]
+        check_what = "with other batch-mates"
+    else:
+        # every sample alone (the first doubles as the batch-1 verification input)
+        alone = [{k: v[i:i + 1] for k, v in f.items()} for i in range(big)]
+        alone_out = [run(a, 1) for a in alone]
+        pairs = [(i, [_sample(o, i, big) for o in out], a) for i, a in enumerate(alone_out)]
+        check_what = "run alone"
+        ref.batches, ref.feeds, ref.outputs = (1, big), [alone[0], f], [alone_out[0], out]
+    worst = None
+    for i, together, apart in pairs:
+        c = compare([t for t in together if t is not None], [a for t, a in zip(together, apart) if t is not None],
+                    what=f"sample {i} {check_what}")
+        if not c.ok(tol) and (worst is None or c.max_rel > worst[1].max_rel):
+            worst = (i, c)
+    ref.batch_independent = worst is None
+    if worst is not None:
+        ref.notes.append(
+            f"the model's result for a sample depends on the other samples of its batch (sample {worst[0]} "
+            f"{check_what}: {worst[1].describe(tol)}; BatchNorm with batch statistics?): splits are exact at "
+            "equal batches, but no server merges requests of different devices into one batch "
+            "(dynamic batching off)")
+    return ref
+
+
+def _sample(out: np.ndarray, i: int, batch: int) -> np.ndarray | None:
+    """Sample ``i`` of an output batched on its first axis of size ``batch`` (kept, size 1);
+    None when no axis has that size (a constant output)."""
+    axis = next((k for k, d in enumerate(out.shape) if d == batch), None)
+    if axis is None:
+        return None
+    return np.take(out, [i], axis=axis)
+
+
+def _run_or_refuse(run, feeds: dict, batch: int) -> list[np.ndarray]:
+    try:
+        return run(feeds, batch)
+    except ModelRunError as exc:
+        raise UserError(f"{exc}; check that the model runs with onnxruntime, or give real inputs with "
+                        "--inputs FILE.npz|DIR") from exc
 
 
 def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, seed: int,
             log: Log) -> dict:
-    from dsc_export.backends.onnxruntime import make_session
+    """tail(head(x)) against the whole model for every split, at the reference's batch sizes.
 
-    tol = TOLERANCE[wire_dtype]
+    The tolerance follows the dtypes compared (:func:`dsc_export.compare.tolerance`): the wire
+    dtype, the cut tensor's and the outputs' dtypes; a NaN or inf anywhere is a failure.
+
+    Raises:
+        VerificationError: a split that does not reproduce the model (names it and why).
+    """
+    from dsc_export.backends.onnxruntime import make_session
+    from dsc_export.compare import tolerance
+
     batches, feeds, refs = ref.batches, ref.feeds, ref.outputs
+    out_dtypes = [o.dtype for o in refs[0]]
     cut_splits = [s for s in splits if s.kind == "split"]
+    tols = []
     for k, s in enumerate(cut_splits, 1):
         log(f"[{k}/{len(cut_splits)}] verifying {s.id}: tail(head(x)) against the whole model "
             f"at batch sizes {list(batches)}")
@@ -393,8 +667,11 @@ def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, s
         _release_freed_memory()
         tail = make_session(root / s.tail, optimization=ONE_OFF, arena=False)
         result = Comparison()
-        for h, ref in zip(sent, refs):
-            result = result.merge(compare(ref, tail.run(None, {s.wire_tensor: h}), what="the tail"))
+        for h, want in zip(sent, refs):
+            result = result.merge(compare(want, tail.run(None, {s.wire_tensor: h}), ref.output_names,
+                                          what=f"the tail of {s.id}"))
+        tol = tolerance(wire_dtype, sent[0].dtype, *out_dtypes)
+        tols.append(tol)
         del tail, sent
         _release_freed_memory()
         s.max_abs_diff, s.max_rel_diff = result.max_abs, result.max_rel
@@ -403,5 +680,5 @@ def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, s
                 f"split {s.id} at '{s.tensor}' does not reproduce the model: {result.describe(tol)}; "
                 "nothing was written"
             )
-    return {"batch_sizes": list(batches), "tolerance_rel": tol, "seed": seed,
-            "inputs": "random, full range of the input dtype"}
+    return {"batch_sizes": list(batches), "tolerance_rel": max(tols, default=tolerance(wire_dtype, *out_dtypes)),
+            "seed": seed, "inputs": ref.inputs, "batch_independent": ref.batch_independent}

@@ -184,12 +184,34 @@ def tf_same_pad():
 
 
 def batch_reshape():
-    """Shape(x)[0] (the batch size) feeds a Reshape near the end: nothing between can be cut."""
+    """Shape(a)[0] (the batch size) feeds a Reshape near the end (``x.view(x.size(0), -1)``):
+    the tail can read the batch size from any cut tensor, so a, b and c are all cut points."""
     g = G()
     g.conv("a", "x", 4)
     g.node("Shape", ["a"], "sh")
     g.init("idx0", np.array([0], np.int64))
     g.node("Gather", ["sh", "idx0"], "n", axis=0)
+    g.conv("b", "a", 2, stride=2)
+    g.relu("c", "b")
+    g.init("minus1", np.array([-1], np.int64))
+    g.node("Concat", ["n", "minus1"], "shape2", axis=0)
+    g.node("Reshape", ["c", "shape2"], "y")
+    return g.model(["y"]), ["a", "b", "c"]
+
+
+def batch_merge_reshape():
+    """The batch size is read from a tensor whose leading axis is 2N (the batch merged with
+    another axis), then halved for a Reshape near the end: that read is not the batch dimension
+    itself, so it stays a path, and nothing between a and the Reshape can be cut."""
+    g = G()
+    g.conv("a", "x", 4)
+    g.init("pairs", np.array([-1, 2, 16, 16], np.int64))
+    g.node("Reshape", ["a", "pairs"], "a2")  # [2N, 2, 16, 16]
+    g.node("Shape", ["a2"], "sh")
+    g.init("idx0", np.array([0], np.int64))
+    g.node("Gather", ["sh", "idx0"], "n2", axis=0)
+    g.init("two", np.array([2], np.int64))
+    g.node("Div", ["n2", "two"], "n")
     g.conv("b", "a", 2, stride=2)
     g.relu("c", "b")
     g.init("minus1", np.array([-1], np.int64))

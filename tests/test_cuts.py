@@ -110,10 +110,28 @@ def test_unfolded_shape_arithmetic_blocks_cuts_until_folded():
     assert find_cut_points(dataflow(folded.graph)) == expected
 
 
-def test_batch_size_read_from_early_tensor_is_kept_and_explained():
+def test_batch_size_read_becomes_one_read_of_the_input_batch():
     model, expected = graphs.batch_reshape()
+    assert find_cut_points(dataflow(model.graph)) == ["a"]  # before: Shape(a) bypasses b and c
     folded, report = fold_shape_arithmetic(model)
-    assert report.batch_dependent == ["shape2"]
+    assert report.batch_dependent == [] and len(report.batch_reads) == 1
+    reads = [n for n in folded.graph.node if n.op_type == "Shape"]
+    assert [(n.name, list(n.input)) for n in reads] == [("dsc_export/batch_read", ["x"])]
+    assert find_cut_points(dataflow(folded.graph)) == expected
+    # same outputs at several batch sizes as the original
+    import onnxruntime as ort
+
+    for b in (1, 4):
+        x = np.random.default_rng(b).standard_normal((b, 3, 16, 16)).astype(np.float32)
+        want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+        got = ort.InferenceSession(folded.SerializeToString()).run(None, {"x": x})[0]
+        np.testing.assert_array_equal(got, want)
+
+
+def test_read_of_a_merged_batch_axis_is_kept_and_explained():
+    model, expected = graphs.batch_merge_reshape()
+    folded, report = fold_shape_arithmetic(model)
+    assert report.batch_dependent == ["shape2"] and report.batch_reads == []
     df = dataflow(folded.graph)
     assert find_cut_points(df) == expected
     reason = why_not_cut(df, "b")

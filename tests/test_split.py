@@ -105,11 +105,32 @@ def test_at_a_tensor_that_is_not_a_cut_point_names_the_nearest(tmp_path):
         split_model(src, tmp_path / "s", at=["nope"])
 
 
-def test_batch_size_note_explains_the_blocked_cut(tmp_path):
-    model, _ = graphs.batch_reshape()
+def test_batch_size_read_does_not_block_cuts(tmp_path):
+    """x.view(x.size(0), -1): the tail reads the batch size from its cut tensor instead."""
+    model, cuts = graphs.batch_reshape()
+    src = save(model, tmp_path / "m.onnx")
+    an = analyze_file(src)
+    assert [c.tensor for c in an.cut_points] == cuts
+    assert len(an.fold.batch_reads) == 1 and not an.fold.batch_dependent
+    man = split_model(src, tmp_path / "s", at=cuts)  # verified at batch 1 and 3 against the model
+    assert [s.tensor for s in man.splits if s.kind == "split"] == cuts
+    # independently: every tail reads the batch size from its own input, never the model input
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    want = ort.InferenceSession(str(src)).run(None, {"x": x})[0]
+    for s in man.splits[1:-1]:
+        h = ort.InferenceSession(str(tmp_path / "s" / s.head)).run(None, {"x": x})[0]
+        tail = ort.InferenceSession(str(tmp_path / "s" / s.tail))
+        assert [i.name for i in tail.get_inputs()] == [s.wire_tensor]
+        np.testing.assert_allclose(tail.run(None, {s.wire_tensor: h})[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_merged_into_another_axis_blocks_cuts_with_a_note(tmp_path):
+    model, cuts = graphs.batch_merge_reshape()
     an = analyze_file(save(model, tmp_path / "m.onnx"))
-    assert [c.tensor for c in an.cut_points] == ["a"]
-    assert any("batch size is read from 'a'" in n for n in an.notes)
+    assert [c.tensor for c in an.cut_points] == cuts
+    assert any("the shape of 'a2' is read" in n for n in an.notes)
 
 
 def test_odd_names_get_safe_files(tmp_path):
@@ -152,9 +173,9 @@ def test_big_models_are_saved_with_external_data(tmp_path, monkeypatch):
 
 
 def test_verification_failure_leaves_nothing_behind(tmp_path, monkeypatch):
-    import dsc_export.splitting as splitting
+    import dsc_export.compare as compare
 
-    monkeypatch.setitem(splitting.TOLERANCE, "float32", -1.0)
+    monkeypatch.setitem(compare.REL_TOLERANCE, "float32", -1.0)
     model, cuts = graphs.chain()
     with pytest.raises(VerificationError, match="does not reproduce"):
         split_model(save(model, tmp_path / "m.onnx"), tmp_path / "s", at=cuts)

@@ -13,6 +13,16 @@ from dsc_export.errors import UserError
 
 # Ops whose output depends only on the *shape* of their input, never on its values.
 SHAPE_OPS = {"Shape", "Size"}
+# Name prefix of the Shape nodes that read only the batch size (written by
+# :func:`dsc_export.graph.shapes.rewrite_batch_reads`). Every batched tensor carries the batch
+# size on axis 0, so such a read is not a data-flow edge: a head reads it from the model input,
+# a tail from the cut tensor (:mod:`dsc_export.graph.surgery` rewires it).
+BATCH_READ = "dsc_export/batch_read"
+
+
+def is_batch_read(node) -> bool:
+    """True for a Shape node written to read the batch size (see :data:`BATCH_READ`)."""
+    return node.op_type == "Shape" and node.name.startswith(BATCH_READ)
 
 
 def load_model(path: str | os.PathLike, load_data: bool = True) -> onnx.ModelProto:
@@ -167,7 +177,8 @@ def dataflow(graph: onnx.GraphProto) -> Dataflow:
     inputs = [i.name for i in graph.input if i.name not in constants]
     nodes = [
         OpNode(k, n.name or f"{n.op_type}_{k}", n.op_type,
-               tuple(x for x in n.input if x) + tuple(outer_scope_inputs(n)), tuple(n.output))
+               () if is_batch_read(n) else tuple(x for x in n.input if x) + tuple(outer_scope_inputs(n)),
+               tuple(n.output))
         for k, n in enumerate(graph.node)
     ]
     return Dataflow(inputs, [o.name for o in graph.output], nodes, constants)
@@ -232,3 +243,26 @@ def topological_nodes(df: Dataflow) -> list[OpNode]:
     if len(order) != len(df.nodes):
         raise UserError("the graph has a cycle; it is not a valid ONNX model")
     return order
+
+
+def sort_nodes(model: onnx.ModelProto) -> bool:
+    """Put the graph's nodes in a topological order, in place, when they are not already
+    (graph editors append nodes anywhere; onnxruntime runs such graphs, onnx.checker and every
+    part cut from them would not). Stable: a sorted graph keeps its order.
+
+    Returns:
+        True when the order changed.
+
+    Raises:
+        UserError: a cycle, or a tensor read that nothing defines.
+    """
+    order = topological_nodes(dataflow(model.graph))
+    if all(n.index == k for k, n in enumerate(order)):
+        return False
+    nodes = [model.graph.node[n.index] for n in order]
+    copies = [onnx.NodeProto() for _ in nodes]
+    for c, n in zip(copies, nodes):
+        c.CopyFrom(n)
+    del model.graph.node[:]
+    model.graph.node.extend(copies)
+    return True

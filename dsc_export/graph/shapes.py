@@ -27,12 +27,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from dsc_export.errors import UserError
+from dsc_export.errors import ModelRunError, UserError
 from dsc_export.graph.model import (
+    BATCH_READ,
     SHAPE_OPS,
     data_dependent,
     dataflow,
     empty_like,
+    is_batch_read,
     outer_scope_inputs,
 )
 
@@ -75,12 +77,23 @@ def probe_batches(model: onnx.ModelProto) -> tuple[int, ...]:
 
 
 def run_with_outputs(
-    model: onnx.ModelProto, names: list[str], batches: tuple[int, ...], seed: int = 0
+    model: onnx.ModelProto, names: list[str], batches: tuple[int, ...], seed: int = 0, inputs=None,
 ) -> list[dict[str, np.ndarray]]:
-    """Run ``model`` once per batch size on random inputs, returning the named tensors.
+    """Run ``model`` once per batch size, returning the named tensors.
 
     The tensors are added as graph outputs to a copy of the model; models over 2 GB are run
     from a temporary folder with external data.
+
+    Args:
+        model: the model.
+        names: tensors to return.
+        batches: batch sizes to run at.
+        seed: seed of the random inputs (when ``inputs`` is None).
+        inputs: sample inputs (an object with ``feeds(batch, index)``, e.g.
+            :class:`dsc_export.inputs.SampleInputs`); None: random inputs.
+
+    Raises:
+        ModelRunError: onnxruntime fails at one of the batch sizes (its ``batch`` says which).
     """
     from dsc_export.backends.onnxruntime import make_session, random_inputs
 
@@ -108,8 +121,11 @@ def run_with_outputs(
             while len(graph_outputs) > n_before:
                 graph_outputs.pop()
         for b in batches:
-            feeds = random_inputs(sess, b, rng)
-            values = sess.run(names, feeds) if names else []
+            feeds = random_inputs(sess, b, rng) if inputs is None else inputs.feeds(b)
+            try:
+                values = sess.run(names, feeds) if names else []
+            except Exception as exc:  # onnxruntime raises several unrelated types
+                raise ModelRunError("the model", b, exc) from exc
             results.append(dict(zip(names, values)))
     return results
 
@@ -119,20 +135,26 @@ class FoldReport:
     """What :func:`fold_shape_arithmetic` did."""
 
     folded: list[str] = field(default_factory=list)  # tensors replaced by constants
-    batch_dependent: list[str] = field(default_factory=list)  # kept: they read the batch size
+    # Shape/Size reads whose dimensions are constants or the batch size: rewritten to read the
+    # batch size alone (any batched tensor has it), so they are no path around a cut point
+    batch_reads: list[str] = field(default_factory=list)
+    # kept: they change with the batch size otherwise than as the batch dimension itself
+    batch_dependent: list[str] = field(default_factory=list)
     removed_nodes: int = 0
     probed: int = 0  # frontier tensors that needed a real run (static evaluation could not size them)
 
 
-def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False) -> tuple[onnx.ModelProto, FoldReport]:
-    """Replace shape arithmetic that is constant for the model's input size by initializers.
+def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False, inputs=None) -> tuple[onnx.ModelProto, FoldReport]:
+    """Replace shape arithmetic that is constant for the model's input size by initializers,
+    and reads of the batch size by one read of the model input's batch dimension.
 
     Args:
         model: the model (modified only with ``inplace``, which saves a copy of the weights).
 
     Returns:
         ``(folded model, report)``. The folded model computes the same outputs for inputs of
-        the model's own size (any batch size).
+        the model's own size (any batch size). Values of data-dependent shape (behind NonZero,
+        NonMaxSuppression, a Reshape to a computed shape, ...) are never folded.
     """
     df = dataflow(model.graph)
     values, shapes = data_dependent(df)
@@ -148,28 +170,220 @@ def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False) -> tupl
     if not frontier:
         return model, report
     batches = probe_batches(model)
-    constant, dependent, unresolved = _evaluate_statically(model, frontier, batches)
+    tainted = shape_tainted(df, values)
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    constant, dependent, unresolved = _evaluate_statically(model, frontier, batches, tainted)
+    # data-dependent shapes can be equal at two probes by chance: never fold them from a run
+    dependent += [t for t in unresolved if _shape_sources(t, producer) & tainted]
+    unresolved = [t for t in unresolved if t not in set(dependent)]
     if unresolved:  # shapes static inference cannot size: record them from real runs
-        runs = run_with_outputs(model, unresolved, batches)
+        runs = run_with_outputs(model, unresolved, batches, inputs=inputs)
         for name in unresolved:
             vals = [r[name] for r in runs]
             if _all_equal(vals):
                 constant[name] = vals[0]
             else:
                 dependent.append(name)
-    report.batch_dependent = [t for t in frontier if t in set(dependent)]
     report.probed = len(unresolved)
-    if not constant:
-        return model, report
     if inplace:
         folded = model
     else:
         folded = onnx.ModelProto()
         folded.CopyFrom(model)
-    _fold_into(folded, constant)
-    report.folded = [t for t in frontier if t in constant]
-    report.removed_nodes = remove_dead_nodes(folded)
+    if constant:
+        _fold_into(folded, constant)
+        report.folded = [t for t in frontier if t in constant]
+        report.removed_nodes = remove_dead_nodes(folded)
+    if dependent:
+        report.batch_reads = rewrite_batch_reads(folded, batches, tainted, inputs)
+        if report.batch_reads:
+            report.removed_nodes += remove_dead_nodes(folded)
+        _, still = data_dependent(dataflow(folded.graph))
+        report.batch_dependent = [t for t in frontier if t in set(dependent) and t in still]
     return folded, report
+
+
+# Ops whose output shape depends on the values (not only the shapes) of their inputs, by input
+# position (None: every input); a Shape read behind them is never constant.
+_VALUE_SHAPED = {
+    "NonZero": None, "NonMaxSuppression": None, "Unique": None, "Compress": None, "Loop": None,
+    "Scan": None, "If": None, "Reshape": {1}, "Expand": {1}, "Tile": {1}, "ConstantOfShape": {0},
+    "Slice": {1, 2, 3, 4}, "Pad": {1}, "Resize": {1, 2, 3}, "Upsample": {1}, "Range": {0, 1, 2},
+    "TopK": {1}, "OneHot": {1}, "Squeeze": {1}, "Unsqueeze": {1}, "CenterCropPad": {1},
+}
+
+
+def shape_tainted(df, values: set[str]) -> set[str]:
+    """Tensors whose *shape* may depend on the input's values (data-dependent shapes).
+
+    A tensor is tainted when an op of :data:`_VALUE_SHAPED` sizes it from a value that depends
+    on the inputs' values, and everything computed from a tainted tensor is tainted (an
+    over-approximation: folding is skipped, never wrongly done).
+    """
+    from dsc_export.graph.model import topological_nodes
+
+    tainted: set[str] = set()
+    for n in topological_nodes(df):
+        ins = n.inputs
+        pos = _VALUE_SHAPED.get(n.op_type, set())
+        if any(i in tainted for i in ins) or (
+            n.op_type in _VALUE_SHAPED and any(i in values for k, i in enumerate(ins) if pos is None or k in pos)
+        ):
+            tainted.update(o for o in n.outputs if o)
+    return tainted
+
+
+def _shape_sources(target: str, producer: dict) -> set[str]:
+    """The tensors whose shapes ``target`` is computed from (inputs of the Shape/Size nodes behind it)."""
+    sources, seen, stack = set(), set(), [target]
+    while stack:
+        t = stack.pop()
+        if t in seen or t not in producer:
+            continue
+        seen.add(t)
+        node = producer[t]
+        if node.op_type in SHAPE_OPS:
+            sources.add(node.input[0])
+        else:
+            stack.extend(i for i in node.input if i)
+    return sources
+
+
+def rewrite_batch_reads(model: onnx.ModelProto, batches: tuple[int, ...], tainted: set[str] = frozenset(),
+                        inputs=None) -> list[str]:
+    """Rewrite every Shape/Size read whose dimensions are constants or the batch size, in place.
+
+    ``Shape(X)`` with X ``[N, 3, 224, 224]`` becomes ``Concat(batch, [3, 224, 224])``, where
+    ``batch`` is one read of the model input's batch dimension (a Shape node named
+    :data:`dsc_export.graph.model.BATCH_READ`, then Gather of axis 0); ``Size(X)`` becomes
+    ``batch * 150528``. The data-flow view does not count that read as an edge, so a model whose
+    blocks read the batch size from the input (torch's dynamo exporter, ``x.view(x.size(0), -1)``)
+    keeps its cut points; each tail reads the batch size from its cut tensor instead.
+
+    The values are taken at the probe batch sizes (statically where inference knows the source's
+    dimensions, else from one run): a dimension equal at every probe is a constant, one equal to
+    the batch size at every probe is the batch; a read with any other dimension is kept as it is.
+
+    Returns:
+        The names of the rewritten nodes.
+    """
+    g = model.graph
+    df = dataflow(g)
+    values, shapes = data_dependent(df)
+    sig = input_signature(model)
+    if len(sig) != 1 or not sig[0][1] or isinstance(sig[0][1][0], int):
+        return []  # several inputs, or a fixed batch (then every shape is constant)
+    input_name, dims0, _ = sig[0]
+    batch_param = dims0[0]
+    read_ids = [k for k, n in enumerate(g.node) if n.op_type in SHAPE_OPS and not is_batch_read(n)
+                and n.output[0] in shapes and n.input[0] not in tainted]
+    reads = [g.node[k] for k in read_ids]
+    if not reads:
+        return []
+    static = static_shapes(model)
+    at: dict[str, list[np.ndarray]] = {}
+    probe = []
+    for n in reads:
+        dims, _ = static.get(n.input[0], (None, None))
+        if dims is not None and all((isinstance(d, int) and d > 0) or d == batch_param for d in dims):
+            full = [[b if d == batch_param else d for d in dims] for b in batches]
+            if n.op_type == "Size":
+                at[n.output[0]] = [np.array(np.prod(f, dtype=np.int64)) for f in full]
+            else:
+                attrs = {a.name: a.i for a in n.attribute}
+                sl = slice(attrs.get("start", 0), attrs.get("end", None))
+                at[n.output[0]] = [np.array(f[sl], dtype=np.int64) for f in full]
+        else:
+            probe.append(n.output[0])
+    if probe:
+        runs = run_with_outputs(model, probe, batches, inputs=inputs)
+        for name in probe:
+            at[name] = [np.asarray(r[name]) for r in runs]
+
+    taken = {o for n in g.node for o in n.output} | {t.name for t in g.initializer}
+    base = next(b for b in (f"{BATCH_READ}#{k}" if k else BATCH_READ for k in range(len(g.node) + 1))
+                if f"{b}/shape" not in taken)  # a model cut by dsc-export before has one already
+    axis0 = f"{base}/axis0"
+    batch_vec, batch_scalar = f"{base}/batch", f"{base}/batch_scalar"
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    new_inits: list[onnx.TensorProto] = []
+    need_scalar = False
+    for k, n in zip(read_ids, reads):
+        vals = at[n.output[0]]
+        out = n.output[0]
+        tag = f"{base}/{len(replace)}"
+        if n.op_type == "Size":
+            per = [int(v) // b if b and int(v) % b == 0 else None for v, b in zip(vals, batches)]
+            if vals[0].ndim != 0 or None in per or len(set(per)) != 1:
+                continue
+            c = f"{tag}/per_sample"
+            new_inits.append(numpy_helper.from_array(np.array(per[0], dtype=vals[0].dtype), c))
+            replace[k] = [helper.make_node("Mul", [batch_scalar, c], [out], name=tag)]
+            need_scalar = True
+            continue
+        pieces = _batch_pieces(vals, batches)
+        if pieces is None:
+            continue
+        ins = []
+        for j, (kind, seg) in enumerate(pieces):
+            if kind == "batch":
+                ins.append(batch_vec)
+            else:
+                c = f"{tag}/c{j}"
+                new_inits.append(numpy_helper.from_array(np.array(seg, dtype=vals[0].dtype), c))
+                ins.append(c)
+        if vals[0].dtype != np.int64:
+            return []  # Shape and Size are int64 by the spec; anything else is not ours to touch
+        replace[k] = [helper.make_node("Concat", ins, [out], axis=0, name=tag) if len(ins) > 1
+                      else helper.make_node("Identity", ins, [out], name=tag)]
+    if not replace:
+        return []
+    head = [helper.make_node("Shape", [input_name], [f"{base}/shape"], name=base),
+            helper.make_node("Gather", [f"{base}/shape", axis0], [batch_vec], axis=0, name=f"{base}/gather")]
+    new_inits.append(numpy_helper.from_array(np.array([0], dtype=np.int64), axis0))
+    if need_scalar:
+        if _opset(model) >= 13:  # axes became an input
+            head.append(helper.make_node("Squeeze", [batch_vec, axis0], [batch_scalar], name=f"{base}/squeeze"))
+        else:
+            head.append(helper.make_node("Squeeze", [batch_vec], [batch_scalar], axes=[0], name=f"{base}/squeeze"))
+    rewritten = [g.node[k].name or g.node[k].output[0] for k in replace]
+    nodes = head + [m for k, n in enumerate(g.node) for m in (replace.get(k) or [n])]
+    copies = []
+    for n in nodes:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        copies.append(c)
+    del g.node[:]
+    g.node.extend(copies)
+    g.initializer.extend(new_inits)
+    return rewritten
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _batch_pieces(vals: list[np.ndarray], batches: tuple[int, ...]):
+    """Split a shape vector, taken at each probe batch size, into runs of constants and single
+    batch entries: ``[("const", [3]), ("batch", None), ("const", [7, 7])]``; None when an entry
+    is neither, or when nothing reads the batch."""
+    if any(v.ndim != 1 or v.shape != vals[0].shape for v in vals):
+        return None
+    pieces: list[tuple[str, list | None]] = []
+    has_batch = False
+    for j in range(vals[0].shape[0]):
+        col = [int(v[j]) for v in vals]
+        if all(c == col[0] for c in col):
+            if pieces and pieces[-1][0] == "const":
+                pieces[-1][1].append(col[0])
+            else:
+                pieces.append(("const", [col[0]]))
+        elif col == list(batches):
+            pieces.append(("batch", None))
+            has_batch = True
+        else:
+            return None
+    return pieces if has_batch else None
 
 
 def _all_equal(values: list[np.ndarray]) -> bool:
@@ -177,7 +391,8 @@ def _all_equal(values: list[np.ndarray]) -> bool:
     return all(v.shape == values[0].shape and np.array_equal(v, values[0]) for v in values[1:])
 
 
-def _evaluate_statically(model: onnx.ModelProto, frontier: list[str], batches: tuple[int, ...]):
+def _evaluate_statically(model: onnx.ModelProto, frontier: list[str], batches: tuple[int, ...],
+                         tainted: set[str] = frozenset()):
     """Evaluate shape-arithmetic tensors without running the network.
 
     Repeats: static shape inference on a weightless copy; every frontier tensor whose Shape/Size
@@ -204,7 +419,7 @@ def _evaluate_statically(model: onnx.ModelProto, frontier: list[str], batches: t
         inits = {t.name: t for t in g.initializer}
         progress = []
         for t in pending:
-            plan = _arith_subgraph(t, producer, inits, shapes)
+            plan = _arith_subgraph(t, producer, inits, shapes, tainted)
             if plan is None:
                 continue
             nodes, sources, needed_inits = plan
@@ -238,7 +453,7 @@ def _evaluate_statically(model: onnx.ModelProto, frontier: list[str], batches: t
     return constant, dependent, pending
 
 
-def _arith_subgraph(target, producer, inits, shapes):
+def _arith_subgraph(target, producer, inits, shapes, tainted=frozenset()):
     """Nodes computing ``target`` from Shape/Size sources of known shape, or None."""
     nodes, sources, needed, seen = [], [], [], set()
     stack = [target]
@@ -256,6 +471,8 @@ def _arith_subgraph(target, producer, inits, shapes):
         nodes.append(node)
         if node.op_type in SHAPE_OPS:
             src = node.input[0]
+            if src in tainted:
+                return None  # a data-dependent shape: never evaluated from zeros
             dims, _ = shapes.get(src, (None, None))
             # every dimension known; only axis 0 (the batch) may be symbolic
             if dims is None or any(d is None for d in dims) or any(not isinstance(d, int) for d in dims[1:]):
@@ -365,37 +582,51 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, tuple[list, str]]:
     return out
 
 
-def tensor_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[list[int], str]]:
+def tensor_shapes(model: onnx.ModelProto, names: list[str], unbatched: dict[str, list] | None = None,
+                  inputs=None) -> dict[str, tuple[list[int], str]]:
     """Per-sample shape (batch dimension dropped) and dtype of each named tensor.
 
     Static inference first; tensors it cannot size are recorded from one run per batch size.
 
+    Args:
+        model: the (folded) model.
+        names: tensors to size.
+        unbatched: when given, tensors whose leading dimension is not the batch are left out of
+            the result and recorded here (name -> their shapes at the probe batch sizes) instead
+            of raising.
+        inputs: sample inputs for the runs (see :func:`run_with_outputs`).
+
     Raises:
-        UserError: a tensor whose leading dimension is not the batch dimension.
+        UserError: a tensor whose leading dimension is not the batch dimension (without
+            ``unbatched``).
     """
     static = static_shapes(model)
     fb = fixed_batch(model)
+    batch_param = None if fb else batch_dim(model)
     result: dict[str, tuple[list[int], str]] = {}
     unknown = []
     for name in names:
         dims, dtype = static.get(name, (None, None))
         if dims and dtype and all(isinstance(d, int) and d > 0 for d in dims[1:]) and (
-            not isinstance(dims[0], int) or (fb and dims[0] == fb)
+            (fb and dims[0] == fb) or (batch_param is not None and dims[0] == batch_param)
         ):
             result[name] = ([int(d) for d in dims[1:]], dtype)
         else:
             unknown.append(name)
     if unknown:
         batches = probe_batches(model)
-        runs = run_with_outputs(model, unknown, batches)
+        runs = run_with_outputs(model, unknown, batches, inputs=inputs)
         for name in unknown:
             arrs = [r[name] for r in runs]
             lead_ok = all(a.ndim >= 1 and a.shape[0] == b for a, b in zip(arrs, batches))
             if not lead_ok or any(a.shape[1:] != arrs[0].shape[1:] for a in arrs):
+                shapes = [list(a.shape) for a in arrs]
+                if unbatched is not None:
+                    unbatched[name] = shapes
+                    continue
                 raise UserError(
                     f"tensor '{name}' does not have the batch as its leading dimension "
-                    f"(shapes {[list(a.shape) for a in arrs]} at batch sizes {list(batches)})"
+                    f"(shapes {shapes} at batch sizes {list(batches)})"
                 )
             result[name] = (list(arrs[0].shape[1:]), arrs[0].dtype.name)
     return result
-

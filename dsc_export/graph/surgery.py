@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 
 from dsc_export.errors import UserError
 from dsc_export.graph.cuts import FLOAT_DTYPES
-from dsc_export.graph.model import empty_like, outer_scope_inputs
+from dsc_export.graph.model import empty_like, is_batch_read, outer_scope_inputs
 from dsc_export.graph.shapes import TWO_GB, batch_dim
 
 
@@ -60,8 +60,13 @@ def _value_info(name: str, dtype: str, shape, batch) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, _elem(dtype), [batch, *shape])
 
 
-def _backward(graph: onnx.GraphProto, targets: list[str], stop: set[str]) -> tuple[list[int], set[str]]:
-    """Indices of the nodes that ``targets`` depend on, not walking past ``stop``; and every tensor read."""
+def _backward(graph: onnx.GraphProto, targets: list[str], stop: set[str],
+              skip_batch_reads: bool = False) -> tuple[list[int], set[str]]:
+    """Indices of the nodes that ``targets`` depend on, not walking past ``stop``; and every tensor read.
+
+    With ``skip_batch_reads`` the input of a batch-size read (:func:`is_batch_read`) is not
+    followed: the caller gives it another batched tensor.
+    """
     producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
     needed: set[int] = set()
     seen: set[str] = set()
@@ -76,6 +81,8 @@ def _backward(graph: onnx.GraphProto, targets: list[str], stop: set[str]) -> tup
             continue
         needed.add(k)
         node = graph.node[k]
+        if skip_batch_reads and is_batch_read(node):
+            continue
         for i in list(node.input) + outer_scope_inputs(node):
             if i and i not in stop and i not in seen:
                 stack.append(i)
@@ -147,13 +154,16 @@ def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> Part:
         UserError: the outputs need a graph input other than through the cut tensor (not a cut point).
     """
     outputs = [o.name for o in model.graph.output]
-    ids, reads = _backward(model.graph, outputs, {cut.tensor})
+    ids, reads = _backward(model.graph, outputs, {cut.tensor}, skip_batch_reads=True)
     data_inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
     leaked = sorted(reads & data_inputs)
     if leaked:
         raise UserError(f"'{cut.tensor}' is not a cut point: the outputs also read {', '.join(leaked)}")
     tail = _subgraph(model, ids, reads, "tail")
     tg = tail.model.graph
+    for node in tg.node:  # the batch size, read from the cut tensor (batched on axis 0, as the input)
+        if is_batch_read(node):
+            node.input[0] = cut.tensor
     batch = batch_dim(model)
     tg.input.append(_value_info(cut.wire_tensor, cut.wire_elem_dtype, cut.shape, batch))
     if cut.cast:
