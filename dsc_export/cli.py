@@ -122,7 +122,7 @@ def _inputs_option(what: str):
         return click.option(
             "--inputs", type=click.Path(path_type=Path), metavar="FILE.npz|DIR",
             help=f"Sample inputs for {what} instead of random ones: a .npz of arrays by input name, each "
-                 "[K, *per-sample shape], or a folder of images (.jpg .png .bmp) resized to the model's input "
+                 "[K, *per-sample shape], or a folder of images (.jpg .jpeg .png .bmp) resized to the model's input "
                  "(uint8 as they are, float scaled to [0, 1] and ImageNet-normalised). "
                  "E.g. --inputs tokens.npz or --inputs photos/. [default: random, within the ranges the "
                  "graph implies]")(f)

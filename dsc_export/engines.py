@@ -167,7 +167,9 @@ def build_engines(
     root, manifest, backend, options, opts, jobs = _prepare(split_dir, backend_name, parts, batch_sizes, precision,
                                                             options)
     samples = None
-    if inputs is not None and verify:  # a bad --inputs is refused before anything is built
+    if inputs is not None and not verify:
+        log(f"--inputs {inputs} is not used: --no-verify skips the engine checks")
+    elif inputs is not None:  # a bad --inputs is refused before anything is built
         from dsc_export.graph.model import load_model
         from dsc_export.inputs import SampleInputs
 

@@ -267,6 +267,8 @@ class SampleInputs:
         """
         path = Path(path)
         specs = data_inputs(model)
+        if not specs:
+            raise UserError(f"--inputs '{path}': the model has no data inputs to feed")
         if not path.exists():
             raise UserError(f"--inputs '{path}' does not exist (give a .npz of arrays by input name or a folder "
                             "of images)")
@@ -325,7 +327,8 @@ def _load_npz(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray]
     for name in arrays:
         if name not in by_name:
             raise UserError(f"--inputs '{path}' has an array '{name}' but the model has no such input "
-                            f"(its inputs: {names})")
+                            f"(its inputs: {names}); save the arrays by input name, e.g. "
+                            f"np.savez(file, **{{{specs[0].name!r}: array}})")
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise UserError(f"--inputs '{path}' has no array for input '{missing[0]}' (its inputs: {names}); "
