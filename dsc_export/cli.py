@@ -117,15 +117,33 @@ def _wire_option(f):
                              "the tail casts back).")(f)
 
 
+def _inputs_option(what: str):
+    def deco(f):
+        return click.option(
+            "--inputs", type=click.Path(path_type=Path), metavar="FILE.npz|DIR",
+            help=f"Sample inputs for {what} instead of random ones: a .npz of arrays by input name, each "
+                 "[K, *per-sample shape], or a folder of images (.jpg .jpeg .png .bmp) resized to the model's input "
+                 "(uint8 as they are, float scaled to [0, 1] and ImageNet-normalised). "
+                 "E.g. --inputs tokens.npz or --inputs photos/. [default: random, within the ranges the "
+                 "graph implies]")(f)
+    return deco
+
+
+def _inputs_kw(inputs: Path | None) -> dict:
+    """``inputs=`` for the library call (only when given, so the default stays the library's)."""
+    return {"inputs": str(inputs)} if inputs is not None else {}
+
+
 @cli.command("analyze")
 @click.argument("model", type=click.Path(path_type=Path))
 @_wire_option
+@_inputs_option("sizing the cut points")
 @click.option("--json", "as_json", is_flag=True, help="Print the cut points as JSON (manifest fields).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the compression-ratio chart to this PNG.")
 @click.option("--all/--bottlenecks", "show_all", default=True, show_default=True,
               help="List every cut point, or only the natural bottlenecks.")
-def analyze_cmd(model, wire_dtype, as_json, plot, show_all) -> None:
+def analyze_cmd(model, wire_dtype, inputs, as_json, plot, show_all) -> None:
     """Find the cut points of an ONNX model and its natural and compressive bottlenecks.
 
     A cut point is a tensor every input->output path passes through; its compression ratio is
@@ -136,10 +154,11 @@ def analyze_cmd(model, wire_dtype, as_json, plot, show_all) -> None:
     Example:
       dsc-export analyze engines/efficientnet_b0/efficientnet_b0.onnx --plot b0.png
       dsc-export analyze model.onnx --wire-dtype float16 --json > cuts.json
+      dsc-export analyze text-model.onnx --inputs tokens.npz
     """
     from dsc_export.splitting import analyze_file
 
-    an = analyze_file(model, wire_dtype, log=_log if not as_json else (lambda s: None))
+    an = analyze_file(model, wire_dtype, log=_log if not as_json else (lambda s: None), **_inputs_kw(inputs))
     if plot:
         from dsc_export.plots import bottleneck_chart
 
@@ -181,7 +200,8 @@ def _short(name: str, width: int = 60) -> str:
               help="Cut at this cut point instead of the compressive bottlenecks (repeatable).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check tail(head(x)) against the whole model with onnxruntime.")
-def split_cmd(model, out, wire_dtype, at, verify) -> None:
+@_inputs_option("sizing and verification")
+def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
     """Cut a model into head and tail ONNX models at each compressive bottleneck.
 
     Writes DIR/manifest.json (schema dsc-export.split/1), DIR/model.onnx (the whole model, for
@@ -194,11 +214,12 @@ def split_cmd(model, out, wire_dtype, at, verify) -> None:
       dsc-export split engines/efficientnet_b0/efficientnet_b0.onnx
       dsc-export split model.onnx -o out/split --wire-dtype float16
       dsc-export split model.onnx --at /blocks/blocks.3/blocks.3.2/Add_output_0
+      dsc-export split model.onnx --inputs photos/      # verify on your own images
     """
     from dsc_export.splitting import split_model
 
     out = out or ENGINES_ROOT / model.stem / "split"
-    man = split_model(model, out, wire_dtype, list(at) or None, verify, log=_log)
+    man = split_model(model, out, wire_dtype, list(at) or None, verify, log=_log, **_inputs_kw(inputs))
     rows = [("split", "kind", "bytes/sample", "ratio", "max abs diff", "head", "tail")]
     for s in man.splits:
         rows.append((s.id, s.kind, f"{s.bytes:,}", f"{s.ratio:.4f}" if s.ratio is not None else "",
@@ -268,8 +289,9 @@ def _batch_sizes(ctx, param, value):
               help="Write the equivalent trtexec commands to this file instead of building.")
 @click.option("--import", "import_", is_flag=True,
               help="Record engines built elsewhere (by the --emit-trtexec commands) instead of building.")
+@_inputs_option("the engine checks of the whole model and the heads (tails: random)")
 def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, version_compatible,
-              hardware_compatible, verify, emit_trtexec, import_) -> None:
+              hardware_compatible, verify, emit_trtexec, import_, inputs) -> None:
     """Build an engine per (part, batch size) for a split dir and record it in the manifest.
 
     An engine is the optimised form of a head, a tail or the whole model for one batch size:
@@ -282,6 +304,7 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
       dsc-export build DIR --backend tensorrt --parts heads --precision fp16
       dsc-export build DIR --parts heads --emit-trtexec build-heads.sh   # then, on the Jetson:
       sh build-heads.sh && dsc-export build . --backend tensorrt --parts heads --import
+      dsc-export build DIR --inputs photos/   # check the engines on your own images
     """
     from dsc_export.backends import BuildOptions
     from dsc_export.engines import build_engines, import_engines
@@ -302,16 +325,9 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
     if import_:
         rep = import_engines(split_dir, backend, batch_sizes, parts, precision, options, log=_log)
     else:
-        bar = click.progressbar(length=1, label="building", file=sys.stderr, show_pos=True,
-                                item_show_func=lambda x: x)
-
-        def progress(done, total, label):
-            bar.length = total
-            bar.update(done - bar.pos, label)
-
-        with bar:
+        with _progress("building") as progress:  # the bar appears after the checks (a bad --inputs: one line)
             rep = build_engines(split_dir, backend, batch_sizes, parts, precision, options, verify,
-                                progress=progress, log=_log)
+                                progress=progress, log=_log, inputs=None if inputs is None else str(inputs))
     rows = [("engine", "batch", "for", "build s", "max rel diff")]
     seen = {}
     for e in rep.built:

@@ -138,6 +138,7 @@ def build_engines(
     verify: bool = True,
     progress: Callable[[int, int, str], None] = lambda done, total, label: None,
     log: Callable[[str], None] = lambda s: None,
+    inputs: str | os.PathLike | None = None,
 ) -> BuildReport:
     """Build the missing or stale engines of a split dir and record them in its manifest.
 
@@ -151,13 +152,28 @@ def build_engines(
         verify: check each new engine against its ONNX at its batch size.
         progress: called as ``progress(done, total, label)`` before each engine.
         log: progress messages.
+        inputs: a ``.npz`` or a folder of images (see
+            :meth:`dsc_export.inputs.SampleInputs.from_path`) that the checks of the whole model
+            and the heads run on; tails are checked on random inputs within the ranges of their
+            own graph. None: random inputs for every check.
 
     Returns:
         What was built, what was already up to date and what failed (and why). One engine that
         fails (e.g. out of memory) does not stop the others.
+
+    Raises:
+        UserError: a bad split dir, backend or ``inputs`` (before anything is built).
     """
     root, manifest, backend, options, opts, jobs = _prepare(split_dir, backend_name, parts, batch_sizes, precision,
                                                             options)
+    samples = None
+    if inputs is not None and not verify:
+        log(f"--inputs {inputs} is not used: --no-verify skips the engine checks")
+    elif inputs is not None:  # a bad --inputs is refused before anything is built
+        from dsc_export.graph.model import load_model
+        from dsc_export.inputs import SampleInputs
+
+        samples = SampleInputs.from_path(inputs, load_model(root / manifest.model.path, load_data=False))
     target = backend.target()
     report = BuildReport()
     t_all = time.perf_counter()
@@ -179,8 +195,10 @@ def build_engines(
                     reference.clear()  # one reference session at a time
                     from dsc_export.backends.onnxruntime import make_session
 
-                    reference[job.source] = make_session(root / job.source, optimization="extended", arena=False)
-                diffs = _check_engine(backend, root / job.path, reference[job.source], job, precision)
+                    check_inputs = _check_inputs(root, manifest, job, samples)  # before the session's memory
+                    reference[job.source] = (make_session(root / job.source, optimization="extended", arena=False),
+                                             check_inputs)
+                diffs = _check_engine(backend, root / job.path, *reference[job.source], job, precision)
         except MemoryError:
             _remove(root / job.path)
             report.failed.append((job, "out of host memory"))
@@ -210,16 +228,28 @@ def _remove(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _check_engine(backend: Backend, engine: Path, reference, job: Job, precision: str) -> tuple[float, float]:
-    """Run the engine and its ONNX on one random batch; refuse a mismatch.
+def _check_inputs(root: Path, manifest: Manifest, job: Job, samples):
+    """The SampleInputs an engine of ``job.source`` is checked on: the user's samples for the whole
+    model and the heads (their input is the model's), else random within the source's ranges."""
+    from dsc_export.graph.model import load_model
+    from dsc_export.inputs import SampleInputs
+
+    reads_model_input = job.source == manifest.model.path or all(part == "head" for _, part in job.records)
+    if samples is not None and reads_model_input:
+        return samples
+    return SampleInputs.random(load_model(root / job.source, load_data=False))
+
+
+def _check_engine(backend: Backend, engine: Path, reference, inputs, job: Job, precision: str) -> tuple[float, float]:
+    """Run the engine and its ONNX on one batch of ``inputs`` (a SampleInputs); refuse a mismatch.
 
     The tolerance follows the dtypes compared (:func:`dsc_export.compare.tolerance`): the
     outputs' dtypes, and float16 for an fp16 engine; a NaN or inf is a failure of its own.
     """
-    from dsc_export.backends.onnxruntime import random_inputs
     from dsc_export.compare import compare, tolerance
 
-    feeds = random_inputs(reference, job.batch, np.random.default_rng(job.batch))
+    wanted = {i.name for i in reference.get_inputs()}
+    feeds = {name: x for name, x in inputs.feeds(job.batch).items() if name in wanted}
     want = reference.run(None, feeds)
     with backend.load(engine, threads=None) as runner:
         got = runner.infer(feeds)
