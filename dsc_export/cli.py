@@ -129,11 +129,6 @@ def _inputs_option(what: str):
     return deco
 
 
-def _inputs_kw(inputs: Path | None) -> dict:
-    """``inputs=`` for the library call (only when given, so the default stays the library's)."""
-    return {"inputs": str(inputs)} if inputs is not None else {}
-
-
 @cli.command("analyze")
 @click.argument("model", type=click.Path(path_type=Path))
 @_wire_option
@@ -158,7 +153,7 @@ def analyze_cmd(model, wire_dtype, inputs, as_json, plot, show_all) -> None:
     """
     from dsc_export.splitting import analyze_file
 
-    an = analyze_file(model, wire_dtype, log=_log if not as_json else (lambda s: None), **_inputs_kw(inputs))
+    an = analyze_file(model, wire_dtype, log=_log if not as_json else (lambda s: None), inputs=inputs)
     if plot:
         from dsc_export.plots import bottleneck_chart
 
@@ -219,7 +214,7 @@ def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
     from dsc_export.splitting import split_model
 
     out = out or ENGINES_ROOT / model.stem / "split"
-    man = split_model(model, out, wire_dtype, list(at) or None, verify, log=_log, **_inputs_kw(inputs))
+    man = split_model(model, out, wire_dtype, list(at) or None, verify, log=_log, inputs=inputs)
     rows = [("split", "kind", "bytes/sample", "ratio", "max abs diff", "head", "tail")]
     for s in man.splits:
         rows.append((s.id, s.kind, f"{s.bytes:,}", f"{s.ratio:.4f}" if s.ratio is not None else "",

@@ -216,7 +216,8 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
         source: where the model came from (for the report).
         log: progress callback.
         inplace: edit ``model`` itself (sorting, folding; no second copy of the weights).
-        inputs: sample inputs for the runs (``feeds(batch, index)``); None: random.
+        inputs: sample inputs for the runs (:class:`dsc_export.inputs.SampleInputs`, or a
+            ``.npz`` / image folder path); None: random within the ranges the graph implies.
         fixed_batch: the only batch size the model runs at, when known (split finds it by running
             the whole model); None: the declared one, or any. When a probe run fails at a batch
             size above 1 and works at 1, the model is analysed at batch 1 (``Analysis.fixed_batch``).
@@ -239,6 +240,7 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
         copy.CopyFrom(model)
         model = copy
     notes = _graph_notes(model, sort_nodes(model))
+    inputs = _samples(inputs, model)
     outputs = _output_sigs(model)
     declared = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
     fixed = declared or fixed_batch
@@ -351,13 +353,15 @@ def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", log: Log 
     return analyze_model(model, wire_dtype, os.fspath(path), log, inplace=True, inputs=samples)[0]
 
 
-def _samples(inputs, model: onnx.ModelProto):
+def _samples(inputs, model: onnx.ModelProto, seed: int = 0):
     """Sample inputs for ``model``: a path made into :class:`dsc_export.inputs.SampleInputs`, an
-    object with ``feeds`` as it is, None as None (random inputs)."""
-    if inputs is None or hasattr(inputs, "feeds"):
-        return inputs
+    object with ``feeds`` as it is, None as random inputs within the ranges the graph implies."""
     from dsc_export.inputs import SampleInputs
 
+    if hasattr(inputs, "feeds"):
+        return inputs
+    if inputs is None:
+        return SampleInputs.random(model, seed)
     return SampleInputs.from_path(inputs, model)
 
 
@@ -454,7 +458,7 @@ def split_model(
     reference = None
     structure = load_model(src, load_data=False)  # one-line errors before onnxruntime sees the file
     _check_inputs(structure)
-    samples = _samples(inputs, structure)
+    samples = _samples(inputs, structure, seed)
     del structure
     _release_freed_memory()
     if verify:  # before the weights are in this process: that session's load is the peak
@@ -547,7 +551,7 @@ class _Reference:
     inputs: str = "random"
 
 
-def _reference(model_file: Path, seed: int, samples=None) -> _Reference:
+def _reference(model_file: Path, seed: int, samples) -> _Reference:
     """Run the whole model at the verification batch sizes (1 and 3; a fixed batch as it is).
 
     Finds the batch sizes the model runs at: when it fails above batch 1 and runs at 1, it is a
@@ -557,17 +561,16 @@ def _reference(model_file: Path, seed: int, samples=None) -> _Reference:
     Raises:
         UserError: the model does not run at all (names the node and what to try).
     """
-    from dsc_export.backends.onnxruntime import make_session, random_inputs
+    from dsc_export.backends.onnxruntime import make_session
     from dsc_export.compare import tolerance
 
     whole = make_session(model_file, optimization=ONE_OFF, arena=False)
     names = [o.name for o in whole.get_outputs()]
     dim0 = whole.get_inputs()[0].shape[0]
     declared = dim0 if isinstance(dim0, int) and dim0 > 0 else None
-    rng = np.random.default_rng(seed)
 
-    def feeds_at(b: int) -> dict:
-        return random_inputs(whole, b, rng) if samples is None else samples.feeds(b)
+    def feeds_at(b: int, index: int = 0) -> dict:
+        return samples.feeds(b, index)
 
     def run(f: dict, b: int) -> list[np.ndarray]:
         try:
@@ -575,7 +578,7 @@ def _reference(model_file: Path, seed: int, samples=None) -> _Reference:
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise ModelRunError("the whole model", b, exc) from exc
 
-    ref = _Reference((), [], [], names, inputs=getattr(samples, "description", "random, full range of the input dtype"))
+    ref = _Reference((), [], [], names, inputs=samples.description)
     big = declared or max(VERIFY_BATCHES)
     f = feeds_at(big)
     try:
@@ -596,7 +599,7 @@ def _reference(model_file: Path, seed: int, samples=None) -> _Reference:
         if declared == 1:
             return ref
         # the same first sample among other batch-mates (fresh ones: a permutation would keep batch statistics)
-        other = feeds_at(declared)
+        other = feeds_at(declared, 1)
         mates = {k: np.concatenate([v[:1], other[k][1:]]) for k, v in f.items()}
         pairs = [(0, [_sample(o, 0, declared) for o in out], [_sample(o, 0, declared) for o in run(mates, declared)])]
         check_what = "with other batch-mates"

@@ -414,7 +414,6 @@ def test_cli_help_documents_inputs(verb):
     assert res.exit_code == 0 and "--inputs FILE.npz|DIR" in res.output and "tokens.npz" in res.output
 
 
-@pytest.mark.xfail(strict=False, reason="lead integrates inputs= into analyze_file and split_model")
 def test_cli_analyze_and_split_with_inputs(token_split, tmp_path):
     model = token_split / "tok.onnx"
     np.savez(tmp_path / "tok.npz", ids=RNG.integers(0, 100, (4, 8)))
