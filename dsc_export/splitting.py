@@ -635,6 +635,16 @@ def _sample(out: np.ndarray, i: int, batch: int) -> np.ndarray | None:
     return np.take(out, [i], axis=axis)
 
 
+def _run_part(session, feeds: dict, what: str, batch: int, all_outputs: bool = False):
+    """Run a head or tail session; an onnxruntime failure is a VerificationError naming the node."""
+    try:
+        out = session.run(None, feeds)
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise VerificationError(f"{ModelRunError(what, batch, exc)}; nothing was written (please report this "
+                                "model: the whole model ran on the same inputs)") from exc
+    return out if all_outputs else out[0]
+
+
 def _run_or_refuse(run, feeds: dict, batch: int) -> list[np.ndarray]:
     try:
         return run(feeds, batch)
@@ -665,14 +675,14 @@ def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, s
             f"at batch sizes {list(batches)}")
         # one session at a time: the head's outputs are small, its weights need not wait for the tail's
         head = make_session(root / s.head, optimization=ONE_OFF, arena=False)
-        sent = [head.run(None, f)[0] for f in feeds]
+        sent = [_run_part(head, f, f"the head of {s.id}", b) for f, b in zip(feeds, batches)]
         del head
         _release_freed_memory()
         tail = make_session(root / s.tail, optimization=ONE_OFF, arena=False)
         result = Comparison()
-        for h, want in zip(sent, refs):
-            result = result.merge(compare(want, tail.run(None, {s.wire_tensor: h}), ref.output_names,
-                                          what=f"the tail of {s.id}"))
+        for h, want, b in zip(sent, refs, batches):
+            got = _run_part(tail, {s.wire_tensor: h}, f"the tail of {s.id}", b, all_outputs=True)
+            result = result.merge(compare(want, got, ref.output_names, what=f"the tail of {s.id}"))
         tol = tolerance(wire_dtype, sent[0].dtype, *out_dtypes)
         tols.append(tol)
         del tail, sent
