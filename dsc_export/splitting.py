@@ -246,6 +246,7 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
     fixed = declared or fixed_batch
     if fixed and not declared:
         _fix_input_batch(model, fixed)
+    tried: list[int] = []
     while True:
         try:
             log("folding static shape arithmetic")
@@ -257,12 +258,15 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
             shapes = tensor_shapes(folded, cuts, unbatched, inputs=inputs)
             break
         except ModelRunError as exc:
-            if fixed or exc.batch <= 1:
+            tried.append(exc.batch)
+            todo = [b for b in _batch_candidates(model, exc) if b not in tried]
+            if declared or fixed_batch or not todo:
                 raise UserError(f"{exc}; check that the model runs with onnxruntime, or give real inputs "
                                 "with --inputs FILE.npz|DIR") from exc
-            fixed = 1
-            _fix_input_batch(model, 1)
-            notes.append(_fixed_batch_note(model, exc))
+            fixed = todo[0]
+            _fix_input_batch(model, fixed)
+            notes = [n for n in notes if not n.startswith("the model runs at batch")]
+            notes.append(_fixed_batch_note(model, exc, fixed))
     notes += _batch_notes(folded, fold)
     if unbatched:
         names = ", ".join(f"'{t}' {v[0]}" for t, v in list(unbatched.items())[:3])
@@ -292,24 +296,31 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
     return analysis, folded
 
 
-def _fixed_batch_note(model: onnx.ModelProto, exc: ModelRunError) -> str:
-    """The note for a model that runs at batch 1 only, naming the node that fixes the batch."""
-    where = f"{exc.op} node '{exc.node}'" if exc.node else _batch_fixing_node(model, exc.op)
-    return (f"the model runs at batch 1 only: at batch {exc.batch} onnxruntime fails in {where} "
-            f"({exc.reason}); it is analysed, verified and built at batch 1, and never batched")
+def _fixed_batch_note(model: onnx.ModelProto, exc: ModelRunError, batch: int) -> str:
+    """The note for a model that runs at one batch size only, naming the node that fixes it."""
+    where = f"{exc.op} node '{exc.node}'" if exc.node else _batch_fixing_node(model, exc.op)[0]
+    return (f"the model runs at batch {batch} only: at batch {exc.batch} onnxruntime fails in {where} "
+            f"({exc.reason}); it is analysed, verified and built at batch {batch}, and never batched")
 
 
-def _batch_fixing_node(model: onnx.ModelProto, op: str) -> str:
-    """Name the node that bakes a batch size in when onnxruntime did not (unnamed nodes): a
-    Reshape/Expand/Tile whose constant target has a positive first dimension."""
+def _batch_fixing_node(model: onnx.ModelProto, op: str, name: str = "") -> tuple[str, int | None]:
+    """The node that bakes a batch size in, and that size: a Reshape/Expand/Tile (``name``, or
+    the first of type ``op``) whose constant target shape has a positive first dimension."""
     inits = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
-        if n.op_type == (op or "Reshape") and len(n.input) > 1 and n.input[1] in inits:
+        if (n.name == name if name else n.op_type == (op or "Reshape")) and len(n.input) > 1 and n.input[1] in inits:
             target = onnx.numpy_helper.to_array(inits[n.input[1]])
             if target.ndim == 1 and target.size and target[0] > 0:
-                return (f"{n.op_type} node '{n.name or n.output[0]}' (its target shape "
-                        f"{target.tolist()} has the batch size {int(target[0])} baked in)")
-    return f"an unnamed {op or 'unknown'} node"
+                return (f"{n.op_type} node '{n.name or n.output[0]}' (its target shape {target.tolist()} has the "
+                        f"batch size {int(target[0])} baked in)"), int(target[0])
+    return f"an unnamed {op or 'unknown'} node", None
+
+
+def _batch_candidates(model: onnx.ModelProto, exc: ModelRunError) -> list[int]:
+    """Batch sizes to try after a run failed at ``exc.batch``: 1, and the size baked into the
+    failing node's target shape."""
+    baked = _batch_fixing_node(model, exc.op, exc.node)[1]
+    return [b for b in dict.fromkeys([1, baked]) if b and b != exc.batch]
 
 
 def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, fixed: int | None) -> list[str]:
@@ -587,12 +598,19 @@ def _reference(model_file: Path, seed: int, samples) -> _Reference:
         if declared:
             raise UserError(f"{exc}; check that the model runs with onnxruntime, or give real inputs with "
                             "--inputs FILE.npz|DIR") from exc
-        one = {k: v[:1] for k, v in f.items()}
-        _run_or_refuse(run, one, 1)
-        ref.fixed_batch = 1
-        ref.notes.append(_fixed_batch_note(load_model(model_file, load_data=False), exc))
-        ref.batches, ref.feeds, ref.outputs = (1,), [one], [run(one, 1)]
-        return ref
+        structure = load_model(model_file, load_data=False)
+        for b in _batch_candidates(structure, exc):
+            one = feeds_at(b)
+            try:
+                out = run(one, b)
+            except ModelRunError:
+                continue
+            ref.fixed_batch = b
+            ref.notes.append(_fixed_batch_note(structure, exc, b))
+            ref.batches, ref.feeds, ref.outputs = (b,), [one], [out]
+            return ref
+        raise UserError(f"{exc}; it fails at batch 1 too (and at any batch size baked into that node): check that the model runs with onnxruntime, or give "
+                        "real inputs with --inputs FILE.npz|DIR") from exc
     tol = tolerance(*(o.dtype for o in out), engine=True)  # other batch sizes, other kernels
     if declared:
         ref.batches, ref.feeds, ref.outputs, ref.fixed_batch = (declared,), [f], [out], declared

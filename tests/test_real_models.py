@@ -78,6 +78,17 @@ def test_model_that_runs_at_batch_1_only_is_split_at_batch_1(tmp_path):
     _independent_check(src, tmp_path / "s", x)
 
 
+def test_model_with_batch_2_baked_in_is_split_at_batch_2(tmp_path):
+    m = _hardcoded_batch_reshape()
+    m.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.array([2, 3, 5, 16, 16], np.int64), "hard_shape"))
+    src = _save(m, tmp_path / "m.onnx")
+    an = analyze_file(src)
+    assert an.fixed_batch == 2 and any("runs at batch 2 only" in n for n in an.notes)
+    man = split_model(src, tmp_path / "s", at=[c.tensor for c in an.cut_points])
+    assert man.model.fixed_batch == 2 and man.verification["batch_sizes"] == [2]
+    _independent_check(src, tmp_path / "s", RNG.standard_normal((2, 3, 32, 32)).astype(np.float32))
+
+
 def test_model_that_runs_at_no_batch_size_is_refused_naming_the_node(tmp_path):
     m = _hardcoded_batch_reshape()
     m.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.array([1, 3, 7, 16, 16], np.int64), "hard_shape"))
@@ -85,7 +96,7 @@ def test_model_that_runs_at_no_batch_size_is_refused_naming_the_node(tmp_path):
     with pytest.raises(UserError) as err:
         split_model(src, tmp_path / "s")
     msg = str(err.value)
-    assert "\n" not in msg and "Reshape node 'yolo/reshape'" in msg and "batch 1" in msg
+    assert "\n" not in msg and "Reshape node 'yolo/reshape'" in msg and "batch 1 too" in msg
     assert not (tmp_path / "s").exists()
 
 
