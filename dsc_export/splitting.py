@@ -55,6 +55,7 @@ from dsc_export.graph.shapes import (
     fold_shape_arithmetic,
     input_signature,
     np_dtype_name,
+    probe_batches,
     run_with_outputs,
     tensor_shapes,
 )
@@ -269,10 +270,11 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
             notes.append(_fixed_batch_note(model, exc, fixed))
     notes += _batch_notes(folded, fold)
     if unbatched:
-        names = ", ".join(f"'{t}' {v[0]}" for t, v in list(unbatched.items())[:3])
+        names = ", ".join(f"'{t}' {' / '.join(map(str, v))}" for t, v in list(unbatched.items())[:3])
         more = f" and {len(unbatched) - 3} more" if len(unbatched) > 3 else ""
         notes.append(f"{len(unbatched)} tensor(s) through which every path passes have no leading batch "
-                     f"dimension ({names}{more}, e.g. sequence-first attention): they are not cut points")
+                     f"dimension (shapes at batch sizes {' / '.join(map(str, probe_batches(folded)))}: {names}{more}; "
+                     "e.g. sequence-first attention, or the batch merged into another axis): they are not cut points")
     cuts = [c for c in cuts if c in shapes]
     per_sample = [int(d) for d in dims[1:]]
     in_elements = int(np.prod(per_sample, dtype=np.int64))
