@@ -221,6 +221,7 @@ def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str
                 argv += [f"--minShapes={shape_spec(INPUT, [1] + per_sample)}",
                          f"--optShapes={shape_spec(INPUT, [max(1, max_batch_size // 2)] + per_sample)}",
                          f"--maxShapes={shape_spec(INPUT, [max_batch_size] + per_sample)}"]
+            build_lines.append(shlex.join(["mkdir", "-p", f"{s.id}/1"]))  # a tar keeps no empty folder
             build_lines.append(shlex.join(argv))
         names.append(s.id)
     if platform == "tensorrt_plan":

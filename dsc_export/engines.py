@@ -106,7 +106,7 @@ def engine_batch_sizes(manifest: Manifest, requested: list[int]) -> tuple[list[i
     if fb is None or requested == [fb]:
         return requested, None
     others = [b for b in requested if b != fb]
-    return [fb], (f"the model runs at batch size {fb} only (manifest fixed_batch): using batch {fb}, "
+    return [fb], (f"the model runs at batch size {fb} only: using batch {fb}, "
                   f"not {', '.join(map(str, others))}")
 
 

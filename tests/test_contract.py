@@ -169,7 +169,7 @@ def test_fixed_batch_models_get_engines_at_their_batch_only(split_dirs):
     notes = []
     rep = build_engines(root, "onnxruntime", [1, 2, 4], "all", log=notes.append)
     assert not rep.failed and {e.batch for e in rep.built} == {2}
-    assert notes == ["note: the model runs at batch size 2 only (manifest fixed_batch): using batch 2, not 1, 4"]
+    assert notes == ["note: the model runs at batch size 2 only: using batch 2, not 1, 4"]
     man = read_manifest(root)
     runner = PartRunner(root, man, "offload", "tail")
     x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
@@ -204,7 +204,7 @@ def test_cli_build_and_bench_note_the_fixed_batch(split_dirs, tmp_path):
     r = subprocess.run([sys.executable, "-m", "dsc_export", "build", str(root), "--batch-sizes", "1,2"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    assert "note: the model runs at batch size 2 only (manifest fixed_batch): using batch 2, not 1" in r.stderr
+    assert "note: the model runs at batch size 2 only: using batch 2, not 1" in r.stderr
     assert {e.batch for e in read_manifest(root).engines} == {2}
     r = subprocess.run([sys.executable, "-m", "dsc_export", "bench", str(root), "--role", "server", "--batch-sizes",
                         "1,2", "--repeats", "1", "--warmup", "0"], capture_output=True, text=True, env=env)

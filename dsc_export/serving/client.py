@@ -11,7 +11,13 @@ Per batch (paper Section 3, with the run-time details the paper leaves open):
 3. the head runs here; the cut tensor goes to the server with ``tritonclient`` as binary tensor
    data (HTTP or gRPC); the server's tail returns the outputs.
 
-If the server is unreachable, slower than the deadline or answers with an error, the batch is
+Before the first batch the client waits (``ready_timeout_s``) until the server has every model of
+the split dir ready, and refuses one that does not get ready or serves another model: it never
+runs locally because the server was still loading. The server's outputs are taken back into the
+model's form by the output contract (:mod:`dsc_export.serving.protocol`: batch moved back to
+its axis, constant outputs from the client's own copy of the model).
+
+Once running, if the server is unreachable, slower than the deadline or answers with an error, the batch is
 finished here with the whole model, the server is marked down and retried after a back-off that
 doubles up to a limit: no batch is ever lost. In privacy mode the raw input never leaves the
 device (``offload`` is never chosen). While ``local`` is chosen nothing is sent and the rate

@@ -274,7 +274,7 @@ def repository_models(client) -> dict[str, str] | None:
     or None when the server does not say."""
     try:
         index = client.get_model_repository_index()
-    except Exception:
+    except Exception:  # PyTriton restricts the repository API to its own access token
         return None
     if not isinstance(index, list):  # gRPC: a protobuf message
         index = [{"name": m.name, "state": m.state} for m in getattr(index, "models", [])]

@@ -211,7 +211,7 @@ class TailServer:
                 if fixed is not None:  # one batch size: no batching, Triton checks the full shape
                     inputs = [Tensor(name=INPUT, dtype=in_dtype, shape=tuple([fixed] + in_dims[1:]))]
                     outs.append(Tensor(name=SERVER_MS, dtype=np.float32, shape=(1,)))
-                    config = ModelConfig(batching=False)
+                    config = ModelConfig(batching=False, batcher=None)
                 else:
                     inputs = [Tensor(name=INPUT, dtype=in_dtype, shape=tuple(in_dims[1:]))]
                     outs.append(Tensor(name=SERVER_MS, dtype=np.float32, shape=(1,)))
