@@ -342,3 +342,29 @@ def test_cli_serve_says_ready_only_with_every_model_ready_and_run_uses_it(dirs, 
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+def test_serve_run_and_device_bundle_refuse_an_output_no_server_can_answer(dirs, tmp_path):
+    """The same one line as build and bundle --server (tests/test_contract.py), before anything
+    starts: serve, run and bundle --device agree."""
+    onnx.save(conv_net(outputs=("logits", "batch_mean")), tmp_path / "bm.onnx")
+    root = tmp_path / "bm"
+    split_model(tmp_path / "bm.onnx", root)
+    plan = json.loads((dirs["kinds"] / "plan.json").read_text())
+    plan["model_sha256"] = read_manifest(root).model.sha256
+    (root / "plan.json").write_text(json.dumps(plan))
+    msg = "output 'batch_mean' has shape [10]: no axis follows the batch size and it depends on the input"
+    for call in (lambda: TailServer(root).start(),
+                 lambda: DynamicSplitClient(root, "127.0.0.1:1", ready_timeout_s=0),
+                 lambda: make_bundle(root, "device", tmp_path / "dev.tar")):
+        with pytest.raises(UserError) as exc:
+            call()
+        assert str(exc.value).startswith(msg)
+
+
+def test_cli_serve_refuses_dynamic_batching_where_requests_must_not_merge(dirs):
+    r = subprocess.run([sys.executable, "-m", "dsc_export", "serve", str(dirs["dependent"]), "--dynamic-batching"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: dynamic batching would merge requests of several devices into one batch, but one sample's result "
+        "depends on the other samples of its batch (batch statistics); serve it without --dynamic-batching"]
