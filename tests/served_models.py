@@ -8,6 +8,10 @@ batch on axis 1 (``scores_t``: ``[10, N]``), symbolic non-batch dimensions (``fe
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +92,22 @@ def set_batch_fields(split_dir: Path, fixed_batch=None, batch_independent=None) 
     d = json.loads(path.read_text())
     d["model"]["fixed_batch"], d["model"]["batch_independent"] = fixed_batch, batch_independent
     path.write_text(json.dumps(d, indent=2) + "\n")
+
+
+def stub_trtexec(tmp_path: Path) -> tuple[Path, Path]:
+    """A ``trtexec`` on PATH that records its argv (one JSON list per line) and writes the engine."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "argv.jsonl"
+    bin_dir.mkdir(exist_ok=True)
+    stub = bin_dir / "trtexec"
+    stub.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                    "for a in sys.argv[1:]:\n"
+                    "    if a.startswith('--saveEngine='):\n"
+                    "        open(a.split('=', 1)[1], 'w').write('plan')\n")
+    stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
+    return bin_dir, log
+
+
+def run_script(script: Path, cwd: Path, bin_dir: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    return subprocess.run(["sh", str(script)], cwd=cwd, env=env, capture_output=True, text=True)

@@ -6,7 +6,6 @@ None of these needs a server: the contract is pure, engines and trtexec scripts 
 import json
 import os
 import shlex
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from served_models import conv_net, outputs_model, set_batch_fields
+from served_models import conv_net, outputs_model, run_script, set_batch_fields, stub_trtexec
 
 from dsc_export.artifacts import Manifest, ModelRef, TensorSig, read_manifest
 from dsc_export.backends.onnxruntime import make_session
@@ -243,25 +242,6 @@ HARSH_IN = 'in put;touch CANARY_IN "q" $HOME `touch CANARY_BT`:0'
 HARSH = ["a;touch CANARY_A", "b $(touch CANARY_B)", 'c "quoted" $PATH', "d\ttab", "e:1/f", "g&&touch CANARY_G"]
 
 
-def _stub(tmp_path: Path) -> tuple[Path, Path]:
-    """A ``trtexec`` on PATH that records its argv (one JSON list per line) and writes the engine."""
-    bin_dir, log = tmp_path / "bin", tmp_path / "argv.jsonl"
-    bin_dir.mkdir(exist_ok=True)
-    stub = bin_dir / "trtexec"
-    stub.write_text(f"#!{sys.executable}\nimport json, sys\n"
-                    f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
-                    "for a in sys.argv[1:]:\n"
-                    "    if a.startswith('--saveEngine='):\n"
-                    "        open(a.split('=', 1)[1], 'w').write('plan')\n")
-    stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
-    return bin_dir, log
-
-
-def _run_script(script: Path, cwd: Path, bin_dir: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
-    return subprocess.run(["sh", str(script)], cwd=cwd, env=env, capture_output=True, text=True)
-
-
 def _shapes_names(argv: list[str]) -> list[str]:
     """The tensor names trtexec reads from --shapes / --minShapes ... (its own parsing: split on the
     last ':', single quotes removed)."""
@@ -286,8 +266,8 @@ def test_emitted_trtexec_script_passes_every_name_exactly(harsh_split, tmp_path)
     man = read_manifest(harsh_split)
     script = tmp_path / "build.sh"
     n = emit_trtexec(harsh_split, script, [1, 2], "all")
-    bin_dir, log = _stub(tmp_path)
-    r = _run_script(script, harsh_split, bin_dir)
+    bin_dir, log = stub_trtexec(tmp_path)
+    r = run_script(script, harsh_split, bin_dir)
     assert r.returncode == 0, r.stderr
     calls = [json.loads(ln) for ln in log.read_text().splitlines()]
     assert len(calls) == n == 2 * len({s.head for s in man.splits if s.head} | {s.tail for s in man.splits if s.tail})

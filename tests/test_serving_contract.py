@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from served_models import conv_net, outputs_model, set_batch_fields
+from served_models import conv_net, outputs_model, run_script, set_batch_fields, stub_trtexec
 
 pytest.importorskip("pytriton", reason="the 'serve' extra (nvidia-pytriton) is not installed")
 pytest.importorskip("tritonclient.http", reason="the 'serve' extra (tritonclient) is not installed")
 
 from google.protobuf import text_format  # noqa: E402
-from test_contract import _run_script, _stub  # noqa: E402
 from test_serving import free_ports  # noqa: E402
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
@@ -269,13 +268,13 @@ def test_server_bundle_repository_follows_the_contract(dirs, tmp_path):
 
 
 def test_tensorrt_repository_script_quotes_and_follows_the_batch(dirs, tmp_path):
-    bin_dir, log = _stub(tmp_path)
+    bin_dir, log = stub_trtexec(tmp_path)
     for name in ("kinds", "fixed"):
         make_bundle(dirs[name], "server", tmp_path / f"{name}.tar", triton_platform="tensorrt_plan", max_batch_size=8)
         with tarfile.open(tmp_path / f"{name}.tar") as t:
             t.extractall(tmp_path / name, filter="data")
         log.unlink(missing_ok=True)
-        r = _run_script(tmp_path / name / "triton" / "build-plans.sh", tmp_path, bin_dir)
+        r = run_script(tmp_path / name / "triton" / "build-plans.sh", tmp_path, bin_dir)
         assert r.returncode == 0, r.stderr
         calls = {json.loads(ln)[0]: json.loads(ln) for ln in log.read_text().splitlines()}
         argv = calls["--onnx=cut004/model.onnx"]
