@@ -3,6 +3,8 @@
 ``outputs_model`` has one output of every kind a server must answer: batch first (``logits``),
 batch on axis 1 (``scores_t``: ``[10, N]``), symbolic non-batch dimensions (``feat`` declared
 ``[N, 'c', 'h', 'w']``) and a constant (``prototypes``, an initializer that is also an output).
+``stub_trtexec`` and ``run_script`` run an emitted shell script with a ``trtexec`` stub that
+records its argv.
 """
 
 from __future__ import annotations
