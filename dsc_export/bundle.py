@@ -8,9 +8,10 @@ A bundle is a tar file holding a split dir's subset and ``bundle.json`` (schema
 - **server**: the manifest, the whole model (``offload``), the tails, their engines, and a
   Triton model repository under ``triton/`` that a stock Triton Inference Server serves
   unchanged: one model per split (``onnxruntime_onnx``, or ``tensorrt_plan`` with the commands
-  that build the plans on the server's GPU), with dynamic batching and instance groups. The
-  repository's ONNX copies name their input ``input`` and their outputs like PyTriton's, so the
-  device client talks to either server the same way.
+  that build the plans on the server's GPU), with instance groups, and dynamic batching only for
+  a model that may merge requests. The repository's ONNX copies name their input ``input`` and
+  serve their outputs as ``dsc-export serve`` does (the output contract of
+  :mod:`dsc_export.serving.protocol`), so the device client talks to either server the same way.
 
 Opening a bundle extracts it to a temporary directory, refusing absolute paths, ``..``, links
 and special files, checks every file against ``bundle.json`` (and refuses files it does not
@@ -31,15 +32,13 @@ from typing import Any
 
 from dsc_export import __version__
 from dsc_export.artifacts import MANIFEST_NAME, Manifest, read_manifest, sha256_file, verify_files
-from dsc_export.errors import UserError
+from dsc_export.errors import UserError, lazy_import
 
 BUNDLE_SCHEMA = "dsc-export.bundle/1"
 BUNDLE_INDEX = "bundle.json"
 SIDES = ("device", "server")
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
 
-_TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8",
-                 "int32": "TYPE_INT32", "int64": "TYPE_INT64", "float64": "TYPE_FP64", "bool": "TYPE_BOOL"}
 
 
 def _side_files(man: Manifest, side: str) -> tuple[list[str], list[Any]]:
@@ -61,20 +60,34 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
         split_dir: the split dir.
         side: ``device`` or ``server``.
         out: the tar file to write.
-        plan: the plan to ship to the device [default: ``split_dir/plan.json`` if it exists].
+        plan: the plan to ship to the device [default: ``split_dir/plan.json``; a device bundle
+            without a plan is refused].
         triton_platform: Triton platform of the server's model repository.
         max_batch_size, instances: Triton ``max_batch_size`` and CPU/GPU instance count per model.
         triton: include the Triton model repository (server side).
 
     Returns:
         The bundle index (``bundle.json``).
+
+    Raises:
+        UserError: a changed file, an output no server can answer, a device bundle without a
+            plan (or with a plan of another model).
     """
     if side not in SIDES:
         raise UserError(f"bundle side must be device or server, not '{side}'")
     if triton_platform not in PLATFORMS:
         raise UserError(f"--triton-platform must be one of {', '.join(PLATFORMS)}")
+    from dsc_export.serving.protocol import served_outputs
+
     root = Path(split_dir)
     man = read_manifest(root)
+    served_outputs(root, man)  # an output no server can answer: refused as by build, serve and run
+    plan_path = Path(plan) if plan else root / "plan.json"
+    if side == "device" and not plan_path.is_file():
+        if plan:
+            raise UserError(f"plan '{plan}' does not exist")
+        raise UserError(f"'{root}' has no plan.json, which the device needs to choose its split; run "
+                        "dsc-export plan first (or pass --plan)")
     files, engines = _side_files(man, side)
     verify_files(man, root, [f for f in files if f.endswith(".onnx")])
     for e in engines:
@@ -89,14 +102,13 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
         for rel in files + sorted({e.path for e in engines}):
             _link_or_copy(root / rel, staging / rel)
         if side == "device":
-            plan_path = Path(plan) if plan else root / "plan.json"
-            if plan_path.is_file():
+            try:
                 plan_d = json.loads(plan_path.read_text())
-                if plan_d.get("model_sha256") != man.model.sha256:
-                    raise UserError(f"plan '{plan_path}' was made for another model than '{root}'")
-                shutil.copy2(plan_path, staging / "plan.json")
-            elif plan:
-                raise UserError(f"plan '{plan}' does not exist")
+            except ValueError as exc:
+                raise UserError(f"'{plan_path}' is not a valid plan: {exc}") from exc
+            if plan_d.get("model_sha256") != man.model.sha256:
+                raise UserError(f"plan '{plan_path}' was made for another model than '{root}'")
+            shutil.copy2(plan_path, staging / "plan.json")
         elif triton:
             write_triton_repository(root, man, staging / "triton", triton_platform, max_batch_size, instances)
         backends = sorted({(e.backend, e.target.get("version", "")) for e in engines})
@@ -134,15 +146,40 @@ def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str
                             max_batch_size: int = 64, instances: int = 1) -> list[str]:
     """One Triton model per split with a tail: ``repo/<split>/config.pbtxt`` and the model.
 
+    Each repository model is the tail with its input named ``input`` and its outputs as the
+    output contract (:func:`dsc_export.serving.protocol.output_contract`) serves them: outputs
+    named as the client asks for them, an output whose batch is on another axis transposed to
+    batch first, constant outputs left out (the client has them). ``config.pbtxt`` is written
+    through Triton's own ``ModelConfig`` protobuf, so every string is escaped by protobuf. A model
+    that may merge requests gets ``dynamic_batching``; one that must not gets none (each request
+    runs as it came); one that runs at one batch size only gets ``max_batch_size: 0`` and full
+    shapes, so Triton refuses any other batch. ``build-plans.sh`` (``tensorrt_plan``) quotes
+    every argument.
+
     Returns:
         The model names written.
+
+    Raises:
+        UserError: an output no server can answer; tritonclient (the ``serve`` extra) missing.
     """
+    import shlex
+
     import onnx
 
+    from dsc_export.backends.tensorrt import shape_spec
     from dsc_export.graph.model import load_model
-    from dsc_export.serving.server import INPUT, output_names
+    from dsc_export.serving.protocol import (
+        INPUT,
+        TRITON_TYPES,
+        fixed_batch,
+        mergeable,
+        served_outputs,
+    )
 
-    outs = output_names(man)
+    pb = lazy_import("tritonclient.grpc.model_config_pb2", "serve")
+    text_format = lazy_import("google.protobuf.text_format", "serve")
+    contract = served_outputs(root, man)
+    fixed, merge = fixed_batch(man), mergeable(man)
     names = []
     build_lines = ["#!/bin/sh", "# Build the TensorRT plans of this Triton repository on the server's GPU.", "set -e",
                    'cd "$(dirname "$0")"']
@@ -150,50 +187,80 @@ def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str
         if not s.tail:
             continue
         model = load_model(root / s.tail)
-        _rename_io(model, INPUT, outs)
+        _serve_form(model, INPUT, contract)
         inp = model.graph.input[0].type.tensor_type
-        in_dims = [d.dim_value for d in inp.shape.dim[1:]]
-        in_type = _TRITON_TYPES[onnx.helper.tensor_dtype_to_np_dtype(inp.elem_type).name]
-        outputs = []
-        for o in model.graph.output:
-            tt = o.type.tensor_type
-            outputs.append((o.name, _TRITON_TYPES[onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name],
-                            [d.dim_value for d in tt.shape.dim[1:]]))
+        in_dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in inp.shape.dim]
+        in_type = TRITON_TYPES[onnx.helper.tensor_dtype_to_np_dtype(inp.elem_type).name]
         d = repo / s.id
         (d / "1").mkdir(parents=True, exist_ok=True)
-        if platform == "onnxruntime_onnx":
-            onnx.save(model, os.fspath(d / "1" / "model.onnx"), save_as_external_data=model.ByteSize() > 1_900_000_000,
-                      location="model.onnx.data")
-            kind = "KIND_CPU"
+        where = d / "1" if platform == "onnxruntime_onnx" else d
+        onnx.save(model, os.fspath(where / "model.onnx"), save_as_external_data=model.ByteSize() > 1_900_000_000,
+                  location="model.onnx.data")
+        config = pb.ModelConfig(name=s.id, platform=platform, max_batch_size=0 if fixed else max_batch_size)
+        if fixed:
+            config.input.add(name=INPUT, data_type=pb.DataType.Value(in_type), dims=[fixed] + in_dims[1:])
         else:
-            onnx.save(model, os.fspath(d / "model.onnx"), save_as_external_data=model.ByteSize() > 1_900_000_000,
-                      location="model.onnx.data")
-            shape = "x".join(str(v) for v in in_dims)
-            build_lines.append(
-                f"trtexec --onnx={s.id}/model.onnx --saveEngine={s.id}/1/model.plan --stronglyTyped "
-                f"--minShapes={INPUT}:1x{shape} --optShapes={INPUT}:{max(1, max_batch_size // 2)}x{shape} "
-                f"--maxShapes={INPUT}:{max_batch_size}x{shape}")
-            kind = "KIND_GPU"
-        config = [f'name: "{s.id}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size}",
-                  "input [", f'  {{ name: "{INPUT}" data_type: {in_type} dims: [ {", ".join(map(str, in_dims))} ] }}', "]",
-                  "output ["]
-        config += [f'  {{ name: "{n}" data_type: {t} dims: [ {", ".join(map(str, dims))} ] }}'
-                   + ("," if k < len(outputs) - 1 else "") for k, (n, t, dims) in enumerate(outputs)]
-        config += ["]", "dynamic_batching { max_queue_delay_microseconds: 2000 }",
-                   f"instance_group [ {{ count: {instances} kind: {kind} }} ]",
-                   f'parameters {{ key: "dsc_model_sha256" value: {{ string_value: "{man.model.sha256}" }} }}']
-        (d / "config.pbtxt").write_text("\n".join(config) + "\n")
+            config.input.add(name=INPUT, data_type=pb.DataType.Value(in_type), dims=in_dims[1:])
+        for c in contract:
+            if c.kind != "constant":
+                config.output.add(name=c.wire_name, data_type=pb.DataType.Value(TRITON_TYPES[c.dtype]), dims=c.dims)
+        if merge:
+            config.dynamic_batching.max_queue_delay_microseconds = 2000
+        kind = pb.ModelInstanceGroup.KIND_CPU if platform == "onnxruntime_onnx" else pb.ModelInstanceGroup.KIND_GPU
+        config.instance_group.add(count=instances, kind=kind)
+        config.parameters["dsc_model_sha256"].string_value = man.model.sha256
+        (d / "config.pbtxt").write_text(text_format.MessageToString(config))
+        if platform == "tensorrt_plan":
+            argv = ["trtexec", f"--onnx={s.id}/model.onnx", f"--saveEngine={s.id}/1/model.plan", "--stronglyTyped"]
+            per_sample = in_dims[1:]
+            if fixed and in_dims[0] > 0:
+                pass  # fully static input: trtexec takes no shapes
+            elif fixed:
+                argv.append(f"--shapes={shape_spec(INPUT, [fixed] + per_sample)}")
+            else:
+                argv += [f"--minShapes={shape_spec(INPUT, [1] + per_sample)}",
+                         f"--optShapes={shape_spec(INPUT, [max(1, max_batch_size // 2)] + per_sample)}",
+                         f"--maxShapes={shape_spec(INPUT, [max_batch_size] + per_sample)}"]
+            build_lines.append(shlex.join(["mkdir", "-p", f"{s.id}/1"]))  # a tar keeps no empty folder
+            build_lines.append(shlex.join(argv))
         names.append(s.id)
     if platform == "tensorrt_plan":
         (repo / "build-plans.sh").write_text("\n".join(build_lines) + "\n")
     return names
 
 
-def _rename_io(model, input_name: str, output_names: list[str]) -> None:
-    """Rename the graph's input and outputs in place (every reader and producer follows)."""
+def _serve_form(model, input_name: str, contract) -> None:
+    """Give a tail the form the output contract serves, in place: its input named ``input``, its
+    outputs named as served, batch moved to axis 0 where it is elsewhere, constants dropped."""
+    from onnx import helper
+
+    by_name = {c.name: c for c in contract}
     renames = {model.graph.input[0].name: input_name}
-    for o, new in zip(model.graph.output, output_names):
-        renames[o.name] = new
+    outputs, moves = [], []
+    for o in model.graph.output:
+        c = by_name.get(o.name)
+        if c is None or c.kind == "constant":
+            continue
+        tt = o.type.tensor_type
+        if c.kind == "batched" and c.batch_axis:
+            inner = f"{o.name}__batch_on_axis_{c.batch_axis}"
+            renames[o.name] = inner
+            perm = [c.batch_axis] + [k for k in range(len(tt.shape.dim)) if k != c.batch_axis]
+            dims = [tt.shape.dim[k].dim_param or tt.shape.dim[k].dim_value or None for k in perm]
+            moves.append(helper.make_node("Transpose", [inner], [c.wire_name], perm=perm,
+                                          name=f"{c.wire_name}__to_batch_first"))
+            outputs.append(helper.make_tensor_value_info(c.wire_name, tt.elem_type, dims))
+        else:
+            renames[o.name] = c.wire_name
+            outputs.append(o)
+    _rename_io(model, renames)
+    model.graph.node.extend(moves)
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
+
+
+def _rename_io(model, renames: dict[str, str]) -> None:
+    """Rename tensors in place: every reader, producer, graph input and output follows."""
     for n in model.graph.node:
         n.input[:] = [renames.get(x, x) for x in n.input]
         n.output[:] = [renames.get(x, x) for x in n.output]

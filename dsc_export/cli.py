@@ -25,6 +25,14 @@ def _log(msg: str) -> None:
     click.secho(f"· {msg}", err=True, fg="bright_black")
 
 
+def _note(msg: str) -> None:
+    """Progress messages of the library; its ``note: ...`` lines stand out in yellow."""
+    if msg.startswith("note: "):
+        click.secho(msg, err=True, fg="yellow")
+    else:
+        _log(msg)
+
+
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="""\b
@@ -292,6 +300,8 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
     An engine is the optimised form of a head, a tail or the whole model for one batch size:
     for onnxruntime the model with its batch fixed and graph optimisations saved, for TensorRT a
     serialised .plan. Engines go to DIR/engines/BACKEND/. Only what is missing or stale is built.
+    A model that runs at one batch size only (fixed_batch in the manifest) is built at that size
+    alone, with a note naming the sizes left out.
 
     \b
     Example:
@@ -308,7 +318,7 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
     options = BuildOptions(workspace_mb=workspace_mb, version_compatible=version_compatible,
                            hardware_compatible=hardware_compatible)
     if emit_trtexec:
-        n = write_trtexec(split_dir, emit_trtexec, batch_sizes, parts, precision, options)
+        n = write_trtexec(split_dir, emit_trtexec, batch_sizes, parts, precision, options, log=_note)
         click.echo(f"wrote {emit_trtexec}: {n} trtexec command(s); run it in {split_dir} on the target machine, "
                    "then dsc-export build --import there")
         return
@@ -318,11 +328,11 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
     read_manifest(split_dir)  # not a split dir, a missing backend: one line before any progress bar
     get_backend(backend).check()
     if import_:
-        rep = import_engines(split_dir, backend, batch_sizes, parts, precision, options, log=_log)
+        rep = import_engines(split_dir, backend, batch_sizes, parts, precision, options, log=_note)
     else:
         with _progress("building") as progress:  # the bar appears after the checks (a bad --inputs: one line)
             rep = build_engines(split_dir, backend, batch_sizes, parts, precision, options, verify,
-                                progress=progress, log=_log, inputs=None if inputs is None else str(inputs))
+                                progress=progress, log=_note, inputs=None if inputs is None else str(inputs))
     rows = [("engine", "batch", "for", "build s", "max rel diff")]
     seen = {}
     for e in rep.built:
@@ -379,9 +389,14 @@ def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats,
       dsc-export bench engines/efficientnet_b0/split --role server -o server.json
       dsc-export bench DIR --role device --backend tensorrt --lock-gpu-clocks 300   # as root
     """
-    from dsc_export.artifacts import write_json_atomic
+    from dsc_export.artifacts import read_manifest, write_json_atomic
+    from dsc_export.engines import engine_batch_sizes
     from dsc_export.profiling import noisy, profile_split_dir
 
+    if batch_sizes:
+        batch_sizes, note = engine_batch_sizes(read_manifest(split_dir), batch_sizes)
+        if note:
+            _note(f"note: {note}")
     output = output or split_dir / "profiles" / f"{role}-{backend}.json"
     with _progress(f"timing the {role} side") as progress:
         prof = profile_split_dir(split_dir, role, backend, batch_sizes, precision, warmup,
@@ -587,15 +602,18 @@ def _open_dir_or_bundle(path: Path, side: str):
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads per tail.")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--dynamic-batching/--no-dynamic-batching", default=True, show_default=True)
+@click.option("--dynamic-batching/--no-dynamic-batching", default=None,
+              help="Merge concurrent requests into one batch [default: on where the manifest says the model may "
+                   "merge requests; never for a batch-dependent or fixed-batch model].")
 @click.option("--triton-log", type=click.Path(dir_okay=False, path_type=Path),
               help="Write Triton's own log here instead of the terminal.")
 def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_batch_size, dynamic_batching,
               triton_log) -> None:
     """Serve every tail (and the whole model for offload) over Triton's protocol (HTTP + gRPC).
 
-    One Triton model per split, named by its id. Stops cleanly on Ctrl-C or SIGTERM and prints
-    per-split request counts and compute time.
+    One Triton model per split, named by its id. Says it is serving only once Triton reports
+    every model ready. Stops cleanly on Ctrl-C or SIGTERM and prints per-split request counts and
+    compute time. A model that runs at one batch size only is served at that size alone.
 
     \b
     Example:
@@ -609,8 +627,8 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
         server = TailServer(root, host, http_port, grpc_port, metrics_port, threads, max_batch_size, dynamic_batching,
                             log=_log, log_file=triton_log)
         serve_forever(server, on_ready=lambda: click.echo(
-            f"serving {len([s for s in server.manifest.splits if s.tail])} model(s) on http://{host}:{http_port} "
-            f"and grpc {host}:{grpc_port}; Ctrl-C to stop", err=True))
+            f"serving {len([s for s in server.manifest.splits if s.tail])} model(s), all ready, on "
+            f"http://{host}:{http_port} and grpc {host}:{grpc_port} ({server.batching()}); Ctrl-C to stop", err=True))
         _table(server.stats.table())
     finally:
         if tmp:
@@ -628,18 +646,23 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
 @click.option("--images", "image_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of images for --input images (resized to the model's input).")
 @click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Samples per batch [default: 4, or the model's fixed batch size].")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="CPU threads here.")
 @click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
               help="Seconds before a request is abandoned and the batch finished locally.")
 @click.option("--split", "static", metavar="SPLIT", help="Always use this split (a static baseline).")
+@click.option("--wait-ready", "wait_ready", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              metavar="SECONDS", help="Wait this long for the server's models to be ready before the first batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per batch.")
 def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_dir, batches, batch_size, threads,
-            deadline, static, as_json) -> None:
+            deadline, static, wait_ready, as_json) -> None:
     """Run batches with dynamic split computing against a server.
 
     Per batch: estimate the data rate from recent transfers, ask the plan for the split, run
     the head here, send the cut tensor, get the result; finish locally if the server fails.
+    First waits (--wait-ready) until the server has every model of this split dir ready, and
+    refuses a server that is not ready in time or serves another model.
 
     \b
     Example:
@@ -666,8 +689,16 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
                              "" if b.measured_rate_MBps is None else f"{b.measured_rate_MBps:.1f}",
                              f"{b.predicted_ms:.1f}", f"{b.measured_ms:.1f}", b.fallback or ""))
 
+        from dsc_export.artifacts import read_manifest
+        from dsc_export.serving.protocol import fixed_batch
+
+        fixed = fixed_batch(read_manifest(root))
+        if fixed is not None and batch_size not in (None, fixed):
+            raise UserError(f"the model runs at batch size {fixed} only; run it with --batch-size {fixed} "
+                            "(or leave --batch-size out)")
+        batch_size = batch_size or fixed or 4
         with DynamicSplitClient(root, server_url, plan, protocol, privacy, threads, deadline, log=log,
-                                static=static) as client:
+                                static=static, ready_timeout_s=wait_ready, say=_log) as client:
             shape = [batch_size] + list(client.manifest.model.input.shape[1:])
             dtype = np.dtype(client.manifest.model.input.dtype)
             images = _images(image_dir, shape, dtype) if input_kind == "images" else None

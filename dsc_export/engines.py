@@ -90,6 +90,26 @@ def parse_batch_sizes(text: str) -> list[int]:
     return sorted(sizes)
 
 
+def engine_batch_sizes(manifest: Manifest, requested: list[int]) -> tuple[list[int], str | None]:
+    """The batch sizes to build (or time) for ``requested``, and a note when they differ.
+
+    A model that runs at one batch size only (``fixed_batch``, or a fixed batch in its input)
+    gets engines, profiles and a plan for that size alone, whatever was asked.
+
+    Returns:
+        (sizes, note): the sizes to use, and None or one sentence saying what was left out.
+    """
+    from dsc_export.serving.protocol import fixed_batch
+
+    fb = fixed_batch(manifest)
+    requested = sorted(set(requested))
+    if fb is None or requested == [fb]:
+        return requested, None
+    others = [b for b in requested if b != fb]
+    return [fb], (f"the model runs at batch size {fb} only: using batch {fb}, "
+                  f"not {', '.join(map(str, others))}")
+
+
 def plan_jobs(manifest: Manifest, backend: Backend, parts: str, batch_sizes: list[int], precision: str) -> list[Job]:
     """The engine files a build of ``parts`` needs, grouped by source ONNX then batch size."""
     if parts not in PARTS:
@@ -108,16 +128,23 @@ def plan_jobs(manifest: Manifest, backend: Backend, parts: str, batch_sizes: lis
     return list(jobs.values())
 
 
-def _prepare(split_dir, backend_name: str, parts: str, batch_sizes, precision: str, options: BuildOptions | None):
+def _prepare(split_dir, backend_name: str, parts: str, batch_sizes, precision: str, options: BuildOptions | None,
+             log: Callable[[str], None] = lambda s: None):
     """Read and check everything a build or an import needs, before anything is written."""
+    from dsc_export.serving.protocol import served_outputs
+
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be fp32 or fp16, not '{precision}'")
     root = Path(split_dir)
     manifest = read_manifest(root)
+    served_outputs(root, manifest)  # an output no server can answer: refused here as by serve and bundle
     backend = get_backend(backend_name)
     backend.check()
     options = options or BuildOptions()
-    jobs = plan_jobs(manifest, backend, parts, list(batch_sizes), precision)
+    batch_sizes, note = engine_batch_sizes(manifest, list(batch_sizes))
+    if note:
+        log(f"note: {note}")
+    jobs = plan_jobs(manifest, backend, parts, batch_sizes, precision)
     verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))  # refuse, naming the file
     return root, manifest, backend, options, options.for_backend(backend.name), jobs
 
@@ -165,7 +192,7 @@ def build_engines(
         UserError: a bad split dir, backend or ``inputs`` (before anything is built).
     """
     root, manifest, backend, options, opts, jobs = _prepare(split_dir, backend_name, parts, batch_sizes, precision,
-                                                            options)
+                                                            options, log)
     samples = None
     if inputs is not None and not verify:
         log(f"--inputs {inputs} is not used: --no-verify skips the engine checks")
@@ -283,38 +310,64 @@ def load_engine(split_dir: str | os.PathLike, rec: Engine, threads: int | None =
 
 
 def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batch_sizes: list[int],
-                 parts: str = "all", precision: str = "fp32", options: BuildOptions | None = None) -> int:
+                 parts: str = "all", precision: str = "fp32", options: BuildOptions | None = None,
+                 log: Callable[[str], None] = lambda s: None) -> int:
     """Write the ``trtexec`` commands that build this split dir's engines on another machine.
 
     The commands are relative to the split dir and write the engine files where ``build
     --import`` looks for them. For fp16 the converted ONNX files are written first (the commands
-    read them), since TensorRT 11 takes precision from the ONNX types.
+    read them), since TensorRT 11 takes precision from the ONNX types. Every argument is quoted
+    for ``sh`` (tensor names may hold ``;``, spaces, quotes, ``$``); an input that is fully
+    static gets no ``--shapes``.
 
     Returns:
         The number of engine commands written.
+
+    Raises:
+        UserError: not a split dir, a changed file, an output no server can answer, or an input
+            name trtexec cannot express (a ``,`` or ``'``).
     """
-    from dsc_export.backends.tensorrt import TIMING_CACHE, TensorrtBackend
+    import shlex
+
+    from dsc_export.backends.tensorrt import TIMING_CACHE, TensorrtBackend, shape_spec
+    from dsc_export.serving.protocol import served_outputs
 
     root = Path(split_dir)
     manifest = read_manifest(root)
+    served_outputs(root, manifest)
     backend = TensorrtBackend()
     options = options or BuildOptions()
+    batch_sizes, note = engine_batch_sizes(manifest, list(batch_sizes))
+    if note:
+        log(f"note: {note}")
     jobs = plan_jobs(manifest, backend, parts, batch_sizes, precision)
     verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))
+    import_cmd = shlex.join(["dsc-export", "build", ".", "--backend", "tensorrt", "--import", "--batch-sizes",
+                             ",".join(map(str, batch_sizes)), "--parts", parts, "--precision", precision])
     lines = ["#!/bin/sh", "# Build the TensorRT engines of this split dir on the machine that will run them",
              "# (engines are tied to its GPU and TensorRT version). Run from the split dir, then:",
-             "#   dsc-export build . --backend tensorrt --import " + f"--batch-sizes {','.join(map(str, batch_sizes))} "
-             f"--parts {parts} --precision {precision}", "set -e", f"mkdir -p {ENGINES_DIR}/tensorrt"]
-    converted: dict[str, str] = {}
+             f"#   {import_cmd}", "set -e", shlex.join(["mkdir", "-p", f"{ENGINES_DIR}/tensorrt"])]
+    commands, inputs = [], {}
     for job in jobs:
+        if job.source not in inputs:
+            inputs[job.source] = _onnx_input(root / job.source)
+        name, dims = inputs[job.source]
+        static = all(isinstance(d, int) and d > 0 for d in dims)
+        if not static and any(not (isinstance(d, int) and d > 0) for d in dims[1:]):
+            raise UserError(f"input '{name}' of {job.source} has dynamic dimensions other than the batch: {dims}")
+        shape = [job.batch] + list(dims[1:])
+        if not static:
+            shape_spec(name, shape)  # refuse a name trtexec cannot take before anything is written
+        commands.append((job, None if static else name, shape))
+    converted: dict[str, str] = {}
+    for job, name, shape in commands:  # every name checked before any file is written
         onnx_path = job.source
         if precision == "fp16":
             if job.source not in converted:
                 converted[job.source] = _fp16_copy(root, job.source)
             onnx_path = converted[job.source]
-        shape = _input_shape(manifest, job)
-        lines.append(backend.trtexec_command(onnx_path, job.path, shape[0], [job.batch] + shape[1], precision,
-                                             options, f"{ENGINES_DIR}/tensorrt/{TIMING_CACHE}"))
+        lines.append(backend.trtexec_command(onnx_path, job.path, name, shape, precision, options,
+                                             f"{ENGINES_DIR}/tensorrt/{TIMING_CACHE}"))
     text = "\n".join(lines) + "\n"
     out_file = Path(out_file)
     write_json_atomic(out_file, text)
@@ -322,16 +375,13 @@ def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batc
     return len(jobs)
 
 
-def _input_shape(manifest: Manifest, job: Job) -> tuple[str, list[int]]:
-    """Name and per-sample shape of the input of a job's ONNX (the model input or the wire tensor)."""
-    if job.source == manifest.model.path:
-        return manifest.model.input.name, list(manifest.model.input.shape[1:])
-    sid = job.records[0][0]
-    split = manifest.split(sid)
-    if job.source == split.head:
-        return manifest.model.input.name, list(manifest.model.input.shape[1:])
-    cp = next(c for c in manifest.cut_points if c.tensor == split.tensor)
-    return split.wire_tensor, list(cp.shape)
+def _onnx_input(path: Path) -> tuple[str, list]:
+    """Name and shape (ints, symbolic dims as strings) of an ONNX file's one data input."""
+    from dsc_export.graph.model import load_model
+    from dsc_export.graph.shapes import input_signature
+
+    name, dims, _ = input_signature(load_model(path, load_data=False))[0]
+    return name, dims
 
 
 def _fp16_copy(root: Path, source: str) -> str:
@@ -358,7 +408,7 @@ def import_engines(split_dir: str | os.PathLike, backend_name: str, batch_sizes:
     and recorded with this machine's target; missing files are reported as failed.
     """
     root, manifest, backend, options, opts, jobs = _prepare(split_dir, backend_name, parts, batch_sizes, precision,
-                                                            options)
+                                                            options, log)
     target = backend.target()
     report = BuildReport()
     for job in jobs:
@@ -387,7 +437,8 @@ class PartRunner:
 
     Engines are batch-fixed and optimised, so they are what the profiles measured; the ONNX
     fallback serves batch sizes without an engine (dynamic batching on a server, an odd batch
-    on a device).
+    on a device). A model that runs at one batch size only (``fixed_batch``) is run at that size
+    only: any other batch is refused, never handed to an engine or the ONNX.
     """
 
     def __init__(self, split_dir: str | os.PathLike, manifest: Manifest, split: str, part: str,
@@ -401,6 +452,9 @@ class PartRunner:
         self._engines: dict[int, Runner] = {}
         self._onnx = None
         self.input_name: str | None = None
+        from dsc_export.serving.protocol import fixed_batch
+
+        self.fixed_batch = fixed_batch(manifest)
 
     def onnx_session(self):
         """The part's ONNX session (created on first use)."""
@@ -411,7 +465,15 @@ class PartRunner:
         return self._onnx
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+        """Run the part on ``feeds`` (batch first) and return ``outputs`` [default: every output].
+
+        Raises:
+            UserError: a batch size other than the model's fixed batch size.
+        """
         batch = int(next(iter(feeds.values())).shape[0])
+        if self.fixed_batch is not None and batch != self.fixed_batch:
+            raise UserError(f"the model runs at batch size {self.fixed_batch} only, not {batch} "
+                            f"({self.split} {self.part})")
         rec = self.records.get(batch)
         if rec is not None:
             runner = self._engines.get(batch)

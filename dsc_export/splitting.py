@@ -486,6 +486,10 @@ def split_model(
         n for n in analysis.notes if not reference or not n.startswith("the model runs at batch")]
     log(analysis.summary())
     chosen = _choose(analysis, folded, at)
+    outputs = analysis.outputs
+    if reference:  # the shapes the runs showed; without them (--no-verify) build and serve check later
+        outputs = _observed_outputs(analysis, reference)
+        _check_output_contract(analysis, outputs, folded)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -515,7 +519,7 @@ def split_model(
         manifest = Manifest(
             model=ModelRef(
                 path="model.onnx", sha256=sha256_file(model_file), input=analysis.input,
-                output=analysis.outputs[0], input_bytes=analysis.input_bytes, outputs=analysis.outputs,
+                output=outputs[0], input_bytes=analysis.input_bytes, outputs=outputs,
                 source=os.fspath(src), fixed_batch=analysis.fixed_batch,
                 batch_independent=reference.batch_independent if reference else None,
             ),
@@ -534,6 +538,49 @@ def split_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _observed_outputs(analysis: Analysis, ref: _Reference) -> list[TensorSig]:
+    """The outputs' shapes as the reference runs show them: an axis whose size is the batch size
+    at every verification batch size gets the input's batch dimension (whatever the graph declares,
+    often nothing), one of constant size that size, any other -1. Several batch sizes are needed to
+    tell; with one (a fixed batch), declared sizes stay, symbolic ones take the size they ran at,
+    and unknown ones become -1."""
+    batch = analysis.input.shape[0]
+    sigs = []
+    for k, sig in enumerate(analysis.outputs):
+        shapes = [tuple(out[k].shape) for out in ref.outputs]
+        if len({len(sh) for sh in shapes}) != 1:
+            sigs.append(sig)
+            continue
+        rank = len(shapes[0])
+        declared = list(sig.shape) if len(sig.shape) == rank else [-1] * rank
+        if len(ref.batches) < 2:  # one batch size: a symbolic dimension takes the size it ran at
+            dims = [d if isinstance(d, int) and d > 0 else shapes[0][j] if isinstance(d, str) else -1
+                    for j, d in enumerate(declared)]
+        else:
+            dims = []
+            for j in range(rank):
+                col = [sh[j] for sh in shapes]
+                dims.append(batch if col == list(ref.batches) else col[0] if len(set(col)) == 1 else -1)
+        sigs.append(TensorSig(sig.name, dims, sig.dtype))
+    return sigs
+
+
+def _check_output_contract(analysis: Analysis, outputs: list[TensorSig], folded: onnx.ModelProto) -> None:
+    """Refuse, before anything is written, a model whose outputs no server can answer
+    (:func:`dsc_export.serving.protocol.output_contract`): the same rule build, serve and bundle
+    apply later."""
+    from dsc_export.serving.protocol import constant_outputs, output_contract
+
+    probe = Manifest(model=ModelRef(path="model.onnx", sha256="", input=analysis.input, output=outputs[0],
+                                    input_bytes=analysis.input_bytes, outputs=outputs,
+                                    fixed_batch=analysis.fixed_batch),
+                     wire_dtype=analysis.wire_dtype, cut_points=[], splits=[])
+    problems = [c.problem for c in output_contract(probe, constant_outputs(folded)) if c.problem]
+    if problems:
+        raise UserError(f"{problems[0]}{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; "
+                        "nothing was written")
 
 
 def _release_freed_memory() -> None:

@@ -75,3 +75,66 @@ def test_server_refuses_old_pytriton_with_numpy_2(monkeypatch):
         server._check_versions()
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.7.0")
     server._check_versions()  # the pair the serve extra installs
+
+
+class LoadingServer:
+    """A Triton that comes up: refused at first, then its models get ready one poll at a time.
+
+    ``stock``: a stock Triton serving a bundle's repository (configs carry the model's sha256,
+    no dsc_meta); otherwise a dsc-export serve whose dsc_meta is loaded last.
+    """
+
+    def __init__(self, models, stock=False, refused=2, never=()):
+        self.polls, self.models, self.stock, self.refused, self.never = 0, list(models), stock, refused, set(never)
+        self.order = self.models + ([] if stock else ["dsc_meta"])
+
+    def is_server_live(self):
+        self.polls += 1
+        if self.polls <= self.refused:
+            raise ConnectionRefusedError("[Errno 111] Connection refused")
+        return True
+
+    def is_model_ready(self, name):
+        if name in self.never or name not in self.order:
+            return False
+        return self.order.index(name) < self.polls - self.refused
+
+    def get_model_config(self, name):
+        return {"name": name, "parameters": {"dsc_model_sha256": {"string_value": "ab" * 32}} if self.stock else {}}
+
+    def get_model_repository_index(self):
+        return [{"name": m, "state": "READY" if self.is_model_ready(m) else "LOADING"} for m in self.order]
+
+
+def _remote(client):
+    remote = _Remote.__new__(_Remote)
+    remote.url, remote.protocol, remote.timeout_s, remote.has_server_ms = "x:8000", "http", 1.0, True
+    remote.mod, remote.client = FakeMod, client
+    return remote
+
+
+def test_run_waits_for_every_model_and_for_dsc_meta():
+    server = LoadingServer(["offload", "cut002", "cut004"])
+    said = []
+    _remote(server).wait_ready(["offload", "cut002", "cut004"], 10, said.append)
+    assert all(server.is_model_ready(m) for m in server.order)  # dsc_meta too: loaded last
+    assert said == [["offload", "cut002", "cut004"]]  # told once, with what it waits for
+
+
+def test_a_stock_triton_is_not_waited_on_for_dsc_meta():
+    server = LoadingServer(["offload"], stock=True, refused=0)
+    _remote(server).wait_ready(["offload"], 10, lambda p: None)
+    assert server.polls == 1  # ready at once; no wait for a dsc_meta it will never have (that would fail)
+
+
+def test_wait_ready_refuses_with_what_is_missing():
+    from dsc_export.errors import UserError
+    from dsc_export.serving.protocol import wait_ready
+
+    server = LoadingServer(["offload", "cut002"], never=["cut002"])
+    with pytest.raises(UserError) as exc:
+        wait_ready(server, ["offload", "cut002"], 0.3, "x:8000", poll_s=0.05)
+    assert str(exc.value) == ("the server at x:8000 has not made cut002 ready within 0.3 s; it has cut002, dsc_meta, "
+                              "offload; serve this split dir's server side there, or wait longer with --wait-ready")
+    with pytest.raises(UserError, match=r"does not answer within 0.1 s \(\[Errno 111\] Connection refused\)"):
+        wait_ready(LoadingServer(["offload"], refused=10**6), ["offload"], 0.1, "x:8000", poll_s=0.05)

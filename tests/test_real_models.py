@@ -126,6 +126,28 @@ def test_initializer_output_stays_exact(tmp_path):
     _independent_check(src, tmp_path / "s", RNG.standard_normal((2, 3, 16, 16)).astype(np.float32))
 
 
+def test_output_computed_across_the_batch_is_refused_at_split_time(tmp_path):
+    """An output with no batch axis that depends on the input: no server can answer it per
+    request, so split refuses it up front, in one line, writing nothing."""
+    model, cuts = graphs.chain()
+    model.graph.node.append(helper.make_node("ReduceMean", ["y"], ["pooled"], axes=[0, 2, 3], keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None))
+    src = _save(model, tmp_path / "m.onnx")
+    with pytest.raises(UserError) as err:
+        split_model(src, tmp_path / "s", at=cuts)
+    assert "\n" not in str(err.value) and "output 'pooled'" in str(err.value)
+    assert not (tmp_path / "s").exists()
+
+
+def test_output_shapes_are_recorded_as_the_runs_show_them(tmp_path):
+    """Graph outputs declared without sizes get the batch axis and sizes from the runs."""
+    model, cuts = graphs.chain()
+    for d in model.graph.output[0].type.tensor_type.shape.dim:
+        d.Clear()  # rank known, every size unknown (as some converters write)
+    man = split_model(_save(model, tmp_path / "m.onnx"), tmp_path / "s", at=cuts)
+    assert man.model.outputs[0].shape == ["N", 2, 8, 8]
+
+
 def test_input_that_is_also_an_output_leaves_only_offload_and_local(tmp_path):
     model, _ = graphs.chain()
     model.graph.output.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16]))

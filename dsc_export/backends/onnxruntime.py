@@ -141,20 +141,34 @@ def cpu_isa() -> str:
 
 
 def fix_batch(model, batch: int):
-    """Set the batch dimension (axis 0) of every input and output of ``model`` to ``batch``, in place.
+    """Set the batch dimension (axis 0) of every input of ``model`` to ``batch``, and every output
+    dimension named like an input's batch dimension, in place.
+
+    Other output dimensions are left as declared: an output may hold its batch on another axis
+    (``[classes, N]``) or none at all (a constant table), and a fixed size there is not a batch.
 
     Raises:
         UserError: an input's batch dimension is fixed to another size.
     """
-    for vi in list(model.graph.input) + list(model.graph.output):
-        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+    inits = {t.name for t in model.graph.initializer}
+    names = set()
+    for vi in model.graph.input:
+        if vi.name in inits or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
             continue
         dims = vi.type.tensor_type.shape.dim
         if not dims:
             continue
         if dims[0].HasField("dim_value") and dims[0].dim_value not in (0, batch):
-            raise UserError(f"'{vi.name}' has a fixed batch size {dims[0].dim_value}; cannot build for {batch}")
+            raise UserError(f"input '{vi.name}' has a fixed batch size {dims[0].dim_value}; cannot build for {batch}")
+        if dims[0].dim_param:
+            names.add(dims[0].dim_param)
         dims[0].dim_value = batch
+    for vi in model.graph.output:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in names:
+                d.dim_value = batch
     return model
 
 

@@ -247,12 +247,36 @@ class TensorrtBackend(Backend):
         return TensorrtRunner(os.fspath(engine_path), threads)
 
     def trtexec_command(self, onnx_path, engine_path, input_name, input_shape, precision, options, cache_path) -> str:
-        shape = "x".join(str(d) for d in input_shape)
-        parts = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
-                 f"--shapes={input_name}:{shape}", f"--memPoolSize=workspace:{options.workspace_mb}M",
-                 f"--timingCacheFile={cache_path}", "--stronglyTyped"]
+        """One ``trtexec`` command line, every argument quoted for ``sh`` (:func:`shlex.join`).
+
+        ``input_name`` None: the input is fully static and ``--shapes`` is left out (trtexec
+        refuses it then). fp32 engines get ``--noTF32``: TensorRT would otherwise compute float32
+        convolutions and matrix products in TF32 (10 mantissa bits) on Ampere and newer.
+        """
+        import shlex
+
+        argv = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
+        if input_name is not None:
+            argv.append(f"--shapes={shape_spec(input_name, input_shape)}")
+        argv += [f"--memPoolSize=workspace:{options.workspace_mb}M", f"--timingCacheFile={cache_path}",
+                 "--stronglyTyped"]
+        if precision == "fp32":
+            argv.append("--noTF32")
         if options.version_compatible:
-            parts.append("--versionCompatible")
+            argv.append("--versionCompatible")
         if options.hardware_compatible:
-            parts.append("--hardwareCompatibilityLevel=ampere+")
-        return " ".join(parts)
+            argv.append("--hardwareCompatibilityLevel=ampere+")
+        return shlex.join(argv)
+
+
+def shape_spec(name: str, shape: list[int]) -> str:
+    """trtexec's ``NAME:DxDxD`` for ``--shapes`` / ``--minShapes``: the name in single quotes, so
+    that trtexec takes ``:`` and spaces as part of it (it splits a spec on the last ``:``).
+
+    Raises:
+        UserError: the name holds a ``,`` or a ``'``, which trtexec's shape specs cannot carry.
+    """
+    if "," in name or "'" in name:
+        raise UserError(f"input '{name}' has a ',' or a \"'\" in its name, which trtexec's --shapes cannot "
+                        "express; build with --backend tensorrt (the Python API) instead of --emit-trtexec")
+    return f"'{name}':" + "x".join(str(int(d)) for d in shape)

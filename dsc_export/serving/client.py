@@ -11,7 +11,13 @@ Per batch (paper Section 3, with the run-time details the paper leaves open):
 3. the head runs here; the cut tensor goes to the server with ``tritonclient`` as binary tensor
    data (HTTP or gRPC); the server's tail returns the outputs.
 
-If the server is unreachable, slower than the deadline or answers with an error, the batch is
+Before the first batch the client waits (``ready_timeout_s``) until the server has every model of
+the split dir ready, and refuses one that does not get ready or serves another model: it never
+runs locally because the server was still loading. The server's outputs are taken back into the
+model's form by the output contract (:mod:`dsc_export.serving.protocol`: batch moved back to
+its axis, constant outputs from the client's own copy of the model).
+
+Once running, if the server is unreachable, slower than the deadline or answers with an error, the batch is
 finished here with the whole model, the server is marked down and retried after a back-off that
 doubles up to a limit: no batch is ever lost. In privacy mode the raw input never leaves the
 device (``offload`` is never chosen). While ``local`` is chosen nothing is sent and the rate
@@ -38,7 +44,15 @@ import numpy as np
 from dsc_export.artifacts import read_manifest, verify_files
 from dsc_export.errors import UserError, lazy_import
 from dsc_export.planning import Plan
-from dsc_export.serving.server import INPUT, META, SERVER_MS, output_names
+from dsc_export.serving.protocol import (
+    INPUT,
+    META,
+    SERVER_MS,
+    fixed_batch,
+    output_names,
+    served_outputs,
+    wait_ready,
+)
 
 
 @dataclass
@@ -114,6 +128,28 @@ class _Remote:
             out[SERVER_MS] = np.zeros((x.shape[0], 1), np.float32)
         return out
 
+    def wait_ready(self, models: list[str], timeout_s: float, on_wait: Callable[[list[str]], None]) -> None:
+        """Wait until the server answers and ``models`` are ready, then for its ``dsc_meta`` too
+        unless it is a stock Triton serving a bundle's repository (whose configs carry the model's
+        sha256): a ``dsc-export serve`` still loading is never taken for another server.
+
+        Raises:
+            UserError: not reachable, or a model not ready, within ``timeout_s``.
+        """
+        t0 = time.monotonic()
+        wait_ready(self.client, models, timeout_s, self.url, on_wait)
+        try:
+            if self.client.is_model_ready(META) or self._config(models[0]).get("parameters", {}).get("dsc_model_sha256"):
+                return
+        except Exception:
+            pass
+        wait_ready(self.client, [META], max(0.0, timeout_s - (time.monotonic() - t0)), self.url, on_wait)
+
+    def _config(self, model: str) -> dict:
+        if self.protocol == "http":
+            return self.client.get_model_config(model)
+        return self.client.get_model_config(model, as_json=True)["config"]
+
     def model_sha256(self, any_model: str) -> str:
         """The served model's sha256: from ``dsc_meta`` (dsc-export serve) or, on a stock Triton
         serving a bundle's repository, from the ``dsc_model_sha256`` parameter of a model's config."""
@@ -128,11 +164,7 @@ class _Remote:
             if "unknown model" not in str(exc).lower() and "not found" not in str(exc).lower():
                 raise
             self.has_server_ms = False
-            if self.protocol == "http":
-                cfg = self.client.get_model_config(any_model)
-            else:
-                cfg = self.client.get_model_config(any_model, as_json=True)["config"]
-            return cfg.get("parameters", {}).get("dsc_model_sha256", {}).get("string_value", "")
+            return self._config(any_model).get("parameters", {}).get("dsc_model_sha256", {}).get("string_value", "")
         v = res.as_numpy("model_sha256").ravel()[0]
         return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -166,13 +198,21 @@ class DynamicSplitClient:
         device_slowdown: make the heads and the whole model take K times as long here — the
             run-time side of a device profile taken with ``bench --slowdown K`` (labelled
             emulation, for what-if runs on a machine faster than the device).
+        ready_timeout_s: wait this long for the server and every model it must serve to be
+            ready (Triton's model-ready API) before the first batch (0: check once).
+        say: one-line messages (waiting for the server).
+
+    Raises:
+        UserError: no plan or another model's plan, an output no server can answer, or a server
+            that is not ready within ``ready_timeout_s`` or serves another model.
     """
 
     def __init__(self, split_dir: str | os.PathLike, server_url: str | None, plan: Plan | None = None,
                  protocol: str = "http", privacy: bool = False, threads: int | None = 1, deadline_s: float = 5.0,
                  initial_rate_MBps: float | None = None, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
                  probe_every: int = 3, alpha: float = 0.5, probe_budget: float = 0.05, log: Callable[[BatchLog], None] = lambda b: None,
-                 static: str | None = None, device_slowdown: float = 1.0):
+                 static: str | None = None, device_slowdown: float = 1.0, ready_timeout_s: float = 60.0,
+                 say: Callable[[str], None] = lambda s: None):
         from dsc_export.engines import PartRunner
 
         self.root = Path(split_dir)
@@ -199,6 +239,11 @@ class DynamicSplitClient:
                        for s in heads if s.kind == "split"}
         self._whole = PartRunner(self.root, self.manifest, "local", "head", threads=threads)
         self._outputs = output_names(self.manifest)
+        self.contract = served_outputs(self.root, self.manifest)
+        self._sent = [c.wire_name for c in self.contract if c.kind != "constant"]
+        self._constants: dict[str, np.ndarray] | None = None
+        self.fixed_batch = fixed_batch(self.manifest)
+        self.say = say
         self._in = self.manifest.model.input.name
         lo, hi = min(plan.rates_MBps), max(plan.rates_MBps)
         self.rate = RateEstimator(initial_rate_MBps or math.sqrt(lo * hi), alpha)
@@ -218,14 +263,19 @@ class DynamicSplitClient:
         self.remote = None
         if server_url:
             self.remote = _Remote(server_url, protocol, deadline_s)
-            self._check_server()
+            self._check_server(ready_timeout_s)
 
-    def _check_server(self) -> None:
+    def _check_server(self, timeout_s: float) -> None:
+        """Wait for the server's models, then refuse one that serves another model."""
+        models = [s.id for s in self.manifest.splits if s.tail]
+        self.remote.wait_ready(models, timeout_s, lambda pending: self.say(
+            f"waiting up to {timeout_s:g} s for the server at {self.remote.url} to make "
+            f"{', '.join(pending)} ready"))
         try:
-            sha = self.remote.model_sha256(next(s.id for s in self.manifest.splits if s.tail))
-        except Exception:
-            self._mark_down("unreachable at start")
-            return
+            sha = self.remote.model_sha256(models[0])
+        except Exception as exc:
+            raise UserError(f"the server at {self.remote.url} is ready but does not say which model it serves "
+                            f"({_reason(exc)})") from exc
         if sha != self.manifest.model.sha256:
             raise UserError(f"the server at {self.remote.url} serves another model (sha256 {sha[:12]}…, "
                             f"here {self.manifest.model.sha256[:12]}…); deploy the server bundle of this split dir")
@@ -279,9 +329,40 @@ class DynamicSplitClient:
             return None
         return self.plan.choose(batch, self.rate.value, None, exclude=set(self.plan.candidates) - senders)
 
+    def _constant_values(self) -> dict[str, np.ndarray]:
+        """The constant outputs (served by no server), computed once with the whole model here."""
+        if self._constants is None:
+            from dsc_export.backends.onnxruntime import random_array
+
+            consts = [c for c in self.contract if c.kind == "constant"]
+            x = random_array([1] + list(self.manifest.model.input.shape[1:]),
+                             np.dtype(self.manifest.model.input.dtype), np.random.default_rng(0))
+            values = self._whole.onnx_session().run([c.name for c in consts], {self._in: x}) if consts else []
+            self._constants = {c.wire_name: v for c, v in zip(consts, values)}
+        return self._constants
+
+    def _from_server(self, res: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's outputs from a server's answer: batch moved back where the model has it,
+        constants added."""
+        out = {}
+        for c in self.contract:
+            if c.kind == "constant":
+                out[c.wire_name] = self._constant_values()[c.wire_name]
+            elif c.kind == "batched" and c.batch_axis:
+                out[c.wire_name] = np.moveaxis(res[c.wire_name], 0, c.batch_axis)
+            else:
+                out[c.wire_name] = res[c.wire_name]
+        return out
+
     def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Run one batch (the model's input, batch first) and return the model's outputs by name."""
+        """Run one batch (the model's input, batch first) and return the model's outputs by name.
+
+        Raises:
+            UserError: a batch size other than the model's fixed batch size.
+        """
         batch = int(x.shape[0])
+        if self.fixed_batch is not None and batch != self.fixed_batch:
+            raise UserError(f"the model runs at batch size {self.fixed_batch} only; this batch has {batch}")
         est = self.rate.value
         split, predicted = self.choose(batch)
         t0 = time.perf_counter()
@@ -294,7 +375,7 @@ class DynamicSplitClient:
             head_ms = (time.perf_counter() - t0) * 1e3
             try:
                 t1 = time.perf_counter()
-                res = self.remote.infer(split, z, self._outputs)
+                res = self.remote.infer(split, z, self._sent)
                 rtt_ms = (time.perf_counter() - t1) * 1e3
                 server_ms = float(res.pop(SERVER_MS).ravel()[0])
                 wire_ms = max(rtt_ms - server_ms, 1e-3)
@@ -302,7 +383,7 @@ class DynamicSplitClient:
                 # the plan's rtt is the per-request overhead (Eq. 4's extra term): not bytes on the wire
                 measured_rate = self.rate.observe(sent, (wire_ms - self.plan.rtt_ms) / 1e3,
                                                   stale=self._local_streak >= 2 * self.probe_every)
-                out = res
+                out = self._from_server(res)
                 self._backoff = self.backoff_s
             except Exception as exc:  # unreachable, deadline, protocol error: finish here
                 fallback = _reason(exc)

@@ -8,10 +8,19 @@ the tail took on this batch, so a client can take it out of its data-rate estima
 model. Triton checks shapes and dtypes against each model's config and answers a wrong tensor
 with the protocol's error.
 
-Dynamic batching is on by default (requests of several clients are batched up to
-``max_batch_size``). A batch runs on the tail's engine for its batch size where one was built
-(what the server profile measured), else on the tail's ONNX; sessions have spinning off so the
-tails' thread pools do not spin against each other.
+Outputs follow :func:`dsc_export.serving.protocol.output_contract`: batched outputs go back batch
+first (an output whose batch is on another axis is moved to the front; the client moves it back),
+constant outputs are not sent (the client has them), and a split dir with an output no server can
+answer is refused before anything starts.
+
+Dynamic batching (requests of several clients merged into one batch up to ``max_batch_size``)
+is on for a model whose manifest says it may merge requests (``mergeable``); a model whose
+samples depend on their batch-mates is served without it, each request run as it came, and a
+model that runs at one batch size only (``fixed_batch``) is served without batching at all
+(Triton ``max_batch_size: 0``; Triton refuses any other shape). A batch runs on the tail's engine
+for its batch size where one was built (what the server profile measured), else on the tail's
+ONNX; sessions have spinning off so the tails' thread pools do not spin against each other.
+``start`` returns only once Triton reports every model ready.
 """
 
 from __future__ import annotations
@@ -28,20 +37,22 @@ from pathlib import Path
 
 import numpy as np
 
-from dsc_export.artifacts import Manifest, read_manifest, verify_files
+from dsc_export.artifacts import read_manifest, verify_files
 from dsc_export.errors import UserError, lazy_import
 
-INPUT = "input"
-SERVER_MS = "server_ms"
-META = "dsc_meta"
-
-
-def output_names(manifest: Manifest) -> list[str]:
-    """Triton output names: the model's output names made safe for Triton (letters, digits, _)."""
-    import re
-
-    return [re.sub(r"[^A-Za-z0-9_]", "_", o.name).strip("_") or f"output_{k}"
-            for k, o in enumerate(manifest.model.outputs or [manifest.model.output])]
+# INPUT, META, SERVER_MS and output_names live in protocol (both ends use them); importable from here too
+from dsc_export.serving.protocol import (  # noqa: F401
+    INPUT,
+    META,
+    SERVER_MS,
+    OutputContract,
+    fixed_batch,
+    mergeable,
+    output_names,
+    served_outputs,
+    wait_ready,
+    why_not_mergeable,
+)
 
 
 @dataclass
@@ -93,9 +104,9 @@ class TailServer:
 
     def __init__(self, split_dir: str | os.PathLike, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, threads: int | None = None,
-                 max_batch_size: int = 64, dynamic_batching: bool = True, max_queue_delay_us: int = 2000,
+                 max_batch_size: int = 64, dynamic_batching: bool | None = None, max_queue_delay_us: int = 2000,
                  instances: int = 1, log: Callable[[str], None] = lambda s: None,
-                 log_file: str | os.PathLike | None = None):
+                 log_file: str | os.PathLike | None = None, ready_timeout_s: float = 120.0):
         self.root = Path(split_dir)
         self.manifest = read_manifest(self.root)
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
@@ -103,6 +114,7 @@ class TailServer:
         self.dynamic_batching, self.max_queue_delay_us, self.instances = dynamic_batching, max_queue_delay_us, instances
         self.log = log
         self.log_file = Path(log_file) if log_file else None  # Triton's own log (None: on stderr)
+        self.ready_timeout_s = ready_timeout_s
         self.stats = Stats()
         self._triton = None
         self._sessions = {}
@@ -114,24 +126,54 @@ class TailServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _infer_fn(self, split_id: str, runner, in_name: str, outs: list[str]):
-        from pytriton.decorators import batch
+    def _infer_fn(self, split_id: str, runner, in_name: str, contract: list[OutputContract], merge: bool):
+        """The PyTriton callable of one split: a list of requests in, a list of answers out.
 
-        @batch
-        def infer(**inputs):
-            x = inputs[INPUT]
+        ``merge``: the requests Triton's dynamic batcher merged run as one batch; otherwise each
+        request runs alone as it came (a batch-dependent or fixed-batch model).
+        """
+        sent = [c for c in contract if c.kind != "constant"]
+        names = [c.name for c in sent]
+        whole = any(c.kind == "whole" for c in sent)
+
+        def run(x: np.ndarray) -> dict[str, np.ndarray]:
             t = time.perf_counter()
-            results = runner.run({in_name: x})
+            results = runner.run({in_name: x}, names)
             ms = (time.perf_counter() - t) * 1e3
             self.stats.add(split_id, len(x), ms)
-            out = {name: r for name, r in zip(outs, results)}
-            out[SERVER_MS] = np.full((len(x), 1), ms, dtype=np.float32)
+            out = {}
+            for c, r in zip(sent, results):
+                if c.kind == "batched":
+                    if r.ndim <= c.batch_axis or r.shape[c.batch_axis] != len(x):
+                        raise ValueError(f"output '{c.name}' has shape {list(r.shape)} for a batch of {len(x)}: "
+                                         f"its batch is not on axis {c.batch_axis}")
+                    r = np.ascontiguousarray(np.moveaxis(r, c.batch_axis, 0)) if c.batch_axis else r
+                out[c.wire_name] = r
+            out[SERVER_MS] = np.full((1,) if whole else (len(x), 1), ms, dtype=np.float32)
             return out
+
+        def infer(requests):
+            if not merge or whole or len(requests) == 1:
+                return [run(r[INPUT]) for r in requests]
+            sizes = [len(r[INPUT]) for r in requests]
+            out = run(np.concatenate([r[INPUT] for r in requests]))
+            answers, start = [], 0
+            for n in sizes:
+                answers.append({k: v[start:start + n] for k, v in out.items()})
+                start += n
+            return answers
 
         return infer
 
     def start(self) -> None:
-        """Load every tail, bind one Triton model per split and start serving (non-blocking)."""
+        """Load every tail, bind one Triton model per split, start serving (non-blocking) and
+        return once Triton reports every model ready.
+
+        Raises:
+            UserError: an output no server can answer (:func:`protocol.served_outputs`),
+                dynamic batching asked for a model that must not merge requests, or a model
+                that does not get ready.
+        """
         lazy_import("pytriton", "serve")
         _check_versions()
         _pytriton_env()
@@ -142,9 +184,14 @@ class TailServer:
         from dsc_export.engines import PartRunner
 
         man = self.manifest
+        contract = served_outputs(self.root, man)
+        fixed, merge = fixed_batch(man), mergeable(man)
+        if self.dynamic_batching and not merge:
+            raise UserError(f"dynamic batching would merge requests of several devices into one batch, but "
+                            f"{why_not_mergeable(man)}; serve it without --dynamic-batching")
+        dynamic = merge if self.dynamic_batching is None else self.dynamic_batching
         tails = [s for s in man.splits if s.tail]
         verify_files(man, self.root, [s.tail for s in tails])
-        outs = output_names(man)
         cfg = TritonConfig(http_address=self.host, http_port=self.http_port, grpc_address=self.host,
                            grpc_port=self.grpc_port, metrics_address=self.host, metrics_port=self.metrics_port,
                            allow_metrics=False, exit_on_error=True, log_verbose=0, exit_timeout_secs=5,
@@ -157,16 +204,22 @@ class TailServer:
                 sess = runner.onnx_session()  # its signature; it runs the batch sizes without an engine
                 self._sessions[s.id] = runner
                 inp = sess.get_inputs()[0]
-                shape = tuple(int(d) for d in inp.shape[1:])
-                out_specs = [Tensor(name=n, dtype=ORT_DTYPES.get(o.type, np.float32), shape=tuple(int(d) for d in o.shape[1:]))
-                             for n, o in zip(outs, sess.get_outputs())]
-                out_specs.append(Tensor(name=SERVER_MS, dtype=np.float32, shape=(1,)))
-                batcher = DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us) if self.dynamic_batching else None
-                # batcher None: no dynamic_batching block, each request runs as it came
-                config = ModelConfig(max_batch_size=self.max_batch_size, batching=True, batcher=batcher)
-                triton.bind(model_name=s.id, infer_func=[self._infer_fn(s.id, runner, inp.name, outs)] * self.instances,
-                            inputs=[Tensor(name=INPUT, dtype=ORT_DTYPES.get(inp.type, np.float32), shape=shape)],
-                            outputs=out_specs, config=config, strict=True)
+                in_dims = [d if isinstance(d, int) and d > 0 else -1 for d in inp.shape]
+                in_dtype = ORT_DTYPES.get(inp.type, np.float32)
+                outs = [Tensor(name=c.wire_name, dtype=np.dtype(c.dtype).type, shape=c.dims)
+                        for c in contract if c.kind != "constant"]
+                if fixed is not None:  # one batch size: no batching, Triton checks the full shape
+                    inputs = [Tensor(name=INPUT, dtype=in_dtype, shape=tuple([fixed] + in_dims[1:]))]
+                    outs.append(Tensor(name=SERVER_MS, dtype=np.float32, shape=(1,)))
+                    config = ModelConfig(batching=False, batcher=None)
+                else:
+                    inputs = [Tensor(name=INPUT, dtype=in_dtype, shape=tuple(in_dims[1:]))]
+                    outs.append(Tensor(name=SERVER_MS, dtype=np.float32, shape=(1,)))
+                    # batcher None: no dynamic_batching block, each request runs as it came
+                    batcher = DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us) if dynamic else None
+                    config = ModelConfig(max_batch_size=self.max_batch_size, batching=True, batcher=batcher)
+                triton.bind(model_name=s.id, infer_func=[self._infer_fn(s.id, runner, inp.name, contract, dynamic)]
+                            * self.instances, inputs=inputs, outputs=outs, config=config, strict=True)
             sha = man.model.sha256.encode()
 
             def meta(**inputs):
@@ -195,15 +248,38 @@ class TailServer:
                         os.close(fd)
             else:
                 triton.run()
+            self._triton = triton
+            self._wait_ready([s.id for s in tails] + [META])
         except BaseException:
+            self._triton = None
             triton.stop()
             raise
-        self._triton = triton
+
+    def _wait_ready(self, models: list[str]) -> None:
+        """Return once Triton says every model is ready (PyTriton's own wait only logs a warning)."""
+        import tritonclient.http as th
+
+        url = f"{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.http_port}"
+        client = th.InferenceServerClient(url)
+        try:
+            wait_ready(client, models, self.ready_timeout_s, url)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         if self._triton is not None:
             self._triton.stop()
             self._triton = None
+
+    def batching(self) -> str:
+        """How requests are batched, in words (for the ready message)."""
+        fb = fixed_batch(self.manifest)
+        if fb is not None:
+            return f"batch size {fb} only, requests never merged"
+        if self.dynamic_batching is False or not mergeable(self.manifest):
+            why = why_not_mergeable(self.manifest)
+            return "dynamic batching off" + (f": {why}" if why else "")
+        return f"dynamic batching up to {self.max_batch_size}"
 
     def urls(self) -> dict[str, str]:
         return {"http": f"{self.host}:{self.http_port}", "grpc": f"{self.host}:{self.grpc_port}"}
