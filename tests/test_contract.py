@@ -120,7 +120,9 @@ def split_dirs(tmp_path_factory):
                         "fixed": conv_net(batch=2, outputs=("logits", "prototypes"))}.items():
         onnx.save(model, root / f"{name}.onnx")
         out[name] = root / name
-        split_model(root / f"{name}.onnx", out[name])
+        # verified, split refuses an output no server can answer (tested below); unverified, it
+        # writes the split dir and the later verbs refuse alike
+        split_model(root / f"{name}.onnx", out[name], verify=name != "batch_mean")
     return out
 
 
@@ -153,6 +155,9 @@ def test_an_output_no_server_can_answer_is_refused_alike_everywhere(split_dirs, 
         served_outputs(root, man)
     msg = str(exc.value)
     assert msg.startswith("output 'batch_mean' has shape [10]") and "depends on the input" in msg
+    with pytest.raises(UserError) as at_split:  # split itself refuses it up front when it verifies
+        split_model(root.parent / "batch_mean.onnx", tmp_path / "s")
+    assert str(at_split.value) == msg + "; nothing was written" and not (tmp_path / "s").exists()
     for call in (lambda: build_engines(root, "onnxruntime", [1]),
                  lambda: emit_trtexec(root, tmp_path / "t.sh", [1]),
                  lambda: make_bundle(root, "server", tmp_path / "s.tar")):

@@ -205,6 +205,8 @@ class TensorrtBackend(Backend):
                 raise UserError(f"TensorRT's ONNX parser rejects {onnx_path}: {errs[0] if errs else log.last()}")
             config = builder.create_builder_config()
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb * 2**20)
+            if precision == "fp32":  # TF32 is on by default on Ampere and newer: fp32 must mean fp32
+                config.clear_flag(trt.BuilderFlag.TF32)
             profile = builder.create_optimization_profile()
             for i in range(network.num_inputs):
                 t = network.get_input(i)
