@@ -541,11 +541,11 @@ def split_model(
 
 
 def _observed_outputs(analysis: Analysis, ref: _Reference) -> list[TensorSig]:
-    """The outputs' shapes as the reference runs show them: an axis whose size is the batch size
-    at every verification batch size gets the input's batch dimension (whatever the graph declares,
-    often nothing), one of constant size that size, any other -1. Several batch sizes are needed to
-    tell; with one (a fixed batch), declared sizes stay, symbolic ones take the size they ran at,
-    and unknown ones become -1."""
+    """The outputs' shapes with the batch axis the reference runs show: an axis whose size is the
+    batch size at every verification batch size gets the input's batch dimension (whatever the
+    graph declares, often nothing); a declared size stays; anything else is -1 (variable: a
+    symbolic size may depend on the data, so it is never fixed from what two runs happened to
+    give). With one batch size (a fixed batch), a symbolic size equal to that batch is the batch."""
     batch = analysis.input.shape[0]
     sigs = []
     for k, sig in enumerate(analysis.outputs):
@@ -555,14 +555,11 @@ def _observed_outputs(analysis: Analysis, ref: _Reference) -> list[TensorSig]:
             continue
         rank = len(shapes[0])
         declared = list(sig.shape) if len(sig.shape) == rank else [-1] * rank
-        if len(ref.batches) < 2:  # one batch size: a symbolic dimension takes the size it ran at
-            dims = [d if isinstance(d, int) and d > 0 else shapes[0][j] if isinstance(d, str) else -1
-                    for j, d in enumerate(declared)]
-        else:
-            dims = []
-            for j in range(rank):
-                col = [sh[j] for sh in shapes]
-                dims.append(batch if col == list(ref.batches) else col[0] if len(set(col)) == 1 else -1)
+        dims = []
+        for j, d in enumerate(declared):
+            col = [sh[j] for sh in shapes]
+            follows = col == list(ref.batches) if len(ref.batches) > 1 else (isinstance(d, str) and col[0] == batch)
+            dims.append(batch if follows else d if isinstance(d, int) and d > 0 else -1)
         sigs.append(TensorSig(sig.name, dims, sig.dtype))
     return sigs
 
