@@ -47,6 +47,9 @@ from dsc_export.graph.model import _attr_graphs, data_dependent, dataflow
 
 PRECISIONS = ("fp32", "fp16")
 FP16_MAX = float(np.finfo(np.float16).max)
+# Activations beyond this on the sample inputs keep float32 compute: float16's range with two
+# bits of headroom for real inputs larger than the samples.
+PEAK_LIMIT = FP16_MAX / 4
 F, H = TensorProto.FLOAT, TensorProto.FLOAT16
 
 # Nodes that keep float32 compute although the spec allows float16, with the reason the notes give.
@@ -104,19 +107,62 @@ class Float16Conversion:
         return lines
 
 
-def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+def to_float16(model: onnx.ModelProto, peaks: dict[str, float] | None = None) -> onnx.ModelProto:
     """Return a copy of ``model`` computing in float16, with its inputs and outputs unchanged.
 
     See :func:`convert_float16` (this returns only its ``model``).
     """
-    return convert_float16(model).model
+    return convert_float16(model, peaks).model
 
 
-def convert_float16(model: onnx.ModelProto) -> Float16Conversion:
+def activation_peaks(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """The largest magnitude each float32 tensor that carries data reaches on sample inputs.
+
+    One onnxruntime run (float32, CPU) per sample of a copy of ``model`` that also outputs
+    ``max(|t|)`` of every such tensor (a scalar each, so memory stays that of one run).
+
+    Args:
+        model: the float32 model (weights loaded).
+        samples: feeds by input name, e.g. the verification inputs of ``split``/``build``.
+
+    Returns:
+        Tensor name -> max |value| over the samples (NaN counts as infinite).
+    """
+    from dsc_export.backends.onnxruntime import make_session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    g = probe.graph
+    types = _elem_types(probe)
+    values, _ = data_dependent(dataflow(g))
+    watched = [t for t in dict.fromkeys(o for n in g.node for o in n.output) if t in values and types.get(t) == F]
+    taken = {t for n in g.node for t in list(n.input) + list(n.output)} | {i.name for i in g.input}
+    names = {}
+    for k, t in enumerate(watched):
+        a, m = f"dsc_peak/{k}/abs", f"dsc_peak/{k}"
+        while a in taken or m in taken:
+            a, m = a + "_", m + "_"
+        g.node.extend([helper.make_node("Abs", [t], [a], name=a),
+                       helper.make_node("ReduceMax", [a], [m], name=m, keepdims=0)])
+        g.output.append(helper.make_tensor_value_info(m, F, []))
+        names[m] = t
+    session = make_session(probe.SerializeToString(), optimization="basic", arena=False)
+    peaks: dict[str, float] = {}
+    for feeds in samples:
+        for m, v in zip(names, session.run(list(names), feeds)):
+            v = float(v) if np.isfinite(v) else float("inf")
+            peaks[names[m]] = max(peaks.get(names[m], 0.0), v)
+    return peaks
+
+
+def convert_float16(model: onnx.ModelProto, peaks: dict[str, float] | None = None) -> Float16Conversion:
     """Convert ``model``'s float32 data computation to float16 (module docstring: what and how).
 
     Args:
         model: an ONNX model with its weights loaded (not modified).
+        peaks: max |value| of tensors on sample inputs (:func:`activation_peaks`); a node that
+            reads or writes a tensor beyond :data:`PEAK_LIMIT` keeps float32 compute (float16
+            would overflow to inf there). None: no activation is checked (only constants).
 
     Returns:
         A :class:`Float16Conversion`: the new model (valid for ``onnx.checker`` when the input
@@ -143,7 +189,8 @@ def convert_float16(model: onnx.ModelProto) -> Float16Conversion:
     wants: list[list[int | None]] = []
     actual: dict[str, int | None] = {}
     kept: dict[str, str] = {}
-    ctx = _Graph(out, types, values, opsets, too_big, {o.name for o in g.output})
+    hot = {t: p for t, p in (peaks or {}).items() if not p <= PEAK_LIMIT}
+    ctx = _Graph(out, types, values, opsets, too_big, {o.name for o in g.output}, hot)
     for k, n in enumerate(g.node):
         name = n.name or f"{n.op_type}_{k}"
         w, o, why = _plan(n, ctx)
@@ -276,6 +323,7 @@ class _Graph:
     opsets: dict[str, int]  # domain -> version
     too_big: dict[str, float]  # float32 constants beyond float16's range -> max |value|
     outputs: set[str]  # graph outputs
+    hot: dict[str, float]  # float32 data tensors beyond PEAK_LIMIT on the samples -> their peak
 
 
 def _plan(n: onnx.NodeProto, ctx: _Graph) -> tuple[list[int | None], list[int | None], str | None]:
@@ -300,6 +348,10 @@ def _plan(n: onnx.NodeProto, ctx: _Graph) -> tuple[list[int | None], list[int | 
     domain = n.domain or "ai.onnx"
     if n.op_type in KEEP_FLOAT32_OPS and domain == "ai.onnx":
         return (*original, f"{n.op_type}: {KEEP_FLOAT32_OPS[n.op_type]}")
+    hot = [t for t in ins + outs if t in ctx.hot and types.get(t) == F]
+    if hot:
+        return (*original, f"activations beyond {PEAK_LIMIT:.0f} on the sample inputs; float16 overflows at "
+                           f"{FP16_MAX:.0f}")
     for a in n.attribute:
         if a.s in KEEP_FLOAT32_WHEN.get((n.op_type, a.name), ()):
             return (*original, f"{n.op_type} with {a.name}={a.s.decode()}: no float16 kernel in onnxruntime's "
