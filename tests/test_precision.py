@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dsc_export.backends.onnxruntime import make_session, random_inputs
 from dsc_export.compare import compare, tolerance
+from dsc_export.errors import UserError
 from dsc_export.graph.model import data_dependent, dataflow
 from dsc_export.graph.precision import (
     FP16_MAX,
@@ -498,6 +499,13 @@ def test_float16_sorts_an_unsorted_graph():
     model.graph.node.extend(reversed(nodes))
     conv, *_ = _checked(model)
     assert conv.converted == len(nodes)
+
+
+def test_float16_refuses_a_cycle_in_one_line():
+    nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="first"), helper.make_node("Relu", ["a"], ["b"], name="second")]
+    model = _model(nodes, [_vi("x")], [_vi("a")])
+    with pytest.raises(UserError, match=r"^the graph has a cycle through node 'first'; it is not a valid ONNX model$"):
+        convert_float16(model)
 
 
 def test_float16_notes_name_each_kept_node_and_why():

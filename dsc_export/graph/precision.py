@@ -19,7 +19,9 @@ What is converted, and what is not:
   dtype is an attribute (RandomNormalLike, EyeLike, ...), control flow (If/Loop/Scan: their
   bodies run in float32, outer-scope tensors they read are cast back), ops outside the ONNX
   domain, nodes whose types onnx cannot infer, and nodes reading a float32 constant beyond
-  float16's range (|v| > 65504), which would otherwise be clipped.
+  float16's range (|v| > 65504), which would otherwise be clipped. Given the activations' peaks
+  on sample inputs (:func:`activation_peaks`), nodes around activations beyond float16's range
+  keep float32 too.
 - **Already-float16, float64 and bfloat16 tensors keep their types**: only float32 becomes
   float16. A float16 model converts to itself; a float64 part stays float64.
 - **Casts to float32** become casts to float16 when their result carries data; Constant and
@@ -36,6 +38,7 @@ of that provider, not of the graph: TensorRT and CUDA run them in float16.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -135,7 +138,8 @@ def activation_peaks(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]
     g = probe.graph
     types = _elem_types(probe)
     values, _ = data_dependent(dataflow(g))
-    watched = [t for t in dict.fromkeys(o for n in g.node for o in n.output) if t in values and types.get(t) == F]
+    outputs = [i.name for i in g.input] + [o for n in g.node for o in n.output]
+    watched = [t for t in dict.fromkeys(outputs) if t in values and types.get(t) == F]
     taken = {t for n in g.node for t in list(n.input) + list(n.output)} | {i.name for i in g.input}
     names = {}
     for k, t in enumerate(watched):
@@ -169,8 +173,8 @@ def convert_float16(model: onnx.ModelProto, peaks: dict[str, float] | None = Non
         is; same input and output names, shapes and dtypes) and the nodes kept float32.
 
     Raises:
-        UserError: the graph has a cycle or reads an undefined tensor, or onnx cannot infer its
-            types (an invalid graph).
+        UserError: the graph has a cycle or reads a tensor nothing defines, or onnx cannot
+            infer its types (an invalid graph): one line naming the node.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -539,27 +543,39 @@ def _constant_to_half(n: onnx.NodeProto) -> None:
 
 
 def _sort_in_place(g: onnx.GraphProto) -> None:
-    """Put ``g``'s nodes in a topological order when they are not (onnxruntime accepts both)."""
-    defined = {i.name for i in g.input} | {t.name for t in g.initializer} | {"" }
-    defined |= {t.values.name for t in g.sparse_initializer}
-    produced = {o for n in g.node for o in n.output}
-    ok = True
-    seen = set(defined)
-    for n in g.node:
-        if any(i not in seen and i in produced for i in list(n.input) + _outer_refs(n)):
-            ok = False
-            break
-        seen.update(n.output)
-    if ok:
-        return
-    from dsc_export.graph.model import topological_nodes
+    """Put ``g``'s nodes in a topological order when they are not (onnxruntime accepts both).
 
-    order = [g.node[op.index] for op in topological_nodes(dataflow(g))]
-    copies = [onnx.NodeProto() for _ in order]
-    for c, n in zip(copies, order):
-        c.CopyFrom(n)
+    Raises:
+        UserError: the graph has a cycle.
+    """
+    producer = {o: k for k, n in enumerate(g.node) for o in n.output if o}
+    deps = [{producer[i] for i in list(n.input) + _outer_refs(n) if i in producer} - {k} for k, n in enumerate(g.node)]
+    if all(d < k for k, ds in enumerate(deps) for d in ds):
+        return
+    users: dict[int, list[int]] = {}
+    for k, ds in enumerate(deps):
+        for d in ds:
+            users.setdefault(d, []).append(k)
+    missing = [len(ds) for ds in deps]
+    ready = [k for k, m in enumerate(missing) if m == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:  # Kahn's algorithm, the earliest ready node first (stable for sorted parts)
+        k = heapq.heappop(ready)
+        order.append(k)
+        for u in users.get(k, ()):
+            missing[u] -= 1
+            if missing[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) < len(g.node):
+        stuck = next(g.node[k] for k, m in enumerate(missing) if m > 0)
+        raise UserError(f"the graph has a cycle through node '{stuck.name or stuck.op_type}'; it is not a valid ONNX "
+                        "model")
+    nodes = [onnx.NodeProto() for _ in order]
+    for c, k in zip(nodes, order):
+        c.CopyFrom(g.node[k])
     del g.node[:]
-    g.node.extend(copies)
+    g.node.extend(nodes)
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
