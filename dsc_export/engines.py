@@ -388,12 +388,12 @@ def _fp16_copy(root: Path, source: str) -> str:
     import onnx
 
     from dsc_export.graph.model import load_model
-    from dsc_export.graph.precision import to_float16
+    from dsc_export.graph.precision import to_float16_for_build
 
     rel = f"{ENGINES_DIR}/tensorrt/onnx-fp16/{source.replace('/', '-')}"
     dst = root / rel
     dst.parent.mkdir(parents=True, exist_ok=True)
-    model = to_float16(load_model(root / source))
+    model = to_float16_for_build(load_model(root / source))
     onnx.save(model, os.fspath(dst), save_as_external_data=model.ByteSize() > 1_500_000_000,
               location=dst.name + ".data")
     return rel

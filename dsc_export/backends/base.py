@@ -142,7 +142,7 @@ class Backend:
             engine_path: the file to write (written whole or not at all).
             batch: the batch size the engine is optimised for.
             precision: ``fp32`` or ``fp16`` (``fp16``: converted with
-                :func:`dsc_export.graph.precision.to_float16` before the build).
+                :func:`dsc_export.graph.precision.to_float16_for_build` before the build).
             options: build options.
             cache_dir: where a backend keeps state shared by the builds of one model
                 (TensorRT's timing cache).

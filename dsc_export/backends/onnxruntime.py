@@ -234,12 +234,12 @@ class OnnxruntimeBackend(Backend):
         import onnx
 
         from dsc_export.graph.model import load_model
-        from dsc_export.graph.precision import to_float16
+        from dsc_export.graph.precision import to_float16_for_build
 
         self.check()
         model = fix_batch(load_model(onnx_path), batch)
         if precision == "fp16":
-            model = to_float16(model)
+            model = to_float16_for_build(model)
         engine_path = Path(engine_path)
         engine_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=engine_path.parent, prefix=f".{engine_path.name}.tmp-"))

@@ -2,7 +2,7 @@
 
 Build: the ONNX parser fills a strongly typed network (the only kind TensorRT 11 has; on 10 the
 ``STRONGLY_TYPED`` creation flag gives the same meaning), so the ONNX types are the precision:
-fp16 is :func:`dsc_export.graph.precision.to_float16` applied before the build, never the FP16
+fp16 is :func:`dsc_export.graph.precision.to_float16_for_build` applied before the build, never the FP16
 builder flag that 11 removed. One optimisation profile with min = opt = max = the batch size, a
 workspace limit, a timing cache shared by every build of one model and kept on disk, and
 optional version-compatible / hardware-compatible engines. The engine is serialised to ``.plan``.
@@ -186,9 +186,9 @@ class TensorrtBackend(Backend):
                 import onnx
 
                 from dsc_export.graph.model import load_model
-                from dsc_export.graph.precision import to_float16
+                from dsc_export.graph.precision import to_float16_for_build
 
-                model = to_float16(load_model(src))
+                model = to_float16_for_build(load_model(src))
                 src = tmpdir / "fp16.onnx"
                 onnx.save(model, os.fspath(src), save_as_external_data=model.ByteSize() > 1_500_000_000,
                           location="fp16.onnx.data")

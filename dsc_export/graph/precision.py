@@ -118,6 +118,31 @@ def to_float16(model: onnx.ModelProto, peaks: dict[str, float] | None = None) ->
     return convert_float16(model, peaks).model
 
 
+def to_float16_for_build(model: onnx.ModelProto, samples=None, log=lambda s: None) -> onnx.ModelProto:
+    """:func:`convert_float16` with the activation peaks of ``model`` on sample inputs, so that
+    nodes around activations beyond float16's range keep float32 (what every backend's fp16
+    build uses).
+
+    Args:
+        model: a part (head, tail or whole model) with its weights loaded.
+        samples: an object with ``feeds(batch, index)`` (:class:`dsc_export.inputs.SampleInputs`)
+            for this part's inputs; None: random ones within the ranges the graph implies.
+        log: receives :meth:`Float16Conversion.notes`.
+
+    Returns:
+        The converted model.
+    """
+    from dsc_export.inputs import SampleInputs
+
+    samples = samples or SampleInputs.random(model)
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[:1]] if model.graph.input else []
+    batch = dims[0] if dims and dims[0] > 0 else 2
+    conv = convert_float16(model, activation_peaks(model, [samples.feeds(batch)]))
+    for line in conv.notes():
+        log(line)
+    return conv.model
+
+
 def activation_peaks(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """The largest magnitude each float32 tensor that carries data reaches on sample inputs.
 
