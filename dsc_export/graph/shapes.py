@@ -345,12 +345,23 @@ def _without_data(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def static_shapes(model: onnx.ModelProto) -> dict[str, tuple[list, str]]:
     """Shapes (with symbolic dims as strings, unknown as None) and dtypes from static inference."""
-    light = _without_data(model)
+    return _infer(_without_data(model))
+
+
+def _infer(light: onnx.ModelProto) -> dict[str, tuple[list, str]]:
+    """:func:`static_shapes` of a model whose large initializers hold no data already."""
     try:
         inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
         inferred = light
     out: dict[str, tuple[list, str]] = {}
+    names: dict[int, str] = {}  # elem_type -> dtype name (np.dtype(...).name is slow)
+
+    def dtype_name(elem_type: int) -> str:
+        if elem_type not in names:
+            names[elem_type] = np_dtype_name(elem_type)
+        return names[elem_type]
+
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         tt = vi.type.tensor_type
@@ -359,9 +370,9 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, tuple[list, str]]:
         dims = None
         if tt.HasField("shape"):
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-        out[vi.name] = (dims, np_dtype_name(tt.elem_type))
+        out[vi.name] = (dims, dtype_name(tt.elem_type))
     for t in g.initializer:
-        out[t.name] = (list(t.dims), np_dtype_name(t.data_type))
+        out[t.name] = (list(t.dims), dtype_name(t.data_type))
     return out
 
 
