@@ -704,6 +704,29 @@ def _infer(light: onnx.ModelProto) -> dict[str, tuple[list, str]]:
     return out
 
 
+def _concrete_shapes(model: onnx.ModelProto, batches: tuple[int, ...], names: list[str]) -> list:
+    """Tensor shapes at each probe batch size (``name -> (dims, dtype)`` views), with every
+    shape-arithmetic tensor that feeds a data op evaluated at that size first
+    (:func:`_resolve`), so that a Reshape whose target reads the batch size still has a known
+    output shape. Whole-graph inference of the folded copies completes what the walk left
+    unknown of ``names``."""
+    df = dataflow(model.graph)
+    values, shapes = data_dependent(df)
+    frontier = []
+    for n in df.nodes:
+        if any(o in values for o in n.outputs):
+            frontier.extend(i for i in n.inputs if i in shapes)
+    frontier.extend(o for o in df.outputs if o in shapes)
+    _, _, copies, types = _resolve(model, list(dict.fromkeys(frontier)), batches, df, shapes)
+    views = []
+    for k, copy in enumerate(copies):
+        view = _ShapeView(types[k]) if types else None
+        if view is None or not all(view.known(n) for n in names):
+            view = _ShapeView(_inferred_types(copy))
+        views.append(view)
+    return views
+
+
 def tensor_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[list[int], str]]:
     """Per-sample shape (batch dimension dropped) and dtype of each named tensor.
 
@@ -726,15 +749,28 @@ def tensor_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[l
             unknown.append(name)
     if unknown:
         batches = probe_batches(model)
-        runs = run_with_outputs(model, unknown, batches)
+        # shapes at each probe batch size: from inference with the shape arithmetic evaluated
+        # at that size, else from a real run (one per batch size)
+        found: dict[str, tuple[list[list[int]], str]] = {}
+        concrete = _concrete_shapes(model, batches, unknown)
         for name in unknown:
-            arrs = [r[name] for r in runs]
-            lead_ok = all(a.ndim >= 1 and a.shape[0] == b for a, b in zip(arrs, batches))
-            if not lead_ok or any(a.shape[1:] != arrs[0].shape[1:] for a in arrs):
+            got = [c.get(name, (None, None)) for c in concrete]
+            if all(dims is not None and dtype and all(isinstance(d, int) and d >= 0 for d in dims)
+                   for dims, dtype in got):
+                found[name] = ([list(dims) for dims, _ in got], got[0][1])
+        rest = [name for name in unknown if name not in found]
+        if rest:
+            runs = run_with_outputs(model, rest, batches)
+            for name in rest:
+                arrs = [r[name] for r in runs]
+                found[name] = ([list(a.shape) for a in arrs], arrs[0].dtype.name)
+        for name in unknown:
+            dims, dtype = found[name]
+            lead_ok = all(len(d) >= 1 and d[0] == b for d, b in zip(dims, batches))
+            if not lead_ok or any(d[1:] != dims[0][1:] for d in dims):
                 raise UserError(
                     f"tensor '{name}' does not have the batch as its leading dimension "
-                    f"(shapes {[list(a.shape) for a in arrs]} at batch sizes {list(batches)})"
+                    f"(shapes {dims} at batch sizes {list(batches)})"
                 )
-            result[name] = (list(arrs[0].shape[1:]), arrs[0].dtype.name)
+            result[name] = (list(dims[0][1:]), dtype)
     return result
-
