@@ -301,7 +301,8 @@ def _walk(copy: onnx.ModelProto, order: list[int], pending: list[str], model: on
     g = copy.graph
     types = _inferred_types(copy)
     shapes = _ShapeView(types)
-    producer = {o: n for n in g.node for o in n.output if o}
+    known = {name for name, tp in types.items() if _fully_known(tp)}
+    producer = {o: n for n in g.node for o in n.output if o} if arithmetic is None else {}
     inits = {t.name: t for t in g.initializer}
     data = {name: t for name, t in inits.items() if t.raw_data or not np.prod(t.dims, dtype=np.int64) or _has_values(t)}
     for node in g.node:  # inference reads constants' values (a Reshape's target, a Pad's pads)
@@ -325,16 +326,19 @@ def _walk(copy: onnx.ModelProto, order: list[int], pending: list[str], model: on
         tensor = numpy_helper.from_array(value, t)
         inits[t] = data[t] = tensor  # later arithmetic reads the value, not its producer
         types[t] = helper.make_tensor_type_proto(tensor.data_type, list(value.shape))
+        known.add(t)
 
     schemas: dict[tuple[str, str], onnx.defs.OpSchema | None] = {}
     versions = {o.domain: o.version for o in copy.opset_import}
+    opsets = list(copy.opset_import)
+    nodes = g.node
     for k in order:
-        node = g.node[k]
-        for i in node.input:
+        node = nodes[k]
+        ins = [i for i in node.input if i]
+        for i in ins:
             if i in todo:
                 evaluate(i)
-        outs = [o for o in node.output if o]
-        if all(shapes.known(o) for o in outs) or not all(shapes.known(i) for i in node.input if i):
+        if all(o in known for o in node.output if o) or not all(i in known for i in ins):
             continue
         key = (node.op_type, node.domain)
         if key not in schemas:
@@ -346,13 +350,15 @@ def _walk(copy: onnx.ModelProto, order: list[int], pending: list[str], model: on
             continue
         try:
             inferred = onnx.shape_inference.infer_node_outputs(
-                schemas[key], node, {i: types[i] for i in node.input if i},
-                {i: data[i] for i in node.input if i in data}, opset_imports=list(copy.opset_import),
-                ir_version=copy.ir_version)
+                schemas[key], node, {i: types[i] for i in ins},
+                {i: data[i] for i in ins if i in data}, opset_imports=opsets, ir_version=copy.ir_version)
         except Exception:
             continue
         for o, tp in inferred.items():
-            if o not in types or _fully_known(tp):
+            if _fully_known(tp):
+                types[o] = tp
+                known.add(o)
+            elif o not in types:
                 types[o] = tp
     for t in list(todo):  # tensors no data op reads (graph outputs)
         evaluate(t)
