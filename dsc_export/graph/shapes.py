@@ -452,7 +452,7 @@ class _Arithmetic:
         from onnx.reference import ReferenceEvaluator
 
         g = light.graph
-        producer = {o: n for n in g.node for o in n.output if o}
+        producer = {o: (k, n) for k, n in enumerate(g.node) for o in n.output if o}
         inits = {t.name: t for t in g.initializer}
         nodes, needed, seen = [], [], set()
         stack = list(frontier)
@@ -466,13 +466,15 @@ class _Arithmetic:
                 if t_init.raw_data or _has_values(t_init) or not np.prod(t_init.dims, dtype=np.int64):
                     needed.append(t_init)  # large weights kept no data: arithmetic reading them fails
                 continue
-            node = producer.get(t)
-            if node is None or id(node) in seen:
+            if t not in producer:
                 continue
-            seen.add(id(node))
+            k, node = producer[t]
+            if k in seen:
+                continue
+            seen.add(k)
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
                 continue  # control flow: what reads it is left to a real run
-            nodes.append(node)
+            nodes.append((k, node))
             if node.op_type in SHAPE_OPS:
                 if node.input[0] in arith:  # shape arithmetic: its value gives its shape
                     stack.append(node.input[0])
@@ -480,11 +482,13 @@ class _Arithmetic:
             stack.extend(i for i in node.input if i)
         if not nodes:
             return None
+        # graph order: operators are only loaded here, and run in the order values are asked for
+        nodes = [n for _, n in sorted(nodes, key=lambda kn: kn[0])]
         produced = {o for n in nodes for o in n.output}
         fed = [i for n in nodes for i in n.input if i and i not in produced and i not in inits]
         self_fed = {n.input[0] for n in nodes if n.op_type in SHAPE_OPS and n.input[0] in produced}
         sub = helper.make_model(
-            helper.make_graph(_topo(nodes), "arith", [onnx.ValueInfoProto(name=i) for i in dict.fromkeys(fed)],
+            helper.make_graph(nodes, "arith", [onnx.ValueInfoProto(name=i) for i in dict.fromkeys(fed)],
                               [onnx.ValueInfoProto(name=o) for o in produced], needed),
             opset_imports=list(light.opset_import), ir_version=light.ir_version, functions=list(light.functions),
         )
