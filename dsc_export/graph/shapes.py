@@ -740,7 +740,10 @@ def _concrete_shapes(model: onnx.ModelProto, batches: tuple[int, ...], names: li
 def tensor_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[list[int], str]]:
     """Per-sample shape (batch dimension dropped) and dtype of each named tensor.
 
-    Static inference first; tensors it cannot size are recorded from one run per batch size.
+    Static inference first; tensors it cannot size are sized by inference at each probe batch
+    size with the shape arithmetic evaluated there; what that cannot size, or sizes without
+    the batch leading (a model that may not run at that batch size: the run says), is recorded
+    from one run per batch size.
 
     Raises:
         UserError: a tensor whose leading dimension is not the batch dimension.
@@ -767,7 +770,9 @@ def tensor_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[l
             got = [c.get(name, (None, None)) for c in concrete]
             if all(dims is not None and dtype and all(isinstance(d, int) and d >= 0 for d in dims)
                    for dims, dtype in got):
-                found[name] = ([list(dims) for dims, _ in got], got[0][1])
+                dims = [list(d) for d, _ in got]
+                if _batch_leads(dims, batches):
+                    found[name] = (dims, got[0][1])
         rest = [name for name in unknown if name not in found]
         if rest:
             runs = run_with_outputs(model, rest, batches)
@@ -776,11 +781,16 @@ def tensor_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[l
                 found[name] = ([list(a.shape) for a in arrs], arrs[0].dtype.name)
         for name in unknown:
             dims, dtype = found[name]
-            lead_ok = all(len(d) >= 1 and d[0] == b for d, b in zip(dims, batches))
-            if not lead_ok or any(d[1:] != dims[0][1:] for d in dims):
+            if not _batch_leads(dims, batches):
                 raise UserError(
                     f"tensor '{name}' does not have the batch as its leading dimension "
                     f"(shapes {dims} at batch sizes {list(batches)})"
                 )
             result[name] = (list(dims[0][1:]), dtype)
     return result
+
+
+def _batch_leads(dims: list[list[int]], batches: tuple[int, ...]) -> bool:
+    """The shapes at each probe batch size lead with that batch size and agree per sample."""
+    lead_ok = all(len(d) >= 1 and d[0] == b for d, b in zip(dims, batches))
+    return lead_ok and all(d[1:] == dims[0][1:] for d in dims)
