@@ -226,7 +226,8 @@ def check_split(split_dir: Path, manifest) -> list[dict]:
     """Run every split's head then tail with onnxruntime and compare with the whole model.
 
     Independent of the tool's verification: default onnxruntime sessions, other random inputs,
-    the head's outputs fed to the tail by name.
+    the head's outputs fed to the tail by name. Also checks the size the manifest gives the cut
+    point: what the head sends at batch b is [b, *cut point shape].
     """
     import numpy as np
     import onnxruntime as ort
@@ -246,6 +247,7 @@ def check_split(split_dir: Path, manifest) -> list[dict]:
     out_dtypes = [r.dtype for r in refs[0]]
     del whole
     results = []
+    shape_of = {c.tensor: list(c.shape) for c in manifest.cut_points}
     for s in manifest.splits:
         if s.kind != "split":
             continue
@@ -260,6 +262,11 @@ def check_split(split_dir: Path, manifest) -> list[dict]:
             continue
         for b, f, ref in zip(CHECK_BATCHES, feeds, refs):
             sent = dict(zip(head_names, head.run(None, f)))
+            shapes = [list(v.shape) for v in sent.values()]
+            if s.tensor in shape_of and shapes != [[b, *shape_of[s.tensor]]]:
+                row.update(ok=False, problem=f"the head sends {shapes} at batch {b}; the manifest says "
+                                             f"[{b}, {', '.join(map(str, shape_of[s.tensor]))}]")
+                break
             got = tail.run(out_names, sent)
             c = compare(ref, got, out_names, what=f"head + tail at batch {b}")
             row["max_rel"] = max(row["max_rel"], c.max_rel)
