@@ -375,7 +375,7 @@ def _cell_verified(r: dict) -> str:
         return "not run (--only-analyze)" if r.get("only_analyze") and r.get("status") == "ok" else ""
     checks = r["checks"]
     if not checks:
-        return "no split (no compressive bottleneck)"
+        return "no split: " + ("no cut point" if r.get("cut_points") == 0 else "no compressive bottleneck")
     if r["verified"]:
         worst = max(c["max_rel"] for c in checks)
         return f"yes, {len(checks)}/{len(checks)} (max rel {worst:.1e})"
@@ -394,7 +394,10 @@ def _why(r: dict) -> str:
     if s in ("crashed", "check failed"):
         return f"**{s.upper()}** ({r.get('step', '')}): {r['message']}"
     notes = r.get("notes") or []
-    return "; ".join(notes)[:300]
+    if not notes:
+        return ""
+    first = notes[0] if len(notes[0]) <= 200 else notes[0][:200] + "..."
+    return first if len(notes) == 1 else f"{len(notes)} notes, the first: {first}"
 
 
 def render(rows: list[dict], machine: dict, date: str) -> str:
@@ -408,7 +411,8 @@ def render(rows: list[dict], machine: dict, date: str) -> str:
         "default since 2.9) with a dynamic batch on axis 0, then `analyze`d and `split` as a user",
         "would. *verified* is an independent check of every split written: head then tail run by",
         "onnxruntime and compared with the whole model run by onnxruntime, at batch sizes 1 and 2 on",
-        "other random inputs than the split's own verification, with `dsc_export.compare`'s tolerance.",
+        "other random inputs than the split's own verification, with `dsc_export.compare`'s tolerance;",
+        "the head's output must also have the size the manifest gives the cut point.",
         "",
         f"Produced by `python benchmarks/model_zoo.py` on {date}: {machine['cpu']}, {machine['cores']} cores, "
         f"torch {machine.get('torch', '?')}, onnxruntime {machine.get('onnxruntime', '?')}. *analyze s* is the",
@@ -436,6 +440,9 @@ def render(rows: list[dict], machine: dict, date: str) -> str:
     lines.append(f"- refused (one line, the tool's own error): {sum(r['status'] == 'refused' for r in rows)}; "
                  f"**bugs (an exception other than the tool's errors, or a crash): "
                  f"{sum(r['status'] in ('bug', 'crashed', 'check failed') for r in rows)}**.")
+    none = [f"{r['model']} ({r['exporter']})" for r in timed if r.get("cut_points") == 0]
+    if none:
+        lines.append(f"- no cut point at all: {', '.join(none)}.")
     lines += ["", "## The table", "",
               "| model | exporter | cut points | natural | compressive | analyze s | split s | verified (independently) | refusal, failure or notes |",
               "|---|---|---|---|---|---|---|---|---|"]
