@@ -568,7 +568,8 @@ def main() -> None:
     print(f"wrote {out / 'zoo.json'}")
     if not args.no_docs:
         res = HERE / "results" / f"zoo-cpu-{info['cores']}core-{date}.json"
-        res.write_text(json.dumps(payload, indent=1) + "\n")
+        kept = [{**r, "notes": (r.get("notes") or [])[:3], "notes_count": len(r.get("notes") or [])} for r in rows]
+        res.write_text(json.dumps({**payload, "rows": kept}) + "\n")  # the full rows: out/zoo.json
         (ROOT / "docs" / "models.md").write_text(render(rows, info, date))
         print(f"wrote {res} and {ROOT / 'docs' / 'models.md'}")
     for r in rows:
