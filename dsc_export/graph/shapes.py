@@ -526,7 +526,11 @@ class _Arithmetic:
                 if dims is None or not all(isinstance(d, int) for d in dims):
                     failed.update(stack)
                     return None
-                inputs = [np.zeros(dims, dtype=dtype)]
+                try:
+                    inputs = [np.zeros(dims, dtype=dtype)]
+                except (TypeError, ValueError, MemoryError):  # a dtype numpy lacks
+                    failed.update(stack)
+                    return None
             else:
                 missing = [i for i in op.input if i and i not in memo and i not in self.constants]
                 if missing:
@@ -557,23 +561,23 @@ def _evaluate_one(target: str, producer, inits, shapes, model: onnx.ModelProto) 
     if plan is None:
         return None
     nodes, sources, needed_inits = plan
-    feeds = {}
-    sub_inputs = []
-    for src in sources:
-        dims, dtype = shapes[src]
-        if not all(isinstance(d, int) for d in dims):
-            return None  # a symbolic axis 0 that inference did not tie to the input's batch
-        feeds[src] = np.zeros(dims, dtype=dtype)
-        sub_inputs.append(helper.make_tensor_value_info(src, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims))
-    sub = helper.make_model(
-        helper.make_graph(nodes, "arith", sub_inputs,
-                          [onnx.ValueInfoProto(name=target)], [inits[i] for i in needed_inits]),
-        opset_imports=list(model.opset_import), ir_version=model.ir_version,
-    )
     try:
+        feeds = {}
+        sub_inputs = []
+        for src in sources:
+            dims, dtype = shapes[src]
+            if not all(isinstance(d, int) for d in dims):
+                return None  # a symbolic axis 0 that inference did not tie to the input's batch
+            feeds[src] = np.zeros(dims, dtype=dtype)
+            sub_inputs.append(helper.make_tensor_value_info(src, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims))
+        sub = helper.make_model(
+            helper.make_graph(nodes, "arith", sub_inputs,
+                              [onnx.ValueInfoProto(name=target)], [inits[i] for i in needed_inits]),
+            opset_imports=list(model.opset_import), ir_version=model.ir_version,
+        )
         return np.asarray(ReferenceEvaluator(sub).run(None, feeds)[0])
     except Exception:
-        return None  # an op the reference evaluator lacks: left to a real run
+        return None  # an op or dtype the reference evaluator lacks: left to a real run
 
 
 def _arith_subgraph(target, producer, inits, shapes):
