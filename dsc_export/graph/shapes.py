@@ -517,10 +517,10 @@ class _Arithmetic:
                 return None
             if op.op_type in SHAPE_OPS and op.input[0] in self.computed:
                 src = op.input[0]
-                if src not in memo:
+                if src not in memo and src not in self.constants:
                     stack.append(src)
                     continue
-                inputs = [memo[src]]
+                inputs = [memo[src] if src in memo else self.constants[src]]
             elif op.op_type in SHAPE_OPS:
                 dims, dtype = shapes.get(op.input[0], (None, None))
                 if dims is None or not all(isinstance(d, int) for d in dims):
