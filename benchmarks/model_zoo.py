@@ -22,7 +22,10 @@ own errors (UserError, VerificationError) is a bug and is recorded with its type
 goes to ``benchmarks/out/zoo/logs/``).
 
 Usage: python benchmarks/model_zoo.py [--models a,b] [--exporters torchscript,dynamo] [--out DIR]
-       [--only-analyze] [--resume] [--retry-failed] [--keep-splits] [--no-docs]
+       [--only-analyze] [--resume] [--retry-failed] [--keep-splits] [--no-docs] [--compare JSON]
+
+``--compare benchmarks/results/zoo-cpu-2core-<date>.json`` lists the exports whose cut points
+(tensor, size, natural, compressive) changed since that run.
 """
 
 from __future__ import annotations
@@ -485,6 +488,27 @@ def load_rows(zoo: Path, models: list[str], exporters: tuple[str, ...] = EXPORTE
     return rows
 
 
+def compare_rows(old: list[dict], new: list[dict]) -> list[str]:
+    """One line per export whose cut points (tensor, per-sample shape, bytes, natural,
+    compressive) differ between two runs (pure); exports in only one run are skipped."""
+    by_key = {(r["model"], r["exporter"]): r for r in old}
+    lines = []
+    for r in new:
+        o = by_key.get((r["model"], r["exporter"]))
+        if o is None or "points" not in o or "points" not in r:
+            continue
+        key = ("shape", "bytes", "natural", "compressive")
+        a = [(p["tensor"], *(json.dumps(p[k]) for k in key)) for p in o["points"]]
+        b = [(p["tensor"], *(json.dumps(p[k]) for k in key)) for p in r["points"]]
+        if a == b:
+            continue
+        gone = [p[0] for p in a if p not in b]
+        added = [p[0] for p in b if p not in a]
+        lines.append(f"{r['model']} ({r['exporter']}): {len(a)} -> {len(b)} cut points; "
+                     f"{len(gone)} gone or changed, e.g. {gone[:3]}; {len(added)} new or changed, e.g. {added[:3]}")
+    return lines
+
+
 def machine_info() -> dict:
     from dsc_export.backends.onnxruntime import cpu_name
 
@@ -508,6 +532,8 @@ def main() -> None:
     ap.add_argument("--retry-failed", action="store_true", help="export again what failed to export before")
     ap.add_argument("--keep-splits", action="store_true", help="keep the split dirs (OUT/zoo/splits/)")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/models.md and benchmarks/results/")
+    ap.add_argument("--compare", metavar="JSON",
+                    help="an earlier zoo.json or results/zoo-*.json: list the exports whose cut points changed")
     ap.add_argument("--export-one", nargs=3, metavar=("MODEL", "EXPORTER", "DEST"), help=argparse.SUPPRESS)
     ap.add_argument("--job", nargs=2, metavar=("MODEL", "EXPORTER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -572,6 +598,13 @@ def main() -> None:
         res.write_text(json.dumps({**payload, "rows": kept}) + "\n")  # the full rows: out/zoo.json
         (ROOT / "docs" / "models.md").write_text(render(rows, info, date))
         print(f"wrote {res} and {ROOT / 'docs' / 'models.md'}")
+    if args.compare:
+        changed = compare_rows(json.loads(Path(args.compare).read_text())["rows"],
+                               [r for r in rows if r["model"] in models and r["exporter"] in exporters])
+        print(f"cut points against {args.compare}: " + ("identical on every export run" if not changed else
+                                                           f"{len(changed)} export(s) differ"))
+        for line in changed:
+            print("  " + line)
     for r in rows:
         if r["model"] in models and r["exporter"] in exporters:
             print(f"{r['model']:30} {r['exporter']:12} {r['status']:14} cuts={r.get('cut_points', '-')!s:4} "

@@ -79,3 +79,41 @@ def test_zoo_model_splits_verify_independently(zoo, tmp_path_factory, name, expo
         scopes = _scopes(dest / "model.onnx", [p["tensor"] for p in row["points"]])
         in_backbone = [t for t, s in scopes.items() if "backbone" in s]
         assert len(in_backbone) >= 5, scopes
+
+
+def _row(model, exporter, **kw):
+    return {"model": model, "exporter": exporter, "status": "ok", **kw}
+
+
+def test_table_says_why_for_every_outcome():
+    zoo = _zoo()
+    pts = [{"tensor": "a", "shape": [8, 4, 4], "bytes": 512, "natural": True, "compressive": True}]
+    rows = [
+        _row("resnet50", "torchscript", cut_points=1, natural=1, compressive=1, analyze_s=0.2, split_s=1.0,
+             points=pts, splits=1, verified=True, checks=[{"ok": True, "max_rel": 1e-7, "problem": None}]),
+        _row("resnet50", "dynamo", status="export failed", message="Unsupported: aten::foo"),
+        _row("swin_t", "torchscript", status="refused", step="split", message="tensor 'w' is not batched"),
+        _row("swin_t", "dynamo", status="bug", step="analyze", message="KeyError: 'x'"),
+        _row("vit_b_16", "dynamo", cut_points=1, natural=1, compressive=1, analyze_s=2.5, split_s=1.0,
+             points=pts, splits=1, verified=False,
+             checks=[{"ok": False, "max_rel": 0.5, "problem": "batch 2: max relative difference 5e-01"}]),
+    ]
+    md = zoo.render(rows, {"cpu": "cpu", "cores": 2}, "2026-01-01")
+    lines = {(ln.split("|")[1].strip(), ln.split("|")[2].strip()): ln for ln in md.splitlines()
+             if ln.startswith("| ") and not ln.startswith("| model")}
+    assert "yes, 1/1" in lines[("resnet50", "torchscript")]
+    assert "export failed (torch, not dsc-export): Unsupported: aten::foo" in lines[("resnet50", "dynamo")]
+    assert "split refused: tensor 'w' is not batched" in lines[("swin_t", "torchscript")]
+    assert "**BUG** in analyze: KeyError" in lines[("swin_t", "dynamo")]
+    assert "**NO**, 1/1 differ" in lines[("vit_b_16", "dynamo")]
+    assert "over 2 s: vit_b_16 (dynamo, 2.50 s)" in md and "**wrong results: 1**" in md and "bugs" in md
+
+
+def test_compare_rows_names_changed_cut_points():
+    zoo = _zoo()
+    p = {"tensor": "a", "shape": [8, 4, 4], "bytes": 512, "natural": True, "compressive": True}
+    same = _row("m", "dynamo", points=[p])
+    old = [same, _row("m", "torchscript", points=[p])]
+    new = [same, _row("m", "torchscript", points=[{**p, "bytes": 1024}])]
+    out = zoo.compare_rows(old, new)
+    assert len(out) == 1 and out[0].startswith("m (torchscript): 1 -> 1 cut points") and "'a'" in out[0]
