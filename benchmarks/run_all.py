@@ -18,7 +18,8 @@ import time
 
 from common import HERE, OUT, machine
 
-SCRIPTS = ["bench_split.py", "bench_engines.py", "bench_profiles.py", "bench_plan.py", "bench_e2e.py", "bench_load.py"]
+SCRIPTS = ["bench_split.py", "bench_engines.py", "bench_profiles.py", "bench_plan.py", "bench_e2e.py", "bench_load.py",
+           "model_zoo.py"]
 BACKEND_AWARE = {"bench_profiles.py"}
 
 
@@ -82,6 +83,25 @@ def rows() -> list[dict]:
             f"{r['dynamic_batching']['throughput_per_s']:.0f} / {r['no_batching']['throughput_per_s']:.0f} samples/s")
         add("load", "p99 latency with / without dynamic batching",
             f"{r['dynamic_batching']['p99_ms']:.1f} / {r['no_batching']['p99_ms']:.1f} ms")
+    d = load("zoo.json")
+    if d:
+        rs = d["rows"]
+        timed = [r for r in rs if "analyze_s" in r]
+        if timed:
+            worst = max(timed, key=lambda r: r["analyze_s"])
+            under = sum(r["analyze_s"] < 2 for r in timed)
+            add("zoo", f"analyze, every export (median of 3): slowest {worst['model']} ({worst['exporter']})",
+                f"{worst['analyze_s']:.2f} s; {under}/{len(timed)} under 2 s", "< 2 s", under == len(timed))
+        checked = [r for r in rs if "checks" in r]
+        wrong = [f"{r['model']} ({r['exporter']})" for r in checked if not r["verified"]]
+        add("zoo", "splits that do not reproduce the model (independent head + tail check)",
+            f"{len(wrong)} of {len(checked)} exports" + (f": {', '.join(wrong)}" if wrong else ""), "0", not wrong)
+        bugs = [f"{r['model']} ({r['exporter']})" for r in rs if r["status"] in ("bug", "crashed", "check failed")]
+        add("zoo", "tracebacks or crashes in analyze / split", f"{len(bugs)}" + (f": {', '.join(bugs)}" if bugs else ""),
+            "0", not bugs)
+        add("zoo", "exports with cut points / refused / export failed (torch)",
+            f"{sum(r.get('cut_points', 0) > 0 for r in rs)} / {sum(r['status'] == 'refused' for r in rs)} / "
+            f"{sum(r['status'] == 'export failed' for r in rs)} of {len(rs)}")
     return out
 
 

@@ -479,6 +479,8 @@ def split_model(
         reference = _reference(src, seed, samples)
         _release_freed_memory()  # the whole model's session is gone: hand its pages back
     model, data_files = load_model_and_data_files(src)
+    if reference:
+        _complete_output_shapes(model, reference)
     analysis, folded = analyze_model(model, wire_dtype, os.fspath(src), log, inplace=True, inputs=samples,
                                      fixed_batch=reference.fixed_batch if reference else None)
     del model
@@ -540,12 +542,24 @@ def split_model(
     return manifest
 
 
+def _complete_output_shapes(model: onnx.ModelProto, ref: _Reference) -> None:
+    """Give graph outputs declared without a shape one of the rank the runs showed, every size
+    unknown (onnxruntime runs such graphs; onnx.checker, and so every written part, would not)."""
+    for k, o in enumerate(model.graph.output):
+        tt = o.type.tensor_type
+        if o.type.HasField("tensor_type") and not tt.HasField("shape") and k < len(ref.outputs[0]):
+            tt.shape.SetInParent()
+            for _ in range(ref.outputs[0][k].ndim):
+                tt.shape.dim.add()
+
+
 def _observed_outputs(analysis: Analysis, ref: _Reference) -> list[TensorSig]:
     """The outputs' shapes with the batch axis the reference runs show: an axis whose size is the
     batch size at every verification batch size gets the input's batch dimension (whatever the
-    graph declares, often nothing); a declared size stays; anything else is -1 (variable: a
-    symbolic size may depend on the data, so it is never fixed from what two runs happened to
-    give). With one batch size (a fixed batch), a symbolic size equal to that batch is the batch."""
+    graph declares, often nothing); a declared size stays; a declared symbolic size is -1 (it may
+    depend on the data, so it is never fixed from what the runs happened to give); an undeclared
+    size the runs agree on is that size. With one batch size (a fixed batch), a symbolic size
+    equal to that batch is the batch."""
     batch = analysis.input.shape[0]
     sigs = []
     for k, sig in enumerate(analysis.outputs):
@@ -559,7 +573,15 @@ def _observed_outputs(analysis: Analysis, ref: _Reference) -> list[TensorSig]:
         for j, d in enumerate(declared):
             col = [sh[j] for sh in shapes]
             follows = col == list(ref.batches) if len(ref.batches) > 1 else (isinstance(d, str) and col[0] == batch)
-            dims.append(batch if follows else d if isinstance(d, int) and d > 0 else -1)
+            if follows:
+                dims.append(batch)
+            elif isinstance(d, int) and d > 0:
+                dims.append(d)
+            elif isinstance(d, str) or len(set(col)) > 1:
+                dims.append(-1)  # declared variable, or seen to vary
+            else:
+                dims.append(col[0])  # declared unknown, the same size in every run
+
         sigs.append(TensorSig(sig.name, dims, sig.dtype))
     return sigs
 
