@@ -171,13 +171,18 @@ class Dataflow:
         return cons
 
 
-def dataflow(graph: onnx.GraphProto) -> Dataflow:
-    """Build the :class:`Dataflow` of ``graph`` (linear in its size)."""
+def dataflow(graph: onnx.GraphProto, batch_reads: bool = False) -> Dataflow:
+    """Build the :class:`Dataflow` of ``graph`` (linear in its size).
+
+    Args:
+        batch_reads: keep the input edge of batch-size reads (:func:`is_batch_read`); the cut
+            analysis leaves it out, shape evaluation needs it.
+    """
     constants = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
     inputs = [i.name for i in graph.input if i.name not in constants]
     nodes = [
         OpNode(k, n.name or f"{n.op_type}_{k}", n.op_type,
-               () if is_batch_read(n) else tuple(x for x in n.input if x) + tuple(outer_scope_inputs(n)),
+               () if is_batch_read(n) and not batch_reads else tuple(x for x in n.input if x) + tuple(outer_scope_inputs(n)),
                tuple(n.output))
         for k, n in enumerate(graph.node)
     ]

@@ -262,8 +262,8 @@ def rewrite_batch_reads(model: onnx.ModelProto, batches: tuple[int, ...], tainte
     blocks read the batch size from the input (torch's dynamo exporter, ``x.view(x.size(0), -1)``)
     keeps its cut points; each tail reads the batch size from its cut tensor instead.
 
-    The values are taken at the probe batch sizes (statically where inference knows the source's
-    dimensions, else from one run): a dimension equal at every probe is a constant, one equal to
+    The values are taken at the probe batch sizes (the sources' shapes with the shape arithmetic
+    evaluated at each, :func:`_concrete_shapes`, else from one run): a dimension equal at every probe is a constant, one equal to
     the batch size at every probe is the batch; a read with any other dimension is kept as it is.
 
     Returns:
@@ -275,28 +275,26 @@ def rewrite_batch_reads(model: onnx.ModelProto, batches: tuple[int, ...], tainte
     sig = input_signature(model)
     if len(sig) != 1 or not sig[0][1] or isinstance(sig[0][1][0], int):
         return []  # several inputs, or a fixed batch (then every shape is constant)
-    input_name, dims0, _ = sig[0]
-    batch_param = dims0[0]
+    input_name = sig[0][0]
     read_ids = [k for k, n in enumerate(g.node) if n.op_type in SHAPE_OPS and not is_batch_read(n)
                 and n.output[0] in shapes and n.input[0] not in tainted]
     reads = [g.node[k] for k in read_ids]
     if not reads:
         return []
-    static = static_shapes(model)
     at: dict[str, list[np.ndarray]] = {}
     probe = []
+    # the sources' shapes at each probe batch size, with the shape arithmetic evaluated there
+    views = _concrete_shapes(model, batches, list(dict.fromkeys(n.input[0] for n in reads)))
     for n in reads:
-        dims, _ = static.get(n.input[0], (None, None))
-        if dims is not None and all((isinstance(d, int) and d > 0) or d == batch_param for d in dims):
-            full = [[b if d == batch_param else d for d in dims] for b in batches]
-            if n.op_type == "Size":
-                at[n.output[0]] = [np.array(np.prod(f, dtype=np.int64)) for f in full]
-            else:
-                attrs = {a.name: a.i for a in n.attribute}
-                sl = slice(attrs.get("start", 0), attrs.get("end", None))
-                at[n.output[0]] = [np.array(f[sl], dtype=np.int64) for f in full]
-        else:
+        full = [v.get(n.input[0], (None, None))[0] for v in views]
+        if any(f is None or not all(isinstance(d, int) and d >= 0 for d in f) for f in full):
             probe.append(n.output[0])
+        elif n.op_type == "Size":
+            at[n.output[0]] = [np.array(np.prod(f, dtype=np.int64)) for f in full]
+        else:
+            attrs = {a.name: a.i for a in n.attribute}
+            sl = slice(attrs.get("start", 0), attrs.get("end", None))
+            at[n.output[0]] = [np.array(f[sl], dtype=np.int64) for f in full]
     if probe:
         runs = run_with_outputs(model, probe, batches, inputs=inputs)
         for name in probe:
@@ -944,7 +942,7 @@ def _concrete_shapes(model: onnx.ModelProto, batches: tuple[int, ...], names: li
     (:func:`_resolve`), so that a Reshape whose target reads the batch size still has a known
     output shape. Whole-graph inference of the folded copies completes what the walk left
     unknown of ``names``."""
-    df = dataflow(model.graph)
+    df = dataflow(model.graph, batch_reads=True)  # the batch read is shape arithmetic to evaluate
     values, shapes = data_dependent(df)
     frontier = []
     for n in df.nodes:
