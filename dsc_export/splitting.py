@@ -256,7 +256,7 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
             log("finding cut points")
             cuts = find_cut_points(df)
             unbatched: dict[str, list] = {}
-            shapes = tensor_shapes(folded, cuts, unbatched, inputs=inputs)
+            shapes = tensor_shapes(folded, cuts, unbatched, inputs=inputs, views=fold.views)
             break
         except ModelRunError as exc:
             tried.append(exc.batch)

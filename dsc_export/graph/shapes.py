@@ -144,6 +144,8 @@ class FoldReport:
     batch_dependent: list[str] = field(default_factory=list)
     removed_nodes: int = 0
     probed: int = 0  # frontier tensors that needed a real run (static evaluation could not size them)
+    # tensor shapes at each probe batch size as the evaluation knew them (for tensor_shapes)
+    views: list | None = field(default=None, repr=False, compare=False)
 
 
 def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False, inputs=None) -> tuple[onnx.ModelProto, FoldReport]:
@@ -174,7 +176,8 @@ def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False, inputs=
     batches = probe_batches(model)
     tainted = shape_tainted(df, values)
     producer = {o: n for n in model.graph.node for o in n.output if o}
-    constant, dependent, unresolved = _evaluate_statically(model, frontier, batches, tainted)
+    constant, dependent, unresolved, views = _evaluate_statically(model, frontier, batches, tainted)
+    report.views = views
     # data-dependent shapes can be equal at two probes by chance: never fold them from a run
     dependent += [t for t in unresolved if _shape_sources(t, producer) & tainted]
     unresolved = [t for t in unresolved if t not in set(dependent)]
@@ -197,7 +200,7 @@ def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False, inputs=
         report.folded = [t for t in frontier if t in constant]
         report.removed_nodes = remove_dead_nodes(folded)
     if dependent:
-        report.batch_reads = rewrite_batch_reads(folded, batches, tainted, inputs)
+        report.batch_reads = rewrite_batch_reads(folded, batches, tainted, inputs, views)
         if report.batch_reads:
             report.removed_nodes += remove_dead_nodes(folded)
         _, still = data_dependent(dataflow(folded.graph))
@@ -252,7 +255,7 @@ def _shape_sources(target: str, producer: dict) -> set[str]:
 
 
 def rewrite_batch_reads(model: onnx.ModelProto, batches: tuple[int, ...], tainted: set[str] = frozenset(),
-                        inputs=None) -> list[str]:
+                        inputs=None, views: list | None = None) -> list[str]:
     """Rewrite every Shape/Size read whose dimensions are constants or the batch size, in place.
 
     ``Shape(X)`` with X ``[N, 3, 224, 224]`` becomes ``Concat(batch, [3, 224, 224])``, where
@@ -284,7 +287,9 @@ def rewrite_batch_reads(model: onnx.ModelProto, batches: tuple[int, ...], tainte
     at: dict[str, list[np.ndarray]] = {}
     probe = []
     # the sources' shapes at each probe batch size, with the shape arithmetic evaluated there
-    views = _concrete_shapes(model, batches, list(dict.fromkeys(n.input[0] for n in reads)))
+    sources = list(dict.fromkeys(n.input[0] for n in reads))
+    if views is None or not all(v.known(x) for v in views for x in sources):
+        views = _concrete_shapes(model, batches, sources)
     for n in reads:
         full = [v.get(n.input[0], (None, None))[0] for v in views]
         if any(f is None or not all(isinstance(d, int) and d >= 0 for d in f) for f in full):
@@ -399,9 +404,11 @@ def _evaluate_statically(model: onnx.ModelProto, frontier: list[str], batches: t
     changes reads the batch size.
 
     Returns:
-        ``(constant values, batch-dependent names, unresolved names)``.
+        ``(constant values, batch-dependent names, unresolved names, per-batch shape views)``;
+        the views (None when nothing was walked) hold the tensor shapes the walk knew at each
+        probe batch size, for :func:`rewrite_batch_reads` and :func:`tensor_shapes` to reuse.
     """
-    values, pending, _, _ = _resolve(model, frontier, batches)
+    values, pending, _, types = _resolve(model, frontier, batches)
     constant: dict[str, np.ndarray] = {}
     dependent: list[str] = []
     producer = {o: n for n in model.graph.node for o in n.output if o} if tainted else {}
@@ -412,7 +419,7 @@ def _evaluate_statically(model: onnx.ModelProto, frontier: list[str], batches: t
             constant[t] = per_batch[0]
         else:
             dependent.append(t)
-    return constant, dependent, pending
+    return constant, dependent, pending, ([_ShapeView(t) for t in types] if types else None)
 
 
 def _with_batch(light: onnx.ModelProto, batch: int) -> onnx.ModelProto:
@@ -960,7 +967,7 @@ def _concrete_shapes(model: onnx.ModelProto, batches: tuple[int, ...], names: li
 
 
 def tensor_shapes(model: onnx.ModelProto, names: list[str], unbatched: dict[str, list] | None = None,
-                  inputs=None) -> dict[str, tuple[list[int], str]]:
+                  inputs=None, views: list | None = None) -> dict[str, tuple[list[int], str]]:
     """Per-sample shape (batch dimension dropped) and dtype of each named tensor.
 
     Static inference first; tensors it cannot size are sized by inference at each probe batch
@@ -975,6 +982,8 @@ def tensor_shapes(model: onnx.ModelProto, names: list[str], unbatched: dict[str,
             the result and recorded here (name -> their shapes at the probe batch sizes) instead
             of raising.
         inputs: sample inputs for the runs (see :func:`run_with_outputs`).
+        views: shapes per probe batch size already known (``FoldReport.views``): used where
+            they size every unknown tensor.
 
     Raises:
         UserError: a tensor whose leading dimension is not the batch dimension (without
@@ -998,7 +1007,8 @@ def tensor_shapes(model: onnx.ModelProto, names: list[str], unbatched: dict[str,
         # shapes at each probe batch size: from inference with the shape arithmetic evaluated
         # at that size, else from a real run (one per batch size)
         found: dict[str, tuple[list[list[int]], str]] = {}
-        concrete = _concrete_shapes(model, batches, unknown)
+        concrete = views if views is not None and all(v.known(n) for v in views for n in unknown) \
+            else _concrete_shapes(model, batches, unknown)
         for name in unknown:
             got = [c.get(name, (None, None)) for c in concrete]
             if all(dims is not None and dtype and all(isinstance(d, int) and d >= 0 for d in dims)
