@@ -99,6 +99,8 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
                        engines=engines, verification=man.verification,
                        files={f: h for f, h in man.files.items() if f in files})
         (staging / MANIFEST_NAME).write_text(sub.to_json())
+        if side == "server" and triton:  # before the links: onnx refuses external data that has several
+            write_triton_repository(root, man, staging / "triton", triton_platform, max_batch_size, instances)
         for rel in files + sorted({e.path for e in engines}):
             _link_or_copy(root / rel, staging / rel)
         if side == "device":
@@ -109,8 +111,6 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
             if plan_d.get("model_sha256") != man.model.sha256:
                 raise UserError(f"plan '{plan_path}' was made for another model than '{root}'")
             shutil.copy2(plan_path, staging / "plan.json")
-        elif triton:
-            write_triton_repository(root, man, staging / "triton", triton_platform, max_batch_size, instances)
         backends = sorted({(e.backend, e.target.get("version", "")) for e in engines})
         index = {"schema": BUNDLE_SCHEMA, "side": side, "model_sha256": man.model.sha256,
                  "dsc_export": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -260,7 +260,20 @@ def _serve_form(model, input_name: str, contract) -> None:
 
 
 def _rename_io(model, renames: dict[str, str]) -> None:
-    """Rename tensors in place: every reader, producer, graph input and output follows."""
+    """Rename tensors in place: every reader, producer, graph input and output follows. An inner
+    tensor that already has one of the new names (older torch exports name one ``input``) is
+    renamed out of the way first."""
+    taken = {t for n in model.graph.node for t in list(n.input) + list(n.output)} | \
+        {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    targets = set(renames.values())
+    for name in sorted(taken & targets - set(renames)):
+        k = 1
+        while f"{name}__{k}" in taken:
+            k += 1
+        renames = {**renames, name: f"{name}__{k}"}
+        for t in model.graph.initializer:
+            if t.name == name:
+                t.name = f"{name}__{k}"
     for n in model.graph.node:
         n.input[:] = [renames.get(x, x) for x in n.input]
         n.output[:] = [renames.get(x, x) for x in n.output]

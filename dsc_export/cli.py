@@ -234,7 +234,7 @@ def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
     for note in man.notes:
         click.secho(f"note: {note}", fg="yellow")
     click.echo(f"wrote {out}/manifest.json: {n} split(s) + offload + local, {verdict}")
-    if n == 0:
+    if n == 0 and not any("only candidates are offload" in note for note in man.notes):
         click.secho("note: no compressive bottleneck; only offload and local are possible", fg="yellow")
 
 

@@ -127,8 +127,9 @@ def compare(reference: list[np.ndarray], got: list[np.ndarray], names: list[str]
         bad_ref, bad_out = _nonfinite(ref), _nonfinite(out)
         if bad_ref:
             return Comparison(float("inf"), float("inf"),
-                              f"the reference '{name}' itself holds {bad_ref} values (inputs out of the model's "
-                              "range? give real inputs with --inputs)")
+                              f"the reference '{name}' itself holds {bad_ref} values, so nothing can be checked "
+                              "against it (the model's own output is not finite on these inputs: give inputs for "
+                              "which it is, with --inputs)")
         if bad_out:
             return Comparison(float("inf"), float("inf"),
                               f"{what} returns {bad_out} values in '{name}' where the reference is finite")

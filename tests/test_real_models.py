@@ -316,3 +316,44 @@ def test_lraspp_segmentation_has_backbone_cut_points_all_exact(tmp_path, dynamo)
     split_model(src, tmp_path / "s")  # verified at batch 1 and 3
     _independent_check(src, tmp_path / "s", np.random.default_rng(5).standard_normal((2, 3, 64, 64)).astype(np.float32),
                        rtol=1e-4)
+
+
+# -- found by a fresh reviewer: external data, data-sized outputs, name collisions ----------------
+
+def test_server_bundle_of_a_model_with_external_data_and_an_inner_tensor_named_input(tmp_path):
+    """torch's dynamo exporter writes weights to a .data file; older exports name an inner tensor
+    'input', the name the Triton repository gives the tail's input."""
+    import tarfile
+
+    from dsc_export.bundle import make_bundle
+
+    model, cuts = graphs.chain()
+    for n in model.graph.node:  # the first conv's output becomes 'input'
+        n.input[:] = ["input" if x == "a" else x for x in n.input]
+        n.output[:] = ["input" if x == "a" else x for x in n.output]
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)
+    split_model(tmp_path / "m.onnx", tmp_path / "s", at=["input", "b"])
+    make_bundle(tmp_path / "s", "server", tmp_path / "server.tar")
+    with tarfile.open(tmp_path / "server.tar") as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    x = RNG.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    want = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+    repo = ort.InferenceSession(str(tmp_path / "x" / "triton" / "offload" / "1" / "model.onnx"))
+    assert [i.name for i in repo.get_inputs()] == ["input"]
+    np.testing.assert_allclose(repo.run(None, {"input": x})[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_output_sized_by_the_data_is_refused_at_split_time(tmp_path):
+    """A detection-style output (NonZero): its first axis follows the data, not the batch."""
+    model, cuts = graphs.chain()
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32), "thr"))
+    model.graph.node.extend([helper.make_node("Greater", ["y", "thr"], ["hot"]),
+                             helper.make_node("NonZero", ["hot"], ["nz"]),
+                             helper.make_node("Transpose", ["nz"], ["dets"], perm=[1, 0])])
+    model.graph.output.append(helper.make_tensor_value_info("dets", TensorProto.INT64, ["K", 4]))
+    src = _save(model, tmp_path / "m.onnx")
+    with pytest.raises(UserError) as err:
+        split_model(src, tmp_path / "s", at=cuts)
+    assert "output 'dets'" in str(err.value) and "varies with the data" in str(err.value)
+    assert not (tmp_path / "s").exists()

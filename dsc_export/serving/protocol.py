@@ -134,8 +134,13 @@ def _one(sig: TensorSig, wire: str, batch, fixed: int | None, constants: set[str
                                   "return one result per sample along one axis")
     if named:
         axis = named[0]
-    elif dims and (not isinstance(dims[0], int) or dims[0] <= 0):
+    elif dims and isinstance(dims[0], str):
         axis = 0  # symbolic axis 0 under another name than the input's batch: the usual export
+    elif dims and dims[0] == -1 and any(isinstance(d, int) and d > 0 for d in dims[1:]):
+        return problem("batched", f"has shape {shown}: its first axis varies with the data, not with the batch "
+                                  "size (e.g. NonZero or NonMaxSuppression detections), so a server cannot split "
+                                  "it per request; return a fixed number of results per sample (padded), or "
+                                  "drop the output")
     elif any(not isinstance(d, int) or d <= 0 for d in dims):
         return problem("batched", f"has shape {shown}: no axis is named like the input's batch '{batch}', so a "
                                   "server cannot tell which axis holds the samples; name the output's batch "
