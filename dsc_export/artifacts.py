@@ -202,12 +202,22 @@ def verify_files(manifest: Manifest, root: str | os.PathLike, paths: list[str]) 
                                 "after the split; run dsc-export split again")
 
 
+def current_umask() -> int:
+    """The process umask (read without changing it for good)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and a rename (never half-written),
+    with the permissions a plain ``open`` would give (mkstemp's are owner-only)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

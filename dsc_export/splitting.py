@@ -25,6 +25,7 @@ from dsc_export.artifacts import (
     ModelRef,
     Split,
     TensorSig,
+    current_umask,
     hash_files,
     sha256_file,
     write_json_atomic,
@@ -498,6 +499,7 @@ def split_model(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's are owner-only; the split dir is an ordinary folder
     except OSError as exc:
         raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}") from exc
     try:

@@ -357,3 +357,15 @@ def test_output_sized_by_the_data_is_refused_at_split_time(tmp_path):
         split_model(src, tmp_path / "s", at=cuts)
     assert "output 'dets'" in str(err.value) and "varies with the data" in str(err.value)
     assert not (tmp_path / "s").exists()
+
+
+def test_split_dir_has_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    model, cuts = graphs.chain()
+    split_model(_save(model, tmp_path / "m.onnx"), tmp_path / "s", at=cuts[:1])
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((tmp_path / "s" / "manifest.json").stat().st_mode) == 0o666 & ~mask
