@@ -369,3 +369,22 @@ def test_split_dir_has_ordinary_permissions(tmp_path):
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o777 & ~mask
     assert stat.S_IMODE((tmp_path / "s" / "manifest.json").stat().st_mode) == 0o666 & ~mask
+
+
+def test_client_returns_the_model_output_names_not_the_wire_names(tmp_path):
+    """Triton names are made safe ('StatefulPartitionedCall:0' travels as
+    'StatefulPartitionedCall_0'); the client answers with the model's own names."""
+    from dsc_export.serving.client import DynamicSplitClient
+    from dsc_export.serving.protocol import served_outputs
+
+    model, cuts = graphs.chain()
+    for n in model.graph.node:
+        n.output[:] = ["StatefulPartitionedCall:0" if o == "y" else o for o in n.output]
+    model.graph.output[0].name = "StatefulPartitionedCall:0"
+    man = split_model(_save(model, tmp_path / "m.onnx"), tmp_path / "s", at=cuts[:1])
+    client = object.__new__(DynamicSplitClient)
+    client.contract = served_outputs(tmp_path / "s", man)
+    wire = client.contract[0].wire_name
+    assert wire == "StatefulPartitionedCall_0"
+    y = np.ones((2, 2, 8, 8), np.float32)
+    assert list(client._from_server({wire: y})) == ["StatefulPartitionedCall:0"]

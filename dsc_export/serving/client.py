@@ -49,7 +49,6 @@ from dsc_export.serving.protocol import (
     META,
     SERVER_MS,
     fixed_batch,
-    output_names,
     served_outputs,
     wait_ready,
 )
@@ -238,7 +237,6 @@ class DynamicSplitClient:
         self._heads = {s.id: PartRunner(self.root, self.manifest, s.id, "head", threads=threads)
                        for s in heads if s.kind == "split"}
         self._whole = PartRunner(self.root, self.manifest, "local", "head", threads=threads)
-        self._outputs = output_names(self.manifest)
         self.contract = served_outputs(self.root, self.manifest)
         self._sent = [c.wire_name for c in self.contract if c.kind != "constant"]
         self._constants: dict[str, np.ndarray] | None = None
@@ -345,13 +343,13 @@ class DynamicSplitClient:
         """The model's outputs from a server's answer: batch moved back where the model has it,
         constants added."""
         out = {}
-        for c in self.contract:
+        for c in self.contract:  # keyed by the model's own output names, as the local path
             if c.kind == "constant":
-                out[c.wire_name] = self._constant_values()[c.wire_name]
+                out[c.name] = self._constant_values()[c.wire_name]
             elif c.kind == "batched" and c.batch_axis:
-                out[c.wire_name] = np.moveaxis(res[c.wire_name], 0, c.batch_axis)
+                out[c.name] = np.moveaxis(res[c.wire_name], 0, c.batch_axis)
             else:
-                out[c.wire_name] = res[c.wire_name]
+                out[c.name] = res[c.wire_name]
         return out
 
     def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -391,7 +389,7 @@ class DynamicSplitClient:
                 ran = "local"
         if out is None:
             outs = self._whole.run({self._in: x})
-            out = dict(zip(self._outputs, outs))
+            out = dict(zip([c.name for c in self.contract], outs))
         if measured_rate is not None:
             self._local_streak, self._budget = 0, 0.0
         else:  # a batch without news of the link: it earns a share of its time for a probe
