@@ -146,12 +146,14 @@ def _scopes(model: onnx.ModelProto, names: list[str]) -> dict[str, str | None]:
 
 
 def _batch_notes(model: onnx.ModelProto, fold: FoldReport) -> list[str]:
+    """Notes on the shape reads that still block cuts: each read, or one summary past three
+    (attention blocks read their own shapes dozens of times)."""
     if not fold.batch_dependent:
         return []
     df = dataflow(model.graph)
     producers = df.producers()
     consumers = df.consumers()
-    notes = []
+    reads: dict[str, list[str]] = {}  # read tensor -> the nodes that use what is computed from it
     for t in fold.batch_dependent:
         # walk back to the Shape/Size node(s) this value comes from
         stack, seen, sources = [t], set(), []
@@ -165,15 +167,17 @@ def _batch_notes(model: onnx.ModelProto, fold: FoldReport) -> list[str]:
                 sources.extend(node.inputs[:1])
             else:
                 stack.extend(node.inputs)
-        users = [n.name for n in consumers.get(t, [])]
+        users = [n.name for n in consumers.get(t, [])] or [t]
         for src in dict.fromkeys(sources):
-            notes.append(
-                f"the shape of '{src}' is read (Shape) and used by {', '.join(users) or t}, and it "
-                "changes with the batch size otherwise than as the batch dimension (e.g. the batch "
-                "merged into another axis): no tensor between them can be a cut point; re-export "
-                "with a -1 in that Reshape so that no early tensor's shape is read"
-            )
-    return notes
+            reads.setdefault(src, []).extend(u for u in users if u not in reads.get(src, []))
+    why = ("changes with the batch size otherwise than as the batch dimension (e.g. the batch merged into "
+           "another axis): no tensor between the read and its use can be a cut point")
+    if len(reads) <= 3:
+        return [f"the shape of '{src}' is read (Shape) and used by {', '.join(users)}, and it {why}; re-export "
+                "with a -1 in that Reshape so that no early tensor's shape is read" for src, users in reads.items()]
+    shown = "; ".join(f"'{src}' by {users[0]}" for src, users in list(reads.items())[:2])
+    return [f"the shapes of {len(reads)} tensors are read and used later ({shown}; ...), and each {why}; "
+            "typical of attention blocks, whose inner tensors are then not cut points"]
 
 
 def _fix_input_batch(model: onnx.ModelProto, batch: int) -> None:

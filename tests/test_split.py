@@ -262,3 +262,26 @@ def test_verification_catches_a_wrong_tail(tmp_path, monkeypatch):
     with pytest.raises(VerificationError, match="split cut001 .* does not reproduce"):
         split_model(save(model, tmp_path / "m.onnx"), tmp_path / "s", at=["b"])
     assert not (tmp_path / "s").exists()
+
+
+def test_many_blocking_shape_reads_are_summarised_in_one_note(tmp_path):
+    """Attention blocks read their own merged shapes dozens of times: one note, with a count."""
+    g = graphs.G()
+    prev = "x"
+    g.init("pairs", np.array([-1, 2, 16, 16], np.int64))
+    g.init("idx0", np.array([0], np.int64))
+    g.init("two", np.array([2], np.int64))
+    g.init("minus1", np.array([-1], np.int64))
+    for k in range(4):
+        g.conv(f"a{k}", prev, 4)
+        g.node("Reshape", [f"a{k}", "pairs"], f"m{k}")  # [2N, 2, 16, 16]
+        g.node("Shape", [f"m{k}"], f"s{k}")
+        g.node("Gather", [f"s{k}", "idx0"], f"n2_{k}", axis=0)
+        g.node("Div", [f"n2_{k}", "two"], f"n{k}")
+        g.node("Concat", [f"n{k}", "minus1"], f"t{k}", axis=0)
+        g.node("Reshape", [f"a{k}", f"t{k}"], f"flat{k}")
+        prev = f"a{k}"
+    g.node("Concat", [f"flat{k}" for k in range(4)], "y", axis=1)
+    an = analyze_file(save(g.model(["y"]), tmp_path / "m.onnx"))
+    blocking = [n for n in an.notes if "is read" in n or "are read" in n]
+    assert len(blocking) == 1 and blocking[0].startswith("the shapes of 4 tensors are read")
