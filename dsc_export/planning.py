@@ -200,7 +200,8 @@ class Plan:
                     base = tuple(c.compute_ms(batch) + (self.rtt_ms if c.sends else 0.0) for c in f["cands"])
             if base is None:
                 lo, hi = f["range"]
-                raise UserError(f"batch size {batch} is outside the plan's profiled range {lo}-{hi}")
+                raise UserError(f"batch size {batch} is outside the plan's profiled range {lo}-{hi}: use a batch size in "
+                                f"that range (run --batch-size), or build and bench batch {batch} too and make the plan again")
         if not rate_MBps > 0:
             raise UserError(f"data rate must be positive, got {rate_MBps}")
         inv = batch / rate_MBps
