@@ -214,8 +214,11 @@ def build_engines(
             continue
         t0 = time.perf_counter()
         try:
+            notes: list[str] = []
             backend.build(root / job.source, root / job.path, job.batch, precision, options,
-                          cache_dir=root / ENGINES_DIR / backend.name)
+                          cache_dir=root / ENGINES_DIR / backend.name, log=notes.append)
+            for note in dict.fromkeys(notes):
+                log(f"{Path(job.path).name}: {note}")
             diffs = (None, None)
             if verify:
                 if job.source not in reference:

@@ -388,3 +388,14 @@ def test_client_returns_the_model_output_names_not_the_wire_names(tmp_path):
     assert wire == "StatefulPartitionedCall_0"
     y = np.ones((2, 2, 8, 8), np.float32)
     assert list(client._from_server({wire: y})) == ["StatefulPartitionedCall:0"]
+
+
+def test_fp16_build_keeps_float32_around_big_activations_and_says_so(tmp_path):
+    from dsc_export.engines import build_engines
+
+    src = _save(_big_activations(), tmp_path / "m.onnx")
+    split_model(src, tmp_path / "s", at=["n1"])
+    notes = []
+    rep = build_engines(tmp_path / "s", "onnxruntime", [2], "heads", "fp16", log=notes.append)
+    assert not rep.failed  # checked against the float32 ONNX within the float16 tolerance
+    assert any("keep float32 compute" in n and "activations beyond" in n for n in notes)

@@ -134,7 +134,8 @@ class Backend:
         return None
 
     def build(self, onnx_path: str | os.PathLike, engine_path: str | os.PathLike, batch: int,
-              precision: str, options: BuildOptions, cache_dir: str | os.PathLike | None = None) -> None:
+              precision: str, options: BuildOptions, cache_dir: str | os.PathLike | None = None,
+              log=lambda s: None) -> None:
         """Build the engine for ``onnx_path`` at a fixed ``batch`` and write it to ``engine_path``.
 
         Args:
@@ -146,6 +147,7 @@ class Backend:
             options: build options.
             cache_dir: where a backend keeps state shared by the builds of one model
                 (TensorRT's timing cache).
+            log: receives notes (fp16: which nodes keep float32, and why).
         """
         raise NotImplementedError
 

@@ -230,7 +230,8 @@ class OnnxruntimeBackend(Backend):
                 return f"{key} {target.get(key)} (built) != {now.get(key)} (here)"
         return None
 
-    def build(self, onnx_path, engine_path, batch, precision, options: BuildOptions, cache_dir=None) -> None:
+    def build(self, onnx_path, engine_path, batch, precision, options: BuildOptions, cache_dir=None,
+              log=lambda s: None) -> None:
         import onnx
 
         from dsc_export.graph.model import load_model
@@ -239,7 +240,7 @@ class OnnxruntimeBackend(Backend):
         self.check()
         model = fix_batch(load_model(onnx_path), batch)
         if precision == "fp16":
-            model = to_float16_for_build(model)
+            model = to_float16_for_build(model, log=log)
         engine_path = Path(engine_path)
         engine_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=engine_path.parent, prefix=f".{engine_path.name}.tmp-"))

@@ -173,7 +173,8 @@ class TensorrtBackend(Backend):
             return f"compute capability {target.get('compute_capability')} (built) != {now['compute_capability']} (here)"
         return None
 
-    def build(self, onnx_path, engine_path, batch, precision, options: BuildOptions, cache_dir=None) -> None:
+    def build(self, onnx_path, engine_path, batch, precision, options: BuildOptions, cache_dir=None,
+              log=lambda s: None) -> None:
         from dsc_export.backends.cuda import OutOfDeviceMemory
 
         self.check()
@@ -188,7 +189,7 @@ class TensorrtBackend(Backend):
                 from dsc_export.graph.model import load_model
                 from dsc_export.graph.precision import to_float16_for_build
 
-                model = to_float16_for_build(load_model(src))
+                model = to_float16_for_build(load_model(src), log=log)
                 src = tmpdir / "fp16.onnx"
                 onnx.save(model, os.fspath(src), save_as_external_data=model.ByteSize() > 1_500_000_000,
                           location="fp16.onnx.data")
