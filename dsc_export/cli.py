@@ -209,8 +209,11 @@ def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
 
     Writes DIR/manifest.json (schema dsc-export.split/1), DIR/model.onnx (the whole model, for
     the offload and local candidates), DIR/heads/<id>.onnx and DIR/tails/<id>.onnx. Every split
-    is verified on random inputs at batch sizes 1 and 3; a mismatch is an error and nothing is
-    written.
+    is verified (sample inputs, random by default, at batch sizes 1 and 3; a NaN or inf is a
+    failure); a mismatch is an error and nothing is written. What split finds and does on the
+    way is printed as notes: a model that runs at one batch size only (split and built at it), a
+    result that depends on the rest of the batch (never merged by a server), cut points that
+    overflow a float16 wire (left out). An output no server can answer per request is refused.
 
     \b
     Example:
