@@ -43,7 +43,6 @@ from dsc_export.graph.cuts import (
     why_not_cut,
 )
 from dsc_export.graph.model import (
-    SHAPE_OPS,
     data_dependent,
     dataflow,
     load_model,
@@ -58,6 +57,7 @@ from dsc_export.graph.shapes import (
     np_dtype_name,
     probe_batches,
     run_with_outputs,
+    shape_sources,
     tensor_shapes,
 )
 from dsc_export.graph.surgery import (
@@ -150,25 +150,13 @@ def _batch_notes(model: onnx.ModelProto, fold: FoldReport) -> list[str]:
     (attention blocks read their own shapes dozens of times)."""
     if not fold.batch_dependent:
         return []
-    df = dataflow(model.graph)
-    producers = df.producers()
-    consumers = df.consumers()
+    consumers = dataflow(model.graph).consumers()
+    producer = {o: n for n in model.graph.node for o in n.output if o}
     reads: dict[str, list[str]] = {}  # read tensor -> the nodes that use what is computed from it
     for t in fold.batch_dependent:
-        # walk back to the Shape/Size node(s) this value comes from
-        stack, seen, sources = [t], set(), []
-        while stack:
-            x = stack.pop()
-            if x in seen or x not in producers:
-                continue
-            seen.add(x)
-            node = producers[x]
-            if node.op_type in SHAPE_OPS:
-                sources.extend(node.inputs[:1])
-            else:
-                stack.extend(node.inputs)
+        sources = shape_sources(t, producer)
         users = [n.name for n in consumers.get(t, [])] or [t]
-        for src in dict.fromkeys(sources):
+        for src in sources:
             reads.setdefault(src, []).extend(u for u in users if u not in reads.get(src, []))
     why = ("changes with the batch size otherwise than as the batch dimension (e.g. the batch merged into "
            "another axis): no tensor between the read and its use can be a cut point")
@@ -267,8 +255,7 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
             tried.append(exc.batch)
             todo = [b for b in _batch_candidates(model, exc) if b not in tried]
             if declared or fixed_batch or not todo:
-                raise UserError(f"{exc}; check that the model runs with onnxruntime, or give real inputs "
-                                "with --inputs FILE.npz|DIR") from exc
+                raise _cannot_run(exc) from exc
             fixed = todo[0]
             _fix_input_batch(model, fixed)
             notes = [n for n in notes if not n.startswith("the model runs at batch")]
@@ -370,8 +357,7 @@ def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", log: Log 
             :mod:`dsc_export.inputs`), or None for random inputs.
     """
     model = load_model(path)
-    samples = _samples(inputs, model)
-    return analyze_model(model, wire_dtype, os.fspath(path), log, inplace=True, inputs=samples)[0]
+    return analyze_model(model, wire_dtype, os.fspath(path), log, inplace=True, inputs=inputs)[0]
 
 
 def _samples(inputs, model: onnx.ModelProto, seed: int = 0):
@@ -492,8 +478,7 @@ def split_model(
     analysis, folded = analyze_model(model, wire_dtype, os.fspath(src), log, inplace=True, inputs=samples,
                                      fixed_batch=reference.fixed_batch if reference else None)
     del model
-    notes = (reference.notes if reference else []) + [
-        n for n in analysis.notes if not reference or not n.startswith("the model runs at batch")]
+    notes = (reference.notes if reference else []) + analysis.notes
     log(analysis.summary())
     chosen = _choose(analysis, folded, at)
     outputs = analysis.outputs
@@ -658,9 +643,6 @@ def _reference(model_file: Path, seed: int, samples) -> _Reference:
     dim0 = whole.get_inputs()[0].shape[0]
     declared = dim0 if isinstance(dim0, int) and dim0 > 0 else None
 
-    def feeds_at(b: int, index: int = 0) -> dict:
-        return samples.feeds(b, index)
-
     def run(f: dict, b: int) -> list[np.ndarray]:
         try:
             return whole.run(None, f)
@@ -669,16 +651,15 @@ def _reference(model_file: Path, seed: int, samples) -> _Reference:
 
     ref = _Reference((), [], [], names, inputs=samples.description)
     big = declared or max(VERIFY_BATCHES)
-    f = feeds_at(big)
+    f = samples.feeds(big)
     try:
         out = run(f, big)
     except ModelRunError as exc:
         if declared:
-            raise UserError(f"{exc}; check that the model runs with onnxruntime, or give real inputs with "
-                            "--inputs FILE.npz|DIR") from exc
+            raise _cannot_run(exc) from exc
         structure = load_model(model_file, load_data=False)
         for b in _batch_candidates(structure, exc):
-            one = feeds_at(b)
+            one = samples.feeds(b)
             try:
                 out = run(one, b)
             except ModelRunError:
@@ -687,15 +668,14 @@ def _reference(model_file: Path, seed: int, samples) -> _Reference:
             ref.notes.append(_fixed_batch_note(structure, exc, b))
             ref.batches, ref.feeds, ref.outputs = (b,), [one], [out]
             return ref
-        raise UserError(f"{exc}; it fails at batch 1 too (and at any batch size baked into that node): check that the model runs with onnxruntime, or give "
-                        "real inputs with --inputs FILE.npz|DIR") from exc
+        raise _cannot_run(exc, "it fails at batch 1 too (and at any batch size baked into that node)") from exc
     tol = tolerance(*(o.dtype for o in out), engine=True)  # other batch sizes, other kernels
     if declared:
         ref.batches, ref.feeds, ref.outputs, ref.fixed_batch = (declared,), [f], [out], declared
         if declared == 1:
             return ref
         # the same first sample among other batch-mates (fresh ones: a permutation would keep batch statistics)
-        other = feeds_at(declared, 1)
+        other = samples.feeds(declared, 1)
         mates = {k: np.concatenate([v[:1], other[k][1:]]) for k, v in f.items()}
         pairs = [(0, [_sample(o, 0, declared) for o in out], [_sample(o, 0, declared) for o in run(mates, declared)])]
         check_what = "with other batch-mates"
@@ -742,12 +722,11 @@ def _run_part(session, feeds: dict, what: str, batch: int, all_outputs: bool = F
     return out if all_outputs else out[0]
 
 
-def _run_or_refuse(run, feeds: dict, batch: int) -> list[np.ndarray]:
-    try:
-        return run(feeds, batch)
-    except ModelRunError as exc:
-        raise UserError(f"{exc}; check that the model runs with onnxruntime, or give real inputs with "
-                        "--inputs FILE.npz|DIR") from exc
+def _cannot_run(exc: ModelRunError, finding: str = "") -> UserError:
+    """The one-line refusal of a model that onnxruntime cannot run on the sample inputs."""
+    also = f"; {finding}" if finding else ""
+    return UserError(f"{exc}{also}; check that the model runs with onnxruntime, or give real inputs with "
+                     "--inputs FILE.npz|DIR")
 
 
 def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, seed: int,

@@ -175,12 +175,15 @@ def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False, inputs=
         return model, report
     batches = probe_batches(model)
     tainted = shape_tainted(df, values)
-    producer = {o: n for n in model.graph.node for o in n.output if o}
-    constant, dependent, unresolved, views = _evaluate_statically(model, frontier, batches, tainted)
+    constant, dependent, unresolved, views = _evaluate_statically(model, frontier, batches)
     report.views = views
-    # data-dependent shapes can be equal at two probes by chance: never fold them from a run
-    dependent += [t for t in unresolved if _shape_sources(t, producer) & tainted]
-    unresolved = [t for t in unresolved if t not in set(dependent)]
+    # a data-dependent shape is never a constant, whatever inference said or two probe runs
+    # happened to give
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    data_shaped = {t for t in list(constant) + unresolved if tainted & set(shape_sources(t, producer))}
+    dependent += [t for t in list(constant) + unresolved if t in data_shaped]
+    constant = {t: v for t, v in constant.items() if t not in data_shaped}
+    unresolved = [t for t in unresolved if t not in data_shaped]
     if unresolved:  # shapes static inference cannot size: record them from real runs
         runs = run_with_outputs(model, unresolved, batches, inputs=inputs)
         for name in unresolved:
@@ -225,8 +228,6 @@ def shape_tainted(df, values: set[str]) -> set[str]:
     on the inputs' values, and everything computed from a tainted tensor is tainted (an
     over-approximation: folding is skipped, never wrongly done).
     """
-    from dsc_export.graph.model import topological_nodes
-
     tainted: set[str] = set()
     for n in topological_nodes(df):
         ins = n.inputs
@@ -238,20 +239,28 @@ def shape_tainted(df, values: set[str]) -> set[str]:
     return tainted
 
 
-def _shape_sources(target: str, producer: dict) -> set[str]:
-    """The tensors whose shapes ``target`` is computed from (inputs of the Shape/Size nodes behind it)."""
-    sources, seen, stack = set(), set(), [target]
+def shape_sources(target: str, producer: dict[str, onnx.NodeProto]) -> list[str]:
+    """The tensors whose shapes ``target`` is computed from: the inputs of the Shape/Size nodes
+    behind it (batch-size reads left out: they read no particular tensor), in the order found.
+
+    Args:
+        target: a shape-arithmetic tensor.
+        producer: tensor name -> the node that produces it.
+    """
+    sources, seen, stack = [], set(), [target]
     while stack:
         t = stack.pop()
         if t in seen or t not in producer:
             continue
         seen.add(t)
         node = producer[t]
+        if is_batch_read(node):
+            continue
         if node.op_type in SHAPE_OPS:
-            sources.add(node.input[0])
+            sources.append(node.input[0])
         else:
             stack.extend(i for i in node.input if i)
-    return sources
+    return list(dict.fromkeys(sources))
 
 
 def rewrite_batch_reads(model: onnx.ModelProto, batches: tuple[int, ...], tainted: set[str] = frozenset(),
@@ -273,8 +282,7 @@ def rewrite_batch_reads(model: onnx.ModelProto, batches: tuple[int, ...], tainte
         The names of the rewritten nodes.
     """
     g = model.graph
-    df = dataflow(g)
-    values, shapes = data_dependent(df)
+    _, shapes = data_dependent(dataflow(g))
     sig = input_signature(model)
     if len(sig) != 1 or not sig[0][1] or isinstance(sig[0][1][0], int):
         return []  # several inputs, or a fixed batch (then every shape is constant)
@@ -337,8 +345,6 @@ def rewrite_batch_reads(model: onnx.ModelProto, batches: tuple[int, ...], tainte
                 c = f"{tag}/c{j}"
                 new_inits.append(numpy_helper.from_array(np.array(seg, dtype=vals[0].dtype), c))
                 ins.append(c)
-        if vals[0].dtype != np.int64:
-            return []  # Shape and Size are int64 by the spec; anything else is not ours to touch
         replace[k] = [helper.make_node("Concat", ins, [out], axis=0, name=tag) if len(ins) > 1
                       else helper.make_node("Identity", ins, [out], name=tag)]
     if not replace:
@@ -396,8 +402,7 @@ def _all_equal(values: list[np.ndarray]) -> bool:
     return all(v.shape == values[0].shape and np.array_equal(v, values[0]) for v in values[1:])
 
 
-def _evaluate_statically(model: onnx.ModelProto, frontier: list[str], batches: tuple[int, ...],
-                         tainted: set[str] = frozenset()):
+def _evaluate_statically(model: onnx.ModelProto, frontier: list[str], batches: tuple[int, ...]):
     """Evaluate shape-arithmetic tensors without running the network.
 
     See :func:`_resolve`; a value equal at every probe batch size is a constant, one that
@@ -411,11 +416,8 @@ def _evaluate_statically(model: onnx.ModelProto, frontier: list[str], batches: t
     values, pending, _, types = _resolve(model, frontier, batches)
     constant: dict[str, np.ndarray] = {}
     dependent: list[str] = []
-    producer = {o: n for n in model.graph.node for o in n.output if o} if tainted else {}
     for t, per_batch in values.items():
-        if tainted and _shape_sources(t, producer) & tainted:
-            dependent.append(t)  # a data-dependent shape: whatever inference said, never a constant
-        elif _all_equal(per_batch):
+        if _all_equal(per_batch):
             constant[t] = per_batch[0]
         else:
             dependent.append(t)
@@ -803,7 +805,7 @@ def _evaluate_one(target: str, producer, inits, shapes, model: onnx.ModelProto) 
         return None  # an op or dtype the reference evaluator lacks: left to a real run
 
 
-def _arith_subgraph(target, producer, inits, shapes, tainted=frozenset()):
+def _arith_subgraph(target, producer, inits, shapes):
     """Nodes computing ``target`` from Shape/Size sources of known shape, or None."""
     nodes, sources, needed, seen = [], [], [], set()
     stack = [target]
@@ -821,8 +823,6 @@ def _arith_subgraph(target, producer, inits, shapes, tainted=frozenset()):
         nodes.append(node)
         if node.op_type in SHAPE_OPS:
             src = node.input[0]
-            if src in tainted:
-                return None  # a data-dependent shape: never evaluated from zeros
             dims, _ = shapes.get(src, (None, None))
             # every dimension known; only axis 0 (the batch) may be symbolic
             if dims is None or any(d is None for d in dims) or any(not isinstance(d, int) for d in dims[1:]):
