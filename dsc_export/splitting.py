@@ -241,6 +241,7 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
     if fixed and not declared:
         _fix_input_batch(model, fixed)
     tried: list[int] = []
+    fixed_note = None  # found by a failing probe run: the model runs at one batch size only
     while True:
         try:
             log("folding static shape arithmetic")
@@ -258,9 +259,8 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
                 raise _cannot_run(exc) from exc
             fixed = todo[0]
             _fix_input_batch(model, fixed)
-            notes = [n for n in notes if not n.startswith("the model runs at batch")]
-            notes.append(_fixed_batch_note(model, exc, fixed))
-    notes += _batch_notes(folded, fold)
+            fixed_note = _fixed_batch_note(model, exc, fixed)
+    notes += ([fixed_note] if fixed_note else []) + _batch_notes(folded, fold)
     if unbatched:
         names = ", ".join(f"'{t}' {' / '.join(map(str, v))}" for t, v in list(unbatched.items())[:3])
         more = f" and {len(unbatched) - 3} more" if len(unbatched) > 3 else ""
