@@ -56,9 +56,21 @@ class ModelRef:
     batch_independent: bool | None = None
 
     @property
+    def only_batch(self) -> int | None:
+        """The only batch size the model runs at: ``fixed_batch``, or the input's batch dimension
+        where the graph declares it fixed (manifests written before ``fixed_batch`` existed);
+        None when any batch size runs."""
+        if self.fixed_batch:
+            return int(self.fixed_batch)
+        b = self.input.shape[0] if self.input.shape else None
+        return b if isinstance(b, int) and b > 0 else None
+
+    @property
     def mergeable(self) -> bool:
-        """True when a server may merge requests into larger batches (dynamic batching)."""
-        return self.fixed_batch is None and self.batch_independent is not False
+        """True when a server may merge requests of several clients into one batch (dynamic
+        batching): the model runs at any batch size and no sample's result depends on its
+        batch-mates."""
+        return self.only_batch is None and self.batch_independent is not False
 
 
 @dataclass

@@ -60,18 +60,13 @@ def output_names(manifest: Manifest) -> list[str]:
 
 
 def fixed_batch(manifest: Manifest) -> int | None:
-    """The only batch size the model runs at: ``model.fixed_batch``, or the input's batch
-    dimension where the graph declares it fixed; None when any batch size runs."""
-    if manifest.model.fixed_batch:
-        return int(manifest.model.fixed_batch)
-    b = manifest.model.input.shape[0] if manifest.model.input.shape else None
-    return b if isinstance(b, int) and b > 0 else None
+    """The only batch size the model runs at, or None (:attr:`ModelRef.only_batch`)."""
+    return manifest.model.only_batch
 
 
 def mergeable(manifest: Manifest) -> bool:
-    """True when a server may merge requests of several clients into one batch (dynamic batching):
-    the model runs at any batch size and no sample's result depends on its batch-mates."""
-    return fixed_batch(manifest) is None and manifest.model.batch_independent is not False
+    """True when a server may merge requests into one batch (:attr:`ModelRef.mergeable`)."""
+    return manifest.model.mergeable
 
 
 def why_not_mergeable(manifest: Manifest) -> str | None:
