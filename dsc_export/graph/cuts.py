@@ -169,6 +169,21 @@ def wire_itemsize(dtype: str, wire_dtype: str) -> int:
     return np.dtype(dtype).itemsize
 
 
+def compression_ratio(cut_bytes: int, input_bytes: int) -> float:
+    """c_l: the bytes a cut point sends per sample over the bytes of one input sample.
+
+    The paper defines c_l in elements (its D·c_l is the cut tensor's size); here both sizes are
+    bytes on the wire, so a float32 cut of a uint8 image counts 4 bytes per element (see
+    docs/concepts.md, "Bytes, not elements"). c_l < 1 makes cut point l a natural bottleneck.
+
+    Raises:
+        ValueError: ``input_bytes`` is not positive.
+    """
+    if input_bytes <= 0:
+        raise ValueError(f"input size must be positive, got {input_bytes} bytes")
+    return cut_bytes / input_bytes
+
+
 def compressive_mask(ratios: list[float]) -> list[bool]:
     """Eq. 3: C = { j | c_j < 1 and c_j < c_i for all i < j } (strictly below every earlier ratio)."""
     mask, best = [], 1.0
@@ -202,11 +217,12 @@ def describe_cut_points(
         shape, dtype = shapes[name]
         elements = int(np.prod(shape, dtype=np.int64)) if shape else 1
         nbytes = elements * wire_itemsize(dtype, wire_dtype)
-        ratio = nbytes / input_bytes
+        ratio = compression_ratio(nbytes, input_bytes)
         points.append(
             CutPoint(
                 index=k, tensor=name, shape=list(shape), dtype=dtype, elements=elements,
-                bytes=nbytes, ratio=ratio, element_ratio=elements / input_elements,
+                bytes=nbytes, ratio=ratio,
+                element_ratio=compression_ratio(elements, input_elements),
                 natural=ratio < 1, compressive=False,
                 scope=(scopes or {}).get(name),
             )
