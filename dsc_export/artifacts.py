@@ -1,7 +1,7 @@
 """The JSON artifacts: dataclasses, their JSON form, schema versions and hashes.
 
 The split manifest (``dsc-export.split/1``) with its engine records and the profile
-(``dsc-export.profile/1``) live here (contracts in DESIGN.md); the plan's dataclass is in
+(``dsc-export.profile/1``) live here (fields and units: docs/contracts.md); the plan's dataclass is in
 ``planning`` beside the functions that compute it. Helpers for hashing and atomic writes.
 """
 

@@ -144,7 +144,7 @@ def rate_grid(text: str, steps: int = 64) -> list[float]:
 @dataclass
 class Plan:
     """``dsc-export.plan/1``: the lookup table (batch x data rate -> split), every candidate's
-    predicted time per cell, and the gains over the baselines (contract in DESIGN.md).
+    predicted time per cell, and the gains over the baselines (fields and units: docs/contracts.md).
 
     ``times`` keeps each candidate's profiled head/tail times and bytes, so :meth:`choose`
     answers for any batch size in range and any rate, not only the grid's cells.
