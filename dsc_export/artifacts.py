@@ -236,8 +236,12 @@ def write_json_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def _read_json(path: Path, parse, what: str):
-    """``parse(json)`` of a file; a malformed one is a one-line error naming it."""
+def read_json(path: Path, parse, what: str):
+    """``parse(json)`` of the JSON file ``path``.
+
+    Raises:
+        UserError: the file is not JSON or ``parse`` rejects it (one line naming the file).
+    """
     try:
         return parse(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as exc:
@@ -248,7 +252,7 @@ def read_manifest(split_dir: str | os.PathLike) -> Manifest:
     path = Path(split_dir) / MANIFEST_NAME
     if not path.is_file():
         raise UserError(f"'{split_dir}' is not a split dir (no {MANIFEST_NAME}); run dsc-export split first")
-    return _read_json(path, Manifest.from_dict, "manifest")
+    return read_json(path, Manifest.from_dict, "manifest")
 
 
 PROFILE_SCHEMA = "dsc-export.profile/1"
@@ -327,7 +331,7 @@ def read_profile(path: str | os.PathLike) -> Profile:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"profile '{path}' does not exist; make one with dsc-export bench")
-    return _read_json(path, Profile.from_dict, "profile")
+    return read_json(path, Profile.from_dict, "profile")
 
 
 def check_pair(device: Profile, server: Profile) -> None:

@@ -104,11 +104,9 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
         for rel in files + sorted({e.path for e in engines}):
             _link_or_copy(root / rel, staging / rel)
         if side == "device":
-            try:
-                plan_d = json.loads(plan_path.read_text())
-            except ValueError as exc:
-                raise UserError(f"'{plan_path}' is not a valid plan: {exc}") from exc
-            if plan_d.get("model_sha256") != man.model.sha256:
+            from dsc_export.planning import read_plan
+
+            if read_plan(plan_path).model_sha256 != man.model.sha256:
                 raise UserError(f"plan '{plan_path}' was made for another model than '{root}'")
             shutil.copy2(plan_path, staging / "plan.json")
         backends = sorted({(e.backend, e.target.get("version", "")) for e in engines})

@@ -530,16 +530,11 @@ def simulate_cmd(plan_path, scenario, baselines, as_json) -> None:
       dsc-export simulate engines/efficientnet_b0/split/plan.json docs/scenarios/commute.csv
       dsc-export simulate plan.json busy-hour.csv --baseline local --json
     """
-    from dsc_export.planning import Plan, parse_scenario, simulate
+    from dsc_export.planning import parse_scenario, read_plan, simulate
 
-    if not plan_path.is_file():
-        raise UserError(f"plan '{plan_path}' does not exist; make one with dsc-export plan")
+    plan = read_plan(plan_path)
     if not scenario.is_file():
         raise UserError(f"scenario '{scenario}' does not exist")
-    try:
-        plan = Plan.from_dict(json.loads(plan_path.read_text()))
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"'{plan_path}' is not a valid plan: {exc}") from exc
     result = simulate(plan, parse_scenario(scenario.read_text(), str(scenario)), list(baselines) or None)
     if as_json:
         click.echo(json.dumps(result, indent=1))
@@ -676,12 +671,12 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
 
     import numpy as np
 
-    from dsc_export.planning import Plan
+    from dsc_export.planning import read_plan
     from dsc_export.serving.client import DynamicSplitClient
 
     root, tmp = _open_dir_or_bundle(source, "device")
     try:
-        plan = Plan.from_dict(json.loads(plan_path.read_text())) if plan_path else None
+        plan = read_plan(plan_path) if plan_path else None
         rows = [("batch", "size", "split", "bytes", "rate est", "measured", "predicted ms", "measured ms", "note")]
 
         def log(b):

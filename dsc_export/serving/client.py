@@ -43,7 +43,7 @@ import numpy as np
 
 from dsc_export.artifacts import read_manifest, verify_files
 from dsc_export.errors import UserError, lazy_import
-from dsc_export.planning import Plan
+from dsc_export.planning import Plan, read_plan
 from dsc_export.serving.protocol import (
     INPUT,
     META,
@@ -220,9 +220,7 @@ class DynamicSplitClient:
             path = self.root / "plan.json"
             if not path.is_file():
                 raise UserError(f"no plan in '{self.root}'; make one with dsc-export plan or pass --plan")
-            import json
-
-            plan = Plan.from_dict(json.loads(path.read_text()))
+            plan = read_plan(path)
         if plan.model_sha256 != self.manifest.model.sha256:
             raise UserError("the plan was made for another model than this split dir's (model sha256 differs)")
         self.plan = plan
