@@ -14,8 +14,8 @@ import numpy as np
 
 from dsc_export.errors import UserError
 
-CU12_HINT = ("cuda-python 13 and the 'tensorrt' extra's CUDA 13 wheels need an NVIDIA driver 580 or newer; "
-             "on a CUDA 12 machine or a Jetson install 'dsc-export[tensorrt-cu12]'")
+CU12_HINT = ("no NVIDIA driver, or one older than this CUDA runtime: the 'tensorrt' extra's CUDA 13 wheels "
+             "need driver 580 or newer; on a CUDA 12 machine or a Jetson install 'dsc-export[tensorrt-cu12]'")
 
 
 def cudart():
