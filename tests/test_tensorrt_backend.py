@@ -294,3 +294,15 @@ def test_the_cuda_double_matches_the_real_bindings():
             assert [p.name for p in inspect.signature(fn).parameters.values()] == real, name
     for member in cudaError_t:
         assert int(getattr(runtime.cudaError_t, member.name)) == int(member)
+
+
+def test_the_double_selects_optimization_profiles_as_tensorrt_does(trt, tmp_path):
+    runner = tensorrt.TensorrtBackend().load(plan_file(trt, tmp_path))
+    with runner:
+        ctx, stream = runner._context, int(runner._stream.handle)
+        assert runner._engine.num_optimization_profiles == 1
+        assert ctx.set_optimization_profile_async(0, stream) is True and ctx.active_optimization_profile == 0
+        log = tensorrt.error_log(trt.module)
+        mark = log.mark()
+        assert ctx.set_optimization_profile_async(1, stream) is False
+        assert "profile 1 out of range" in log.reason(mark)

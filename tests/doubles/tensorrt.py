@@ -355,7 +355,7 @@ def _make_module(d: TrtDouble) -> types.ModuleType:  # noqa: C901 - one closure 
             self._tensors = {t["name"]: t for t in spec["tensors"]}
 
         num_io_tensors = property(lambda self: len(self._spec["tensors"]))
-        num_optimization_profiles = property(lambda self: 1)
+        num_optimization_profiles = property(lambda self: self._spec["build"].get("profiles", 1))
 
         def get_tensor_name(self, index):
             return self._spec["tensors"][index]["name"]
