@@ -21,6 +21,7 @@ import onnx
 
 from dsc_export.artifacts import (
     MANIFEST_NAME,
+    CutPoint,
     Manifest,
     ModelRef,
     Split,
@@ -34,7 +35,6 @@ from dsc_export.compare import Comparison, compare
 from dsc_export.errors import ModelRunError, UserError, VerificationError
 from dsc_export.graph.cuts import (
     WIRE_DTYPES,
-    CutPoint,
     compressive_mask,
     describe_cut_points,
     find_cut_points,
