@@ -164,7 +164,7 @@ def analyze_cmd(model, wire_dtype, inputs, as_json, plot, show_all) -> None:
     """
     from dsc_export.splitting import analyze_file
 
-    an = analyze_file(model, wire_dtype, log=_log if not as_json else (lambda s: None), inputs=inputs)
+    an = analyze_file(model, wire_dtype=wire_dtype, log=_log if not as_json else (lambda s: None), inputs=inputs)
     if plot:
         from dsc_export.plots import bottleneck_chart
 
@@ -228,7 +228,7 @@ def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
     from dsc_export.splitting import split_model
 
     out = out or ENGINES_ROOT / model.stem / "split"
-    man = split_model(model, out, wire_dtype, list(at) or None, verify, log=_log, inputs=inputs)
+    man = split_model(model, out, wire_dtype=wire_dtype, at=list(at) or None, verify=verify, log=_log, inputs=inputs)
     rows = [("split", "kind", "bytes/sample", "ratio", "max abs diff", "head", "tail")]
     for s in man.splits:
         rows.append((s.id, s.kind, f"{s.bytes:,}", f"{s.ratio:.4f}" if s.ratio is not None else "",

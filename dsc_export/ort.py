@@ -38,7 +38,7 @@ ORT_DTYPES = {
 OPTIMIZATION_LEVELS = ("all", "extended", "basic", "none")
 
 
-def session_options(threads: int | None = None, optimization: str = "all", arena: bool = True,
+def session_options(threads: int | None = None, *, optimization: str = "all", arena: bool = True,
                     spinning: bool = False):
     """Return SessionOptions for a quiet, non-spinning CPU session.
 
@@ -67,7 +67,7 @@ def session_options(threads: int | None = None, optimization: str = "all", arena
     return opts
 
 
-def make_session(model: str | os.PathLike | bytes, threads: int | None = None, optimization: str = "all",
+def make_session(model: str | os.PathLike | bytes, threads: int | None = None, *, optimization: str = "all",
                  arena: bool = True, providers: list[str] | None = None, spinning: bool = False):
     """Create a CPU inference session for an ONNX file path or serialized model bytes.
 
@@ -90,7 +90,7 @@ def make_session(model: str | os.PathLike | bytes, threads: int | None = None, o
     try:
         sess = ort.InferenceSession(
             model if isinstance(model, bytes) else os.fspath(model),
-            sess_options=session_options(threads, optimization, arena, spinning),
+            sess_options=session_options(threads, optimization=optimization, arena=arena, spinning=spinning),
             providers=providers,
         )
     except Exception as exc:  # onnxruntime raises several unrelated types

@@ -197,7 +197,7 @@ def _graph_notes(model: onnx.ModelProto, sorted_nodes: bool) -> list[str]:
     return notes
 
 
-def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: str = "<memory>",
+def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source: str = "<memory>",
                   log: Log = _quiet, inplace: bool = False, inputs=None,
                   fixed_batch: int | None = None) -> tuple[Analysis, onnx.ModelProto]:
     """Find, size and classify the cut points of ``model``.
@@ -250,7 +250,7 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
             log("finding cut points")
             cuts = find_cut_points(df)
             unbatched: dict[str, list] = {}
-            shapes = tensor_shapes(folded, cuts, unbatched, inputs=inputs, views=fold.views)
+            shapes = tensor_shapes(folded, cuts, unbatched=unbatched, inputs=inputs, views=fold.views)
             break
         except ModelRunError as exc:
             tried.append(exc.batch)
@@ -272,7 +272,8 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
     in_elements = int(np.prod(per_sample, dtype=np.int64))
     in_bytes = in_elements * np.dtype(dtype).itemsize
     # folding renames only shape-arithmetic tensors, so the cut tensors' producers keep their names
-    points = describe_cut_points(cuts, shapes, in_bytes, in_elements, wire_dtype, _scopes(folded, cuts))
+    points = describe_cut_points(cuts, shapes, input_bytes=in_bytes, input_elements=in_elements,
+                                 wire_dtype=wire_dtype, scopes=_scopes(folded, cuts))
     if wire_dtype == "float16":
         notes += _check_wire_range(folded, points, inputs, fixed)
     batch = fixed or batch_dim(model)
@@ -349,7 +350,8 @@ def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, f
             "not split at with --wire-dtype float16 (use float32 for them)"]
 
 
-def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", log: Log = _quiet, inputs=None) -> Analysis:
+def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", *, log: Log = _quiet,
+                 inputs=None) -> Analysis:
     """Load an ONNX file and analyse it (see :func:`analyze_model`).
 
     Args:
@@ -357,7 +359,7 @@ def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", log: Log 
             :mod:`dsc_export.inputs`), or None for random inputs.
     """
     model = load_model(path)
-    return analyze_model(model, wire_dtype, os.fspath(path), log, inplace=True, inputs=inputs)[0]
+    return analyze_model(model, wire_dtype, source=os.fspath(path), log=log, inplace=True, inputs=inputs)[0]
 
 
 def _samples(inputs, model: onnx.ModelProto, seed: int = 0):
@@ -428,6 +430,7 @@ def _copy_model(src: Path, data_files: list[str], dst_dir: Path) -> Path:
 def split_model(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
+    *,
     wire_dtype: str = "float32",
     at: list[str] | None = None,
     verify: bool = True,
@@ -475,7 +478,7 @@ def split_model(
     model, data_files = load_model_and_data_files(src)
     if reference:
         _complete_output_shapes(model, reference)
-    analysis, folded = analyze_model(model, wire_dtype, os.fspath(src), log, inplace=True, inputs=samples,
+    analysis, folded = analyze_model(model, wire_dtype, source=os.fspath(src), log=log, inplace=True, inputs=samples,
                                      fixed_batch=reference.fixed_batch if reference else None)
     del model
     notes = (reference.notes if reference else []) + analysis.notes

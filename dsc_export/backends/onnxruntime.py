@@ -78,7 +78,7 @@ class OnnxruntimeRunner(Runner):
     optimization: str = "none"
 
     def activate_impl(self) -> None:
-        self.session = make_session(self.path, self.threads, self.optimization, providers=self.providers)
+        self.session = make_session(self.path, self.threads, optimization=self.optimization, providers=self.providers)
         self.inputs = [TensorSpec(i.name, tuple(i.shape), np.dtype(ORT_DTYPES.get(i.type, np.float32)))
                        for i in self.session.get_inputs()]
         self.outputs = [TensorSpec(o.name, tuple(o.shape), np.dtype(ORT_DTYPES.get(o.type, np.float32)))

@@ -172,6 +172,7 @@ def compressive_mask(ratios: list[float]) -> list[bool]:
 def describe_cut_points(
     names: list[str],
     shapes: dict[str, tuple[list[int], str]],
+    *,
     input_bytes: int,
     input_elements: int,
     wire_dtype: str,

@@ -79,7 +79,7 @@ def probe_batches(model: onnx.ModelProto) -> tuple[int, ...]:
 
 
 def run_with_outputs(
-    model: onnx.ModelProto, names: list[str], batches: tuple[int, ...], seed: int = 0, inputs=None,
+    model: onnx.ModelProto, names: list[str], batches: tuple[int, ...], *, seed: int = 0, inputs=None,
 ) -> list[dict[str, np.ndarray]]:
     """Run ``model`` once per batch size, returning the named tensors.
 
@@ -203,7 +203,7 @@ def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False, inputs=
         report.folded = [t for t in frontier if t in constant]
         report.removed_nodes = remove_dead_nodes(folded)
     if dependent:
-        report.batch_reads = rewrite_batch_reads(folded, batches, tainted, inputs, views)
+        report.batch_reads = rewrite_batch_reads(folded, batches, tainted=tainted, inputs=inputs, views=views)
         if report.batch_reads:
             report.removed_nodes += remove_dead_nodes(folded)
         _, still = data_dependent(dataflow(folded.graph))
@@ -263,7 +263,7 @@ def shape_sources(target: str, producer: dict[str, onnx.NodeProto]) -> list[str]
     return list(dict.fromkeys(sources))
 
 
-def rewrite_batch_reads(model: onnx.ModelProto, batches: tuple[int, ...], tainted: set[str] = frozenset(),
+def rewrite_batch_reads(model: onnx.ModelProto, batches: tuple[int, ...], *, tainted: set[str] = frozenset(),
                         inputs=None, views: list | None = None) -> list[str]:
     """Rewrite every Shape/Size read whose dimensions are constants or the batch size, in place.
 
@@ -949,7 +949,7 @@ def _concrete_shapes(model: onnx.ModelProto, batches: tuple[int, ...], names: li
     return views
 
 
-def tensor_shapes(model: onnx.ModelProto, names: list[str], unbatched: dict[str, list] | None = None,
+def tensor_shapes(model: onnx.ModelProto, names: list[str], *, unbatched: dict[str, list] | None = None,
                   inputs=None, views: list | None = None) -> dict[str, tuple[list[int], str]]:
     """Per-sample shape (batch dimension dropped) and dtype of each named tensor.
 
