@@ -37,7 +37,9 @@ from dsc_export.errors import UserError, lazy_import
 BUNDLE_SCHEMA = "dsc-export.bundle/1"
 BUNDLE_INDEX = "bundle.json"
 SIDES = ("device", "server")
-PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
+# Triton platforms (model_config.proto ``platform``), and ``python``: the Python backend
+# (``backend: "python"``, :mod:`dsc_export.serving.triton_python`)
+PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan", "python")
 
 
 
@@ -191,10 +193,14 @@ def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str
         in_type = TRITON_TYPES[onnx.helper.tensor_dtype_to_np_dtype(inp.elem_type).name]
         d = repo / s.id
         (d / "1").mkdir(parents=True, exist_ok=True)
-        where = d / "1" if platform == "onnxruntime_onnx" else d
+        where = d if platform == "tensorrt_plan" else d / "1"
         onnx.save(model, os.fspath(where / "model.onnx"), save_as_external_data=model.ByteSize() > 1_900_000_000,
                   location="model.onnx.data")
-        config = pb.ModelConfig(name=s.id, platform=platform, max_batch_size=0 if fixed else max_batch_size)
+        config = pb.ModelConfig(name=s.id, max_batch_size=0 if fixed else max_batch_size)
+        if platform == "python":
+            config.backend = platform
+        else:
+            config.platform = platform
         if fixed:
             config.input.add(name=INPUT, data_type=pb.DataType.Value(in_type), dims=[fixed] + in_dims[1:])
         else:
@@ -204,9 +210,13 @@ def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str
                 config.output.add(name=c.wire_name, data_type=pb.DataType.Value(TRITON_TYPES[c.dtype]), dims=c.dims)
         if merge:
             config.dynamic_batching.max_queue_delay_microseconds = 2000
-        kind = pb.ModelInstanceGroup.KIND_CPU if platform == "onnxruntime_onnx" else pb.ModelInstanceGroup.KIND_GPU
+        kind = pb.ModelInstanceGroup.KIND_GPU if platform == "tensorrt_plan" else pb.ModelInstanceGroup.KIND_CPU
         config.instance_group.add(count=instances, kind=kind)
         config.parameters["dsc_model_sha256"].string_value = man.model.sha256
+        if platform == "python":  # model.py and the engines; their names go into the parameters
+            from dsc_export.serving.triton_python import write_python_model
+
+            write_python_model(root, man, s.id, d, config, contract)
         (d / "config.pbtxt").write_text(text_format.MessageToString(config))
         if platform == "tensorrt_plan":
             argv = ["trtexec", f"--onnx={s.id}/model.onnx", f"--saveEngine={s.id}/1/model.plan", "--stronglyTyped"]
