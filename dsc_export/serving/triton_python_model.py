@@ -54,6 +54,10 @@ def run_requests(run: Callable[[np.ndarray], dict[str, np.ndarray]], inputs: lis
     return [{k: v[a:b] for k, v in out.items()} for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 class TritonPythonModel:
     """One tail: sessions per batch size, created on first use."""
 
@@ -73,8 +77,9 @@ class TritonPythonModel:
                                      f"{ort.__version__}; running those batch sizes on model.onnx")
         self.threads = int(params.get("dsc_threads") or 0)
         self.sessions: dict[int | None, object] = {}
+        self._session(None)  # model.onnx now: a tail that cannot load fails the load, not a request
 
-    def _session(self, batch: int):
+    def _session(self, batch: int | None):
         import onnxruntime as ort
 
         key = batch if batch in self.engines else None
@@ -87,8 +92,11 @@ class TritonPythonModel:
             if key is not None:  # engines were optimised when built
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             path = self.here / (self.engines[key] if key is not None else "model.onnx")
-            self.sessions[key] = ort.InferenceSession(str(path), sess_options=opts,
-                                                      providers=["CPUExecutionProvider"])
+            try:
+                self.sessions[key] = ort.InferenceSession(str(path), sess_options=opts,
+                                                          providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises several types
+                raise RuntimeError(f"onnxruntime cannot load {path.name}: {_first_line(exc)}") from exc
         return self.sessions[key]
 
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -101,8 +109,7 @@ class TritonPythonModel:
         try:
             answers = run_requests(self._run, inputs, self.merge)
         except Exception as exc:  # onnxruntime raises several types: each request gets the error
-            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(why))
+            return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(_first_line(exc)))
                     for _ in requests]
         return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a[n]))
                                                            for n in self.outputs]) for a in answers]

@@ -158,10 +158,17 @@ class TritonServer:
             client.close()
 
     def _log_tail(self) -> str:
+        """What Triton's log says went wrong, for a one-line message: the first model that
+        failed to load (its message up to Triton's first escaped newline), else the last line."""
         if not self.log_file or not self.log_file.is_file():
             return ""
         lines = [ln.strip() for ln in self.log_file.read_text(errors="replace").splitlines() if ln.strip()]
-        return f" (Triton: {lines[-1][:300]})" if lines else ""
+        failed = [ln for ln in lines if "failed to load '" in ln]
+        if failed:
+            why = failed[0].split('] "', 1)[-1].split("\\n", 1)[0].rstrip('"')
+        else:
+            why = lines[-1] if lines else ""
+        return f" (Triton: {why[:300]})" if why else ""
 
     def url(self, protocol: str = "http") -> str:
         """``host:port`` to reach the server with ``protocol`` (``http`` or ``grpc``)."""
