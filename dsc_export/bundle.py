@@ -7,8 +7,9 @@ A bundle is a tar file holding a split dir's subset and ``bundle.json`` (schema
   engines built for them, and the plan;
 - **server**: the manifest, the whole model (``offload``), the tails, their engines, and a
   Triton model repository under ``triton/`` that a stock Triton Inference Server serves
-  unchanged: one model per split (``onnxruntime_onnx``, or ``tensorrt_plan`` with the commands
-  that build the plans on the server's GPU), with instance groups, and dynamic batching only for
+  unchanged: one model per split (``onnxruntime_onnx``; ``tensorrt_plan`` with the commands
+  that build the plans on the server's GPU; or the Python backend, ``model.py`` running the tail
+  with onnxruntime, :mod:`dsc_export.serving.triton_python`), with instance groups, and dynamic batching only for
   a model that may merge requests. The repository's ONNX copies name their input ``input`` and
   serve their outputs as ``dsc-export serve`` does (the output contract of
   :mod:`dsc_export.serving.protocol`), so the device client talks to either server the same way.
@@ -64,7 +65,8 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
         out: the tar file to write.
         plan: the plan to ship to the device [default: ``split_dir/plan.json``; a device bundle
             without a plan is refused].
-        triton_platform: Triton platform of the server's model repository.
+        triton_platform: Triton platform of the server's model repository (``PLATFORMS``;
+            ``python``: the Python backend).
         max_batch_size, instances: Triton ``max_batch_size`` and CPU/GPU instance count per model.
         triton: include the Triton model repository (server side).
 
