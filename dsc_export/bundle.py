@@ -218,7 +218,7 @@ def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str
         if platform == "python":  # model.py and the engines; their names go into the parameters
             from dsc_export.serving.triton_python import write_python_model
 
-            write_python_model(root, man, s.id, d, config, contract)
+            write_python_model(root, man, s.id, d, config, lambda m: _serve_form(m, INPUT, contract))
         (d / "config.pbtxt").write_text(text_format.MessageToString(config))
         if platform == "tensorrt_plan":
             argv = ["trtexec", f"--onnx={s.id}/model.onnx", f"--saveEngine={s.id}/1/model.plan", "--stronglyTyped"]

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dsc_export.artifacts import Manifest
 from dsc_export.serving import triton_python_model
@@ -24,7 +26,8 @@ from dsc_export.serving import triton_python_model
 BACKEND = "python"
 
 
-def write_python_model(root: Path, man: Manifest, split: str, model_dir: Path, config, contract) -> list[str]:
+def write_python_model(root: Path, man: Manifest, split: str, model_dir: Path, config,
+                       serve_form: Callable[[Any], None]) -> list[str]:
     """Write ``model.py`` and the tail's engines (served form) into ``model_dir/1`` and name them in
     ``config``'s parameters ``dsc_engines`` and ``dsc_threads``.
 
@@ -35,17 +38,16 @@ def write_python_model(root: Path, man: Manifest, split: str, model_dir: Path, c
         model_dir: the repository's directory of this split's model.
         config: its ``ModelConfig`` message (``tritonclient.grpc.model_config_pb2``), changed in
             place before it is written.
-        contract: the output contract (:func:`dsc_export.serving.protocol.served_outputs`).
+        serve_form: gives a tail (an ``onnx.ModelProto``) its served form in place: input
+            ``input``, outputs as the output contract serves them (``bundle._serve_form``).
 
     Returns:
         The engine files written, relative to ``model_dir/1``.
     """
     import onnx
 
-    from dsc_export.bundle import _serve_form
     from dsc_export.engines import PartRunner
     from dsc_export.graph.model import load_model
-    from dsc_export.serving.protocol import INPUT
 
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,7 @@ def write_python_model(root: Path, man: Manifest, split: str, model_dir: Path, c
     engines = {}
     for batch, rec in sorted(PartRunner(root, man, split, "tail").records.items()):
         model = load_model(root / rec.path)
-        _serve_form(model, INPUT, contract)
+        serve_form(model)
         name = f"model.b{batch}.onnx"
         onnx.save(model, os.fspath(version_dir / name), save_as_external_data=model.ByteSize() > 1_900_000_000,
                   location=f"{name}.data")
