@@ -76,7 +76,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from dsc_export.artifacts import read_manifest, read_profile
-    from dsc_export.backends.onnxruntime import random_array
+    from dsc_export.ort import random_array
     from dsc_export.planning import make_plan
     from dsc_export.serving.bandwidth import ShapedLink, permitted
     from dsc_export.serving.client import DynamicSplitClient

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from dsc_export.errors import UserError
-from dsc_export.graph.cuts import CutPoint
 
 SPLIT_SCHEMA = "dsc-export.split/1"
 MANIFEST_NAME = "manifest.json"
@@ -71,6 +70,32 @@ class ModelRef:
         batching): the model runs at any batch size and no sample's result depends on its
         batch-mates."""
         return self.only_batch is None and self.batch_independent is not False
+
+
+@dataclass
+class CutPoint:
+    """One cut point, as the manifest's ``cut_points`` lists it.
+
+    ``shape`` is per sample (batch dimension dropped); ``bytes`` is per sample on the wire;
+    ``ratio`` is the paper's c_l in bytes (what the link carries), ``element_ratio`` the same in
+    elements (what the paper tabulates).
+    """
+
+    index: int
+    tensor: str
+    shape: list[int]
+    dtype: str
+    elements: int
+    bytes: int
+    ratio: float
+    element_ratio: float
+    natural: bool
+    compressive: bool
+    scope: str | None = None
+    # float16 wire only: the largest |value| of the cut tensor on the sample inputs, and whether
+    # it fits float16 (finite, at most 65504). A cut point that does not fit is never split at.
+    max_abs: float | None = None
+    fits_wire: bool = True
 
 
 @dataclass

@@ -713,7 +713,7 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
             dtype = np.dtype(client.manifest.model.input.dtype)
             images = _images(image_dir, shape, dtype) if input_kind == "images" else None
             rng = np.random.default_rng(0)
-            from dsc_export.backends.onnxruntime import random_array
+            from dsc_export.ort import random_array
 
             for k in range(batches):
                 x = images[k % len(images)] if images is not None else random_array(shape, dtype, rng)

@@ -147,8 +147,8 @@ def _session(split: Path, plan, batches_per_rate: int, log, slowdown: float = 1.
 
     import numpy as np
 
-    from dsc_export.backends.onnxruntime import random_array
     from dsc_export.errors import lazy_import
+    from dsc_export.ort import random_array
     from dsc_export.serving.bandwidth import SimulatedLink
     from dsc_export.serving.client import DynamicSplitClient
     from dsc_export.serving.server import TailServer

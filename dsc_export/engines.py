@@ -223,7 +223,7 @@ def build_engines(
             if verify:
                 if job.source not in reference:
                     reference.clear()  # one reference session at a time
-                    from dsc_export.backends.onnxruntime import make_session
+                    from dsc_export.ort import make_session
 
                     check_inputs = _check_inputs(root, manifest, job, samples)  # before the session's memory
                     reference[job.source] = (make_session(root / job.source, optimization="extended", arena=False),
@@ -462,7 +462,7 @@ class PartRunner:
     def onnx_session(self):
         """The part's ONNX session (created on first use)."""
         if self._onnx is None:
-            from dsc_export.backends.onnxruntime import make_session
+            from dsc_export.ort import make_session
 
             self._onnx = make_session(self.root / self.source, self.threads)
         return self._onnx

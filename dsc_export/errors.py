@@ -44,6 +44,13 @@ class ModelRunError(UserError):
         super().__init__(f"onnxruntime fails to run {what} at batch {batch}{where}: {self.reason}")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty):
+    third-party errors (onnxruntime, onnx, torch) span many lines, ours are one."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def lazy_import(module: str, extra: str) -> ModuleType:
     """Import an optional heavy dependency, or raise a one-line :class:`UserError`.
 

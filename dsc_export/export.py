@@ -255,8 +255,8 @@ def _stamp_metadata(path: str, entry: ZooEntry, res: int, float_input: bool, wei
 
 
 def _verify(torch, model, path: str, float_input: bool, res: int, seed: int) -> dict[int, tuple[float, float]]:
-    from dsc_export.backends.onnxruntime import make_session
     from dsc_export.compare import compare
+    from dsc_export.ort import make_session
 
     sess = make_session(path)
     gen = torch.Generator().manual_seed(seed + 1)

@@ -210,7 +210,7 @@ def _scalar(t: onnx.TensorProto | None) -> int | None:
 
 
 def _random_array(shape, dtype: np.dtype, rng: np.random.Generator, rng_range=None) -> np.ndarray:
-    from dsc_export.backends.onnxruntime import random_array
+    from dsc_export.ort import random_array
 
     if rng_range is None:
         return random_array(shape, dtype, rng)

@@ -86,7 +86,7 @@ def role_parts(manifest, role: str) -> list[tuple[str, str]]:
 
 def host_info(threads: int | None, backend: str) -> dict[str, Any]:
     """CPU model, cores, threads used and, where there is a GPU, its name and current clocks."""
-    from dsc_export.backends.onnxruntime import cpu_isa, cpu_name
+    from dsc_export.ort import cpu_isa, cpu_name
 
     host: dict[str, Any] = {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(),
                             "threads": threads or os.cpu_count(), "hostname": platform.node(),
@@ -252,8 +252,8 @@ def profile_split_dir(
     Returns:
         The profile (not yet written).
     """
-    from dsc_export.backends.onnxruntime import random_array
     from dsc_export.engines import load_engine
+    from dsc_export.ort import random_array
 
     if slowdown is not None and not slowdown > 0:
         raise UserError("--slowdown must be a positive factor, e.g. 4 for a device 4x slower")

@@ -21,6 +21,7 @@ import onnx
 
 from dsc_export.artifacts import (
     MANIFEST_NAME,
+    CutPoint,
     Manifest,
     ModelRef,
     Split,
@@ -34,7 +35,6 @@ from dsc_export.compare import Comparison, compare
 from dsc_export.errors import ModelRunError, UserError, VerificationError
 from dsc_export.graph.cuts import (
     WIRE_DTYPES,
-    CutPoint,
     compressive_mask,
     describe_cut_points,
     find_cut_points,
@@ -635,8 +635,8 @@ def _reference(model_file: Path, seed: int, samples) -> _Reference:
     Raises:
         UserError: the model does not run at all (names the node and what to try).
     """
-    from dsc_export.backends.onnxruntime import make_session
     from dsc_export.compare import tolerance
+    from dsc_export.ort import make_session
 
     whole = make_session(model_file, optimization=ONE_OFF, arena=False)
     names = [o.name for o in whole.get_outputs()]
@@ -739,8 +739,8 @@ def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, s
     Raises:
         VerificationError: a split that does not reproduce the model (names it and why).
     """
-    from dsc_export.backends.onnxruntime import make_session
     from dsc_export.compare import tolerance
+    from dsc_export.ort import make_session
 
     batches, feeds, refs = ref.batches, ref.feeds, ref.outputs
     out_dtypes = [o.dtype for o in refs[0]]

@@ -17,7 +17,6 @@ from onnx import TensorProto, helper, numpy_helper
 from served_models import conv_net, outputs_model, run_script, set_batch_fields, stub_trtexec
 
 from dsc_export.artifacts import Manifest, ModelRef, TensorSig, read_manifest
-from dsc_export.backends.onnxruntime import make_session
 from dsc_export.compare import ENGINE_REL_TOLERANCE, tolerance
 from dsc_export.engines import (
     PartRunner,
@@ -27,6 +26,7 @@ from dsc_export.engines import (
     load_engine,
 )
 from dsc_export.errors import UserError
+from dsc_export.ort import make_session
 from dsc_export.serving.protocol import (
     constant_outputs,
     fixed_batch,

@@ -40,8 +40,7 @@ def test_contracts_name_every_field_of_every_artifact():
     without its line in the contract fails here."""
     from dataclasses import fields
 
-    from dsc_export.artifacts import Engine, Manifest, ModelRef, Profile, Split, Timing
-    from dsc_export.graph.cuts import CutPoint
+    from dsc_export.artifacts import CutPoint, Engine, Manifest, ModelRef, Profile, Split, Timing
     from dsc_export.planning import Plan
 
     text = (ROOT / "docs" / "contracts.md").read_text()

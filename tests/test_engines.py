@@ -11,9 +11,9 @@ import pytest
 
 from dsc_export.artifacts import read_manifest
 from dsc_export.backends import BuildOptions, get_backend
-from dsc_export.backends.onnxruntime import make_session
 from dsc_export.engines import build_engines, load_engine, parse_batch_sizes
 from dsc_export.errors import UserError
+from dsc_export.ort import make_session
 from dsc_export.splitting import split_model
 
 BATCHES = [1, 3]

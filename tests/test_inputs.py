@@ -12,9 +12,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dsc_export.backends.onnxruntime import make_session, random_array, random_inputs
 from dsc_export.errors import UserError
 from dsc_export.inputs import IMAGENET_MEAN, IMAGENET_STD, SampleInputs, input_ranges
+from dsc_export.ort import make_session, random_array, random_inputs
 
 RNG = np.random.default_rng(0)
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,6 @@ from dsc_export.cli import cli
 from dsc_export.errors import UserError
 from dsc_export.planning import (
     Candidate,
-    Plan,
     choose_index,
     interpolate,
     latency_grid,

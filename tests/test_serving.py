@@ -18,10 +18,10 @@ pytest.importorskip("pytriton", reason="the 'serve' extra (nvidia-pytriton) is n
 pytest.importorskip("tritonclient.http", reason="the 'serve' extra (tritonclient) is not installed")
 
 from dsc_export.artifacts import read_manifest  # noqa: E402
-from dsc_export.backends.onnxruntime import make_session  # noqa: E402
 from dsc_export.bundle import make_bundle, open_bundle  # noqa: E402
 from dsc_export.engines import build_engines  # noqa: E402
 from dsc_export.errors import UserError  # noqa: E402
+from dsc_export.ort import make_session  # noqa: E402
 from dsc_export.planning import make_plan  # noqa: E402
 from dsc_export.profiling import profile_split_dir  # noqa: E402
 from dsc_export.splitting import split_model  # noqa: E402

@@ -24,10 +24,10 @@ from test_serving import free_ports  # noqa: E402
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
 from dsc_export.artifacts import read_manifest  # noqa: E402
-from dsc_export.backends.onnxruntime import make_session  # noqa: E402
 from dsc_export.bundle import make_bundle, open_bundle  # noqa: E402
 from dsc_export.engines import build_engines  # noqa: E402
 from dsc_export.errors import UserError  # noqa: E402
+from dsc_export.ort import make_session  # noqa: E402
 from dsc_export.planning import make_plan  # noqa: E402
 from dsc_export.profiling import profile_split_dir  # noqa: E402
 from dsc_export.serving.client import DynamicSplitClient  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from dsc_export.artifacts import read_manifest
-from dsc_export.backends.onnxruntime import make_session
 from dsc_export.errors import UserError, VerificationError
+from dsc_export.ort import make_session
 from dsc_export.splitting import analyze_file, safe_name, split_model
 
 

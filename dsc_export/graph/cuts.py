@@ -20,36 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dsc_export.artifacts import CutPoint
 from dsc_export.graph.model import Dataflow, data_dependent, topological_nodes
 
 WIRE_DTYPES = ("float32", "float16")
 FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
-
-
-@dataclass
-class CutPoint:
-    """One cut point, as the manifest's ``cut_points`` lists it.
-
-    ``shape`` is per sample (batch dimension dropped); ``bytes`` is per sample on the wire;
-    ``ratio`` is the paper's c_l in bytes (what the link carries), ``element_ratio`` the same in
-    elements (what the paper tabulates).
-    """
-
-    index: int
-    tensor: str
-    shape: list[int]
-    dtype: str
-    elements: int
-    bytes: int
-    ratio: float
-    element_ratio: float
-    natural: bool
-    compressive: bool
-    scope: str | None = None
-    # float16 wire only: the largest |value| of the cut tensor on the sample inputs, and whether
-    # it fits float16 (finite, at most 65504). A cut point that does not fit is never split at.
-    max_abs: float | None = None
-    fits_wire: bool = True
 
 
 @dataclass

@@ -288,7 +288,7 @@ class DynamicSplitClient:
 
     def warm_up(self, batch: int) -> None:
         """Load and run every head and the whole model once at ``batch`` (first runs are slow)."""
-        from dsc_export.backends.onnxruntime import random_array
+        from dsc_export.ort import random_array
 
         x = random_array([batch] + list(self.manifest.model.input.shape[1:]),
                          np.dtype(self.manifest.model.input.dtype), np.random.default_rng(0))
@@ -328,7 +328,7 @@ class DynamicSplitClient:
     def _constant_values(self) -> dict[str, np.ndarray]:
         """The constant outputs (served by no server), computed once with the whole model here."""
         if self._constants is None:
-            from dsc_export.backends.onnxruntime import random_array
+            from dsc_export.ort import random_array
 
             consts = [c for c in self.contract if c.kind == "constant"]
             x = random_array([1] + list(self.manifest.model.input.shape[1:]),
