@@ -80,7 +80,8 @@ class TritonServer:
         repository: a Triton model repository (a server bundle's ``triton/``).
         host: the address to bind (loopback unless told).
         http_port, grpc_port, metrics_port: the ports.
-        log_file: where Triton's output goes [default: discarded].
+        log_file: where Triton's output goes [default: a file in its work directory, removed
+            by :meth:`stop`].
         ready_timeout_s: how long :meth:`start` waits for every model of the repository.
     """
 
@@ -93,6 +94,7 @@ class TritonServer:
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None
         self._home: tempfile.TemporaryDirectory | None = None
+        self._log: Path | None = None
 
     def __enter__(self) -> TritonServer:
         self.start()
@@ -118,19 +120,16 @@ class TritonServer:
             raise UserError(f"'{self.repository}' holds no Triton model (no */config.pbtxt)")
         dist, stub, libs = distribution()
         self._home = tempfile.TemporaryDirectory(prefix="dsc-tritonserver-")
-        home = Path(self._home.name) / "tritonserver"
-        shutil.copytree(dist, home, ignore=shutil.ignore_patterns("python_backend_stubs"))
-        shutil.copy2(stub, home / "backends" / "python" / "triton_python_backend_stub")
-        argv = server_argv(home, self.repository, host=self.host, http_port=self.http_port,
-                           grpc_port=self.grpc_port, metrics_port=self.metrics_port)
-        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
-            self.proc = subprocess.Popen(argv, env=server_env(os.environ, libs), stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            if self.log_file:
-                log.close()
-        try:
+            home = Path(self._home.name) / "tritonserver"
+            shutil.copytree(dist, home, ignore=shutil.ignore_patterns("python_backend_stubs"))
+            shutil.copy2(stub, home / "backends" / "python" / "triton_python_backend_stub")
+            argv = server_argv(home, self.repository, host=self.host, http_port=self.http_port,
+                               grpc_port=self.grpc_port, metrics_port=self.metrics_port)
+            self._log = self.log_file or Path(self._home.name) / "tritonserver.log"  # read for errors
+            with open(self._log, "ab") as log:
+                self.proc = subprocess.Popen(argv, env=server_env(os.environ, libs), stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
             self._wait_ready(models)
         except BaseException:
             self.stop()
@@ -160,9 +159,9 @@ class TritonServer:
     def _log_tail(self) -> str:
         """What Triton's log says went wrong, for a one-line message: the first model that
         failed to load (its message up to Triton's first escaped newline), else the last line."""
-        if not self.log_file or not self.log_file.is_file():
+        if self._log is None or not self._log.is_file():
             return ""
-        lines = [ln.strip() for ln in self.log_file.read_text(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in self._log.read_text(errors="replace").splitlines() if ln.strip()]
         failed = [ln for ln in lines if "failed to load '" in ln]
         if failed:
             why = failed[0].split('] "', 1)[-1].split("\\n", 1)[0].rstrip('"')
