@@ -18,6 +18,9 @@ from typing import Any
 from dsc_export.errors import UserError
 
 SPLIT_SCHEMA = "dsc-export.split/1"
+# The vocabularies of the artifacts' fields (the CLI's choices come from here).
+WIRE_DTYPES = ("float32", "float16")  # Manifest.wire_dtype: the cut tensor's dtype on the wire
+PRECISIONS = ("fp32", "fp16")  # Engine.precision, Profile.precision
 MANIFEST_NAME = "manifest.json"
 
 

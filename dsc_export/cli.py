@@ -16,6 +16,9 @@ from pathlib import Path
 import click
 
 from dsc_export import __version__
+from dsc_export.artifacts import PRECISIONS, ROLES, WIRE_DTYPES
+from dsc_export.backends import BACKENDS
+from dsc_export.engines import PARTS
 from dsc_export.errors import UserError
 
 ENGINES_ROOT = Path("engines")
@@ -119,7 +122,7 @@ def export_cmd(name, output, resolution, weights, opset, float_input, no_verify)
 
 
 def _wire_option(f):
-    return click.option("--wire-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+    return click.option("--wire-dtype", type=click.Choice(WIRE_DTYPES), default=WIRE_DTYPES[0],
                         show_default=True,
                         help="dtype of cut tensors on the wire (float16: the head casts down, "
                              "the tail casts back).")(f)
@@ -277,13 +280,13 @@ def _batch_sizes(ctx, param, value):
 @cli.command("build")
 @click.argument("split_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--backend", default="onnxruntime", show_default=True,
-              type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt"]),
+              type=click.Choice(BACKENDS),
               help="Engine backend.")
 @click.option("--batch-sizes", "batch_sizes", default="1,2,4,8,16,32,64", show_default=True, callback=_batch_sizes,
               help="Batch sizes: a list (1,2,4), a range (1-16) or powers of two (1:64).")
-@click.option("--parts", type=click.Choice(["heads", "tails", "all"]), default="all", show_default=True,
+@click.option("--parts", type=click.Choice(PARTS), default="all", show_default=True,
               help="heads + whole model (device side), tails + whole model (server side), or all.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True,
               help="fp16 converts the ONNX to float16 compute (inputs/outputs unchanged) before the build.")
 @click.option("--workspace-mb", type=click.IntRange(min=1), default=4096, show_default=True,
               help="TensorRT workspace limit.")
@@ -357,13 +360,13 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
 
 @cli.command("bench")
 @click.argument("split_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--role", type=click.Choice(["device", "server"]), required=True,
+@click.option("--role", type=click.Choice(ROLES), required=True,
               help="device: the heads and the whole model (local); server: the tails and the whole model (offload).")
 @click.option("--backend", default="onnxruntime", show_default=True,
-              type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt"]))
+              type=click.Choice(BACKENDS))
 @click.option("--batch-sizes", "batch_sizes", callback=_batch_sizes,
               help="Batch sizes to time [default: every size built for this role].")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per figure.")
 @click.option("--min-time", "min_time", type=click.FloatRange(min=0, min_open=True),

@@ -22,6 +22,7 @@ import numpy as np
 
 from dsc_export.artifacts import (
     MANIFEST_NAME,
+    PRECISIONS,
     Engine,
     Manifest,
     read_manifest,
@@ -34,7 +35,6 @@ from dsc_export.errors import UserError, VerificationError
 
 PARTS = ("heads", "tails", "all")
 ENGINES_DIR = "engines"
-PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass

@@ -213,3 +213,28 @@ def test_tensorrt_engines_match_onnxruntime(b0_engines):
         assert head.time_ms({"image": x}) > 0
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
     assert (root / "engines" / "tensorrt" / "tensorrt.timing-cache").is_file()
+
+
+def test_backend_errors_say_which_step_failed(tmp_path):
+    """Backends raise one hierarchy (all one-line UserErrors): a runner used outside its ``with``
+    block is an InferenceError, a model the builder refuses a BuildError."""
+    import graphs
+
+    from dsc_export.errors import BackendError, BuildError, InferenceError
+
+    model, _ = graphs.chain()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    backend = get_backend("onnxruntime")
+    runner = backend.load_onnx(path)
+    feeds = {"x": np.zeros((1, 3, 16, 16), np.float32)}
+    with pytest.raises(InferenceError, match="not active"):
+        runner.infer(feeds)
+    with runner:
+        assert runner.infer(feeds)  # the same runner works inside its block
+    model.graph.node[-1].op_type = "NoSuchOp"  # loads as ONNX; onnxruntime has no kernel for it
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(BuildError, match="cannot build") as e:
+        backend.build(path, tmp_path / "m.b1.onnx", 1, "fp32", BuildOptions())
+    assert isinstance(e.value, BackendError) and isinstance(e.value, UserError)
+    assert not (tmp_path / "m.b1.onnx").exists()

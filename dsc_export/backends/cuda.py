@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from dsc_export.errors import UserError
+from dsc_export.errors import BackendError, BackendUnavailable, UserError
 
 CU12_HINT = ("no NVIDIA driver, or one older than this CUDA runtime: the 'tensorrt' extra's CUDA 13 wheels "
              "need driver 580 or newer; on a CUDA 12 machine or a Jetson install 'dsc-export[tensorrt-cu12]'")
@@ -26,13 +26,13 @@ def cudart():
         try:
             from cuda import cudart as runtime  # cuda-python < 12.6
         except ImportError as exc:
-            raise UserError("cuda-python is not installed; install the 'tensorrt' extra: "
+            raise BackendUnavailable("cuda-python is not installed; install the 'tensorrt' extra: "
                             "pip install 'dsc-export[tensorrt]'") from exc
     return runtime
 
 
 def check(result: Any, what: str = "CUDA call") -> Any:
-    """Unpack a cuda-python ``(error, *values)`` result; a CUDA error becomes a one-line UserError."""
+    """Unpack a cuda-python ``(error, *values)`` result; a CUDA error becomes a one-line BackendError."""
     rt = cudart()
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
@@ -40,13 +40,13 @@ def check(result: Any, what: str = "CUDA call") -> Any:
         msg = text.decode() if isinstance(text, bytes) else str(text)
         if int(err) == int(rt.cudaError_t.cudaErrorMemoryAllocation):
             raise OutOfDeviceMemory(f"{what}: {msg}")
-        raise UserError(f"{what} failed: {msg} ({err})")
+        raise BackendError(f"{what} failed: {msg} ({err})")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
 
 
-class OutOfDeviceMemory(UserError):
+class OutOfDeviceMemory(BackendError):
     """A device allocation failed."""
 
 
@@ -66,7 +66,7 @@ def no_device_reason() -> str | None:
     latter gets the hint to install the CUDA 12 extra.
 
     Raises:
-        UserError: cuda-python is not installed.
+        BackendUnavailable: cuda-python is not installed.
     """
     rt = cudart()
     err, *rest = rt.cudaGetDeviceCount()
@@ -160,7 +160,7 @@ class PinnedArray:
     output through such a buffer.
 
     Raises:
-        OutOfDeviceMemory / UserError: ``cudaMallocHost`` failed.
+        OutOfDeviceMemory / BackendError: ``cudaMallocHost`` failed.
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype):

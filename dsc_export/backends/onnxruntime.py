@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dsc_export.backends.base import Backend, BuildOptions, Runner, TensorSpec
-from dsc_export.errors import UserError, first_line
+from dsc_export.errors import BuildError, UserError, first_line
 from dsc_export.ort import (  # noqa: F401  (re-exported: the backend's public names)
     OPTIMIZATION_LEVELS,
     ORT_DTYPES,
@@ -160,7 +160,7 @@ class OnnxruntimeBackend(Backend):
             try:
                 ort.InferenceSession(os.fspath(src), sess_options=opts, providers=self.providers)
             except Exception as exc:
-                raise UserError(f"onnxruntime cannot build {onnx_path} at batch {batch}: {first_line(exc)}") from exc
+                raise BuildError(f"onnxruntime cannot build {onnx_path} at batch {batch}: {first_line(exc)}") from exc
             for f in tmp.iterdir():
                 if f.name.startswith(engine_path.name):
                     os.replace(f, engine_path.parent / f.name)

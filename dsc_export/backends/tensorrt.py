@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from dsc_export.backends.base import Backend, BuildOptions, Runner, TensorSpec
-from dsc_export.errors import UserError, lazy_import
+from dsc_export.errors import BuildError, EngineLoadError, InferenceError, UserError, lazy_import
 
 TIMING_CACHE = "tensorrt.timing-cache"
 
@@ -124,11 +124,11 @@ class TensorrtRunner(Runner):
         self._runtime.engine_host_code_allowed = True  # version-compatible engines carry a lean runtime
         self._engine = self._runtime.deserialize_cuda_engine(Path(self.path).read_bytes())
         if self._engine is None:
-            raise UserError(f"TensorRT cannot load '{self.path}': {log.reason(mark)} "
+            raise EngineLoadError(f"TensorRT cannot load '{self.path}': {log.reason(mark)} "
                             "(engines are tied to the GPU and TensorRT version they were built with)")
         self._context = self._engine.create_execution_context()
         if self._context is None:
-            raise UserError(f"TensorRT cannot create an execution context for '{self.path}' "
+            raise EngineLoadError(f"TensorRT cannot create an execution context for '{self.path}' "
                             f"(out of GPU memory?): {log.reason(mark)}")
         self._stream = cuda.Stream()
         self._timer = cuda.EventTimer()
@@ -141,7 +141,7 @@ class TensorrtRunner(Runner):
             if is_input and any(d < 0 for d in shape):  # a dynamic dim: the profile fixes it (min = max)
                 shape = tuple(self._engine.get_tensor_profile_shape(name, 0)[2])
                 if not self._context.set_input_shape(name, shape):
-                    raise UserError(f"TensorRT refuses shape {list(shape)} for input '{name}' of "
+                    raise EngineLoadError(f"TensorRT refuses shape {list(shape)} for input '{name}' of "
                                     f"'{self.path}': {log.reason(mark)}")
             (self.inputs if is_input else self.outputs).append(TensorSpec(name, shape, dtype))
         # output shapes are known once every input shape is set
@@ -152,7 +152,7 @@ class TensorrtRunner(Runner):
             self._buffers[spec.name] = cuda.DeviceBuffer(nbytes)
             self._pinned[spec.name] = cuda.PinnedArray(spec.shape, spec.dtype)
             if not self._context.set_tensor_address(spec.name, int(self._buffers[spec.name])):
-                raise UserError(f"TensorRT refuses the device address of '{spec.name}' in '{self.path}': "
+                raise EngineLoadError(f"TensorRT refuses the device address of '{spec.name}' in '{self.path}': "
                                 f"{log.reason(mark)}")
 
     def device_addresses(self) -> dict[str, int]:
@@ -163,7 +163,7 @@ class TensorrtRunner(Runner):
         for spec in self.inputs:
             arr = feeds[spec.name]
             if tuple(arr.shape) != spec.shape or arr.dtype != spec.dtype:
-                raise UserError(f"'{spec.name}' must be {spec.dtype} {list(spec.shape)}, got "
+                raise InferenceError(f"'{spec.name}' must be {spec.dtype} {list(spec.shape)}, got "
                                 f"{arr.dtype} {list(arr.shape)} (an engine has a fixed batch size)")
             staged = self._pinned[spec.name].array
             np.copyto(staged, arr)
@@ -173,7 +173,7 @@ class TensorrtRunner(Runner):
         log = error_log(_trt())
         mark = log.mark()
         if not self._context.execute_async_v3(int(self._stream.handle)):
-            raise UserError(f"TensorRT execution failed for '{self.path}': {log.reason(mark)}")
+            raise InferenceError(f"TensorRT execution failed for '{self.path}': {log.reason(mark)}")
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._upload(feeds)
@@ -294,7 +294,7 @@ class TensorrtBackend(Backend):
             parser = trt.OnnxParser(network, elog.logger)
             if not parser.parse_from_file(os.fspath(src)):
                 errs = [" ".join(str(parser.get_error(i)).split()) for i in range(parser.num_errors)]
-                raise UserError(f"TensorRT's ONNX parser rejects {onnx_path}: "
+                raise BuildError(f"TensorRT's ONNX parser rejects {onnx_path}: "
                                 f"{errs[0] if errs else elog.reason(mark)}")
             config = builder.create_builder_config()
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb * 2**20)
@@ -307,10 +307,10 @@ class TensorrtBackend(Backend):
                 if shape and shape[0] < 0:
                     shape[0] = batch
                 if any(d < 0 for d in shape):
-                    raise UserError(f"input '{t.name}' of {onnx_path} has dynamic dims other than the batch: {shape}")
+                    raise BuildError(f"input '{t.name}' of {onnx_path} has dynamic dims other than the batch: {shape}")
                 profile.set_shape(t.name, shape, shape, shape)
             if config.add_optimization_profile(profile) < 0:
-                raise UserError(f"TensorRT refuses the optimisation profile of {onnx_path}: {elog.reason(mark)}")
+                raise BuildError(f"TensorRT refuses the optimisation profile of {onnx_path}: {elog.reason(mark)}")
             if options.version_compatible:
                 config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
             if options.hardware_compatible:
@@ -323,7 +323,7 @@ class TensorrtBackend(Backend):
                 last = elog.reason(mark)
                 if "memory" in last.lower():
                     raise OutOfDeviceMemory(f"out of GPU memory building {onnx_path} at batch {batch}: {last}")
-                raise UserError(f"TensorRT could not build {onnx_path} at batch {batch}: {last}")
+                raise BuildError(f"TensorRT could not build {onnx_path} at batch {batch}: {last}")
             engine_path = Path(engine_path)
             engine_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = engine_path.with_name(f".{engine_path.name}.tmp")

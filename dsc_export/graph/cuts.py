@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dsc_export.artifacts import CutPoint
+from dsc_export.artifacts import WIRE_DTYPES, CutPoint
 from dsc_export.graph.model import Dataflow, data_dependent, topological_nodes
 
-WIRE_DTYPES = ("float32", "float16")
 FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
 
 

@@ -48,7 +48,6 @@ from onnx import TensorProto, helper, numpy_helper
 from dsc_export.errors import UserError
 from dsc_export.graph.model import _attr_graphs, data_dependent, dataflow, without_data
 
-PRECISIONS = ("fp32", "fp16")
 FP16_MAX = float(np.finfo(np.float16).max)
 # Activations beyond this on the sample inputs keep float32 compute: float16's range with two
 # bits of headroom for real inputs larger than the samples.
