@@ -9,8 +9,8 @@ A bundle is a tar file holding a split dir's subset and ``bundle.json`` (schema
   Triton model repository under ``triton/`` that a stock Triton Inference Server serves
   unchanged: one model per split (``onnxruntime_onnx``; ``tensorrt_plan`` with the commands
   that build the plans on the server's GPU; or the Python backend, ``model.py`` running the tail
-  with onnxruntime, :mod:`dsc_export.serving.triton_python`), with instance groups, and dynamic batching only for
-  a model that may merge requests. The repository's ONNX copies name their input ``input`` and
+  with onnxruntime, :mod:`dsc_export.serving.triton_python`), with instance groups, and dynamic
+  batching only for a model that may merge requests. The repository's ONNX copies name their input ``input`` and
   serve their outputs as ``dsc-export serve`` does (the output contract of
   :mod:`dsc_export.serving.protocol`), so the device client talks to either server the same way.
 
@@ -38,9 +38,10 @@ from dsc_export.errors import UserError, lazy_import
 BUNDLE_SCHEMA = "dsc-export.bundle/1"
 BUNDLE_INDEX = "bundle.json"
 SIDES = ("device", "server")
-# Triton platforms (model_config.proto ``platform``), and ``python``: the Python backend
-# (``backend: "python"``, :mod:`dsc_export.serving.triton_python`)
-PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan", "python")
+PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")  # Triton platforms (model_config.proto ``platform``)
+# bundle --triton-backend -> the repository's kind: a Triton platform, or ``python`` (the Python
+# backend, ``backend: "python"``: :mod:`dsc_export.serving.triton_python`)
+TRITON_BACKENDS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "python": "python"}
 
 
 
@@ -65,8 +66,8 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
         out: the tar file to write.
         plan: the plan to ship to the device [default: ``split_dir/plan.json``; a device bundle
             without a plan is refused].
-        triton_platform: Triton platform of the server's model repository (``PLATFORMS``;
-            ``python``: the Python backend).
+        triton_platform: Triton platform of the server's model repository (``PLATFORMS``), or
+            ``python``: the Python backend.
         max_batch_size, instances: Triton ``max_batch_size`` and CPU/GPU instance count per model.
         triton: include the Triton model repository (server side).
 
@@ -79,8 +80,8 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
     """
     if side not in SIDES:
         raise UserError(f"bundle side must be device or server, not '{side}'")
-    if triton_platform not in PLATFORMS:
-        raise UserError(f"--triton-platform must be one of {', '.join(PLATFORMS)}")
+    if triton_platform not in TRITON_BACKENDS.values():
+        raise UserError(f"the Triton repository's platform must be one of {', '.join(TRITON_BACKENDS.values())}")
     from dsc_export.serving.protocol import served_outputs
 
     root = Path(split_dir)

@@ -18,6 +18,7 @@ import click
 from dsc_export import __version__
 from dsc_export.artifacts import PRECISIONS, ROLES, WIRE_DTYPES
 from dsc_export.backends import BACKENDS
+from dsc_export.bundle import PLATFORMS, TRITON_BACKENDS
 from dsc_export.engines import PARTS
 from dsc_export.errors import UserError
 
@@ -552,10 +553,6 @@ def simulate_cmd(plan_path, scenario, baselines, as_json) -> None:
         click.echo(f"  {b:10s} {g * 100:6.1f} %   (total {result['total_ms'][b]:.0f} ms)")
 
 
-# bundle --triton-backend -> the repository's Triton platform (python: the Python backend)
-TRITON_BACKENDS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "python": "python"}
-
-
 @cli.command("bundle")
 @click.argument("split_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", "side", flag_value="device", help="Heads, whole model, device engines, plan.")
@@ -567,7 +564,7 @@ TRITON_BACKENDS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan
               help="Backend of the server bundle's Triton model repository: onnxruntime (onnxruntime_onnx), "
                    "tensorrt (tensorrt_plan) or python (model.py running onnxruntime; served by the tritonserver "
                    "in PyTriton's wheel) [default: onnxruntime].")
-@click.option("--triton-platform", type=click.Choice(["onnxruntime_onnx", "tensorrt_plan"]),
+@click.option("--triton-platform", type=click.Choice(PLATFORMS),
               help="The same by Triton's platform name (older spelling of --triton-backend).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
