@@ -23,8 +23,6 @@ from typing import Any
 from dsc_export.artifacts import Manifest
 from dsc_export.serving import triton_python_model
 
-BACKEND = "python"
-
 
 def write_python_model(root: Path, man: Manifest, split: str, model_dir: Path, config,
                        serve_form: Callable[[Any], None]) -> list[str]:
