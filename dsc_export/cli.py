@@ -406,9 +406,10 @@ def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats,
             _note(f"note: {note}")
     output = output or split_dir / "profiles" / f"{role}-{backend}.json"
     with _progress(f"timing the {role} side") as progress:
-        prof = profile_split_dir(split_dir, role, backend, batch_sizes, precision, warmup,
-                                 None if min_time else repeats, min_time, threads, slowdown, lock_mhz,
-                                 rounds=rounds, progress=progress)
+        prof = profile_split_dir(split_dir, role, backend_name=backend, batch_sizes=batch_sizes,
+                                 precision=precision, warmup=warmup, repeats=None if min_time else repeats,
+                                 min_time_s=min_time, threads=threads, slowdown=slowdown,
+                                 lock_gpu_clocks_mhz=lock_mhz, rounds=rounds, progress=progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output, prof.to_json())
     _profile_table(prof)

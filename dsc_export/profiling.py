@@ -218,6 +218,7 @@ def locked_gpu_clocks(mhz: int, index: int = 0, nvml=None) -> Iterator[dict[str,
 def profile_split_dir(
     split_dir: str | os.PathLike,
     role: str,
+    *,
     backend_name: str = "onnxruntime",
     batch_sizes: list[int] | None = None,
     precision: str = "fp32",
