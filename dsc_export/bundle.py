@@ -7,9 +7,10 @@ A bundle is a tar file holding a split dir's subset and ``bundle.json`` (schema
   engines built for them, and the plan;
 - **server**: the manifest, the whole model (``offload``), the tails, their engines, and a
   Triton model repository under ``triton/`` that a stock Triton Inference Server serves
-  unchanged: one model per split (``onnxruntime_onnx``, or ``tensorrt_plan`` with the commands
-  that build the plans on the server's GPU), with instance groups, and dynamic batching only for
-  a model that may merge requests. The repository's ONNX copies name their input ``input`` and
+  unchanged: one model per split (``onnxruntime_onnx``; ``tensorrt_plan`` with the commands
+  that build the plans on the server's GPU; or the Python backend, ``model.py`` running the tail
+  with onnxruntime, :mod:`dsc_export.serving.triton_python`), with instance groups, and dynamic
+  batching only for a model that may merge requests. The repository's ONNX copies name their input ``input`` and
   serve their outputs as ``dsc-export serve`` does (the output contract of
   :mod:`dsc_export.serving.protocol`), so the device client talks to either server the same way.
 
@@ -37,7 +38,10 @@ from dsc_export.errors import UserError, lazy_import
 BUNDLE_SCHEMA = "dsc-export.bundle/1"
 BUNDLE_INDEX = "bundle.json"
 SIDES = ("device", "server")
-PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
+PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")  # Triton platforms (model_config.proto ``platform``)
+# bundle --triton-backend -> the repository's kind: a Triton platform, or ``python`` (the Python
+# backend, ``backend: "python"``: :mod:`dsc_export.serving.triton_python`)
+TRITON_BACKENDS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "python": "python"}
 
 
 
@@ -62,7 +66,8 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
         out: the tar file to write.
         plan: the plan to ship to the device [default: ``split_dir/plan.json``; a device bundle
             without a plan is refused].
-        triton_platform: Triton platform of the server's model repository.
+        triton_platform: Triton platform of the server's model repository (``PLATFORMS``), or
+            ``python``: the Python backend.
         max_batch_size, instances: Triton ``max_batch_size`` and CPU/GPU instance count per model.
         triton: include the Triton model repository (server side).
 
@@ -75,8 +80,8 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
     """
     if side not in SIDES:
         raise UserError(f"bundle side must be device or server, not '{side}'")
-    if triton_platform not in PLATFORMS:
-        raise UserError(f"--triton-platform must be one of {', '.join(PLATFORMS)}")
+    if triton_platform not in TRITON_BACKENDS.values():
+        raise UserError(f"the Triton repository's platform must be one of {', '.join(TRITON_BACKENDS.values())}")
     from dsc_export.serving.protocol import served_outputs
 
     root = Path(split_dir)
@@ -191,10 +196,14 @@ def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str
         in_type = TRITON_TYPES[onnx.helper.tensor_dtype_to_np_dtype(inp.elem_type).name]
         d = repo / s.id
         (d / "1").mkdir(parents=True, exist_ok=True)
-        where = d / "1" if platform == "onnxruntime_onnx" else d
+        where = d if platform == "tensorrt_plan" else d / "1"
         onnx.save(model, os.fspath(where / "model.onnx"), save_as_external_data=model.ByteSize() > 1_900_000_000,
                   location="model.onnx.data")
-        config = pb.ModelConfig(name=s.id, platform=platform, max_batch_size=0 if fixed else max_batch_size)
+        config = pb.ModelConfig(name=s.id, max_batch_size=0 if fixed else max_batch_size)
+        if platform == "python":
+            config.backend = platform
+        else:
+            config.platform = platform
         if fixed:
             config.input.add(name=INPUT, data_type=pb.DataType.Value(in_type), dims=[fixed] + in_dims[1:])
         else:
@@ -204,9 +213,13 @@ def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str
                 config.output.add(name=c.wire_name, data_type=pb.DataType.Value(TRITON_TYPES[c.dtype]), dims=c.dims)
         if merge:
             config.dynamic_batching.max_queue_delay_microseconds = 2000
-        kind = pb.ModelInstanceGroup.KIND_CPU if platform == "onnxruntime_onnx" else pb.ModelInstanceGroup.KIND_GPU
+        kind = pb.ModelInstanceGroup.KIND_GPU if platform == "tensorrt_plan" else pb.ModelInstanceGroup.KIND_CPU
         config.instance_group.add(count=instances, kind=kind)
         config.parameters["dsc_model_sha256"].string_value = man.model.sha256
+        if platform == "python":  # model.py and the engines; their names go into the parameters
+            from dsc_export.serving.triton_python import write_python_model
+
+            write_python_model(root, man, s.id, d, config, lambda m: _serve_form(m, INPUT, contract))
         (d / "config.pbtxt").write_text(text_format.MessageToString(config))
         if platform == "tensorrt_plan":
             argv = ["trtexec", f"--onnx={s.id}/model.onnx", f"--saveEngine={s.id}/1/model.plan", "--stronglyTyped"]

@@ -18,6 +18,7 @@ import click
 from dsc_export import __version__
 from dsc_export.artifacts import PRECISIONS, ROLES, WIRE_DTYPES
 from dsc_export.backends import BACKENDS
+from dsc_export.bundle import PLATFORMS, TRITON_BACKENDS
 from dsc_export.engines import PARTS
 from dsc_export.errors import UserError
 
@@ -560,12 +561,16 @@ def simulate_cmd(plan_path, scenario, baselines, as_json) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Tar file to write.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Plan for the device bundle [default: DIR/plan.json].")
-@click.option("--triton-platform", type=click.Choice(["onnxruntime_onnx", "tensorrt_plan"]), default="onnxruntime_onnx",
-              show_default=True, help="Platform of the server bundle's Triton model repository.")
+@click.option("--triton-backend", type=click.Choice(list(TRITON_BACKENDS)),
+              help="Backend of the server bundle's Triton model repository: onnxruntime (onnxruntime_onnx), "
+                   "tensorrt (tensorrt_plan) or python (model.py running onnxruntime; served by the tritonserver "
+                   "in PyTriton's wheel) [default: onnxruntime].")
+@click.option("--triton-platform", type=click.Choice(PLATFORMS),
+              help="The same by Triton's platform name (older spelling of --triton-backend).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Triton instance_group count per model.")
-def bundle_cmd(split_dir, side, output, plan_path, triton_platform, max_batch_size, instances) -> None:
+def bundle_cmd(split_dir, side, output, plan_path, triton_backend, triton_platform, max_batch_size, instances) -> None:
     """Pack what one side needs into a tar file, every file listed with its sha256.
 
     \b
@@ -577,7 +582,11 @@ def bundle_cmd(split_dir, side, output, plan_path, triton_platform, max_batch_si
 
     if side is None:
         raise click.UsageError("choose --device or --server")
-    index = make_bundle(split_dir, side, output, plan_path, triton_platform, max_batch_size, instances)
+    if triton_backend and triton_platform and TRITON_BACKENDS[triton_backend] != triton_platform:
+        raise UserError(f"--triton-backend {triton_backend} and --triton-platform {triton_platform} disagree; "
+                               "give one of them")
+    platform = TRITON_BACKENDS[triton_backend] if triton_backend else triton_platform or "onnxruntime_onnx"
+    index = make_bundle(split_dir, side, output, plan_path, platform, max_batch_size, instances)
     size = output.stat().st_size
     click.echo(f"wrote {output}: {side} bundle, {len(index['files'])} files, {size / 1e6:.1f} MB")
 
