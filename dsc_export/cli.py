@@ -85,13 +85,17 @@ def _table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> None:
               help="ONNX file to write [default: engines/NAME/NAME.onnx].")
 @click.option("--resolution", type=int, help="Square input size in pixels [default: the model's].")
 @click.option("--weights", type=click.Path(path_type=Path),
-              help="PyTorch checkpoint (state dict). Default: random weights with re-estimated "
-                   "BatchNorm statistics; nothing is downloaded.")
+              help="PyTorch checkpoint: a state dict in timm's naming, or EfficientNet-PyTorch's (mapped by "
+                   "order, every shape checked). Default: random weights with re-estimated BatchNorm "
+                   "statistics; nothing is downloaded.")
+@click.option("--pretrained", is_flag=True,
+              help="Trained ImageNet weights from the installed package the catalogue names "
+                   "(efficientnet_lite0; the 'weights' extra).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13 or newer).")
 @click.option("--float-input", is_flag=True,
               help="Take normalised float32 NCHW instead of the raw uint8 NHWC image.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
-def export_cmd(name, output, resolution, weights, opset, float_input, no_verify) -> None:
+def export_cmd(name, output, resolution, weights, pretrained, opset, float_input, no_verify) -> None:
     """Export a catalogue model to ONNX with a dynamic batch dimension.
 
     The exported model takes the raw image, uint8 [N, H, W, 3] (RGB), and normalises it inside
@@ -102,6 +106,8 @@ def export_cmd(name, output, resolution, weights, opset, float_input, no_verify)
     Example:
       dsc-export export efficientnet_b0 -o engines/efficientnet_b0/efficientnet_b0.onnx
       dsc-export export efficientnetv2_s --resolution 300 --float-input
+      dsc-export export efficientnet_lite0 --pretrained
+      dsc-export export efficientnet_b0 --weights efficientnet-b0.pth
     """
     from dsc_export.export import export_model
     from dsc_export.zoo import lookup
@@ -109,7 +115,7 @@ def export_cmd(name, output, resolution, weights, opset, float_input, no_verify)
     entry = lookup(name)
     output = output or ENGINES_ROOT / entry.name / f"{entry.name}.onnx"
     rep = export_model(entry.name, output, resolution, str(weights) if weights else None, opset,
-                       float_input, verify=not no_verify, log=_log)
+                       float_input, verify=not no_verify, log=_log, pretrained=pretrained)
     click.echo(f"wrote {rep.path}  ({rep.file_bytes / 1e6:.1f} MB, {rep.seconds:.1f} s)")
     click.echo(f"  model   {rep.entry.name} ({rep.entry.timm_name}), weights: {rep.weights}")
     click.echo(f"  input   image  {rep.input_dtype} {rep.input_shape}")
