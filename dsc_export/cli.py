@@ -653,7 +653,8 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
 @click.option("--privacy", is_flag=True, help="Never send the raw input.")
 @click.option("--input", "input_kind", type=click.Choice(["random", "images"]), default="random", show_default=True)
 @click.option("--images", "image_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of images for --input images (resized to the model's input).")
+              help="Folder of images for --input images, preprocessed as the model was evaluated (resize, "
+                   "centre crop); prints each image's top-5 ImageNet labels (--json: with scores).")
 @click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Samples per batch [default: 4, or the model's fixed batch size].")
@@ -677,6 +678,7 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
     Example:
       dsc-export run engines/efficientnet_b0/split --server 127.0.0.1:8000 --batches 50
       dsc-export run b0-device.tar --server 10.0.0.5:8001 --protocol grpc --privacy
+      dsc-export run engines/efficientnet_lite0/split --server 127.0.0.1:8000 --input images --images photos/
     """
     from dataclasses import asdict
 
@@ -690,7 +692,10 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
         plan = Plan.from_dict(json.loads(plan_path.read_text())) if plan_path else None
         rows = [("batch", "size", "split", "bytes", "rate est", "measured", "predicted ms", "measured ms", "note")]
 
+        ran: list[str] = []  # the split each batch ran on
+
         def log(b):
+            ran.append(b.split)
             if as_json:
                 click.echo(json.dumps(asdict(b)))
             else:
@@ -710,37 +715,45 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
                                 static=static, ready_timeout_s=wait_ready, say=_log) as client:
             shape = [batch_size] + list(client.manifest.model.input.shape[1:])
             dtype = np.dtype(client.manifest.model.input.dtype)
-            images = _images(image_dir, shape, dtype) if input_kind == "images" else None
+            names, images = _images(image_dir, root / client.manifest.model.path, shape, dtype) \
+                if input_kind == "images" else ([], None)
             rng = np.random.default_rng(0)
             from dsc_export.backends.onnxruntime import random_array
 
+            labels = {}  # image index -> (split it ran on, top-5), the first time it ran
             for k in range(batches):
                 x = images[k % len(images)] if images is not None else random_array(shape, dtype, rng)
-                client.infer(x)
+                out = client.infer(x)
+                if images is not None:
+                    from dsc_export.images import top_k
+
+                    for i, top in enumerate(top_k(out[client.manifest.model.output.name])):
+                        labels.setdefault((k * batch_size + i) % len(names), (ran[-1], top))
         if not as_json:
             _table(rows, right={0, 1, 3, 4, 5, 6, 7})
+        for i, (split, top) in sorted(labels.items()):
+            if as_json:
+                click.echo(json.dumps({"image": names[i], "split": split, "top5": [asdict(t) for t in top]}))
+            else:
+                click.echo(f"{names[i]}  [{split}]  " + "; ".join(f"{t.name.split(',')[0]} {t.score:.2f}" for t in top))
     finally:
         if tmp:
             tmp.cleanup()
 
 
-def _images(folder, shape, dtype):
-    """Batches of images from a folder, resized to the model's NHWC uint8 input."""
+def _images(folder, model_path, shape, dtype):
+    """The images of a folder, preprocessed for the model, in full batches (cycled), and their names."""
     import numpy as np
+
+    from dsc_export.images import Preprocess, batches, read_folder
 
     if folder is None:
         raise UserError("--input images needs --images FOLDER")
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-        raise UserError("--input images needs a model that takes uint8 NHWC images (dsc-export export's default)")
-    from dsc_export.errors import lazy_import
-
-    Image = lazy_import("PIL.Image", "export")
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
-    if not files:
-        raise UserError(f"no .jpg/.png images in '{folder}'")
-    arrs = [np.asarray(Image.open(f).convert("RGB").resize((shape[2], shape[1]))) for f in files]
-    b = shape[0]
-    return [np.stack([arrs[(k * b + i) % len(arrs)] for i in range(b)]) for k in range(max(1, len(arrs) // b))]
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[1] != shape[2]:
+        raise UserError("--input images needs a model that takes square uint8 NHWC images (dsc-export export's default)")
+    pre = Preprocess.for_onnx(model_path, shape[1])
+    named = read_folder(folder)
+    return [n for n, _ in named], batches([pre(a) for _, a in named], shape[0])
 
 
 @cli.command("demo")
