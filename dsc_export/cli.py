@@ -757,7 +757,9 @@ def _images(folder, model_path, shape, dtype):
 
 
 @cli.command("demo")
-@click.option("--model", default="efficientnet_b0", show_default=True, help="Catalogue model (dsc-export models).")
+@click.option("--model", help="Catalogue model (dsc-export models) [default: efficientnet_lite0 with trained weights "
+                                "on real photos when the 'weights' extra is installed, else efficientnet_b0 with random "
+                                "weights].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines/demo"),
               show_default=True, help="Where everything goes.")
 @click.option("--batch-sizes", "batch_sizes", default="1,2,4,8,16", show_default=True, callback=_batch_sizes,
@@ -777,7 +779,7 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
     \b
     Example:
       dsc-export demo
-      dsc-export demo --model efficientnetv2_b0 --out engines/demo-v2
+      dsc-export demo --model efficientnetv2_b0 --out engines/demo-v2   # random weights
     """
     from dsc_export.demo import run_demo
 
@@ -786,7 +788,7 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
                    step=lambda s: click.secho(f"== {s}", bold=True, err=True), log=_log, resolution=resolution)
     ps = rep.plan_summary
     click.echo("")
-    click.secho(f"dsc-export demo: {model}, {time.perf_counter() - t0:.0f} s", bold=True)
+    click.secho(f"dsc-export demo: {rep.model} ({rep.weights} weights), {time.perf_counter() - t0:.0f} s", bold=True)
     for k, v in rep.files.items():
         click.echo(f"  {k:28s} {v}")
     click.echo(f"the plan (device: this machine on 1 thread, labelled as {slowdown:g}x slower; server: every core):")
@@ -807,6 +809,12 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
             mean = sum(r["measured_ms"] for r in rows) / len(rows)
             pred = sum(r["predicted_ms"] for r in rows) / len(rows)
             click.echo(f"  {rate:6.1f} MB/s -> {splits:20s} measured {mean:6.1f} ms, predicted {pred:6.1f} ms")
+    if rep.labels:
+        click.echo("labels of the real photos (top-1) through each split the session ran them on, and by the whole model:")
+        for r in rep.labels:
+            through = ", ".join(f"{k}: {v.split(',')[0]}" for k, v in r["splits"].items())
+            same = "same" if all(v == r["whole"] for v in r["splits"].values()) else "DIFFERENT"
+            click.echo(f"  {r['photo']:18s} whole model: {r['whole'].split(',')[0]:22s} {through}  ({same})")
     for n in rep.notes:
         click.secho(f"note: {n}", fg="yellow")
 
