@@ -44,9 +44,11 @@ def test_efficientnet_pytorch_checkpoint_loads_by_order(tmp_path):
     torch = pytest.importorskip("torch")
     from dsc_export.weights import load_weights
 
+    torch.manual_seed(0)
     src = _tiny(torch)
-    for p in src.state_dict().values():
-        p.copy_(torch.randn_like(p.float()).to(p.dtype))
+    for k, p in src.state_dict().items():  # every tensor away from its initial value (variances positive)
+        p.copy_((torch.rand_like(p.float()) + 0.5 if k.endswith("running_var") else torch.randn_like(p.float()))
+                .to(p.dtype))
     names = ["_conv_stem.weight", "_conv_stem.bias", "_bn0.weight", "_bn0.bias", "_bn0.running_mean",
              "_bn0.running_var", "_bn0.num_batches_tracked", "_fc.weight", "_fc.bias"]
     torch.save(dict(zip(names, src.state_dict().values())), tmp_path / "enet.pth")
