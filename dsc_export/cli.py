@@ -89,13 +89,17 @@ def _table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> None:
               help="ONNX file to write [default: engines/NAME/NAME.onnx].")
 @click.option("--resolution", type=int, help="Square input size in pixels [default: the model's].")
 @click.option("--weights", type=click.Path(path_type=Path),
-              help="PyTorch checkpoint (state dict). Default: random weights with re-estimated "
-                   "BatchNorm statistics; nothing is downloaded.")
+              help="PyTorch checkpoint: a state dict in timm's naming, or EfficientNet-PyTorch's (mapped by "
+                   "order, every shape checked). Default: random weights with re-estimated BatchNorm "
+                   "statistics; nothing is downloaded.")
+@click.option("--pretrained", is_flag=True,
+              help="Trained ImageNet weights from the installed package the catalogue names "
+                   "(efficientnet_lite0; the 'weights' extra).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13 or newer).")
 @click.option("--float-input", is_flag=True,
               help="Take normalised float32 NCHW instead of the raw uint8 NHWC image.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
-def export_cmd(name, output, resolution, weights, opset, float_input, no_verify) -> None:
+def export_cmd(name, output, resolution, weights, pretrained, opset, float_input, no_verify) -> None:
     """Export a catalogue model to ONNX with a dynamic batch dimension.
 
     The exported model takes the raw image, uint8 [N, H, W, 3] (RGB), and normalises it inside
@@ -106,6 +110,8 @@ def export_cmd(name, output, resolution, weights, opset, float_input, no_verify)
     Example:
       dsc-export export efficientnet_b0 -o engines/efficientnet_b0/efficientnet_b0.onnx
       dsc-export export efficientnetv2_s --resolution 300 --float-input
+      dsc-export export efficientnet_lite0 --pretrained
+      dsc-export export efficientnet_b0 --weights efficientnet-b0.pth
     """
     from dsc_export.export import export_model
     from dsc_export.zoo import lookup
@@ -113,7 +119,7 @@ def export_cmd(name, output, resolution, weights, opset, float_input, no_verify)
     entry = lookup(name)
     output = output or ENGINES_ROOT / entry.name / f"{entry.name}.onnx"
     rep = export_model(entry.name, output, resolution, str(weights) if weights else None, opset,
-                       float_input, verify=not no_verify, log=_log)
+                       float_input, verify=not no_verify, log=_log, pretrained=pretrained)
     click.echo(f"wrote {rep.path}  ({rep.file_bytes / 1e6:.1f} MB, {rep.seconds:.1f} s)")
     click.echo(f"  model   {rep.entry.name} ({rep.entry.timm_name}), weights: {rep.weights}")
     click.echo(f"  input   image  {rep.input_dtype} {rep.input_shape}")
@@ -655,7 +661,8 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
 @click.option("--privacy", is_flag=True, help="Never send the raw input.")
 @click.option("--input", "input_kind", type=click.Choice(["random", "images"]), default="random", show_default=True)
 @click.option("--images", "image_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of images for --input images (resized to the model's input).")
+              help="Folder of images for --input images, preprocessed as the model was evaluated (resize, "
+                   "centre crop); prints each image's top-5 ImageNet labels (--json: with scores).")
 @click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Samples per batch [default: 4, or the model's fixed batch size].")
@@ -679,6 +686,7 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
     Example:
       dsc-export run engines/efficientnet_b0/split --server 127.0.0.1:8000 --batches 50
       dsc-export run b0-device.tar --server 10.0.0.5:8001 --protocol grpc --privacy
+      dsc-export run engines/efficientnet_lite0/split --server 127.0.0.1:8000 --input images --images photos/
     """
     from dataclasses import asdict
 
@@ -692,7 +700,10 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
         plan = read_plan(plan_path) if plan_path else None
         rows = [("batch", "size", "split", "bytes", "rate est", "measured", "predicted ms", "measured ms", "note")]
 
+        ran: list[str] = []  # the split each batch ran on
+
         def log(b):
+            ran.append(b.split)
             if as_json:
                 click.echo(json.dumps(asdict(b)))
             else:
@@ -712,41 +723,51 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
                                 static=static, ready_timeout_s=wait_ready, say=_log) as client:
             shape = [batch_size] + list(client.manifest.model.input.shape[1:])
             dtype = np.dtype(client.manifest.model.input.dtype)
-            images = _images(image_dir, shape, dtype) if input_kind == "images" else None
+            names, images = _images(image_dir, root / client.manifest.model.path, shape, dtype) \
+                if input_kind == "images" else ([], None)
             rng = np.random.default_rng(0)
             from dsc_export.ort import random_array
 
+            labels = {}  # image index -> (split it ran on, top-5), the first time it ran
             for k in range(batches):
                 x = images[k % len(images)] if images is not None else random_array(shape, dtype, rng)
-                client.infer(x)
+                out = client.infer(x)
+                if images is not None:
+                    from dsc_export.images import top_k
+
+                    for i, top in enumerate(top_k(out[client.manifest.model.output.name])):
+                        labels.setdefault((k * batch_size + i) % len(names), (ran[-1], top))
         if not as_json:
             _table(rows, right={0, 1, 3, 4, 5, 6, 7})
+        for i, (split, top) in sorted(labels.items()):
+            if as_json:
+                click.echo(json.dumps({"image": names[i], "split": split, "top5": [asdict(t) for t in top]}))
+            else:
+                click.echo(f"{names[i]}  [{split}]  " + "; ".join(f"{t.name.split(',')[0]} {t.score:.2f}" for t in top))
     finally:
         if tmp:
             tmp.cleanup()
 
 
-def _images(folder, shape, dtype):
-    """Batches of images from a folder, resized to the model's NHWC uint8 input."""
+def _images(folder, model_path, shape, dtype):
+    """The images of a folder, preprocessed for the model, in full batches (cycled), and their names."""
     import numpy as np
+
+    from dsc_export.images import Preprocess, batches, read_folder
 
     if folder is None:
         raise UserError("--input images needs --images FOLDER")
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-        raise UserError("--input images needs a model that takes uint8 NHWC images (dsc-export export's default)")
-    from dsc_export.errors import lazy_import
-
-    Image = lazy_import("PIL.Image", "export")
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
-    if not files:
-        raise UserError(f"no .jpg/.png images in '{folder}'")
-    arrs = [np.asarray(Image.open(f).convert("RGB").resize((shape[2], shape[1]))) for f in files]
-    b = shape[0]
-    return [np.stack([arrs[(k * b + i) % len(arrs)] for i in range(b)]) for k in range(max(1, len(arrs) // b))]
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[1] != shape[2]:
+        raise UserError("--input images needs a model that takes square uint8 NHWC images (dsc-export export's default)")
+    pre = Preprocess.for_onnx(model_path, shape[1])
+    named = read_folder(folder)
+    return [n for n, _ in named], batches([pre(a) for _, a in named], shape[0])
 
 
 @cli.command("demo")
-@click.option("--model", default="efficientnet_b0", show_default=True, help="Catalogue model (dsc-export models).")
+@click.option("--model", help="Catalogue model (dsc-export models) [default: efficientnet_lite0 with trained weights "
+                                "on real photos when the 'weights' extra is installed, else efficientnet_b0 with random "
+                                "weights].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines/demo"),
               show_default=True, help="Where everything goes.")
 @click.option("--batch-sizes", "batch_sizes", default="1,2,4,8,16", show_default=True, callback=_batch_sizes,
@@ -766,7 +787,7 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
     \b
     Example:
       dsc-export demo
-      dsc-export demo --model efficientnetv2_b0 --out engines/demo-v2
+      dsc-export demo --model efficientnetv2_b0 --out engines/demo-v2   # random weights
     """
     from dsc_export.demo import run_demo
 
@@ -775,7 +796,7 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
                    step=lambda s: click.secho(f"== {s}", bold=True, err=True), log=_log, resolution=resolution)
     ps = rep.plan_summary
     click.echo("")
-    click.secho(f"dsc-export demo: {model}, {time.perf_counter() - t0:.0f} s", bold=True)
+    click.secho(f"dsc-export demo: {rep.model} ({rep.weights} weights), {time.perf_counter() - t0:.0f} s", bold=True)
     for k, v in rep.files.items():
         click.echo(f"  {k:28s} {v}")
     click.echo(f"the plan (device: this machine on 1 thread, labelled as {slowdown:g}x slower; server: every core):")
@@ -796,6 +817,12 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
             mean = sum(r["measured_ms"] for r in rows) / len(rows)
             pred = sum(r["predicted_ms"] for r in rows) / len(rows)
             click.echo(f"  {rate:6.1f} MB/s -> {splits:20s} measured {mean:6.1f} ms, predicted {pred:6.1f} ms")
+    if rep.labels:
+        click.echo("labels of the real photos (top-1) through each split the session ran them on, and by the whole model:")
+        for r in rep.labels:
+            through = ", ".join(f"{k}: {v.split(',')[0]}" for k, v in r["splits"].items())
+            same = "same" if all(v == r["whole"] for v in r["splits"].values()) else "DIFFERENT"
+            click.echo(f"  {r['photo']:18s} whole model: {r['whole'].split(',')[0]:22s} {through}  ({same})")
     for n in rep.notes:
         click.secho(f"note: {n}", fg="yellow")
 

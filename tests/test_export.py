@@ -24,6 +24,7 @@ def test_catalogue_matches_timm_pretrained_configs():
         size = cfg.test_input_size or cfg.input_size
         assert size == (3, e.resolution, e.resolution), e.name
         assert tuple(cfg.mean) == e.mean and tuple(cfg.std) == e.std, e.name
+        assert (cfg.crop_pct, cfg.interpolation) == (e.crop_pct, e.interpolation), e.name
 
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "efficientnetv2_b0"])
