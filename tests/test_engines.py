@@ -166,7 +166,7 @@ def test_cli_emits_trtexec_commands(b0_engines, tmp_path):
     man = read_manifest(root)
     heads = [s for s in man.splits if s.head]
     assert len(cmds) == 2 * len({s.head for s in heads})
-    assert ["trtexec", "--onnx=heads/cut033.onnx", "--saveEngine=engines/tensorrt/head-cut033-b8-fp32.plan",
+    assert ["trtexec", "--onnx=head-cut033.onnx", "--saveEngine=engines/tensorrt/head-cut033-b8-fp32.plan",
             "--shapes='image':8x224x224x3"] in [c[:4] for c in cmds]
     assert all("--stronglyTyped" in c and "--noTF32" in c and any(a.startswith("--timingCacheFile=") for a in c)
                for c in cmds)
