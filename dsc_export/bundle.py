@@ -184,6 +184,26 @@ def side_sizes(root: Path, man: Manifest, part: str, paths: list[Path]) -> dict[
             "x_weights": round(total / unique, 3) if unique else None}
 
 
+def side_sizes_of_split(split_dir: str | os.PathLike) -> dict[str, dict[str, int | float]]:
+    """:func:`side_sizes` of each side as a bundle of ``split_dir`` would hold it (without the
+    plan and the Triton repository), in bytes."""
+    root = Path(split_dir)
+    man = read_manifest(root)
+    out = {}
+    for side in SIDES:
+        files, engines = _side_files(man, side)
+        paths = [root / f for f in files + sorted({e.path for e in engines}) if (root / f).is_file()]
+        out[side] = side_sizes(root, man, "head" if side == "device" else "tail", paths)
+    return out
+
+
+def describe_sizes(side: str, sizes: dict[str, int | float]) -> str:
+    """One line: a side's bytes, its distinct weights and the ratios to them and to the model."""
+    return (f"{side} side: {sizes['total'] / 1e6:.1f} MB = {sizes['x_model']}x the model "
+            f"({sizes['model'] / 1e6:.1f} MB), {sizes['x_weights']}x its distinct weights "
+            f"({sizes['weights'] / 1e6:.1f} MB)")
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
