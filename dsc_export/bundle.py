@@ -13,7 +13,7 @@ A bundle is a tar file holding a split dir's subset and ``bundle.json`` (schema
   serve their outputs as ``dsc-export serve`` does (the output contract of
   :mod:`dsc_export.serving.protocol`), so the device client talks to either server the same way.
 
-Weights are stored once per bundle (:mod:`dsc_export.weights`): the split dir's store
+Weights are stored once per bundle (:mod:`dsc_export.weight_store`): the split dir's store
 (``weights/``) and each engine folder's, shared by every file of the folder. A Triton model reads
 its weights from its own version folder (onnxruntime refuses external data outside it), so the
 repository's weights files are hard links to the bundle's ``weights/``: the tar stores each
@@ -41,7 +41,7 @@ from typing import Any
 from dsc_export import __version__
 from dsc_export.artifacts import MANIFEST_NAME, Manifest, read_manifest, sha256_file, verify_files
 from dsc_export.errors import UserError, lazy_import
-from dsc_export.weights import check_blobs
+from dsc_export.weight_store import check_blobs
 
 BUNDLE_SCHEMA = "dsc-export.bundle/2"  # 2: weights stored once (shared stores, hard links in triton/)
 OLD_BUNDLE_SCHEMAS = ("dsc-export.bundle/1",)
@@ -172,7 +172,7 @@ def side_sizes(root: Path, man: Manifest, part: str, paths: list[Path]) -> dict[
 
     ``root`` is a split dir or an unpacked bundle; ``paths`` the files the side stores.
     """
-    from dsc_export.weights import tree_bytes
+    from dsc_export.weight_store import tree_bytes
 
     onnx_files = sorted({p for _, p in man.parts(part)} | {man.model.path})
     weights = sorted({d for f in onnx_files for d in man.data.get(f, [])})
@@ -293,7 +293,7 @@ def _save_linked(root: Path, model, folder: Path) -> None:
     its weights files hard links to ``root``'s (a copy where the file system has no links)."""
     import onnx
 
-    from dsc_export.weights import referenced
+    from dsc_export.weight_store import referenced
 
     for loc in referenced(model):
         _link_or_copy(root / loc, folder / loc)

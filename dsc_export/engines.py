@@ -13,7 +13,7 @@ Only engines that pay are kept: each is timed against the dynamic ONNX of the sa
 batch size (medians of interleaved runs) and kept only when it is faster by more than the margin
 (:data:`MARGIN`); the decision is recorded (``Engine.speed``; a dropped engine goes to
 ``Manifest.dropped``, its file removed) and :class:`PartRunner` runs the ONNX there. ONNX engines
-keep their weights in ``engines/BACKEND/weights/`` (:mod:`dsc_export.weights`): the engines of
+keep their weights in ``engines/BACKEND/weights/`` (:mod:`dsc_export.weight_store`): the engines of
 every part and batch size share what is equal, so another batch size adds kilobytes.
 """
 
@@ -201,7 +201,7 @@ def engine_data(root: Path, rel: str) -> list[str]:
     if not rel.endswith(".onnx"):
         return []
     from dsc_export.graph.model import load_model
-    from dsc_export.weights import referenced
+    from dsc_export.weight_store import referenced
 
     folder = Path(rel).parent.as_posix()
     return [f"{folder}/{loc}" for loc in referenced(load_model(root / rel, load_data=False))]
@@ -209,7 +209,7 @@ def engine_data(root: Path, rel: str) -> list[str]:
 
 def _prune_engine_weights(root: Path, manifest: Manifest, backend: str) -> None:
     """Remove the weights files of ``engines/BACKEND/`` that no recorded engine reads."""
-    from dsc_export.weights import prune
+    from dsc_export.weight_store import prune
 
     folder = f"{ENGINES_DIR}/{backend}"
     keep = {d.removeprefix(folder + "/") for e in manifest.engines if e.backend == backend for d in e.data}
@@ -413,7 +413,7 @@ def load_engine(split_dir: str | os.PathLike, rec: Engine, threads: int | None =
     if sha256_file(path) != rec.sha256:
         raise UserError(f"engine '{path}' does not match its sha256 in the manifest; refusing to load it "
                         "(rebuild with dsc-export build)")
-    from dsc_export.weights import check_blobs
+    from dsc_export.weight_store import check_blobs
 
     check_blobs(split_dir, rec.data)
     backend = get_backend(rec.backend)

@@ -65,7 +65,7 @@ from dsc_export.graph.surgery import (
     extract_tail,
     save_part,
 )
-from dsc_export.weights import externalize, referenced, save_shared, write_blobs
+from dsc_export.weight_store import externalize, referenced, save_shared, write_blobs
 
 VERIFY_BATCHES = (1, 3)  # the largest is also run sample by sample (batch independence)
 # verification sessions are used once: skip the layout transform that copies the weights again
@@ -416,7 +416,7 @@ def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None) -
 
 def _copy_model(src: Path, dst_dir: Path) -> tuple[Path, list[str]]:
     """Write the model into the split dir as model.onnx, its weights in the dir's shared store
-    (:mod:`dsc_export.weights`): the heads and tails read the same blobs. Returns the file and
+    (:mod:`dsc_export.weight_store`): the heads and tails read the same blobs. Returns the file and
     the blobs it reads."""
     dst = dst_dir / "model.onnx"
     return dst, save_shared(load_model(src), dst)

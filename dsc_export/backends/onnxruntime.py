@@ -264,9 +264,9 @@ class OnnxruntimeBackend(Backend):
                 ort.InferenceSession(os.fspath(src), sess_options=opts, providers=self.providers)
             except Exception as exc:
                 raise UserError(f"onnxruntime cannot build {onnx_path} at batch {batch}: {_first_line(exc)}") from exc
-            # The weights go to the engine folder's shared store (dsc_export.weights): engines of
+            # The weights go to the engine folder's shared store (dsc_export.weight_store): engines of
             # other batch sizes and parts hold the same optimised tensors and share them.
-            from dsc_export.weights import externalize, write_blobs
+            from dsc_export.weight_store import externalize, write_blobs
 
             engine = onnx.load_model(os.fspath(out))
             write_blobs(engine_path.parent, externalize(engine))

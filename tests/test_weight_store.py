@@ -15,7 +15,7 @@ from dsc_export.backends.onnxruntime import make_session
 from dsc_export.engines import PartRunner, build_engines, load_engine, pays
 from dsc_export.errors import UserError
 from dsc_export.splitting import split_model
-from dsc_export.weights import MIN_BYTES, externalize, save_shared, tree_bytes
+from dsc_export.weight_store import MIN_BYTES, externalize, save_shared, tree_bytes
 
 
 def test_externalize_stores_equal_tensors_once_and_the_model_runs_the_same(tmp_path):
