@@ -1,6 +1,6 @@
 """The JSON artifacts: dataclasses, their JSON form, schema versions and hashes.
 
-The split manifest (``dsc-export.split/1``) with its engine records and the profile
+The split manifest (``dsc-export.split/2``) with its engine records and the profile
 (``dsc-export.profile/1``) live here (fields and units: docs/contracts.md); the plan's dataclass is in
 ``planning`` beside the functions that compute it. Helpers for hashing and atomic writes.
 """
@@ -17,7 +17,8 @@ from typing import Any
 
 from dsc_export.errors import UserError
 
-SPLIT_SCHEMA = "dsc-export.split/1"
+SPLIT_SCHEMA = "dsc-export.split/2"  # 2: weights in a shared store (weights/), parts beside model.onnx
+OLD_SPLIT_SCHEMAS = ("dsc-export.split/1",)
 # The vocabularies of the artifacts' fields (the CLI's choices come from here).
 WIRE_DTYPES = ("float32", "float16")  # Manifest.wire_dtype: the cut tensor's dtype on the wire
 PRECISIONS = ("fp32", "fp16")  # Engine.precision, Profile.precision
@@ -139,6 +140,10 @@ class Engine:
     seconds: float | None = None  # build time
     max_abs_diff: float | None = None  # the engine against its ONNX at this batch size
     max_rel_diff: float | None = None
+    data: list[str] = field(default_factory=list)  # weights files it reads (relative to the split dir)
+    # Does it pay? {"engine_ms", "onnx_ms" (medians, interleaved), "margin", "threads", "kept"}; None:
+    # not measured (--keep-all, or a backend that cannot run the ONNX).
+    speed: dict[str, Any] | None = None
 
 
 @dataclass
@@ -153,6 +158,10 @@ class Manifest:
     verification: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)  # every file of the dir (relative) -> sha256
     notes: list[str] = field(default_factory=list)  # what split found and did about it (one line each)
+    data: dict[str, list[str]] = field(default_factory=dict)  # ONNX file -> the weights files it reads
+    # Engines built, measured and not kept (not faster than their ONNX by the margin): no file;
+    # the runner and the profiles use the ONNX at that batch size, and build does not retry them.
+    dropped: list[Engine] = field(default_factory=list)
     schema: str = SPLIT_SCHEMA
 
     def to_json(self) -> str:
@@ -163,6 +172,9 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         if d.get("schema") != SPLIT_SCHEMA:
+            if str(d.get("schema")) in OLD_SPLIT_SCHEMAS:
+                raise UserError(f"this split dir was written by an older dsc-export ({d['schema']}, not "
+                                f"{SPLIT_SCHEMA}); run dsc-export split again")
             raise UserError(f"not a {SPLIT_SCHEMA} manifest (schema: {d.get('schema')!r})")
         m = d["model"]
         model = ModelRef(
@@ -176,7 +188,8 @@ class Manifest:
             cut_points=[CutPoint(**c) for c in d["cut_points"]],
             splits=[Split(**s) for s in d["splits"]],
             engines=[Engine(**e) for e in d.get("engines", [])], verification=d.get("verification"),
-            files=d.get("files", {}), notes=d.get("notes", []),
+            files=d.get("files", {}), notes=d.get("notes", []), data=d.get("data", {}),
+            dropped=[Engine(**e) for e in d.get("dropped", [])],
         )
 
     def split(self, split_id: str) -> Split:
@@ -192,12 +205,8 @@ class Manifest:
                 if (s.head if part == "head" else s.tail)]
 
     def files_of(self, rel: str) -> list[str]:
-        """``rel`` and its external data files (``NAME.data`` beside a part; for the whole model,
-        the data files that were copied with it)."""
-        out = [rel] + [f for f in self.files if f.startswith(rel + ".") and f != rel]
-        if rel == self.model.path:
-            out += [f for f in self.files if f not in out and f.split("/")[0] not in ("heads", "tails", "engines")]
-        return out
+        """``rel`` and the weights files it reads (ONNX external data in the shared store)."""
+        return [rel] + self.data.get(rel, [])
 
     def engine(self, split_id: str, part: str, backend: str, batch: int, precision: str = "fp32") -> Engine | None:
         for e in self.engines:
@@ -223,17 +232,22 @@ def verify_files(manifest: Manifest, root: str | os.PathLike, paths: list[str]) 
     Args:
         manifest: the split dir's manifest; ``files`` holds the hashes written by ``split``.
         root: the split dir.
-        paths: the relative paths to check (an ONNX file's external data is checked with it).
+        paths: the relative paths to check (an ONNX file's weights files are checked with it,
+            each once).
     """
     if not manifest.files:
         raise UserError(f"'{root}/{MANIFEST_NAME}' records no file hashes (written by an older "
                         "dsc-export); run dsc-export split again")
     root = Path(root)
+    checked: set[str] = set()  # a weights file shared by several parts is read once
     for rel in paths:
         expected = manifest.files.get(rel)
         if expected is None:
             raise UserError(f"'{rel}' is not listed in '{root}/{MANIFEST_NAME}'")
         for f in manifest.files_of(rel):
+            if f in checked:
+                continue
+            checked.add(f)
             p = root / f
             if not p.is_file():
                 raise UserError(f"'{p}' is missing; the split dir is incomplete (run dsc-export split again)")

@@ -306,13 +306,21 @@ def _batch_sizes(ctx, param, value):
 @click.option("--import", "import_", is_flag=True,
               help="Record engines built elsewhere (by the --emit-trtexec commands) instead of building.")
 @_inputs_option("the engine checks of the whole model and the heads (tails: random)")
+@click.option("--keep-all", is_flag=True,
+              help="Keep every engine built, without timing it against its ONNX.")
+@click.option("--margin", type=click.FloatRange(0, 0.9), default=0.05, show_default=True,
+              help="Keep an engine only where it is faster than its ONNX by more than this fraction.")
 def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, version_compatible,
-              hardware_compatible, verify, emit_trtexec, import_, inputs) -> None:
+              hardware_compatible, verify, emit_trtexec, import_, inputs, keep_all, margin) -> None:
     """Build an engine per (part, batch size) for a split dir and record it in the manifest.
 
     An engine is the optimised form of a head, a tail or the whole model for one batch size:
     for onnxruntime the model with its batch fixed and graph optimisations saved, for TensorRT a
     serialised .plan. Engines go to DIR/engines/BACKEND/. Only what is missing or stale is built.
+    Each engine is timed against its ONNX (medians, interleaved) and kept only where it is faster
+    by more than --margin; elsewhere the ONNX runs (the decision is in the manifest). ONNX
+    engines share their weights (DIR/engines/BACKEND/weights/), so another batch size adds
+    kilobytes.
     A model that runs at one batch size only (fixed_batch in the manifest) is built at that size
     alone, with a note naming the sizes left out.
 
@@ -345,7 +353,8 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
     else:
         with _progress("building") as progress:  # the bar appears after the checks (a bad --inputs: one line)
             rep = build_engines(split_dir, backend, batch_sizes, parts, precision, options, verify,
-                                progress=progress, log=_note, inputs=None if inputs is None else str(inputs))
+                                progress=progress, log=_note, inputs=None if inputs is None else str(inputs),
+                                keep_all=keep_all, margin=margin)
     rows = [("engine", "batch", "for", "build s", "max rel diff")]
     seen = {}
     for e in rep.built:
@@ -357,8 +366,13 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
         _table(rows, right={1, 3, 4})
     kept = len({e.path for e in rep.kept})
     verb = "imported" if import_ else "built"
-    click.echo(f"{verb} {len(seen)} engine(s), {kept} already up to date, {len(rep.failed)} failed; "
-               f"recorded in {split_dir}/manifest.json")
+    dropped = len({e.path for e in rep.dropped})
+    click.echo(f"{verb} {len(seen)} engine(s), {kept} already up to date, {dropped} dropped (not faster than "
+               f"the ONNX by {margin:.0%}), {len(rep.failed)} failed; recorded in {split_dir}/manifest.json")
+    from dsc_export.bundle import describe_sizes, side_sizes_of_split
+
+    for side, sizes in side_sizes_of_split(split_dir).items():
+        click.echo(describe_sizes(side, sizes))
     for job, why in rep.failed:
         click.secho(f"failed: {job.path}: {why}", fg="red", err=True)
     if rep.failed:
@@ -595,6 +609,9 @@ def bundle_cmd(split_dir, side, output, plan_path, triton_backend, triton_platfo
     index = make_bundle(split_dir, side, output, plan_path, platform, max_batch_size, instances)
     size = output.stat().st_size
     click.echo(f"wrote {output}: {side} bundle, {len(index['files'])} files, {size / 1e6:.1f} MB")
+    from dsc_export.bundle import describe_sizes
+
+    click.echo(describe_sizes(side, index["sizes"]))
 
 
 def _open_dir_or_bundle(path: Path, side: str):

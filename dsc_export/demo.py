@@ -101,6 +101,10 @@ def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", 
     b = build_engines(split, "onnxruntime", list(batch_sizes), "all", log=log)
     if b.failed:
         raise UserError(f"{len(b.failed)} engine(s) failed to build: {b.failed[0][1]}")
+    from dsc_export.bundle import describe_sizes, side_sizes_of_split
+
+    for side, sizes in side_sizes_of_split(split).items():
+        log(describe_sizes(side, sizes))
     done("build")
 
     step(f"5/8 profile the device side (1 thread, then x{slowdown:g} labelled slowdown for a weak device) "

@@ -46,7 +46,6 @@ from dsc_export.graph.model import (
     data_dependent,
     dataflow,
     load_model,
-    load_model_and_data_files,
     sort_nodes,
 )
 from dsc_export.graph.shapes import (
@@ -66,6 +65,7 @@ from dsc_export.graph.surgery import (
     extract_tail,
     save_part,
 )
+from dsc_export.weight_store import externalize, referenced, save_shared, write_blobs
 
 VERIFY_BATCHES = (1, 3)  # the largest is also run sample by sample (batch independence)
 # verification sessions are used once: skip the layout transform that copies the weights again
@@ -416,15 +416,12 @@ def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None) -
     return sorted({c.index: c for c in chosen}.values(), key=lambda c: c.index)
 
 
-def _copy_model(src: Path, data_files: list[str], dst_dir: Path) -> Path:
-    """Copy the model file (and its external data files) into the split dir as model.onnx."""
+def _copy_model(src: Path, dst_dir: Path) -> tuple[Path, list[str]]:
+    """Write the model into the split dir as model.onnx, its weights in the dir's shared store
+    (:mod:`dsc_export.weight_store`): the heads and tails read the same blobs. Returns the file and
+    the blobs it reads."""
     dst = dst_dir / "model.onnx"
-    shutil.copy2(src, dst)
-    for loc in data_files:
-        target = dst_dir / loc
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src.parent / loc, target)
-    return dst
+    return dst, save_shared(load_model(src), dst)
 
 
 def split_model(
@@ -475,7 +472,7 @@ def split_model(
         log("running the whole model for reference outputs")
         reference = _reference(src, seed, samples)
         _release_freed_memory()  # the whole model's session is gone: hand its pages back
-    model, data_files = load_model_and_data_files(src)
+    model = load_model(src)
     if reference:
         _complete_output_shapes(model, reference)
     analysis, folded = analyze_model(model, wire_dtype, source=os.fspath(src), log=log, inplace=True, inputs=samples,
@@ -495,18 +492,20 @@ def split_model(
     except OSError as exc:
         raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}") from exc
     try:
-        (tmp / "heads").mkdir()
-        (tmp / "tails").mkdir()
-        model_file = _copy_model(src, data_files, tmp)
+        write_blobs(tmp, externalize(folded))  # the weights once; the parts refer to them
+        _release_freed_memory()
+        model_file, model_blobs = _copy_model(src, tmp)
+        data = {"model.onnx": model_blobs}
         splits = [Split("offload", "offload", None, None, "model.onnx", analysis.input_bytes, 0.0, 0.0,
                         analysis.input.name, 1.0)]
         for k, cp in enumerate(chosen, 1):
             sid = f"cut{cp.index:03d}"
             spec = CutSpec(cp.tensor, tuple(cp.shape), cp.dtype, wire_dtype)
             log(f"[{k}/{len(chosen)}] cutting at {cp.tensor} ({cp.scope or 'no scope'}, ratio {cp.ratio:.3f})")
-            head_rel, tail_rel = f"heads/{sid}.onnx", f"tails/{sid}.onnx"
-            save_part(extract_head(folded, spec), tmp / head_rel)
-            save_part(extract_tail(folded, spec), tmp / tail_rel)
+            head_rel, tail_rel = f"head-{sid}.onnx", f"tail-{sid}.onnx"
+            for rel, part in ((head_rel, extract_head(folded, spec)), (tail_rel, extract_tail(folded, spec))):
+                save_part(part, tmp / rel)
+                data[rel] = referenced(part.to_model())
             splits.append(Split(sid, "split", cp.tensor, head_rel, tail_rel, cp.bytes, None, None,
                                 spec.wire_tensor, cp.ratio))
         splits.append(Split("local", "local", None, "model.onnx", None, 0, 0.0, 0.0, None, 0.0))
@@ -523,7 +522,7 @@ def split_model(
                 batch_independent=reference.batch_independent if reference else None,
             ),
             wire_dtype=wire_dtype, cut_points=analysis.cut_points, splits=splits,
-            verification=verification, files=hash_files(tmp), notes=notes,
+            verification=verification, files=hash_files(tmp), notes=notes, data=data,
         )
         write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
         if out.exists():

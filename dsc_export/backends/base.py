@@ -114,6 +114,7 @@ class Backend:
     name = ""
     suffix = ""
     extra = ""  # the dsc-export extra that installs the backend's modules
+    runs_onnx = False  # load_onnx works: build can time an engine against its ONNX
 
     def available(self) -> str | None:
         """None when the backend can be used here, else a one-line reason."""

@@ -93,10 +93,12 @@ class OnnxruntimeRunner(Runner):
 
 
 class OnnxruntimeBackend(Backend):
-    """onnxruntime engines: batch fixed, graph optimisations applied and saved."""
+    """onnxruntime engines: batch fixed, graph optimisations applied and saved; the weights in
+    the engine folder's shared store (``weights/<sha256>.bin``, ONNX external data)."""
 
     suffix = ".onnx"
     extra = ""
+    runs_onnx = True
 
     def __init__(self, name: str = "onnxruntime"):
         self.name = name
@@ -152,7 +154,7 @@ class OnnxruntimeBackend(Backend):
             opts = session_options(optimization=level, arena=False)
             out = tmp / engine_path.name
             opts.optimized_model_filepath = os.fspath(out)
-            if large:  # over protobuf's 2 GB: the weights go to a file beside the engine
+            if large:  # over protobuf's 2 GB: onnxruntime writes the weights to a file beside it first
                 opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                               engine_path.name + ".data")
             import onnxruntime as ort
@@ -161,9 +163,14 @@ class OnnxruntimeBackend(Backend):
                 ort.InferenceSession(os.fspath(src), sess_options=opts, providers=self.providers)
             except Exception as exc:
                 raise BuildError(f"onnxruntime cannot build {onnx_path} at batch {batch}: {first_line(exc)}") from exc
-            for f in tmp.iterdir():
-                if f.name.startswith(engine_path.name):
-                    os.replace(f, engine_path.parent / f.name)
+            # The weights go to the engine folder's shared store (dsc_export.weight_store): engines of
+            # other batch sizes and parts hold the same optimised tensors and share them.
+            from dsc_export.weight_store import externalize, write_blobs
+
+            engine = onnx.load_model(os.fspath(out))
+            write_blobs(engine_path.parent, externalize(engine))
+            onnx.save_model(engine, os.fspath(out))
+            os.replace(out, engine_path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

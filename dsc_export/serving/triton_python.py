@@ -14,7 +14,6 @@ and instance group; ``backend: "python"``, ``KIND_CPU``), ``<split>/1/`` holds:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from dsc_export.artifacts import Manifest
 from dsc_export.serving import triton_python_model
+from dsc_export.weight_store import save_linked
 
 
 def write_python_model(root: Path, man: Manifest, split: str, model_dir: Path, config,
@@ -42,7 +42,6 @@ def write_python_model(root: Path, man: Manifest, split: str, model_dir: Path, c
     Returns:
         The engine files written, relative to ``model_dir/1``.
     """
-    import onnx
 
     from dsc_export.engines import PartRunner
     from dsc_export.graph.model import load_model
@@ -52,11 +51,10 @@ def write_python_model(root: Path, man: Manifest, split: str, model_dir: Path, c
     shutil.copyfile(triton_python_model.__file__, version_dir / "model.py")
     engines = {}
     for batch, rec in sorted(PartRunner(root, man, split, "tail").records.items()):
-        model = load_model(root / rec.path)
+        model = load_model(root / rec.path, load_data=False)  # the graph; its weights are linked
         serve_form(model)
         name = f"model.b{batch}.onnx"
-        onnx.save(model, os.fspath(version_dir / name), save_as_external_data=model.ByteSize() > 1_900_000_000,
-                  location=f"{name}.data")
+        save_linked(model, (root / rec.path).parent, version_dir, name)
         engines[str(batch)] = {"file": name, "onnxruntime": rec.target.get("version", "")}
     config.parameters["dsc_engines"].string_value = json.dumps(engines, sort_keys=True)
     config.parameters["dsc_threads"].string_value = "0"
