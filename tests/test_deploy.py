@@ -17,6 +17,7 @@ from tritonclient.grpc import model_config_pb2  # noqa: E402
 
 from dsc_export.artifacts import read_manifest  # noqa: E402
 from dsc_export.bundle import make_bundle  # noqa: E402
+from dsc_export.ort import make_session  # noqa: E402
 from dsc_export.splitting import split_model  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -73,4 +74,5 @@ def test_init_container_unpacks_the_repository_triton_is_told_to_serve(tmp_path)
     for split in tails:
         cfg = text_format.Parse((repo / split / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         assert cfg.platform == "onnxruntime_onnx" and (repo / split / "1" / "model.onnx").is_file()
+        make_session(repo / split / "1" / "model.onnx")  # its weights (hard links) were unpacked too
         assert cfg.parameters["dsc_model_sha256"].string_value == man.model.sha256
