@@ -202,9 +202,17 @@ def side_sizes_of_split(split_dir: str | os.PathLike) -> dict[str, dict[str, int
 
 def describe_sizes(side: str, sizes: dict[str, int | float]) -> str:
     """One line: a side's bytes, its distinct weights and the ratios to them and to the model."""
-    return (f"{side} side: {sizes['total'] / 1e6:.1f} MB = {sizes['x_model']}x the model "
-            f"({sizes['model'] / 1e6:.1f} MB), {sizes['x_weights']}x its distinct weights "
-            f"({sizes['weights'] / 1e6:.1f} MB)")
+    return (f"{side} side: {_size(sizes['total'])} = {sizes['x_model']}x the model "
+            f"({_size(sizes['model'])}), {sizes['x_weights']}x its distinct weights "
+            f"({_size(sizes['weights'])})")
+
+
+def _size(n: int) -> str:
+    """Bytes for a reader: ``21.2 MB``, ``96.0 kB``, ``512 B`` (SI units, as the tables use)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str = "onnxruntime_onnx", *,
