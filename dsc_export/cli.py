@@ -316,11 +316,12 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
 
     An engine is the optimised form of a head, a tail or the whole model for one batch size:
     for onnxruntime the model with its batch fixed and graph optimisations saved, for TensorRT a
-    serialised .plan. Engines go to DIR/engines/BACKEND/. Only what is missing or stale is built.
+    serialised .plan. onnxruntime engines go beside the parts
+    (DIR/engine-onnxruntime-head-cut033-b8-fp32.onnx) and share the split dir's weights store
+    (DIR/weights/) with them, so another batch size adds kilobytes; TensorRT plans go to
+    DIR/engines/tensorrt/. Only what is missing or stale is built.
     Each engine is timed against its ONNX (medians, interleaved) and kept only where it is faster
-    by more than --margin; elsewhere the ONNX runs (the decision is in the manifest). ONNX
-    engines share their weights (DIR/engines/BACKEND/weights/), so another batch size adds
-    kilobytes.
+    by more than --margin; elsewhere the ONNX runs (the decision is in the manifest).
     A model that runs at one batch size only (fixed_batch in the manifest) is built at that size
     alone, with a note naming the sizes left out.
 

@@ -13,8 +13,11 @@ Only engines that pay are kept: each is timed against the dynamic ONNX of the sa
 batch size (medians of interleaved runs) and kept only when it is faster by more than the margin
 (:data:`MARGIN`); the decision is recorded (``Engine.speed``; a dropped engine goes to
 ``Manifest.dropped``, its file removed) and :class:`PartRunner` runs the ONNX there. ONNX engines
-keep their weights in ``engines/BACKEND/weights/`` (:mod:`dsc_export.weight_store`): the engines of
-every part and batch size share what is equal, so another batch size adds kilobytes.
+sit in the split dir's root beside ``model.onnx`` (``engine-BACKEND-<part file>-b<N>-<precision>.onnx``)
+and read the split dir's one store ``weights/`` (:mod:`dsc_export.weight_store`): a tensor equal in
+the source and in an engine (one the optimiser left alone), or in the engines of several parts and
+batch sizes, is stored once, so another batch size adds kilobytes. Opaque engines (TensorRT plans)
+go to ``engines/BACKEND/``.
 """
 
 from __future__ import annotations
@@ -120,6 +123,20 @@ def engine_batch_sizes(manifest: Manifest, requested: list[int]) -> tuple[list[i
                   f"not {', '.join(map(str, others))}")
 
 
+def engine_path(backend: Backend, source: str, batch: int, precision: str) -> str:
+    """Where the engine of ``source`` (an ONNX path relative to the split dir) at ``batch`` goes,
+    relative to the split dir.
+
+    An ONNX engine sits in the split dir's root (``engine-onnxruntime-head-cut033-b8-fp32.onnx``),
+    so that it reads the split dir's one weights store: onnxruntime refuses external data
+    outside the model file's folder. An opaque engine goes to ``engines/BACKEND/``.
+    """
+    stem = Path(source).stem  # model, head-cut003, tail-cut003
+    if backend.suffix == ".onnx":
+        return f"engine-{backend.name}-{stem}-b{batch}-{precision}{backend.suffix}"
+    return f"{ENGINES_DIR}/{backend.name}/{stem}-b{batch}-{precision}{backend.suffix}"
+
+
 def plan_jobs(manifest: Manifest, backend: Backend, parts: str, batch_sizes: list[int], precision: str) -> list[Job]:
     """The engine files a build of ``parts`` needs, grouped by source ONNX then batch size."""
     if parts not in PARTS:
@@ -129,9 +146,7 @@ def plan_jobs(manifest: Manifest, backend: Backend, parts: str, batch_sizes: lis
     jobs: dict[tuple[str, int], Job] = {}
     for source in dict.fromkeys(src for _, _, src in wanted):
         for b in batch_sizes:
-            stem = Path(source).stem  # model, head-cut003, tail-cut003
-            path = f"{ENGINES_DIR}/{backend.name}/{stem}-b{b}-{precision}{backend.suffix}"
-            jobs[(source, b)] = Job(source, b, precision, path)
+            jobs[(source, b)] = Job(source, b, precision, engine_path(backend, source, b, precision))
     for sid, part, source in wanted:
         for b in batch_sizes:
             jobs[(source, b)].records.append((sid, part))
@@ -203,17 +218,17 @@ def engine_data(root: Path, rel: str) -> list[str]:
     from dsc_export.graph.model import load_model
     from dsc_export.weight_store import referenced
 
-    folder = Path(rel).parent.as_posix()
-    return [f"{folder}/{loc}" for loc in referenced(load_model(root / rel, load_data=False))]
+    folder = Path(rel).parent
+    return [(folder / loc).as_posix() for loc in referenced(load_model(root / rel, load_data=False))]
 
 
-def _prune_engine_weights(root: Path, manifest: Manifest, backend: str) -> None:
-    """Remove the weights files of ``engines/BACKEND/`` that no recorded engine reads."""
+def _prune_weights(root: Path, manifest: Manifest) -> None:
+    """Remove the blobs of the split dir's store that no file of the dir reads: not the model,
+    a part (``manifest.data``) or a kept engine of any backend (``Engine.data``)."""
     from dsc_export.weight_store import prune
 
-    folder = f"{ENGINES_DIR}/{backend}"
-    keep = {d.removeprefix(folder + "/") for e in manifest.engines if e.backend == backend for d in e.data}
-    prune(root / folder, keep)
+    keep = {d for ds in manifest.data.values() for d in ds} | {d for e in manifest.engines for d in e.data}
+    prune(root, keep)
 
 
 def build_engines(
@@ -346,7 +361,7 @@ def build_engines(
         write_json_atomic(root / MANIFEST_NAME, manifest.to_json())
     for r in onnx_runner.values():
         r.deactivate()
-    _prune_engine_weights(root, manifest, backend.name)
+    _prune_weights(root, manifest)
     progress(len(jobs), len(jobs), "done")
     report.seconds = time.perf_counter() - t_all
     return report
