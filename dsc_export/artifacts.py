@@ -146,6 +146,9 @@ class Engine:
     # Does it pay? {"engine_ms", "onnx_ms" (medians, interleaved), "margin", "threads", "kept"}; None:
     # not measured (--keep-all, or a backend that cannot run the ONNX).
     speed: dict[str, Any] | None = None
+    # TensorRT: one engine per part serves every batch size, one optimisation profile each; this
+    # batch size runs on profile ``profile`` (min = opt = max = the batch). None: a batch-fixed engine.
+    profile: int | None = None
 
 
 @dataclass

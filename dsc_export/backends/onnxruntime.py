@@ -175,8 +175,8 @@ class OnnxruntimeBackend(Backend):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def load(self, engine_path, threads=None) -> Runner:
-        self.check()
+    def load(self, engine_path, threads=None, *, profile=None) -> Runner:
+        self.check()  # batch-fixed engines: no profiles (``profile`` is None)
         r = OnnxruntimeRunner(os.fspath(engine_path), threads)
         r.providers, r.optimization = self.providers, "none"  # optimised when built
         return r
