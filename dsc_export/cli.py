@@ -357,11 +357,12 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
                                 progress=progress, log=_note, inputs=None if inputs is None else str(inputs),
                                 keep_all=keep_all, margin=margin)
     rows = [("engine", "batch", "for", "build s", "max rel diff")]
-    seen = {}
+    seen = {}  # a TensorRT engine serves several batch sizes (one profile each)
     for e in rep.built:
-        seen.setdefault(e.path, (e, []))[1].append(f"{e.split}/{e.part}")
-    for path, (e, uses) in seen.items():
-        rows.append((path, str(e.batch), ",".join(uses), "" if e.seconds is None else f"{e.seconds:.2f}",
+        _, uses, batches = seen.setdefault(e.path, (e, {}, {}))
+        uses[f"{e.split}/{e.part}"] = batches[e.batch] = None
+    for path, (e, uses, batches) in seen.items():
+        rows.append((path, ",".join(map(str, batches)), ",".join(uses), "" if e.seconds is None else f"{e.seconds:.2f}",
                      "" if e.max_rel_diff is None else f"{e.max_rel_diff:.1e}"))
     if len(rows) > 1:
         _table(rows, right={1, 3, 4})
