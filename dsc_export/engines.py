@@ -323,7 +323,8 @@ def build_engines(
         source_sha = manifest.files[job.source]
         recs = [(manifest.engine(sid, part, backend.name, b, precision), job.profile(backend, b))
                 for b in job.batches for sid, part in job.records]
-        if all(_up_to_date(r, root, job, source_sha, opts, target["version"]) and r.profile == k for r, k in recs):
+        if all(_up_to_date(r, root, job, source_sha, opts, target["version"]) and r.profile == prof
+               for r, prof in recs):
             report.kept.extend(r for r, _ in recs)
             continue
         gone = [dropped.get((sid, part, backend.name, job.batch, precision)) for sid, part in job.records]
