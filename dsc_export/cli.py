@@ -217,8 +217,9 @@ def _short(name: str, width: int = 60) -> str:
 def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
     """Cut a model into head and tail ONNX models at each compressive bottleneck.
 
-    Writes DIR/manifest.json (schema dsc-export.split/1), DIR/model.onnx (the whole model, for
-    the offload and local candidates), DIR/heads/<id>.onnx and DIR/tails/<id>.onnx. Every split
+    Writes DIR/manifest.json (schema dsc-export.split/3), DIR/model.onnx (the whole model, for
+    the offload and local candidates), DIR/head-<id>.onnx and DIR/tail-<id>.onnx, their weights
+    once in DIR/weights/ (named by their sha256; build's onnxruntime engines share it). Every split
     is verified (sample inputs, random by default, at batch sizes 1 and 3; a NaN or inf is a
     failure); a mismatch is an error and nothing is written. What split finds and does on the
     way is printed as notes: a model that runs at one batch size only (split and built at it), a
