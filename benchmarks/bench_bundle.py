@@ -2,7 +2,8 @@
 
 For each model: split (cached under benchmarks/out/models/), build onnxruntime engines for batch
 sizes 1, 2, 4, 8, 16 (engines that are not faster than their ONNX by 5 % dropped, as `build`
-does), then write the device and the server bundle and report their bytes against the model,
+does), then report what the engines add to the split dir (their graphs and the blobs no part reads),
+write the device and the server bundle and report their bytes against the model,
 against the side's distinct source weights and against all its distinct weights files (source
 and optimised engine weights). Then the load time of a part from the unpacked bundle: median of
 fresh sessions (engine of the whole model at batch 1 and the ONNX of the largest head), the
@@ -19,7 +20,6 @@ Usage: python benchmarks/bench_bundle.py [--models efficientnet_b0,efficientnetv
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -60,13 +60,28 @@ def measure(name: str, batch_sizes: list[int], loads: int) -> dict:
     man = read_manifest(root)
     kept = [e for e in man.engines if e.speed]
     wrongly_kept = [e.path for e in kept if not e.speed["engine_ms"] < e.speed["onnx_ms"] * (1 - e.speed["margin"])]
+    from dsc_export.weight_store import tree_bytes
+
+    source_blobs = {d for ds in man.data.values() for d in ds}
+    engine_files = sorted({e.path for e in man.engines} | {d for e in man.engines for d in e.data} - source_blobs)
+    engines_bytes = tree_bytes([root / f for f in engine_files])  # what the engines add to the split dir
+    model_bytes = tree_bytes([root / f for f in man.files_of(man.model.path)])
+    print(f"{name} split dir engines: {engines_bytes / 1e6:.1f} MB = {engines_bytes / model_bytes:.2f}x the model",
+          flush=True)
     out = {"model": name, "batch_sizes": batch_sizes, "build_s": round(build_s, 1),
+           "split_dir_engines": {"bytes": engines_bytes, "x_model": round(engines_bytes / model_bytes, 3),
+                                 "files": len(engine_files)},
            "engines_kept": len({e.path for e in man.engines}), "engines_dropped": len({e.path for e in man.dropped}),
            "kept_not_faster_by_margin": wrongly_kept, "failed": len(rep.failed)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         plan = tmp / "plan.json"
-        plan.write_text(json.dumps({"model_sha256": man.model.sha256}))  # sizes only: a plan is kilobytes
+        from dsc_export.planning import Plan
+
+        # sizes only: a stand-in plan of this model (a real plan is kilobytes)
+        plan.write_text(Plan(batch_sizes=batch_sizes, rates_MBps=[], rtt_ms=0.0, privacy=False, margin=0.0,
+                             candidates=[], choice=[], latency_ms={}, gain={}, times={},
+                             model_sha256=man.model.sha256, device_profile={}, server_profile={}).to_json())
         for side in ("device", "server"):
             index = make_bundle(root, side, tmp / f"{side}.tar", plan=plan if side == "device" else None)
             sizes = index["sizes"]
@@ -80,10 +95,17 @@ def measure(name: str, batch_sizes: list[int], loads: int) -> dict:
         open_bundle(tmp / "device.tar", tmp / "dev", check_backends=False)
         dman = read_manifest(tmp / "dev")
         loads_out = {}
-        engine = dman.engine("local", "head", "onnxruntime", 1)
+        def weight_bytes(files):
+            return sum((tmp / "dev" / d).stat().st_size for d in files)
+
+        # the whole model's engine at batch 1 where it was kept, else the device engine reading the most weights
+        engine = dman.engine("local", "head", "onnxruntime", 1) or max(
+            dman.engines, key=lambda e: (weight_bytes(e.data), -e.batch), default=None)
         largest_head = max((s.head for s in dman.splits if s.kind == "split"),
-                           key=lambda h: sum((tmp / "dev" / d).stat().st_size for d in dman.data.get(h, [])))
-        for label, rel in (("engine model b1", engine.path if engine else None), ("largest head onnx", largest_head)):
+                           key=lambda h: weight_bytes(dman.data.get(h, [])))
+        engine_label = "engine model b1" if engine and (engine.split, engine.batch) == ("local", 1) else \
+            f"engine {engine.split} {engine.part} b{engine.batch}" if engine else ""
+        for label, rel in ((engine_label, engine.path if engine else None), ("largest head onnx", largest_head)):
             if rel is None:
                 continue
             shared = _load_ms(tmp / "dev" / rel, loads)

@@ -30,6 +30,15 @@ def split_dir(name: str) -> Path:
     root = OUT / "models" / name
     onnx_path = root / f"{name}.onnx"
     out = root / "split"
+    if (out / "manifest.json").is_file():
+        from dsc_export.artifacts import read_manifest
+        from dsc_export.errors import UserError
+
+        try:
+            read_manifest(out)
+        except UserError as exc:  # written by an older dsc-export: split again
+            print(f"{out}: {exc}", flush=True)
+            (out / "manifest.json").unlink()
     if not (out / "manifest.json").is_file():
         if not onnx_path.is_file():
             print(f"exporting {name} ...", flush=True)

@@ -1,6 +1,6 @@
 """The JSON artifacts: dataclasses, their JSON form, schema versions and hashes.
 
-The split manifest (``dsc-export.split/2``) with its engine records and the profile
+The split manifest (``dsc-export.split/3``) with its engine records and the profile
 (``dsc-export.profile/1``) live here (fields and units: docs/contracts.md); the plan's dataclass is in
 ``planning`` beside the functions that compute it. Helpers for hashing and atomic writes.
 """
@@ -17,8 +17,10 @@ from typing import Any
 
 from dsc_export.errors import UserError
 
-SPLIT_SCHEMA = "dsc-export.split/2"  # 2: weights in a shared store (weights/), parts beside model.onnx
-OLD_SPLIT_SCHEMAS = ("dsc-export.split/1",)
+# 2: weights in a shared store (weights/), parts beside model.onnx; 3: onnxruntime engines beside
+# them too, reading the same store (one store per split dir)
+SPLIT_SCHEMA = "dsc-export.split/3"
+OLD_SPLIT_SCHEMAS = ("dsc-export.split/1", "dsc-export.split/2")
 # The vocabularies of the artifacts' fields (the CLI's choices come from here).
 WIRE_DTYPES = ("float32", "float16")  # Manifest.wire_dtype: the cut tensor's dtype on the wire
 PRECISIONS = ("fp32", "fp16")  # Engine.precision, Profile.precision
@@ -144,6 +146,9 @@ class Engine:
     # Does it pay? {"engine_ms", "onnx_ms" (medians, interleaved), "margin", "threads", "kept"}; None:
     # not measured (--keep-all, or a backend that cannot run the ONNX).
     speed: dict[str, Any] | None = None
+    # TensorRT: one engine per part serves every batch size, one optimisation profile each; this
+    # batch size runs on profile ``profile`` (min = opt = max = the batch). None: a batch-fixed engine.
+    profile: int | None = None
 
 
 @dataclass

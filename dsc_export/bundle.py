@@ -14,8 +14,10 @@ A bundle is a tar file holding a split dir's subset and ``bundle.json`` (schema
   serve their outputs as ``dsc-export serve`` does (the output contract of
   :mod:`dsc_export.serving.protocol`), so the device client talks to either server the same way.
 
-Weights are stored once per bundle (:mod:`dsc_export.weight_store`): the split dir's store
-(``weights/``) and each engine folder's, shared by every file of the folder. A Triton model reads
+Weights are stored once per bundle (:mod:`dsc_export.weight_store`): the split dir's one store
+(``weights/``), shared by the model, the parts and the onnxruntime engines beside them, so a
+tensor equal in a part and in an engine is one file in the tar and on the disk it is extracted
+to. A Triton model reads
 its weights from its own version folder (onnxruntime refuses external data outside it), so the
 repository's weights files are hard links to the bundle's ``weights/``: the tar stores each
 once, and Triton (through onnxruntime, which accepts hard links) reads them in place. Its graph

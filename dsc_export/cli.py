@@ -217,8 +217,9 @@ def _short(name: str, width: int = 60) -> str:
 def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
     """Cut a model into head and tail ONNX models at each compressive bottleneck.
 
-    Writes DIR/manifest.json (schema dsc-export.split/1), DIR/model.onnx (the whole model, for
-    the offload and local candidates), DIR/heads/<id>.onnx and DIR/tails/<id>.onnx. Every split
+    Writes DIR/manifest.json (schema dsc-export.split/3), DIR/model.onnx (the whole model, for
+    the offload and local candidates), DIR/head-<id>.onnx and DIR/tail-<id>.onnx, their weights
+    once in DIR/weights/ (named by their sha256; build's onnxruntime engines share it). Every split
     is verified (sample inputs, random by default, at batch sizes 1 and 3; a NaN or inf is a
     failure); a mismatch is an error and nothing is written. What split finds and does on the
     way is printed as notes: a model that runs at one batch size only (split and built at it), a
@@ -316,11 +317,12 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
 
     An engine is the optimised form of a head, a tail or the whole model for one batch size:
     for onnxruntime the model with its batch fixed and graph optimisations saved, for TensorRT a
-    serialised .plan. Engines go to DIR/engines/BACKEND/. Only what is missing or stale is built.
+    serialised .plan. onnxruntime engines go beside the parts
+    (DIR/engine-onnxruntime-head-cut033-b8-fp32.onnx) and share the split dir's weights store
+    (DIR/weights/) with them, so another batch size adds kilobytes; TensorRT plans go to
+    DIR/engines/tensorrt/. Only what is missing or stale is built.
     Each engine is timed against its ONNX (medians, interleaved) and kept only where it is faster
-    by more than --margin; elsewhere the ONNX runs (the decision is in the manifest). ONNX
-    engines share their weights (DIR/engines/BACKEND/weights/), so another batch size adds
-    kilobytes.
+    by more than --margin; elsewhere the ONNX runs (the decision is in the manifest).
     A model that runs at one batch size only (fixed_batch in the manifest) is built at that size
     alone, with a note naming the sizes left out.
 
@@ -356,11 +358,12 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
                                 progress=progress, log=_note, inputs=None if inputs is None else str(inputs),
                                 keep_all=keep_all, margin=margin)
     rows = [("engine", "batch", "for", "build s", "max rel diff")]
-    seen = {}
+    seen = {}  # a TensorRT engine serves several batch sizes (one profile each)
     for e in rep.built:
-        seen.setdefault(e.path, (e, []))[1].append(f"{e.split}/{e.part}")
-    for path, (e, uses) in seen.items():
-        rows.append((path, str(e.batch), ",".join(uses), "" if e.seconds is None else f"{e.seconds:.2f}",
+        _, uses, batches = seen.setdefault(e.path, (e, {}, {}))
+        uses[f"{e.split}/{e.part}"] = batches[e.batch] = None
+    for path, (e, uses, batches) in seen.items():
+        rows.append((path, ",".join(map(str, batches)), ",".join(uses), "" if e.seconds is None else f"{e.seconds:.2f}",
                      "" if e.max_rel_diff is None else f"{e.max_rel_diff:.1e}"))
     if len(rows) > 1:
         _table(rows, right={1, 3, 4})

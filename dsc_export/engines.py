@@ -13,8 +13,11 @@ Only engines that pay are kept: each is timed against the dynamic ONNX of the sa
 batch size (medians of interleaved runs) and kept only when it is faster by more than the margin
 (:data:`MARGIN`); the decision is recorded (``Engine.speed``; a dropped engine goes to
 ``Manifest.dropped``, its file removed) and :class:`PartRunner` runs the ONNX there. ONNX engines
-keep their weights in ``engines/BACKEND/weights/`` (:mod:`dsc_export.weight_store`): the engines of
-every part and batch size share what is equal, so another batch size adds kilobytes.
+sit in the split dir's root beside ``model.onnx`` (``engine-BACKEND-<part file>-b<N>-<precision>.onnx``)
+and read the split dir's one store ``weights/`` (:mod:`dsc_export.weight_store`): a tensor equal in
+the source and in an engine (one the optimiser left alone), or in the engines of several parts and
+batch sizes, is stored once, so another batch size adds kilobytes. Opaque engines (TensorRT plans)
+go to ``engines/BACKEND/``.
 """
 
 from __future__ import annotations
@@ -48,13 +51,27 @@ SPEED_ROUNDS = 5  # interleaved (engine, ONNX) pairs of timed runs per decision
 
 @dataclass
 class Job:
-    """One engine file to build and the (split, part) records it serves."""
+    """One engine file to build and the (split, part) records it serves.
+
+    ``batches``: the batch sizes the file serves: one for a batch-fixed engine (onnxruntime);
+    every size for an engine with one optimisation profile per batch size (TensorRT), where
+    ``batches[k]`` is served by profile ``k``.
+    """
 
     source: str  # ONNX path relative to the split dir
-    batch: int
+    batches: list[int]
     precision: str
     path: str  # engine path relative to the split dir
     records: list[tuple[str, str]] = field(default_factory=list)  # (split id, part)
+
+    @property
+    def batch(self) -> int:
+        """The batch size of a batch-fixed engine (the first profile's of a profiled one)."""
+        return self.batches[0]
+
+    def profile(self, backend: Backend, batch: int) -> int | None:
+        """The optimisation profile that serves ``batch``, or None for a batch-fixed engine."""
+        return self.batches.index(batch) if backend.profiles else None
 
 
 @dataclass
@@ -120,21 +137,46 @@ def engine_batch_sizes(manifest: Manifest, requested: list[int]) -> tuple[list[i
                   f"not {', '.join(map(str, others))}")
 
 
+def engine_path(backend: Backend, source: str, batch: int | None, precision: str) -> str:
+    """Where the engine of ``source`` (an ONNX path relative to the split dir) at ``batch`` goes,
+    relative to the split dir (``batch`` None: the one engine of a backend with a profile per
+    batch size).
+
+    An ONNX engine sits in the split dir's root (``engine-onnxruntime-head-cut033-b8-fp32.onnx``),
+    so that it reads the split dir's one weights store: onnxruntime refuses external data
+    outside the model file's folder. An opaque engine goes to ``engines/BACKEND/``
+    (``engines/tensorrt/head-cut033-fp32.plan``: every batch size, one profile each).
+    """
+    stem = Path(source).stem  # model, head-cut003, tail-cut003
+    sized = "" if batch is None else f"-b{batch}"
+    if backend.suffix == ".onnx":
+        return f"engine-{backend.name}-{stem}{sized}-{precision}{backend.suffix}"
+    return f"{ENGINES_DIR}/{backend.name}/{stem}{sized}-{precision}{backend.suffix}"
+
+
 def plan_jobs(manifest: Manifest, backend: Backend, parts: str, batch_sizes: list[int], precision: str) -> list[Job]:
-    """The engine files a build of ``parts`` needs, grouped by source ONNX then batch size."""
+    """The engine files a build of ``parts`` needs, grouped by source ONNX then batch size.
+
+    A backend with ``profiles`` (TensorRT) gets one file per source serving every batch size,
+    one optimisation profile each: the sizes asked for and those already recorded for that file
+    (a rebuild must not drop a profile that another record names), in ascending order.
+    """
     if parts not in PARTS:
         raise UserError(f"--parts must be one of {', '.join(PARTS)}")
     sides = {"heads": ("head",), "tails": ("tail",), "all": ("head", "tail")}[parts]
     wanted = [(sid, part, source) for part in sides for sid, source in manifest.parts(part)]
-    jobs: dict[tuple[str, int], Job] = {}
+    jobs: dict[tuple[str, int | None], Job] = {}
     for source in dict.fromkeys(src for _, _, src in wanted):
+        if backend.profiles:
+            path = engine_path(backend, source, None, precision)
+            recorded = {e.batch for e in manifest.engines if e.path == path and e.backend == backend.name}
+            jobs[(source, None)] = Job(source, sorted(set(batch_sizes) | recorded), precision, path)
+            continue
         for b in batch_sizes:
-            stem = Path(source).stem  # model, head-cut003, tail-cut003
-            path = f"{ENGINES_DIR}/{backend.name}/{stem}-b{b}-{precision}{backend.suffix}"
-            jobs[(source, b)] = Job(source, b, precision, path)
+            jobs[(source, b)] = Job(source, [b], precision, engine_path(backend, source, b, precision))
     for sid, part, source in wanted:
-        for b in batch_sizes:
-            jobs[(source, b)].records.append((sid, part))
+        for job in (jobs[(source, None)],) if backend.profiles else (jobs[(source, b)] for b in batch_sizes):
+            job.records.append((sid, part))
     return list(jobs.values())
 
 
@@ -203,17 +245,17 @@ def engine_data(root: Path, rel: str) -> list[str]:
     from dsc_export.graph.model import load_model
     from dsc_export.weight_store import referenced
 
-    folder = Path(rel).parent.as_posix()
-    return [f"{folder}/{loc}" for loc in referenced(load_model(root / rel, load_data=False))]
+    folder = Path(rel).parent
+    return [(folder / loc).as_posix() for loc in referenced(load_model(root / rel, load_data=False))]
 
 
-def _prune_engine_weights(root: Path, manifest: Manifest, backend: str) -> None:
-    """Remove the weights files of ``engines/BACKEND/`` that no recorded engine reads."""
+def _prune_weights(root: Path, manifest: Manifest) -> None:
+    """Remove the blobs of the split dir's store that no file of the dir reads: not the model,
+    a part (``manifest.data``) or a kept engine of any backend (``Engine.data``)."""
     from dsc_export.weight_store import prune
 
-    folder = f"{ENGINES_DIR}/{backend}"
-    keep = {d.removeprefix(folder + "/") for e in manifest.engines if e.backend == backend for d in e.data}
-    prune(root / folder, keep)
+    keep = {d for ds in manifest.data.values() for d in ds} | {d for e in manifest.engines for d in e.data}
+    prune(root, keep)
 
 
 def build_engines(
@@ -279,9 +321,11 @@ def build_engines(
     for k, job in enumerate(jobs):
         progress(k, len(jobs), f"{Path(job.path).name}")
         source_sha = manifest.files[job.source]
-        recs = [manifest.engine(sid, part, backend.name, job.batch, precision) for sid, part in job.records]
-        if all(_up_to_date(r, root, job, source_sha, opts, target["version"]) for r in recs):
-            report.kept.extend(recs)
+        recs = [(manifest.engine(sid, part, backend.name, b, precision), job.profile(backend, b))
+                for b in job.batches for sid, part in job.records]
+        if all(_up_to_date(r, root, job, source_sha, opts, target["version"]) and r.profile == prof
+               for r, prof in recs):
+            report.kept.extend(r for r, _ in recs)
             continue
         gone = [dropped.get((sid, part, backend.name, job.batch, precision)) for sid, part in job.records]
         if measure and all(_dropped_up_to_date(r, job, source_sha, opts, target["version"]) for r in gone):
@@ -290,11 +334,11 @@ def build_engines(
         t0 = time.perf_counter()
         try:
             notes: list[str] = []
-            backend.build(root / job.source, root / job.path, job.batch, precision, options,
-                          cache_dir=root / ENGINES_DIR / backend.name, log=notes.append)
+            backend.build(root / job.source, root / job.path, job.batches if backend.profiles else job.batch,
+                          precision, options, cache_dir=root / ENGINES_DIR / backend.name, log=notes.append)
             for note in dict.fromkeys(notes):
                 log(f"{Path(job.path).name}: {note}")
-            diffs = (None, None)
+            diffs = {b: (None, None) for b in job.batches}
             if verify:
                 if job.source not in reference:
                     reference.clear()  # one reference session at a time
@@ -303,7 +347,9 @@ def build_engines(
                     check_inputs = _check_inputs(root, manifest, job, samples)  # before the session's memory
                     reference[job.source] = (make_session(root / job.source, optimization="extended", arena=False),
                                              check_inputs)
-                diffs = _check_engine(backend, root / job.path, *reference[job.source], job, precision)
+                for b in job.batches:  # every profile of the engine, at its batch size
+                    diffs[b] = _check_engine(backend, root / job.path, *reference[job.source], job, precision,
+                                             batch=b, profile=job.profile(backend, b))
             speed = None
             if measure:
                 if job.source not in onnx_runner:
@@ -335,18 +381,20 @@ def build_engines(
             _remove(root / job.path)
             log(f"{Path(job.path).name}: dropped, {speed['engine_ms']:.1f} ms against {speed['onnx_ms']:.1f} ms "
                 f"for the ONNX (not {margin:.0%} faster); the ONNX runs at batch {job.batch}")
-        for sid, part in job.records:
-            key = (sid, part, backend.name, job.batch, precision)
-            manifest.engines = [e for e in manifest.engines if _key(e) != key]
-            manifest.dropped = [e for e in manifest.dropped if _key(e) != key]
-            rec = Engine(sid, part, backend.name, job.batch, precision, job.path, sha, dict(target),
-                         job.source, source_sha, dict(opts), round(seconds, 3), *diffs, data=data, speed=speed)
-            (manifest.engines if keep else manifest.dropped).append(rec)
-            (report.built if keep else report.dropped).append(rec)
+        for b in job.batches:
+            for sid, part in job.records:
+                key = (sid, part, backend.name, b, precision)
+                manifest.engines = [e for e in manifest.engines if _key(e) != key]
+                manifest.dropped = [e for e in manifest.dropped if _key(e) != key]
+                rec = Engine(sid, part, backend.name, b, precision, job.path, sha, dict(target), job.source,
+                             source_sha, dict(opts), round(seconds, 3), *diffs[b], data=data, speed=speed,
+                             profile=job.profile(backend, b))
+                (manifest.engines if keep else manifest.dropped).append(rec)
+                (report.built if keep else report.dropped).append(rec)
         write_json_atomic(root / MANIFEST_NAME, manifest.to_json())
     for r in onnx_runner.values():
         r.deactivate()
-    _prune_engine_weights(root, manifest, backend.name)
+    _prune_weights(root, manifest)
     progress(len(jobs), len(jobs), "done")
     report.seconds = time.perf_counter() - t_all
     return report
@@ -376,8 +424,10 @@ def _check_inputs(root: Path, manifest: Manifest, job: Job, samples):
     return SampleInputs.random(load_model(root / job.source, load_data=False))
 
 
-def _check_engine(backend: Backend, engine: Path, reference, inputs, job: Job, precision: str) -> tuple[float, float]:
-    """Run the engine and its ONNX on one batch of ``inputs`` (a SampleInputs); refuse a mismatch.
+def _check_engine(backend: Backend, engine: Path, reference, inputs, job: Job, precision: str, *,
+                  batch: int, profile: int | None = None) -> tuple[float, float]:
+    """Run the engine (``profile``: the optimisation profile serving ``batch``, or None) and its
+    ONNX on one batch of ``batch`` from ``inputs`` (a SampleInputs); refuse a mismatch.
 
     The tolerance follows the dtypes compared (:func:`dsc_export.compare.tolerance`): the
     outputs' dtypes, and float16 for an fp16 engine; a NaN or inf is a failure of its own.
@@ -385,15 +435,15 @@ def _check_engine(backend: Backend, engine: Path, reference, inputs, job: Job, p
     from dsc_export.compare import compare, tolerance
 
     wanted = {i.name for i in reference.get_inputs()}
-    feeds = {name: x for name, x in inputs.feeds(job.batch).items() if name in wanted}
+    feeds = {name: x for name, x in inputs.feeds(batch).items() if name in wanted}
     want = reference.run(None, feeds)
-    with backend.load(engine, threads=None) as runner:
+    with backend.load(engine, threads=None, profile=profile) as runner:
         got = runner.infer(feeds)
     names = [o.name for o in reference.get_outputs()]
     result = compare(want, [got[n] for n in names], names, what=f"engine {job.path}")
     tol = tolerance(*(w.dtype for w in want), "float16" if precision == "fp16" else None, engine=True)
     if not result.ok(tol):
-        raise VerificationError(f"engine {job.path} differs from {job.source} at batch {job.batch}: "
+        raise VerificationError(f"engine {job.path} differs from {job.source} at batch {batch}: "
                                 f"{result.describe(tol)}")
     return result.max_abs, result.max_rel
 
@@ -420,7 +470,7 @@ def load_engine(split_dir: str | os.PathLike, rec: Engine, threads: int | None =
     why = backend.compatible(rec.target, rec.options)
     if why:
         raise UserError(f"engine '{path}' was built elsewhere: {why}; rebuild it here with dsc-export build")
-    return backend.load(path, threads)
+    return backend.load(path, threads, profile=rec.profile)
 
 
 def dropped_engine(manifest: Manifest, split_id: str, part: str, backend: str, batch: int,
@@ -450,10 +500,12 @@ def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batc
     """Write the ``trtexec`` commands that build this split dir's engines on another machine.
 
     The commands are relative to the split dir and write the engine files where ``build
-    --import`` looks for them. For fp16 the converted ONNX files are written first (the commands
-    read them), since TensorRT 11 takes precision from the ONNX types. Every argument is quoted
-    for ``sh`` (tensor names may hold ``;``, spaces, quotes, ``$``); an input that is fully
-    static gets no ``--shapes``.
+    --import`` looks for them: one engine per part, one optimisation profile per batch size
+    (``--profile=K`` then that profile's ``--minShapes`` = ``--optShapes`` = ``--maxShapes``, in
+    ascending batch order, as :meth:`TensorrtBackend.build` adds them). For fp16 the converted ONNX
+    files are written first (the commands read them), since TensorRT 11 takes precision from the
+    ONNX types. Every argument is quoted for ``sh`` (tensor names may hold ``;``, spaces, quotes,
+    ``$``); an input that is fully static gets no shapes.
 
     Returns:
         The number of engine commands written.
@@ -490,18 +542,18 @@ def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batc
         static = all(isinstance(d, int) and d > 0 for d in dims)
         if not static and any(not (isinstance(d, int) and d > 0) for d in dims[1:]):
             raise UserError(f"input '{name}' of {job.source} has dynamic dimensions other than the batch: {dims}")
-        shape = [job.batch] + list(dims[1:])
+        shapes = [[b] + list(dims[1:]) for b in job.batches]
         if not static:
-            shape_spec(name, shape)  # refuse a name trtexec cannot take before anything is written
-        commands.append((job, None if static else name, shape))
+            shape_spec(name, shapes[0])  # refuse a name trtexec cannot take before anything is written
+        commands.append((job, None if static else name, shapes))
     converted: dict[str, str] = {}
-    for job, name, shape in commands:  # every name checked before any file is written
+    for job, name, shapes in commands:  # every name checked before any file is written
         onnx_path = job.source
         if precision == "fp16":
             if job.source not in converted:
                 converted[job.source] = _fp16_copy(root, job.source)
             onnx_path = converted[job.source]
-        lines.append(backend.trtexec_command(onnx_path, job.path, name, shape, precision, options,
+        lines.append(backend.trtexec_command(onnx_path, job.path, name, shapes, precision, options,
                                              f"{ENGINES_DIR}/tensorrt/{TIMING_CACHE}"))
     text = "\n".join(lines) + "\n"
     out_file = Path(out_file)
@@ -539,8 +591,9 @@ def import_engines(split_dir: str | os.PathLike, backend_name: str, batch_sizes:
                    log: Callable[[str], None] = lambda s: None) -> BuildReport:
     """Record engines built outside dsc-export (e.g. by the ``--emit-trtexec`` commands).
 
-    Each expected engine file that exists is loaded once (so a wrong or corrupt file is refused)
-    and recorded with this machine's target; missing files are reported as failed.
+    Each expected engine file that exists is loaded once per batch size it serves (so a wrong or
+    corrupt file, or one without the optimisation profile a batch size needs, is refused) and
+    recorded with this machine's target; missing files are reported as failed.
     """
     root, manifest, backend, options, opts, jobs = _prepare(split_dir, backend_name, parts, batch_sizes, precision,
                                                             options, log)
@@ -551,16 +604,18 @@ def import_engines(split_dir: str | os.PathLike, backend_name: str, batch_sizes:
         if not path.is_file():
             report.failed.append((job, "not found"))
             continue
-        with backend.load(path):
-            pass
+        for b in job.batches:
+            with backend.load(path, profile=job.profile(backend, b)):
+                pass
         sha = sha256_file(path)
-        for sid, part in job.records:
-            manifest.engines = [e for e in manifest.engines
-                                if (e.split, e.part, e.backend, e.batch, e.precision) != (sid, part, backend.name, job.batch, precision)]
-            rec = Engine(sid, part, backend.name, job.batch, precision, job.path, sha, dict(target),
-                         job.source, manifest.files[job.source], dict(opts), None, data=engine_data(root, job.path))
-            manifest.engines.append(rec)
-            report.built.append(rec)
+        for b in job.batches:
+            for sid, part in job.records:
+                manifest.engines = [e for e in manifest.engines if _key(e) != (sid, part, backend.name, b, precision)]
+                rec = Engine(sid, part, backend.name, b, precision, job.path, sha, dict(target), job.source,
+                             manifest.files[job.source], dict(opts), None, data=engine_data(root, job.path),
+                             profile=job.profile(backend, b))
+                manifest.engines.append(rec)
+                report.built.append(rec)
         log(f"imported {job.path}")
     write_json_atomic(root / MANIFEST_NAME, manifest.to_json())
     return report

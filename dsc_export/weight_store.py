@@ -3,9 +3,10 @@
 Every initializer of at least :data:`MIN_BYTES` is stored as ONNX external data (spec: "External
 Data" in the ONNX IR; ``onnx.external_data_helper``) in ``weights/<sha256>.bin`` beside the ONNX
 file, named by the sha256 of its raw bytes. Files of one folder that hold the same tensor refer
-to the same blob, so it is stored once however many heads, tails or batch sizes read it; adding
-an engine for another batch size adds its graph (kilobytes) and only the blobs no other engine
-of that folder already holds.
+to the same blob, so it is stored once however many heads, tails or batch sizes read it. A split
+dir has one store: the model, the heads and tails and the onnxruntime engines all sit in its root,
+so adding an engine for another batch size adds its graph (kilobytes) and only the blobs no other
+file of the dir already holds (the tensors the optimiser changed).
 
 The store is per folder because onnxruntime refuses external data outside the model's folder
 (``External data path escapes model directory``, symbolic links resolved) and onnx refuses
@@ -177,7 +178,7 @@ def save_linked(model: onnx.ModelProto, src_dir: Path, folder: Path, name: str =
     Args:
         model: a graph whose external data locations are relative to ``src_dir`` (loaded with
             ``load_data=False``).
-        src_dir: the folder the model was read from (a split dir, an engine folder).
+        src_dir: the folder the model was read from (a split dir).
         folder: where it is saved; its ``weights/`` gets a link per blob the model reads.
     """
     for loc in referenced(model):

@@ -275,7 +275,8 @@ def test_emitted_trtexec_script_passes_every_name_exactly(harsh_split, tmp_path)
     r = run_script(script, harsh_split, bin_dir)
     assert r.returncode == 0, r.stderr
     calls = [json.loads(ln) for ln in log.read_text().splitlines()]
-    assert len(calls) == n == 2 * len({s.head for s in man.splits if s.head} | {s.tail for s in man.splits if s.tail})
+    # one engine per part, one profile per batch size
+    assert len(calls) == n == len({s.head for s in man.splits if s.head} | {s.tail for s in man.splits if s.tail})
     tails = {s.wire_tensor for s in man.splits if s.kind == "split"}
     assert tails == {HARSH[1], HARSH[3]}
     got = {name for argv in calls for name in _shapes_names(argv)}
@@ -284,8 +285,12 @@ def test_emitted_trtexec_script_passes_every_name_exactly(harsh_split, tmp_path)
     for argv in calls:
         assert "--noTF32" in argv and "--stronglyTyped" in argv
         assert argv[0].startswith("--onnx=") and (harsh_split / argv[0].split("=", 1)[1]).is_file()
-        b = int(next(a for a in argv if a.startswith("--shapes=")).rsplit(":", 1)[1].split("x")[0])
-        assert argv[1].startswith("--saveEngine=engines/tensorrt/") and argv[1].endswith(f"-b{b}-fp32.plan")
+        assert argv[1].startswith("--saveEngine=engines/tensorrt/") and argv[1].endswith("-fp32.plan")
+        profiles = [argv.index(f"--profile={k}") for k in (0, 1)]  # batch 1 then batch 2, min = opt = max
+        for at, b in zip(profiles, (1, 2)):
+            specs = [a.split("=", 1)[1] for a in argv[at + 1:at + 4]]
+            assert [a.split("=", 1)[0] for a in argv[at + 1:at + 4]] == ["--minShapes", "--optShapes", "--maxShapes"]
+            assert len(set(specs)) == 1 and specs[0].rsplit(":", 1)[1].split("x")[0] == str(b)
 
 
 def test_trtexec_script_for_a_static_input_has_no_shapes(split_dirs, tmp_path):
@@ -294,8 +299,9 @@ def test_trtexec_script_for_a_static_input_has_no_shapes(split_dirs, tmp_path):
     notes = []
     emit_trtexec(root, script, [1, 2], "all", log=notes.append)
     cmds = [shlex.split(ln) for ln in script.read_text().splitlines() if ln.startswith("trtexec")]
-    assert cmds and all(not any(a.startswith("--shapes") for a in c) for c in cmds)
-    assert all(c[2].endswith("-b2-fp32.plan") for c in cmds) and notes  # batch 2 only, with the note
+    assert cmds and all(not any(a.startswith(("--shapes", "--minShapes", "--profile")) for a in c) for c in cmds)
+    assert all(c[2].endswith("-fp32.plan") for c in cmds) and notes  # batch 2 only, with the note
+    assert "--batch-sizes 2 " in script.read_text()  # the import line: the one size built
     emit_trtexec(root, script, [2], "heads", precision="fp16")
     cmds = [shlex.split(ln) for ln in script.read_text().splitlines() if ln.startswith("trtexec")]
     assert cmds and all("--noTF32" not in c for c in cmds)  # fp16 engines: the ONNX types decide

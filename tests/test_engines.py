@@ -165,9 +165,11 @@ def test_cli_emits_trtexec_commands(b0_engines, tmp_path):
     cmds = [shlex.split(ln) for ln in out.read_text().splitlines() if ln.startswith("trtexec")]
     man = read_manifest(root)
     heads = [s for s in man.splits if s.head]
-    assert len(cmds) == 2 * len({s.head for s in heads})
-    assert ["trtexec", "--onnx=head-cut033.onnx", "--saveEngine=engines/tensorrt/head-cut033-b8-fp32.plan",
-            "--shapes='image':8x224x224x3"] in [c[:4] for c in cmds]
+    assert len(cmds) == len({s.head for s in heads})  # one engine per part: a profile per batch size
+    per_sample = "x".join(str(d) for d in man.model.input.shape[1:])
+    profiles = [f"--{w}Shapes='{man.model.input.name}':{b}x{per_sample}" for b in (1, 8) for w in ("min", "opt", "max")]
+    assert ["trtexec", "--onnx=head-cut033.onnx", "--saveEngine=engines/tensorrt/head-cut033-fp32.plan",
+            "--profile=0", *profiles[:3], "--profile=1", *profiles[3:]] in [c[:11] for c in cmds]
     assert all("--stronglyTyped" in c and "--noTF32" in c and any(a.startswith("--timingCacheFile=") for a in c)
                for c in cmds)
 

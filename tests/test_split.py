@@ -83,6 +83,10 @@ def test_compressive_bottlenecks_are_the_default(tmp_path):
     on_disk = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert list(on_disk)[0] == "schema" and on_disk["schema"] == SPLIT_SCHEMA
     assert read_manifest(tmp_path / "s") == man
+    for old in ("dsc-export.split/1", "dsc-export.split/2"):  # an older layout: one line, what to do
+        (tmp_path / "s" / "manifest.json").write_text(json.dumps({**on_disk, "schema": old}))
+        with pytest.raises(UserError, match=f"older dsc-export \\({old}, .*run dsc-export split again$"):
+            read_manifest(tmp_path / "s")
 
 
 def test_no_natural_bottleneck_gives_offload_and_local_only(tmp_path):
@@ -162,7 +166,11 @@ def test_external_data_model_and_missing_data(tmp_path):
     for name, w in weights.items():
         np.testing.assert_array_equal(copied[name], w)
     assert len(man.splits) == 5
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    want = make_session(src).run(None, {"x": x})
     (tmp_path / "ext" / "m.weights").unlink()
+    got = make_session(tmp_path / "s" / "model.onnx").run(None, {"x": x})  # the copy holds its own weights
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
     with pytest.raises(UserError, match="external data.*missing: m.weights"):
         analyze_file(src)
 

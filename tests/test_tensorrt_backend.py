@@ -258,13 +258,126 @@ def test_backend_compatible_compares_with_this_gpu(trt):
 def test_trtexec_command(precision):
     opts = BuildOptions(workspace_mb=512, version_compatible=True, hardware_compatible=True)
     be = tensorrt.TensorrtBackend()
-    dyn = shlex.split(be.trtexec_command("h.onnx", "h.plan", "in put", [8, 3], precision, opts, "c.cache"))
-    static = shlex.split(be.trtexec_command("h.onnx", "h.plan", None, [8, 3], precision, BuildOptions(), "c.cache"))
-    assert "--shapes='in put':8x3" in dyn and not any(a.startswith("--shapes") for a in static)
+    dyn = shlex.split(be.trtexec_command("h.onnx", "h.plan", "in put", [[1, 3], [8, 3]], precision, opts, "c.cache"))
+    static = shlex.split(be.trtexec_command("h.onnx", "h.plan", None, [[8, 3]], precision, BuildOptions(), "c.cache"))
+    # one profile per batch size, in order: --profile=K, then its min = opt = max
+    for k, b in enumerate([1, 8]):
+        at = dyn.index(f"--profile={k}")
+        assert dyn[at + 1:at + 4] == [f"--{w}Shapes='in put':{b}x3" for w in ("min", "opt", "max")]
+    assert dyn.index("--profile=0") < dyn.index("--profile=1")
+    assert not any(a.startswith(("--shapes", "--minShapes", "--profile")) for a in static)
     assert ("--noTF32" in dyn) == (precision == "fp32") == ("--noTF32" in static)
     assert {"--stronglyTyped", "--versionCompatible", "--hardwareCompatibilityLevel=ampere+",
             "--memPoolSize=workspace:512M", "--timingCacheFile=c.cache"} <= set(dyn)
     assert "--versionCompatible" not in static
+
+
+# --- one engine per part, one optimisation profile per batch size ------------------------------
+
+def test_one_build_adds_one_profile_per_batch_size(trt, onnx_file, tmp_path):
+    import json
+
+    out = build(trt, onnx_file, tmp_path, batch=[1, 2, 8])
+    dims = [d.dim_value for d in onnx.load(onnx_file).graph.input[0].type.tensor_type.shape.dim][1:]
+    assert trt.called("IOptimizationProfile.set_shape") == [("x", (b, *dims), (b, *dims), (b, *dims)) for b in (1, 2, 8)]
+    ((_, config),) = trt.called("Builder.build_serialized_network")  # one build, one IBuilderConfig
+    assert config.num_optimization_profiles == 3 and json.loads(out.read_bytes())["build"]["profiles"] == 3
+
+
+def test_several_batch_sizes_for_a_static_input_are_refused(trt, tmp_path):
+    static = chain()[0]
+    static.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    path = tmp_path / "static.onnx"
+    onnx.save(static, path)
+    with pytest.raises(UserError, match="fixed batch size: one profile, not batch sizes 1, 2$"):
+        build(trt, path, tmp_path, batch=[1, 2])
+
+
+def test_each_runner_selects_the_profile_of_its_batch_and_shares_the_engine(trt, tmp_path):
+    path = tmp_path / "e.plan"
+    batches = [1, 2, 8]
+    path.write_bytes(trt.plan([("x", [-1, 3], "FLOAT")], [("y", [-1, 3], "FLOAT")], batches))
+    rng = np.random.default_rng(0)
+    runners = [tensorrt.TensorrtBackend().load(path, profile=k) for k in range(len(batches))]
+    for k, (b, runner) in enumerate(zip(batches, runners)):
+        runner.activate()
+        x = rng.standard_normal((b, 3)).astype(np.float32)
+        assert np.array_equal(runner.infer({"x": x})["y"], x * 2)  # the double doubles its input
+        names = [n for n, _ in trt.calls]
+        select = len(names) - 1 - names[::-1].index("IExecutionContext.set_optimization_profile_async")
+        shape = len(names) - 1 - names[::-1].index("IExecutionContext.set_input_shape")
+        assert trt.calls[select][1] == (k, int(runner._stream.handle)) and select < shape
+        assert trt.calls[shape][1] == ("x", (b, 3)) and runner._context.active_optimization_profile == k
+    assert len(trt.called("Runtime.deserialize_cuda_engine")) == 1  # one engine, one copy of the weights
+    for runner in runners:
+        runner.deactivate()
+    assert not tensorrt._ENGINES.held  # released with the last runner
+    with tensorrt.TensorrtBackend().load(path, profile=0):
+        pass
+    assert len(trt.called("Runtime.deserialize_cuda_engine")) == 2
+
+
+@pytest.mark.parametrize("profile", [3, -1])
+def test_a_wrong_profile_index_is_refused_in_one_line(trt, tmp_path, profile):
+    path = tmp_path / "e.plan"
+    path.write_bytes(trt.plan([("x", [-1, 3], "FLOAT")], [("y", [-1, 3], "FLOAT")], [1, 2, 8]))
+    runner = tensorrt.TensorrtBackend().load(path, profile=profile)
+    with pytest.raises(UserError) as exc:
+        runner.activate()
+    assert f"has 3 optimisation profile(s), not profile {profile}" in str(exc.value)
+    assert "\n" not in str(exc.value) and not runner.active and not tensorrt._ENGINES.held
+    assert not trt.called("IExecutionContext.set_optimization_profile_async")
+
+
+def test_build_records_which_profile_serves_which_batch(trt, tmp_path):
+    """build_engines with TensorRT: one file per part, a record per batch size naming its profile;
+    a later build with another size keeps the sizes recorded; each record loads its profile;
+    --emit-trtexec writes the same profiles in the same order."""
+    import json
+
+    from dsc_export.artifacts import read_manifest
+    from dsc_export.engines import build_engines, emit_trtexec, load_engine
+    from dsc_export.splitting import split_model
+
+    model, cuts = chain()
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    root = tmp_path / "s"
+    split_model(src, root, at=cuts[2:])
+    build_engines(root, "tensorrt", [4, 1], "all", verify=False)
+    man = read_manifest(root)
+    sources = {e.source for e in man.engines}
+    assert len({e.path for e in man.engines}) == len(sources) == 3  # model, head, tail: one engine each
+    for e in man.engines:
+        assert e.profile == [1, 4].index(e.batch) and e.path.startswith("engines/tensorrt/")
+    build_engines(root, "tensorrt", [2], "heads", verify=False)  # the head's engine: profiles 1, 2, 4
+    man = read_manifest(root)
+    head = man.splits[1].head
+    recs = sorted((e for e in man.engines if e.source == head), key=lambda e: e.batch)
+    assert [(e.batch, e.profile) for e in recs] == [(1, 0), (2, 1), (4, 2)]
+    plan = json.loads((root / recs[0].path).read_bytes())
+    dims = [d.dim_value for d in onnx.load(root / head).graph.input[0].type.tensor_type.shape.dim][1:]
+    (x,) = [t for t in plan["tensors"] if t["mode"] == "INPUT"]
+    assert x["profiles"] == [[[b, *dims]] * 3 for b in (1, 2, 4)]  # what the builder was given
+    for rec in recs:
+        with load_engine(root, rec) as runner:
+            assert runner._context.active_optimization_profile == rec.profile
+            assert runner.inputs[0].shape == (rec.batch, *dims)
+    bad = man.to_json().replace('"profile": 2', '"profile": 5')
+    (root / "manifest.json").write_text(bad)
+    wrong = next(e for e in read_manifest(root).engines if e.profile == 5)
+    with pytest.raises(UserError, match="has 3 optimisation profile\\(s\\), not profile 5"):
+        load_engine(root, wrong).activate()
+    (root / "manifest.json").write_text(man.to_json())
+    out = tmp_path / "build.sh"
+    assert emit_trtexec(root, out, [1, 2, 4], parts="heads") == 2  # the head and the whole model
+    (cmd,) = [shlex.split(ln) for ln in out.read_text().splitlines() if f"--onnx={head}" in ln]
+    assert f"--saveEngine={recs[0].path}" in cmd
+    name = onnx.load(root / head).graph.input[0].name
+    for rec in recs:
+        at = cmd.index(f"--profile={rec.profile}")
+        spec = f"'{name}':" + "x".join(map(str, (rec.batch, *dims)))
+        assert cmd[at + 1:at + 4] == [f"--minShapes={spec}", f"--optShapes={spec}", f"--maxShapes={spec}"]
 
 
 # --- the doubles themselves --------------------------------------------------------------------

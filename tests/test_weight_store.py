@@ -60,12 +60,13 @@ def test_split_dir_stores_each_weight_once_and_stays_exact(one_cut):
     m = onnx.load(src)
     distinct = {hashlib.sha256(t.raw_data).hexdigest(): len(t.raw_data) for t in m.graph.initializer
                 if len(t.raw_data) >= MIN_BYTES}
-    store = sorted((root / "weights").iterdir())
+    store = sorted((root / "weights").iterdir())  # the source's and the engines' (one store)
     for p in store:  # each file named by its content
         assert hashlib.sha256(p.read_bytes()).hexdigest() + ".bin" == p.name
     assert {p.name[:-4] for p in store} >= set(distinct)  # the source's weights, each once
-    assert sum(p.stat().st_size for p in store) <= 1.01 * sum(distinct.values())
     man = read_manifest(root)
+    source_blobs = {root / d for ds in man.data.values() for d in ds}
+    assert sum(p.stat().st_size for p in source_blobs) <= 1.01 * sum(distinct.values())
     graphs = sum((root / f).stat().st_size for f in man.data)
     assert graphs < 0.05 * sum(distinct.values())  # model, head and tail: graphs only
     # head -> tail against onnxruntime on the exported file itself
@@ -79,16 +80,17 @@ def test_split_dir_stores_each_weight_once_and_stays_exact(one_cut):
 
 def test_another_batch_size_adds_kilobytes(one_cut):
     _, root = one_cut
-    folder = root / "engines" / "onnxruntime"
-    before = {p.name for p in (folder / "weights").iterdir()}
-    weights = tree_bytes(list((folder / "weights").iterdir()))
+    store = root / "weights"
+    before = {p.name for p in store.iterdir()}
+    weights = tree_bytes(list(store.iterdir()))
     rep = build_engines(root, "onnxruntime", [2], "all", keep_all=True)
     assert len({e.path for e in rep.built}) == 3 and not rep.failed
-    new_blobs = [p for p in (folder / "weights").iterdir() if p.name not in before]
+    new_blobs = [p for p in store.iterdir() if p.name not in before]
     assert (tree_bytes(new_blobs) if new_blobs else 0) <= 0.01 * weights
     man = read_manifest(root)
     read = {root / d for e in rep.built for d in e.data}
-    assert read and all(p.parent == folder / "weights" for p in read)
+    assert read and all(p.parent == store for p in read)  # the split dir's one store
+    assert all((root / e.path).parent == root for e in rep.built)  # engines beside the parts
     added = tree_bytes(new_blobs + [root / p for p in {e.path for e in rep.built}])
     assert added < 0.02 * tree_bytes(list(read))  # three engines: graphs (kilobytes) over shared weights
     x = np.random.default_rng(4).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
@@ -96,6 +98,22 @@ def test_another_batch_size_adds_kilobytes(one_cut):
     with load_engine(root, man.engine("local", "head", "onnxruntime", 2)) as r:
         got = r.infer({"image": x})["logits"]
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_a_tensor_equal_in_the_source_and_an_engine_is_stored_once(one_cut):
+    """The optimiser leaves some tensors as they are (e.g. the classifier): the engine and the
+    source read the same blob, and the store holds no file that no file of the dir reads."""
+    _, root = one_cut
+    man = read_manifest(root)
+    source_blobs = {d for ds in man.data.values() for d in ds}
+    engine_blobs = {d for e in man.engines for d in e.data}
+    src = onnx.load(root / man.model.path)  # the weights as the source holds them, read independently
+    raw = {hashlib.sha256(numpy_helper.to_array(t).tobytes()).hexdigest() for t in src.graph.initializer}
+    shared = source_blobs & engine_blobs
+    assert shared and all(p.split("/")[-1][:-4] in raw for p in shared)
+    store = {f"weights/{p.name}" for p in (root / "weights").iterdir()}
+    assert store == source_blobs | engine_blobs  # pruned to what is read, each once
+    assert not (root / "engines" / "onnxruntime").exists()
 
 
 def _flip(path):

@@ -115,6 +115,9 @@ class Backend:
     suffix = ""
     extra = ""  # the dsc-export extra that installs the backend's modules
     runs_onnx = False  # load_onnx works: build can time an engine against its ONNX
+    # One engine serves several batch sizes, one optimisation profile each (TensorRT): ``build``
+    # takes the list of batch sizes and ``load`` the profile to run.
+    profiles = False
 
     def available(self) -> str | None:
         """None when the backend can be used here, else a one-line reason."""
@@ -134,7 +137,7 @@ class Backend:
         """None when an engine built for ``target`` with ``options`` runs here, else what differs."""
         return None
 
-    def build(self, onnx_path: str | os.PathLike, engine_path: str | os.PathLike, batch: int,
+    def build(self, onnx_path: str | os.PathLike, engine_path: str | os.PathLike, batch: int | list[int],
               precision: str, options: BuildOptions, cache_dir: str | os.PathLike | None = None,
               log=lambda s: None) -> None:
         """Build the engine for ``onnx_path`` at a fixed ``batch`` and write it to ``engine_path``.
@@ -142,7 +145,8 @@ class Backend:
         Args:
             onnx_path: head, tail or whole model (batch dimension dynamic or equal to ``batch``).
             engine_path: the file to write (written whole or not at all).
-            batch: the batch size the engine is optimised for.
+            batch: the batch size the engine is optimised for; for a backend with ``profiles``, a
+                list of batch sizes, one optimisation profile each (profile ``k``: ``batch[k]``).
             precision: ``fp32`` or ``fp16`` (``fp16``: converted with
                 :func:`dsc_export.graph.precision.to_float16_for_build` before the build).
             options: build options.
@@ -152,15 +156,18 @@ class Backend:
         """
         raise NotImplementedError
 
-    def load(self, engine_path: str | os.PathLike, threads: int | None = None) -> Runner:
-        """A runner for a built engine (not yet active)."""
+    def load(self, engine_path: str | os.PathLike, threads: int | None = None, *,
+             profile: int | None = None) -> Runner:
+        """A runner for a built engine (not yet active); ``profile``: the optimisation profile it
+        runs (a backend with ``profiles``; None for a batch-fixed engine)."""
         raise NotImplementedError
 
     def load_onnx(self, onnx_path: str | os.PathLike, threads: int | None = None) -> Runner:
         """A runner for an ONNX file as it is (no build step), where the backend can do that."""
         raise EngineLoadError(f"the {self.name} backend runs built engines only")
 
-    def trtexec_command(self, onnx_path: str, engine_path: str, input_name: str, input_shape: list[int],
-                        precision: str, options: BuildOptions, cache_path: str) -> str | None:
+    def trtexec_command(self, onnx_path: str, engine_path: str, input_name: str | None,
+                        input_shapes: list[list[int]], precision: str, options: BuildOptions,
+                        cache_path: str) -> str | None:
         """The equivalent ``trtexec`` command line, where there is one."""
         return None

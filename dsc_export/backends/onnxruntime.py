@@ -94,7 +94,8 @@ class OnnxruntimeRunner(Runner):
 
 class OnnxruntimeBackend(Backend):
     """onnxruntime engines: batch fixed, graph optimisations applied and saved; the weights in
-    the engine folder's shared store (``weights/<sha256>.bin``, ONNX external data)."""
+    the shared store of the engine file's folder (``weights/<sha256>.bin``, ONNX external data;
+    the split dir's own store, since engines sit beside the parts)."""
 
     suffix = ".onnx"
     extra = ""
@@ -163,7 +164,7 @@ class OnnxruntimeBackend(Backend):
                 ort.InferenceSession(os.fspath(src), sess_options=opts, providers=self.providers)
             except Exception as exc:
                 raise BuildError(f"onnxruntime cannot build {onnx_path} at batch {batch}: {first_line(exc)}") from exc
-            # The weights go to the engine folder's shared store (dsc_export.weight_store): engines of
+            # The weights go to the shared store of the engine's folder (dsc_export.weight_store): engines of
             # other batch sizes and parts hold the same optimised tensors and share them.
             from dsc_export.weight_store import externalize, write_blobs
 
@@ -174,8 +175,8 @@ class OnnxruntimeBackend(Backend):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def load(self, engine_path, threads=None) -> Runner:
-        self.check()
+    def load(self, engine_path, threads=None, *, profile=None) -> Runner:
+        self.check()  # batch-fixed engines: no profiles (``profile`` is None)
         r = OnnxruntimeRunner(os.fspath(engine_path), threads)
         r.providers, r.optimization = self.providers, "none"  # optimised when built
         return r

@@ -3,12 +3,22 @@
 Build: the ONNX parser fills a strongly typed network (the only kind TensorRT 11 has; on 10 the
 ``STRONGLY_TYPED`` creation flag gives the same meaning), so the ONNX types are the precision:
 fp16 is :func:`dsc_export.graph.precision.to_float16_for_build` applied before the build, never the FP16
-builder flag that 11 removed. One optimisation profile with min = opt = max = the batch size, a
-workspace limit, a timing cache shared by every build of one model and kept on disk, and
-optional version-compatible / hardware-compatible engines. The engine is serialised to ``.plan``.
+builder flag that 11 removed. One engine per part serves every batch size: one ``IBuilderConfig``
+with one optimisation profile per batch size (min = opt = max = that batch, profile ``k`` for the
+``k``-th size), so the weights are in the engine once (TensorRT shares them across the profiles
+of one engine). A workspace limit, a timing cache shared by every build of one model and kept on
+disk, and optional version-compatible / hardware-compatible engines. The engine is serialised to
+``.plan``.
 
-Run: ``execute_async_v3`` with named tensor addresses, device buffers and a stream from
-:mod:`dsc_export.backends.cuda`; ``time_ms`` times the execution alone with CUDA events.
+Run: a runner runs one profile (the one serving its batch size, recorded in the manifest): it
+selects it with ``set_optimization_profile_async(index, stream)`` and then sets the input shapes,
+as Polygraphy's ``TrtRunner`` and trtexec do; runners of one file share the deserialised engine
+(one copy of the weights on the GPU), each with its own execution context (TensorRT: each
+context in concurrent use needs its own profile). ``execute_async_v3`` with named tensor
+addresses, device buffers and a stream from :mod:`dsc_export.backends.cuda`; ``time_ms`` times
+the execution alone with CUDA events. Source: TensorRT developer guide, "Working with Dynamic
+Shapes" / "Optimization Profiles", and the Python API (``IOptimizationProfile``,
+``IExecutionContext.set_optimization_profile_async``, ``ICudaEngine.get_tensor_profile_shape``).
 
 Both ``tensorrt`` and ``cuda`` are imported lazily; without them the backend reports a one-line
 reason naming the ``tensorrt`` extra.
@@ -97,14 +107,53 @@ def error_log(trt) -> ErrorLog:
     return _ERROR_LOG
 
 
-class TensorrtRunner(Runner):
-    """Runs a deserialised engine with ``execute_async_v3`` on one stream.
+class _Engines:
+    """Deserialised engines shared by the runners of one file (one copy of the weights on the
+    GPU however many profiles run): file -> [runtime, engine, users]."""
 
-    Every input and output is staged through page-locked host memory (as NVIDIA's samples do) and
-    has one device buffer; what activation made is released if it fails part-way.
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.held: dict[tuple, list] = {}
+
+    def acquire(self, trt, path: str, log: ErrorLog) -> tuple[tuple, Any]:
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, id(trt))
+        with self.lock:
+            if key not in self.held:
+                mark = log.mark()
+                runtime = trt.Runtime(log.logger)
+                runtime.engine_host_code_allowed = True  # version-compatible engines carry a lean runtime
+                engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+                if engine is None:
+                    raise EngineLoadError(f"TensorRT cannot load '{path}': {log.reason(mark)} "
+                                          "(engines are tied to the GPU and TensorRT version they were built with)")
+                self.held[key] = [runtime, engine, 0]
+            self.held[key][2] += 1
+            return key, self.held[key][1]
+
+    def release(self, key: tuple) -> None:
+        with self.lock:
+            held = self.held.get(key)
+            if held is not None:
+                held[2] -= 1
+                if held[2] <= 0:  # the engine before the runtime, as TensorRT requires
+                    held[1] = None
+                    del self.held[key]
+
+
+_ENGINES = _Engines()
+
+
+class TensorrtRunner(Runner):
+    """Runs one optimisation profile of a deserialised engine with ``execute_async_v3`` on one stream.
+
+    ``profile``: the profile to run (None: profile 0, an engine of one profile). Every input and
+    output is staged through page-locked host memory (as NVIDIA's samples do) and has one device
+    buffer; what activation made is released if it fails part-way.
     """
 
-    _runtime = _engine = _context = _stream = _timer = None
+    _engine_key = _engine = _context = _stream = _timer = None
+    profile: int | None = None
 
     def activate_impl(self) -> None:
         from dsc_export.backends import cuda
@@ -120,18 +169,22 @@ class TensorrtRunner(Runner):
     def _activate(self, trt, cuda) -> None:
         log = error_log(trt)
         mark = log.mark()
-        self._runtime = trt.Runtime(log.logger)
-        self._runtime.engine_host_code_allowed = True  # version-compatible engines carry a lean runtime
-        self._engine = self._runtime.deserialize_cuda_engine(Path(self.path).read_bytes())
-        if self._engine is None:
-            raise EngineLoadError(f"TensorRT cannot load '{self.path}': {log.reason(mark)} "
-                            "(engines are tied to the GPU and TensorRT version they were built with)")
+        self._engine_key, self._engine = _ENGINES.acquire(trt, self.path, log)
+        count = self._engine.num_optimization_profiles
+        k = 0 if self.profile is None else self.profile
+        if not (isinstance(k, int) and 0 <= k < count):
+            raise EngineLoadError(f"'{self.path}' has {count} optimisation profile(s), not profile {k}; the "
+                                  "manifest and the engine disagree (rebuild with dsc-export build)")
         self._context = self._engine.create_execution_context()
         if self._context is None:
             raise EngineLoadError(f"TensorRT cannot create an execution context for '{self.path}' "
                             f"(out of GPU memory?): {log.reason(mark)}")
         self._stream = cuda.Stream()
         self._timer = cuda.EventTimer()
+        # the profile first, then the input shapes within it (TensorRT: selecting a profile
+        # invalidates the shapes set before)
+        if self.profile is not None and not self._context.set_optimization_profile_async(k, int(self._stream.handle)):
+            raise EngineLoadError(f"TensorRT refuses optimisation profile {k} of '{self.path}': {log.reason(mark)}")
         self.inputs, self.outputs = [], []
         for i in range(self._engine.num_io_tensors):
             name = self._engine.get_tensor_name(i)
@@ -139,7 +192,7 @@ class TensorrtRunner(Runner):
             shape = tuple(self._engine.get_tensor_shape(name))
             is_input = self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             if is_input and any(d < 0 for d in shape):  # a dynamic dim: the profile fixes it (min = max)
-                shape = tuple(self._engine.get_tensor_profile_shape(name, 0)[2])
+                shape = tuple(self._engine.get_tensor_profile_shape(name, k)[2])
                 if not self._context.set_input_shape(name, shape):
                     raise EngineLoadError(f"TensorRT refuses shape {list(shape)} for input '{name}' of "
                                     f"'{self.path}': {log.reason(mark)}")
@@ -204,7 +257,9 @@ class TensorrtRunner(Runner):
         # the context before the engine before the runtime, as TensorRT requires
         self._timer = self._stream = self._context = None
         self._engine = None
-        self._runtime = None
+        if self._engine_key is not None:
+            _ENGINES.release(self._engine_key)
+        self._engine_key = None
 
 
 def engine_compatibility(built: dict[str, Any], here: dict[str, Any], options: dict[str, Any]) -> str | None:
@@ -241,6 +296,7 @@ class TensorrtBackend(Backend):
     name = "tensorrt"
     suffix = ".plan"
     extra = "tensorrt"
+    profiles = True  # one engine per part, one optimisation profile per batch size
 
     def available(self) -> str | None:
         try:
@@ -265,8 +321,23 @@ class TensorrtBackend(Backend):
 
     def build(self, onnx_path, engine_path, batch, precision, options: BuildOptions, cache_dir=None,
               log=lambda s: None) -> None:
+        """Build one engine of ``onnx_path`` with one optimisation profile per batch size.
+
+        Args:
+            batch: a batch size or a list of them; profile ``k`` has min = opt = max = the
+                ``k``-th size (so the runner of that size selects profile ``k``).
+            (the others: :meth:`Backend.build`)
+
+        Raises:
+            BuildError: the parser, the profiles or the build failed (TensorRT's first error,
+                one line); an input with dynamic dims other than the batch; several batch sizes
+                for a fully static input.
+            OutOfDeviceMemory: the build ran out of GPU memory.
+        """
         from dsc_export.backends.cuda import OutOfDeviceMemory
 
+        batches = [int(b) for b in ([batch] if isinstance(batch, int) else batch)]
+        label = f"batch {batches[0]}" if len(batches) == 1 else f"batch sizes {', '.join(map(str, batches))}"
         self.check()
         trt = _trt()
         elog = error_log(trt)
@@ -300,17 +371,21 @@ class TensorrtBackend(Backend):
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb * 2**20)
             if precision == "fp32":  # TF32 is on by default on Ampere and newer: fp32 must mean fp32
                 config.clear_flag(trt.BuilderFlag.TF32)
-            profile = builder.create_optimization_profile()
-            for i in range(network.num_inputs):
-                t = network.get_input(i)
-                shape = list(t.shape)
-                if shape and shape[0] < 0:
-                    shape[0] = batch
-                if any(d < 0 for d in shape):
-                    raise BuildError(f"input '{t.name}' of {onnx_path} has dynamic dims other than the batch: {shape}")
-                profile.set_shape(t.name, shape, shape, shape)
-            if config.add_optimization_profile(profile) < 0:
-                raise BuildError(f"TensorRT refuses the optimisation profile of {onnx_path}: {elog.reason(mark)}")
+            inputs = [network.get_input(i) for i in range(network.num_inputs)]
+            if len(batches) > 1 and all(t.shape and t.shape[0] >= 0 for t in inputs):
+                raise BuildError(f"the inputs of {onnx_path} have a fixed batch size: one profile, not {label}")
+            for b in batches:  # profile k serves batches[k]
+                profile = builder.create_optimization_profile()
+                for t in inputs:
+                    shape = list(t.shape)
+                    if shape and shape[0] < 0:
+                        shape[0] = b
+                    if any(d < 0 for d in shape):
+                        raise BuildError(f"input '{t.name}' of {onnx_path} has dynamic dims other than the batch: {shape}")
+                    profile.set_shape(t.name, shape, shape, shape)
+                if config.add_optimization_profile(profile) < 0:
+                    raise BuildError(f"TensorRT refuses the optimisation profile of {onnx_path} at batch {b}: "
+                                     f"{elog.reason(mark)}")
             if options.version_compatible:
                 config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
             if options.hardware_compatible:
@@ -322,8 +397,8 @@ class TensorrtBackend(Backend):
             if plan is None:
                 last = elog.reason(mark)
                 if "memory" in last.lower():
-                    raise OutOfDeviceMemory(f"out of GPU memory building {onnx_path} at batch {batch}: {last}")
-                raise BuildError(f"TensorRT could not build {onnx_path} at batch {batch}: {last}")
+                    raise OutOfDeviceMemory(f"out of GPU memory building {onnx_path} at {label}: {last}")
+                raise BuildError(f"TensorRT could not build {onnx_path} at {label}: {last}")
             engine_path = Path(engine_path)
             engine_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = engine_path.with_name(f".{engine_path.name}.tmp")
@@ -338,22 +413,33 @@ class TensorrtBackend(Backend):
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
-    def load(self, engine_path, threads=None) -> Runner:
+    def load(self, engine_path, threads=None, *, profile=None) -> Runner:
+        """A runner of ``profile`` (the optimisation profile serving one batch size; None: 0).
+        A profile the engine does not have is refused in one line when it is activated."""
         self.check()
-        return TensorrtRunner(os.fspath(engine_path), threads)
+        runner = TensorrtRunner(os.fspath(engine_path), threads)
+        runner.profile = profile
+        return runner
 
-    def trtexec_command(self, onnx_path, engine_path, input_name, input_shape, precision, options, cache_path) -> str:
+    def trtexec_command(self, onnx_path, engine_path, input_name, input_shapes, precision, options,
+                        cache_path) -> str:
         """One ``trtexec`` command line, every argument quoted for ``sh`` (:func:`shlex.join`).
 
-        ``input_name`` None: the input is fully static and ``--shapes`` is left out (trtexec
-        refuses it then). fp32 engines get ``--noTF32``: TensorRT would otherwise compute float32
-        convolutions and matrix products in TF32 (10 mantissa bits) on Ampere and newer.
+        ``input_shapes``: the input's shape per optimisation profile, in profile order; each
+        becomes ``--profile=K`` followed by that profile's ``--minShapes`` = ``--optShapes`` =
+        ``--maxShapes`` (trtexec's build options, TensorRT 10 and 11: the shapes after
+        ``--profile=K`` belong to profile K), as :meth:`build` adds them. ``input_name`` None:
+        the input is fully static and the shapes are left out (trtexec refuses them then). fp32
+        engines get ``--noTF32``: TensorRT would otherwise compute float32 convolutions and
+        matrix products in TF32 (10 mantissa bits) on Ampere and newer.
         """
         import shlex
 
         argv = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
         if input_name is not None:
-            argv.append(f"--shapes={shape_spec(input_name, input_shape)}")
+            for k, shape in enumerate(input_shapes):
+                spec = shape_spec(input_name, shape)
+                argv += [f"--profile={k}", f"--minShapes={spec}", f"--optShapes={spec}", f"--maxShapes={spec}"]
         argv += [f"--memPoolSize=workspace:{options.workspace_mb}M", f"--timingCacheFile={cache_path}",
                  "--stronglyTyped"]
         if precision == "fp32":

@@ -23,6 +23,15 @@ subclass must call ``ILogger.__init__``. Calls are recorded in :attr:`TrtDouble.
 "Engines" are JSON: the I/O tensors with their profile shapes, and the build flags; running
 one doubles every input into the output of the same index (so data paths can be checked),
 through the :class:`~doubles.cudart.CudaDouble`'s streams.
+
+Optimisation profiles, as the developer guide ("Optimization Profiles", "Working with Dynamic
+Shapes") and the Python API describe them: profiles are numbered in the order
+``IBuilderConfig.add_optimization_profile`` added them; ``ICudaEngine.get_tensor_profile_shape(name,
+profile_index)`` returns that profile's ``[min, opt, max]`` of an input (an index out of range or
+an output raises); a context starts on profile 0; ``IExecutionContext.set_optimization_profile_async
+(profile_index, stream_handle)`` selects another (False and an error logged when out of range) and
+invalidates the input shapes set before; ``set_input_shape`` accepts only a shape within the
+active profile's [min, max].
 """
 
 from __future__ import annotations
@@ -102,10 +111,14 @@ class TrtDouble:
         return [args for n, args in self.calls if n == name]
 
     def plan(self, inputs: list[tuple[str, list[int], str]], outputs: list[tuple[str, list[int], str]],
-             batch: int, **build) -> bytes:
-        """A serialised fake engine: (name, shape with -1 for the batch, DataType name) per tensor."""
+             batch: int | list[int], **build) -> bytes:
+        """A serialised fake engine: (name, shape with -1 for the batch, DataType name) per tensor;
+        ``batch``: a batch size, or one per optimisation profile (min = opt = max = that batch)."""
+        batches = [batch] if isinstance(batch, int) else list(batch)
+        build = {"profiles": len(batches), **build}
         return json.dumps({"version": self.version, "build": build, "tensors": [
-            {"name": n, "shape": s, "dtype": t, "mode": mode, "batch": batch}
+            {"name": n, "shape": s, "dtype": t, "mode": mode, "batch": batches[0],
+             "profiles": [[[b if x < 0 else x for x in s]] * 3 for b in batches] if mode == "INPUT" else None}
             for mode, group in (("INPUT", inputs), ("OUTPUT", outputs)) for n, s, t in group]}).encode()
 
 
@@ -318,12 +331,16 @@ def _make_module(d: TrtDouble) -> types.ModuleType:  # noqa: C901 - one closure 
                 if sorted(p._shapes) != sorted(names):
                     log_error("IBuilder::buildSerializedNetwork: profile does not cover every input")
                     return None
-            batch = config._profiles[0]._shapes[names[0]][0][0] if names else 1
-            return IHostMemory(d.plan(
+            plan = json.loads(d.plan(
                 [(t.name, list(t.shape), t.dtype.name) for t in network._inputs],
-                [(t.name, list(t.shape), t.dtype.name) for t in network._outputs], batch,
+                [(t.name, list(t.shape), t.dtype.name) for t in network._outputs], 1,
                 flags=sorted(f.name for f in config._flags), network_flags=network._flags,
                 hardware=config._hw.name, profiles=len(config._profiles)))
+            for t in plan["tensors"]:  # each input's [min, opt, max] per profile, in the order added
+                if t["mode"] == "INPUT":
+                    t["profiles"] = [[list(x) for x in p._shapes[t["name"]]] for p in config._profiles]
+                    t["batch"] = t["profiles"][0][2][0] if t["profiles"] else 1
+            return IHostMemory(json.dumps(plan).encode())
 
     class Runtime(Strict):
         def __init__(self, logger):
@@ -371,10 +388,9 @@ def _make_module(d: TrtDouble) -> types.ModuleType:  # noqa: C901 - one closure 
 
         def get_tensor_profile_shape(self, name, profile_index):
             t = self._tensors[name]
-            if t["mode"] != "INPUT" or profile_index != 0:
-                raise RuntimeError("get_tensor_profile_shape: not an input of profile 0")
-            shape = tuple(t["batch"] if x < 0 else x for x in t["shape"])
-            return [shape, shape, shape]
+            if t["mode"] != "INPUT" or not 0 <= profile_index < len(t["profiles"]):
+                raise RuntimeError(f"get_tensor_profile_shape: '{name}' is not an input of profile {profile_index}")
+            return [tuple(x) for x in t["profiles"][profile_index]]
 
         def create_execution_context(self, strategy=None):
             rec("ICudaEngine.create_execution_context")
@@ -389,10 +405,11 @@ def _make_module(d: TrtDouble) -> types.ModuleType:  # noqa: C901 - one closure 
 
         def set_input_shape(self, name, shape):
             rec("IExecutionContext.set_input_shape", name, tuple(shape))
-            t = self._engine._tensors[name]
-            want = tuple(t["batch"] if x < 0 else x for x in t["shape"])
-            if not d.input_shape_ok or tuple(shape) != want:
-                log_error(f"IExecutionContext::setInputShape: shape {tuple(shape)} is outside the profile {want}")
+            lo, _, hi = self._engine._tensors[name]["profiles"][self._profile]
+            inside = len(shape) == len(lo) and all(a <= x <= b for a, x, b in zip(lo, shape, hi))
+            if not d.input_shape_ok or not inside:
+                log_error(f"IExecutionContext::setInputShape: shape {tuple(shape)} is outside profile "
+                          f"{self._profile} [{tuple(lo)}, {tuple(hi)}]")
                 return False
             self._shapes[name] = tuple(shape)
             return True
@@ -420,6 +437,7 @@ def _make_module(d: TrtDouble) -> types.ModuleType:  # noqa: C901 - one closure 
                 log_error(f"setOptimizationProfileAsync: profile {profile_index} out of range")
                 return False
             self._profile = profile_index
+            self._shapes = {}  # selecting a profile invalidates the input shapes set before
             return True
 
         active_optimization_profile = property(lambda self: self._profile)
