@@ -220,6 +220,21 @@ class Plan:
         self._fast.update(parts=parts, ids=tuple(c.id for c in cands), bytes=tuple(c.bytes for c in cands),
                           cands=cands, range=(lo, hi))
 
+    def parts_ms(self, candidate: str, batch: int | float) -> tuple[float, float]:
+        """(T_head, T_tail) of one candidate at ``batch`` as profiled, in ms.
+
+        Raises:
+            UserError: an unknown candidate, or a batch size outside its profiled range.
+        """
+        if not self._fast:
+            self._prepare()
+        f = self._fast
+        if candidate not in f["ids"]:
+            raise UserError(f"unknown split '{candidate}'; the plan's candidates: {', '.join(f['ids'])}")
+        i = f["ids"].index(candidate)
+        got = f["parts"].get(batch)
+        return got[i] if got is not None else f["cands"][i].parts_ms(batch)
+
     def latencies(self, batch: int | float, rate_MBps: float, *, q_ms: float = 0.0, s: float = 1.0) -> list[float]:
         """Every candidate's predicted time in ms (:func:`eq4_ms`), in ``candidates`` order.
 

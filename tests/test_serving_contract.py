@@ -31,7 +31,7 @@ from dsc_export.errors import UserError  # noqa: E402
 from dsc_export.planning import make_plan  # noqa: E402
 from dsc_export.profiling import profile_split_dir  # noqa: E402
 from dsc_export.serving.client import DynamicSplitClient  # noqa: E402
-from dsc_export.serving.protocol import META, served_outputs  # noqa: E402
+from dsc_export.serving.protocol import LOAD, META, served_outputs  # noqa: E402
 from dsc_export.serving.server import TailServer  # noqa: E402
 from dsc_export.splitting import split_model  # noqa: E402
 
@@ -211,7 +211,7 @@ def test_pytriton_models_merge_requests_only_where_the_model_allows(dirs, monkey
     monkeypatch.setattr(TailServer, "_wait_ready", lambda self, models: None)
     _FakeTriton.bound = []
     TailServer(dirs[name]).start()
-    tails = [b for b in _FakeTriton.bound if b["model_name"] != META]
+    tails = [b for b in _FakeTriton.bound if b["model_name"] not in (META, LOAD)]
     assert tails and all(isinstance(b["config"].batcher, DynamicBatcher) == dynamic for b in tails)
     assert all((b["config"].max_batch_size if b["config"].batching else 0) == max_batch for b in tails)
     if name != "kinds":
