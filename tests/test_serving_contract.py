@@ -113,7 +113,7 @@ def test_server_configs_follow_the_contract(dirs, kinds_server, fixed_server):
     c = th.InferenceServerClient(kinds_server.urls()["http"])
     cfg = c.get_model_config("cut004")
     outs = {o["name"]: [int(d) for d in o["dims"]] for o in cfg["output"]}
-    assert outs == {"logits": [10], "scores_t": [10], "feat": [-1, -1, -1], "server_ms": [1]}
+    assert outs == {"logits": [10], "scores_t": [10], "feat": [-1, -1, -1], "server_ms": [1], "queue_ms": [1]}
     assert cfg["max_batch_size"] == 64 and "dynamic_batching" in cfg
     c.close()
     c = th.InferenceServerClient(fixed_server.urls()["http"])
@@ -121,7 +121,7 @@ def test_server_configs_follow_the_contract(dirs, kinds_server, fixed_server):
     assert cfg.get("max_batch_size", 0) == 0 and "dynamic_batching" not in cfg
     assert [int(d) for d in cfg["input"][0]["dims"]] == [2, 16, 1, 1]
     assert {o["name"]: [int(d) for d in o["dims"]] for o in cfg["output"]} == {
-        "logits": [2, 10], "prototypes": [16, 10], "server_ms": [1]}
+        "logits": [2, 10], "prototypes": [16, 10], "server_ms": [1], "queue_ms": [1]}
     c.close()
 
 
@@ -180,7 +180,7 @@ def test_merging_follows_the_manifest(dirs):
         assert rec.batches == batches
         for x, ans in zip(xs, answers):
             want = _whole(root, x)
-            assert set(ans) == {"logits", "scores_t", "feat", "server_ms"}
+            assert set(ans) == {"logits", "scores_t", "feat", "server_ms", "queue_ms"}
             assert np.array_equal(ans["scores_t"], np.ascontiguousarray(want["scores_t"].T))  # batch first
             assert ans["scores_t"].flags["C_CONTIGUOUS"] and ans["server_ms"].shape == (len(x), 1)
             assert np.allclose(ans["logits"], want["logits"], rtol=0, atol=1e-5 * np.abs(want["logits"]).max())
