@@ -1,9 +1,9 @@
 """A real shaped link for tests and benchmarks: a network namespace, a veth pair and ``tc``.
 
 The server runs inside the namespace, the client outside; the traffic between them crosses the
-veth pair, whose host side is shaped with a token bucket (``tbf``: the data rate the client
-sees for its uploads) and optionally ``netem`` (a one-way delay). :meth:`ShapedLink.set_rate`
-retunes the rate while transfers run (``tc qdisc change``). Only loopback and this namespace are
+veth pair, whose host side is shaped with a token bucket (an ``htb`` class: the data rate the
+client sees for its uploads) and optionally ``netem`` (a one-way delay). :meth:`ShapedLink.set_rate`
+retunes the rate while transfers run (``tc class change``; queued packets are kept). Only loopback and this namespace are
 ever addressed; everything is removed on exit, on an error, and by :func:`cleanup_stale` for
 namespaces a killed process left behind. Needs root (CAP_NET_ADMIN); :func:`permitted` says
 whether this machine allows it.
@@ -96,7 +96,7 @@ class ShapedLink:
             _run(["ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{self.server_ip}/30", "dev", self.ns_if])
             _run(["ip", "netns", "exec", self.ns, "ip", "link", "set", self.ns_if, "up"])
             _run(["ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up"])
-            # no offloads: tbf must see real packet sizes
+            # no offloads: the shaper must see real packet sizes
             if shutil.which("ethtool"):
                 _run(["ethtool", "-K", self.host_if, "tso", "off", "gso", "off", "gro", "off"], check=False)
             self._qdisc("add")
@@ -105,16 +105,21 @@ class ShapedLink:
             raise
 
     def _qdisc(self, verb: str) -> None:
-        rate_bit = int(self.rate_MBps * 8e6)
-        burst = max(int(self.rate_MBps * 1e6 / 250), 16 * 1514)  # about 4 ms of data, at least 16 packets
+        """``add``: an HTB root whose one class holds the rate (netem beneath it for a delay);
+        ``change``: retune that class. An HTB class changes rate without touching the packets
+        queued beneath it (a tbf ``change`` drops them, and TCP then stalls for seconds)."""
+        rate_bit = f"{int(self.rate_MBps * 8e6)}bit"
+        burst = str(max(int(self.rate_MBps * 1e6 / 250), 16 * 1514))  # about 4 ms of data, at least 16 packets
+        cls = ["dev", self.host_if, "parent", "1:", "classid", "1:1", "htb", "rate", rate_bit, "ceil", rate_bit,
+               "burst", burst, "cburst", burst]
+        if verb == "change":
+            _run(["tc", "class", "change", *cls])
+            return
+        _run(["tc", "qdisc", "add", "dev", self.host_if, "root", "handle", "1:", "htb", "default", "1"])
+        _run(["tc", "class", "add", *cls])
         if self.delay_ms > 0:
-            _run(["tc", "qdisc", verb, "dev", self.host_if, "root", "handle", "1:", "netem", "delay",
+            _run(["tc", "qdisc", "add", "dev", self.host_if, "parent", "1:1", "handle", "10:", "netem", "delay",
                   f"{self.delay_ms}ms", "limit", "100000"])
-            _run(["tc", "qdisc", verb, "dev", self.host_if, "parent", "1:1", "handle", "10:", "tbf", "rate",
-                  f"{rate_bit}bit", "burst", str(burst), "latency", "2s"])
-        else:
-            _run(["tc", "qdisc", verb, "dev", self.host_if, "root", "handle", "1:", "tbf", "rate",
-                  f"{rate_bit}bit", "burst", str(burst), "latency", "2s"])
 
     def set_rate(self, rate_MBps: float) -> None:
         """Change the data rate now (transfers in flight continue at the new rate)."""
