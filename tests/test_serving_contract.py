@@ -3,6 +3,7 @@ a fixed-batch model, a batch-dependent one), and the files a stock Triton reads.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -308,9 +309,9 @@ def test_cli_serve_says_ready_only_with_every_model_ready_and_run_uses_it(dirs, 
     make_bundle(root, "device", tmp_path / "dev.tar")
     http, grpc, metrics = free_ports(3)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env["TMPDIR"] = str(tmp_path)  # where serve keeps Triton's log by default
     proc = subprocess.Popen([sys.executable, "-m", "dsc_export", "serve", str(tmp_path / "srv.tar"), "--http-port",
-                             str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", "1",
-                             "--triton-log", str(tmp_path / "triton.log")],
+                             str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", "1"],
                             env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # run started with the server: it waits for the models instead of running locally
@@ -334,13 +335,23 @@ def test_cli_serve_says_ready_only_with_every_model_ready_and_run_uses_it(dirs, 
                             f"127.0.0.1:{http}", "--batch-size", "3"], capture_output=True, text=True, env=env)
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [
             "error: the model runs at batch size 2 only; run it with --batch-size 2 (or leave --batch-size out)"]
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal's whole process group gets it
+        out, err = proc.communicate(timeout=60)
+        # Triton's own lines (glog "E1129 12:00:00...", "Signal (2) received.", the stubs') are in its log only
+        said = [ln for ln in (out + err).splitlines() if ln.strip()]
+        raw = [ln for ln in said if re.match(r"^[IWEF]\d{4} ", ln) or "Signal (" in ln or "Triton" in ln.split(":")[0]
+               or "Non-graceful" in ln]
+        assert raw == [] and proc.returncode == 0, said
+        log = tmp_path / f"dsc-export-triton-{http}.log"
+        assert f"Triton's log: {log}" in line and "Signal (2) received." in log.read_text()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
 
 
 def test_serve_run_and_device_bundle_refuse_an_output_no_server_can_answer(dirs, tmp_path):

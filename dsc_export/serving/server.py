@@ -35,6 +35,7 @@ ONNX; sessions have spinning off so the tails' thread pools do not spin against 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -410,27 +411,14 @@ class TailServer:
             triton.bind(model_name=LOAD, infer_func=load, inputs=[Tensor(name=PING, dtype=np.int32, shape=(1,))],
                         outputs=[Tensor(name=LOAD_OUTPUT, dtype=np.float64, shape=(6,))],
                         config=ModelConfig(batching=False))
-            if self.log_file is not None:  # Triton prints to what it inherits: keep that to its log file
-                sys.stdout.flush()
-                sys.stderr.flush()
-                saved = [os.dup(1), os.dup(2)]
-                sink = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                os.dup2(sink, 1)
-                os.dup2(sink, 2)
-                try:
-                    triton.run()
-                finally:
-                    os.dup2(saved[0], 1)
-                    os.dup2(saved[1], 2)
-                    for fd in (*saved, sink):
-                        os.close(fd)
-            else:
+            with _into(self.log_file):
                 triton.run()
             self._triton = triton
             self._wait_ready([s.id for s in tails] + [META, LOAD])
         except BaseException:
             self._triton = None
-            triton.stop()
+            with _into(self.log_file):
+                triton.stop()
             raise
 
     def _wait_ready(self, models: list[str]) -> None:
@@ -445,8 +433,10 @@ class TailServer:
             client.close()
 
     def stop(self) -> None:
+        """Stop Triton (its last words, "Signal (2) received." and the stubs', go to the log file)."""
         if self._triton is not None:
-            self._triton.stop()
+            with _into(self.log_file):
+                self._triton.stop()
             self._triton = None
 
     def batching(self) -> str:
@@ -461,6 +451,31 @@ class TailServer:
 
     def urls(self) -> dict[str, str]:
         return {"http": f"{self.host}:{self.http_port}", "grpc": f"{self.host}:{self.grpc_port}"}
+
+
+@contextlib.contextmanager
+def _into(log_file: Path | None):
+    """While starting and stopping Triton, this process's stdout and stderr go to ``log_file``:
+    Triton, its stubs and PyTriton (which echoes Triton's terminal output with ``print`` and
+    warns through ``logging``) print to what they inherit. None: left as they are."""
+    if log_file is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    sink = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(sink, 1)
+    os.dup2(sink, 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, sink):
+            os.close(fd)
 
 
 def serve_forever(server: TailServer, on_ready: Callable[[], None] = lambda: None) -> None:
