@@ -44,21 +44,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import HERE, OUT, split_dir, write
+from common import HERE, OUT, shaped_setup, stop, write
 
 POLICIES = ["aware", "blind", "static", "local", "offload"]
 RESULTS = HERE / "results"
 IMAGES = HERE.parent / "docs" / "images"
-
-SINK = r"""
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 5999)); s.listen(4); print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    while c.recv(1 << 20): pass
-    c.sendall(b"k"); c.close()
-"""
 
 SERVER = r"""
 import sys
@@ -160,31 +150,6 @@ def prepare_cache(root: Path, man, batch: int, n_inputs: int, path: Path) -> Non
     np.savez(path, **arrays)
 
 
-def link_rate(link) -> float:
-    """The link's rate as a plain 8 MB TCP transfer into the namespace measures it, MB/s."""
-    import socket
-
-    sink = subprocess.Popen(link.exec_argv([sys.executable, "-c", SINK, link.server_ip]), stdout=subprocess.PIPE,
-                            text=True)
-    try:
-        sink.stdout.readline()
-        nbytes = 8_000_000
-        s = socket.create_connection((link.server_ip, 5999), timeout=60)
-        data = b"\x01" * (1 << 20)
-        t = time.perf_counter()
-        sent = 0
-        while sent < nbytes:
-            s.sendall(data[: min(len(data), nbytes - sent)])
-            sent += min(len(data), nbytes - sent)
-        s.shutdown(socket.SHUT_WR)
-        s.recv(1)
-        s.close()
-        return nbytes / (time.perf_counter() - t) / 1e6
-    finally:
-        sink.kill()
-        sink.wait()
-
-
 def run_devices(base: dict, tmp: Path, tag: str, policies: list[str], windows: list[list[tuple[float, float]]],
                 link=None, schedule=None, url: str | None = None) -> tuple[list[list[dict]], list]:
     """Start one process per device (``policies[d]``, active in ``windows[d]``), change the link's
@@ -235,8 +200,7 @@ def start_server(link, root: Path, profile: Path, log_dir: Path, instances: int,
             except Exception:
                 pass
             time.sleep(0.5)
-        proc.terminate()
-        proc.wait()
+        stop(proc)
         print(f"the server did not start (attempt {attempt + 1}): {err.read_text().strip().splitlines()[-1:]}",
               flush=True)
     raise SystemExit(f"the server did not start; see {log_dir / 'server.err'}")
@@ -325,22 +289,13 @@ def main() -> None:
     if args.quick:
         args.devices, args.seconds = "1,4,8", 8.0
 
-    from dsc_export.artifacts import read_manifest, read_profile
     from dsc_export.planning import make_plan
-    from dsc_export.serving.bandwidth import ShapedLink, permitted
-    from dsc_export.serving.client import DynamicSplitClient  # noqa: F401  (fails early without the extra)
+    from dsc_export.serving.bandwidth import ShapedLink
 
-    why = permitted()
-    if why:
-        print(f"skipped: {why}")
+    setup = shaped_setup(args.model)
+    if setup is None:
         return
-    root = split_dir(args.model)
-    man = read_manifest(root)
-    prof = OUT / "profiles"
-    dev_p, srv_p = prof / f"{args.model}-device.json", prof / f"{args.model}-server.json"
-    if not dev_p.is_file():
-        raise SystemExit(f"no profiles in {prof}: run benchmarks/bench_profiles.py first")
-    dev, srv = read_profile(dev_p), read_profile(srv_p)
+    root, man, _, srv_p, dev, srv = setup
     k = args.device_slowdown
     rates = [float(r) for r in args.rates.split(",")]
     ns = [int(n) for n in args.devices.split(",")]
@@ -411,7 +366,7 @@ def main() -> None:
                       f"splits {', '.join(f'{s} {v:.0%}' for s, v in j['share'].items())}", flush=True)
             # a saturated server, an idle link: does the rate estimate read the link?
             link.set_rate(rates[0])
-            measured_link = link_rate(link)
+            measured_link = link.measure_rate()
             sat = {}
             for pol in ("aware", "blind"):
                 # inside the namespace: the generators' requests do not cross the shaped link
@@ -430,11 +385,7 @@ def main() -> None:
                   f"{sat['aware']['mean_rate_MBps']:.1f} MB/s, load-blind {sat['blind']['mean_rate_MBps']:.1f} MB/s",
                   flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     wall = time.time() - t_start
 
     # the targets

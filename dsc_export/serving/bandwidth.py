@@ -20,6 +20,16 @@ from dsc_export.errors import UserError
 
 PREFIX = "dsc"
 
+_SINK = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    while c.recv(1 << 20): pass
+    c.sendall(b"k"); c.close()
+"""
+
 
 def _run(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
     out = subprocess.run(list(cmd), capture_output=True, text=True)
@@ -127,6 +137,38 @@ class ShapedLink:
             raise UserError("the rate must be positive")
         self.rate_MBps = rate_MBps
         self._qdisc("change")
+
+    def measure_rate(self, nbytes: int = 8_000_000, port: int = 5999) -> float:
+        """The link's rate as a plain TCP transfer of ``nbytes`` from here into the namespace
+        measures it (a sink runs there meanwhile), MB/s.
+
+        Raises:
+            UserError: the sink does not start.
+        """
+        import socket
+        import sys
+        import time
+
+        sink = subprocess.Popen(self.exec_argv([sys.executable, "-c", _SINK, self.server_ip, str(port)]),
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            if sink.stdout.readline().strip() != "ready":
+                raise UserError("the TCP sink in the namespace did not start")
+            s = socket.create_connection((self.server_ip, port), timeout=60)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            data = b"\x01" * (1 << 20)
+            t = time.perf_counter()
+            sent = 0
+            while sent < nbytes:
+                s.sendall(data[: min(len(data), nbytes - sent)])
+                sent += min(len(data), nbytes - sent)
+            s.shutdown(socket.SHUT_WR)
+            s.recv(1)  # the sink answers once it has read everything
+            s.close()
+            return nbytes / (time.perf_counter() - t) / 1e6
+        finally:
+            sink.kill()
+            sink.wait()
 
     def exec_argv(self, argv: Sequence[str]) -> list[str]:
         """``argv`` prefixed to run inside the namespace."""

@@ -29,7 +29,8 @@ estimate would go stale. Probing is paid for from a budget: every batch without 
 adds ``probe_budget`` (default 5 %) of its predicted time, and when the budget covers the extra
 predicted cost of the cheapest split that sends enough bytes to measure the link, that batch
 goes there. Probing thus costs at most about 5 % over staying local, cheap probes come often
-and expensive ones (a slow link) rarely; at least ``probe_every`` batches lie between probes. Transfers under 64 KB are not
+and expensive ones (a slow link) rarely; none go to a server whose load alone keeps the batch
+here (not even a perfect link would win); at least ``probe_every`` batches lie between probes. Transfers under 64 KB are not
 used for the estimate: they are bound by latency and TCP's slow start, and read low.
 """
 
@@ -412,12 +413,19 @@ class DynamicSplitClient:
             return "local", self.plan.choose(batch, self.rate.value, None, exclude=set(self.plan.candidates) - {"local"})[1]
         q, sl = self.server_state()
         split, t = self.plan.choose(batch, self.rate.value, self._current, exclude=exclude, q_ms=q, s=sl)
-        if self.static is None and self._local_streak >= self.probe_every:
+        if self.static is None and self._local_streak >= self.probe_every and self._link_matters(batch, exclude):
             probe = self._probe(batch, exclude)
             if probe and probe[0] != split and self._budget >= probe[1] - t:
                 self._budget = 0.0
                 split, t = probe
         return split, t
+
+    def _link_matters(self, batch: int, exclude: set[str]) -> bool:
+        """Whether a better rate estimate could move the choice: False while the server's wait
+        and slowdown keep the batch here even over a perfect link (the load query, not a probe
+        of the link, says when that ends)."""
+        q, sl = self.server_state()
+        return self.plan.choose(batch, 1e9, None, exclude=exclude, q_ms=q, s=sl)[0] != "local"
 
     def _probe(self, batch: int, exclude: set[str]) -> tuple[str, float] | None:
         """The cheapest (by the plan, at the current estimate) candidate that sends enough bytes
