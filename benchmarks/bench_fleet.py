@@ -248,7 +248,8 @@ def summarize(records: list[dict], plan, seconds: float, batch: int) -> dict:
             "fallbacks": sum(1 for r in records if r["fallback"])}
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, static: str) -> None:
+    """Mean latency per batch against N, one line per policy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,8 +257,10 @@ def plot(results: dict, path: Path) -> None:
 
     ns = [int(n) for n in results]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    names = {"aware": "load-aware dynamic", "blind": "load-blind dynamic", "static": f"static {static}",
+             "local": "all-local", "offload": "all-offload"}
     for pol in POLICIES:
-        ax.plot(ns, [results[str(n)][pol]["mean_ms"] for n in ns], marker="o", label=pol)
+        ax.plot(ns, [results[str(n)][pol]["mean_ms"] for n in ns], marker="o", label=names[pol])
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("devices sharing the server and the link (N)")
@@ -415,7 +418,7 @@ def main() -> None:
     print(f"wrote {dest}")
     if not args.quick:
         IMAGES.mkdir(parents=True, exist_ok=True)
-        plot(results, IMAGES / "fleet-latency-vs-devices.png")
+        plot(results, IMAGES / "fleet-latency-vs-devices.png", static)
         print(f"wrote {IMAGES / 'fleet-latency-vs-devices.png'}")
 
 
