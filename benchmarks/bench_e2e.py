@@ -75,7 +75,7 @@ def main() -> None:
                          "emulation on both the profile and the client, as the paper's 300 MHz GPU)")
     args = ap.parse_args()
 
-    from dsc_export.backends.onnxruntime import random_array
+    from dsc_export.ort import random_array
     from dsc_export.planning import make_plan
     from dsc_export.serving.bandwidth import ShapedLink
     from dsc_export.serving.client import DynamicSplitClient

@@ -29,8 +29,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from dsc_export.artifacts import read_manifest
-    from dsc_export.backends.onnxruntime import make_session, random_array
     from dsc_export.engines import build_engines, load_engine, parse_batch_sizes
+    from dsc_export.ort import make_session, random_array
 
     root = split_dir(args.model)
     batches = parse_batch_sizes(args.batch_sizes)
@@ -104,7 +104,7 @@ def main() -> None:
 def spinning(root, man, threads: int) -> dict:
     """Three sessions in one process (a head, a tail and the whole model, run in turn, as a client
     with local fallback does): the whole model's batch-1 time with idle threads spinning or not."""
-    from dsc_export.backends.onnxruntime import make_session, random_array
+    from dsc_export.ort import make_session, random_array
 
     s = next(s for s in man.splits if s.kind == "split")
     x = random_array([1] + man.model.input.shape[1:], np.dtype(man.model.input.dtype), np.random.default_rng(1))

@@ -134,7 +134,7 @@ def worker(cfg_path: str) -> None:
 
 def prepare_cache(root: Path, man, batch: int, n_inputs: int, path: Path) -> None:
     """Real inputs, each split's real cut tensor for them, and the whole model's outputs."""
-    from dsc_export.backends.onnxruntime import make_session, random_array
+    from dsc_export.ort import make_session, random_array
 
     rng = np.random.default_rng(0)
     arrays = {}

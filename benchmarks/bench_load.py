@@ -67,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from dsc_export.artifacts import read_manifest
-    from dsc_export.backends.onnxruntime import make_session, random_array
+    from dsc_export.ort import make_session, random_array
     from dsc_export.serving.server import TailServer
 
     root = split_dir(args.model)

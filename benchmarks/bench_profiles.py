@@ -43,7 +43,7 @@ def main() -> None:
             runs = []
             for k in range(2):
                 print(f"{name}: {role} profile, {threads} thread(s), run {k + 1}/2 ...", flush=True)
-                p = profile_split_dir(root, role, args.backend, batches, threads=threads if args.backend == "onnxruntime" else None,
+                p = profile_split_dir(root, role, backend_name=args.backend, batch_sizes=batches, threads=threads if args.backend == "onnxruntime" else None,
                                       warmup=2, repeats=None, min_time_s=args.min_time, rounds=args.rounds)
                 (out / f"{name}-{role}{'' if k == 0 else '-rerun'}.json").write_text(p.to_json())
                 runs.append(p)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(HERE.parent))
 
 
 def machine() -> dict:
-    from dsc_export.backends.onnxruntime import cpu_name
+    from dsc_export.ort import cpu_name
 
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform()}

@@ -510,7 +510,7 @@ def compare_rows(old: list[dict], new: list[dict]) -> list[str]:
 
 
 def machine_info() -> dict:
-    from dsc_export.backends.onnxruntime import cpu_name
+    from dsc_export.ort import cpu_name
 
     info = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
     for mod in ("torch", "onnxruntime", "onnx"):

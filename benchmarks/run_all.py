@@ -19,7 +19,7 @@ import time
 from common import HERE, OUT, machine
 
 SCRIPTS = ["bench_split.py", "bench_engines.py", "bench_profiles.py", "bench_plan.py", "bench_e2e.py", "bench_load.py",
-           "bench_fleet.py",
+           "bench_fleet.py", "bench_bundle.py",
            "model_zoo.py"]
 BACKEND_AWARE = {"bench_profiles.py"}
 

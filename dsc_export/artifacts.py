@@ -1,7 +1,7 @@
 """The JSON artifacts: dataclasses, their JSON form, schema versions and hashes.
 
-The split manifest (``dsc-export.split/1``) with its engine records and the profile
-(``dsc-export.profile/1``) live here (contracts in DESIGN.md); the plan's dataclass is in
+The split manifest (``dsc-export.split/2``) with its engine records and the profile
+(``dsc-export.profile/1``) live here (fields and units: docs/contracts.md); the plan's dataclass is in
 ``planning`` beside the functions that compute it. Helpers for hashing and atomic writes.
 """
 
@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from dsc_export.errors import UserError
-from dsc_export.graph.cuts import CutPoint
 
-SPLIT_SCHEMA = "dsc-export.split/1"
+SPLIT_SCHEMA = "dsc-export.split/2"  # 2: weights in a shared store (weights/), parts beside model.onnx
+OLD_SPLIT_SCHEMAS = ("dsc-export.split/1",)
+# The vocabularies of the artifacts' fields (the CLI's choices come from here).
+WIRE_DTYPES = ("float32", "float16")  # Manifest.wire_dtype: the cut tensor's dtype on the wire
+PRECISIONS = ("fp32", "fp16")  # Engine.precision, Profile.precision
 MANIFEST_NAME = "manifest.json"
 
 
@@ -74,6 +77,32 @@ class ModelRef:
 
 
 @dataclass
+class CutPoint:
+    """One cut point, as the manifest's ``cut_points`` lists it.
+
+    ``shape`` is per sample (batch dimension dropped); ``bytes`` is per sample on the wire;
+    ``ratio`` is the paper's c_l in bytes (what the link carries), ``element_ratio`` the same in
+    elements (what the paper tabulates).
+    """
+
+    index: int
+    tensor: str
+    shape: list[int]
+    dtype: str
+    elements: int
+    bytes: int
+    ratio: float
+    element_ratio: float
+    natural: bool
+    compressive: bool
+    scope: str | None = None
+    # float16 wire only: the largest |value| of the cut tensor on the sample inputs, and whether
+    # it fits float16 (finite, at most 65504). A cut point that does not fit is never split at.
+    max_abs: float | None = None
+    fits_wire: bool = True
+
+
+@dataclass
 class Split:
     """One candidate of the planner: ``offload`` (l = 0), a cut point, or ``local`` (l = L)."""
 
@@ -111,6 +140,10 @@ class Engine:
     seconds: float | None = None  # build time
     max_abs_diff: float | None = None  # the engine against its ONNX at this batch size
     max_rel_diff: float | None = None
+    data: list[str] = field(default_factory=list)  # weights files it reads (relative to the split dir)
+    # Does it pay? {"engine_ms", "onnx_ms" (medians, interleaved), "margin", "threads", "kept"}; None:
+    # not measured (--keep-all, or a backend that cannot run the ONNX).
+    speed: dict[str, Any] | None = None
 
 
 @dataclass
@@ -125,6 +158,10 @@ class Manifest:
     verification: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)  # every file of the dir (relative) -> sha256
     notes: list[str] = field(default_factory=list)  # what split found and did about it (one line each)
+    data: dict[str, list[str]] = field(default_factory=dict)  # ONNX file -> the weights files it reads
+    # Engines built, measured and not kept (not faster than their ONNX by the margin): no file;
+    # the runner and the profiles use the ONNX at that batch size, and build does not retry them.
+    dropped: list[Engine] = field(default_factory=list)
     schema: str = SPLIT_SCHEMA
 
     def to_json(self) -> str:
@@ -135,6 +172,9 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         if d.get("schema") != SPLIT_SCHEMA:
+            if str(d.get("schema")) in OLD_SPLIT_SCHEMAS:
+                raise UserError(f"this split dir was written by an older dsc-export ({d['schema']}, not "
+                                f"{SPLIT_SCHEMA}); run dsc-export split again")
             raise UserError(f"not a {SPLIT_SCHEMA} manifest (schema: {d.get('schema')!r})")
         m = d["model"]
         model = ModelRef(
@@ -148,7 +188,8 @@ class Manifest:
             cut_points=[CutPoint(**c) for c in d["cut_points"]],
             splits=[Split(**s) for s in d["splits"]],
             engines=[Engine(**e) for e in d.get("engines", [])], verification=d.get("verification"),
-            files=d.get("files", {}), notes=d.get("notes", []),
+            files=d.get("files", {}), notes=d.get("notes", []), data=d.get("data", {}),
+            dropped=[Engine(**e) for e in d.get("dropped", [])],
         )
 
     def split(self, split_id: str) -> Split:
@@ -164,12 +205,8 @@ class Manifest:
                 if (s.head if part == "head" else s.tail)]
 
     def files_of(self, rel: str) -> list[str]:
-        """``rel`` and its external data files (``NAME.data`` beside a part; for the whole model,
-        the data files that were copied with it)."""
-        out = [rel] + [f for f in self.files if f.startswith(rel + ".") and f != rel]
-        if rel == self.model.path:
-            out += [f for f in self.files if f not in out and f.split("/")[0] not in ("heads", "tails", "engines")]
-        return out
+        """``rel`` and the weights files it reads (ONNX external data in the shared store)."""
+        return [rel] + self.data.get(rel, [])
 
     def engine(self, split_id: str, part: str, backend: str, batch: int, precision: str = "fp32") -> Engine | None:
         for e in self.engines:
@@ -195,17 +232,22 @@ def verify_files(manifest: Manifest, root: str | os.PathLike, paths: list[str]) 
     Args:
         manifest: the split dir's manifest; ``files`` holds the hashes written by ``split``.
         root: the split dir.
-        paths: the relative paths to check (an ONNX file's external data is checked with it).
+        paths: the relative paths to check (an ONNX file's weights files are checked with it,
+            each once).
     """
     if not manifest.files:
         raise UserError(f"'{root}/{MANIFEST_NAME}' records no file hashes (written by an older "
                         "dsc-export); run dsc-export split again")
     root = Path(root)
+    checked: set[str] = set()  # a weights file shared by several parts is read once
     for rel in paths:
         expected = manifest.files.get(rel)
         if expected is None:
             raise UserError(f"'{rel}' is not listed in '{root}/{MANIFEST_NAME}'")
         for f in manifest.files_of(rel):
+            if f in checked:
+                continue
+            checked.add(f)
             p = root / f
             if not p.is_file():
                 raise UserError(f"'{p}' is missing; the split dir is incomplete (run dsc-export split again)")
@@ -236,8 +278,12 @@ def write_json_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def _read_json(path: Path, parse, what: str):
-    """``parse(json)`` of a file; a malformed one is a one-line error naming it."""
+def read_json(path: Path, parse, what: str):
+    """``parse(json)`` of the JSON file ``path``.
+
+    Raises:
+        UserError: the file is not JSON or ``parse`` rejects it (one line naming the file).
+    """
     try:
         return parse(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as exc:
@@ -248,7 +294,7 @@ def read_manifest(split_dir: str | os.PathLike) -> Manifest:
     path = Path(split_dir) / MANIFEST_NAME
     if not path.is_file():
         raise UserError(f"'{split_dir}' is not a split dir (no {MANIFEST_NAME}); run dsc-export split first")
-    return _read_json(path, Manifest.from_dict, "manifest")
+    return read_json(path, Manifest.from_dict, "manifest")
 
 
 PROFILE_SCHEMA = "dsc-export.profile/1"
@@ -327,7 +373,7 @@ def read_profile(path: str | os.PathLike) -> Profile:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"profile '{path}' does not exist; make one with dsc-export bench")
-    return _read_json(path, Profile.from_dict, "profile")
+    return read_json(path, Profile.from_dict, "profile")
 
 
 def check_pair(device: Profile, server: Profile) -> None:

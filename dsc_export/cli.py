@@ -16,6 +16,10 @@ from pathlib import Path
 import click
 
 from dsc_export import __version__
+from dsc_export.artifacts import PRECISIONS, ROLES, WIRE_DTYPES
+from dsc_export.backends import BACKENDS
+from dsc_export.bundle import PLATFORMS, TRITON_BACKENDS
+from dsc_export.engines import PARTS
 from dsc_export.errors import UserError
 
 ENGINES_ROOT = Path("engines")
@@ -85,13 +89,17 @@ def _table(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> None:
               help="ONNX file to write [default: engines/NAME/NAME.onnx].")
 @click.option("--resolution", type=int, help="Square input size in pixels [default: the model's].")
 @click.option("--weights", type=click.Path(path_type=Path),
-              help="PyTorch checkpoint (state dict). Default: random weights with re-estimated "
-                   "BatchNorm statistics; nothing is downloaded.")
+              help="PyTorch checkpoint: a state dict in timm's naming, or EfficientNet-PyTorch's (mapped by "
+                   "order, every shape checked). Default: random weights with re-estimated BatchNorm "
+                   "statistics; nothing is downloaded.")
+@click.option("--pretrained", is_flag=True,
+              help="Trained ImageNet weights from the installed package the catalogue names "
+                   "(efficientnet_lite0; the 'weights' extra).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13 or newer).")
 @click.option("--float-input", is_flag=True,
               help="Take normalised float32 NCHW instead of the raw uint8 NHWC image.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-torch check.")
-def export_cmd(name, output, resolution, weights, opset, float_input, no_verify) -> None:
+def export_cmd(name, output, resolution, weights, pretrained, opset, float_input, no_verify) -> None:
     """Export a catalogue model to ONNX with a dynamic batch dimension.
 
     The exported model takes the raw image, uint8 [N, H, W, 3] (RGB), and normalises it inside
@@ -102,6 +110,8 @@ def export_cmd(name, output, resolution, weights, opset, float_input, no_verify)
     Example:
       dsc-export export efficientnet_b0 -o engines/efficientnet_b0/efficientnet_b0.onnx
       dsc-export export efficientnetv2_s --resolution 300 --float-input
+      dsc-export export efficientnet_lite0 --pretrained
+      dsc-export export efficientnet_b0 --weights efficientnet-b0.pth
     """
     from dsc_export.export import export_model
     from dsc_export.zoo import lookup
@@ -109,7 +119,7 @@ def export_cmd(name, output, resolution, weights, opset, float_input, no_verify)
     entry = lookup(name)
     output = output or ENGINES_ROOT / entry.name / f"{entry.name}.onnx"
     rep = export_model(entry.name, output, resolution, str(weights) if weights else None, opset,
-                       float_input, verify=not no_verify, log=_log)
+                       float_input, verify=not no_verify, log=_log, pretrained=pretrained)
     click.echo(f"wrote {rep.path}  ({rep.file_bytes / 1e6:.1f} MB, {rep.seconds:.1f} s)")
     click.echo(f"  model   {rep.entry.name} ({rep.entry.timm_name}), weights: {rep.weights}")
     click.echo(f"  input   image  {rep.input_dtype} {rep.input_shape}")
@@ -119,7 +129,7 @@ def export_cmd(name, output, resolution, weights, opset, float_input, no_verify)
 
 
 def _wire_option(f):
-    return click.option("--wire-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+    return click.option("--wire-dtype", type=click.Choice(WIRE_DTYPES), default=WIRE_DTYPES[0],
                         show_default=True,
                         help="dtype of cut tensors on the wire (float16: the head casts down, "
                              "the tail casts back).")(f)
@@ -161,7 +171,7 @@ def analyze_cmd(model, wire_dtype, inputs, as_json, plot, show_all) -> None:
     """
     from dsc_export.splitting import analyze_file
 
-    an = analyze_file(model, wire_dtype, log=_log if not as_json else (lambda s: None), inputs=inputs)
+    an = analyze_file(model, wire_dtype=wire_dtype, log=_log if not as_json else (lambda s: None), inputs=inputs)
     if plot:
         from dsc_export.plots import bottleneck_chart
 
@@ -225,7 +235,7 @@ def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
     from dsc_export.splitting import split_model
 
     out = out or ENGINES_ROOT / model.stem / "split"
-    man = split_model(model, out, wire_dtype, list(at) or None, verify, log=_log, inputs=inputs)
+    man = split_model(model, out, wire_dtype=wire_dtype, at=list(at) or None, verify=verify, log=_log, inputs=inputs)
     rows = [("split", "kind", "bytes/sample", "ratio", "max abs diff", "head", "tail")]
     for s in man.splits:
         rows.append((s.id, s.kind, f"{s.bytes:,}", f"{s.ratio:.4f}" if s.ratio is not None else "",
@@ -277,13 +287,13 @@ def _batch_sizes(ctx, param, value):
 @cli.command("build")
 @click.argument("split_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--backend", default="onnxruntime", show_default=True,
-              type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt"]),
+              type=click.Choice(BACKENDS),
               help="Engine backend.")
 @click.option("--batch-sizes", "batch_sizes", default="1,2,4,8,16,32,64", show_default=True, callback=_batch_sizes,
               help="Batch sizes: a list (1,2,4), a range (1-16) or powers of two (1:64).")
-@click.option("--parts", type=click.Choice(["heads", "tails", "all"]), default="all", show_default=True,
+@click.option("--parts", type=click.Choice(PARTS), default="all", show_default=True,
               help="heads + whole model (device side), tails + whole model (server side), or all.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True,
               help="fp16 converts the ONNX to float16 compute (inputs/outputs unchanged) before the build.")
 @click.option("--workspace-mb", type=click.IntRange(min=1), default=4096, show_default=True,
               help="TensorRT workspace limit.")
@@ -296,13 +306,21 @@ def _batch_sizes(ctx, param, value):
 @click.option("--import", "import_", is_flag=True,
               help="Record engines built elsewhere (by the --emit-trtexec commands) instead of building.")
 @_inputs_option("the engine checks of the whole model and the heads (tails: random)")
+@click.option("--keep-all", is_flag=True,
+              help="Keep every engine built, without timing it against its ONNX.")
+@click.option("--margin", type=click.FloatRange(0, 0.9), default=0.05, show_default=True,
+              help="Keep an engine only where it is faster than its ONNX by more than this fraction.")
 def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, version_compatible,
-              hardware_compatible, verify, emit_trtexec, import_, inputs) -> None:
+              hardware_compatible, verify, emit_trtexec, import_, inputs, keep_all, margin) -> None:
     """Build an engine per (part, batch size) for a split dir and record it in the manifest.
 
     An engine is the optimised form of a head, a tail or the whole model for one batch size:
     for onnxruntime the model with its batch fixed and graph optimisations saved, for TensorRT a
     serialised .plan. Engines go to DIR/engines/BACKEND/. Only what is missing or stale is built.
+    Each engine is timed against its ONNX (medians, interleaved) and kept only where it is faster
+    by more than --margin; elsewhere the ONNX runs (the decision is in the manifest). ONNX
+    engines share their weights (DIR/engines/BACKEND/weights/), so another batch size adds
+    kilobytes.
     A model that runs at one batch size only (fixed_batch in the manifest) is built at that size
     alone, with a note naming the sizes left out.
 
@@ -335,7 +353,8 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
     else:
         with _progress("building") as progress:  # the bar appears after the checks (a bad --inputs: one line)
             rep = build_engines(split_dir, backend, batch_sizes, parts, precision, options, verify,
-                                progress=progress, log=_note, inputs=None if inputs is None else str(inputs))
+                                progress=progress, log=_note, inputs=None if inputs is None else str(inputs),
+                                keep_all=keep_all, margin=margin)
     rows = [("engine", "batch", "for", "build s", "max rel diff")]
     seen = {}
     for e in rep.built:
@@ -347,8 +366,13 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
         _table(rows, right={1, 3, 4})
     kept = len({e.path for e in rep.kept})
     verb = "imported" if import_ else "built"
-    click.echo(f"{verb} {len(seen)} engine(s), {kept} already up to date, {len(rep.failed)} failed; "
-               f"recorded in {split_dir}/manifest.json")
+    dropped = len({e.path for e in rep.dropped})
+    click.echo(f"{verb} {len(seen)} engine(s), {kept} already up to date, {dropped} dropped (not faster than "
+               f"the ONNX by {margin:.0%}), {len(rep.failed)} failed; recorded in {split_dir}/manifest.json")
+    from dsc_export.bundle import describe_sizes, side_sizes_of_split
+
+    for side, sizes in side_sizes_of_split(split_dir).items():
+        click.echo(describe_sizes(side, sizes))
     for job, why in rep.failed:
         click.secho(f"failed: {job.path}: {why}", fg="red", err=True)
     if rep.failed:
@@ -357,13 +381,13 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
 
 @cli.command("bench")
 @click.argument("split_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--role", type=click.Choice(["device", "server"]), required=True,
+@click.option("--role", type=click.Choice(ROLES), required=True,
               help="device: the heads and the whole model (local); server: the tails and the whole model (offload).")
 @click.option("--backend", default="onnxruntime", show_default=True,
-              type=click.Choice(["onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt"]))
+              type=click.Choice(BACKENDS))
 @click.option("--batch-sizes", "batch_sizes", callback=_batch_sizes,
               help="Batch sizes to time [default: every size built for this role].")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per figure.")
 @click.option("--min-time", "min_time", type=click.FloatRange(min=0, min_open=True),
@@ -402,9 +426,10 @@ def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats,
             _note(f"note: {note}")
     output = output or split_dir / "profiles" / f"{role}-{backend}.json"
     with _progress(f"timing the {role} side") as progress:
-        prof = profile_split_dir(split_dir, role, backend, batch_sizes, precision, warmup,
-                                 None if min_time else repeats, min_time, threads, slowdown, lock_mhz,
-                                 rounds=rounds, progress=progress)
+        prof = profile_split_dir(split_dir, role, backend_name=backend, batch_sizes=batch_sizes,
+                                 precision=precision, warmup=warmup, repeats=None if min_time else repeats,
+                                 min_time_s=min_time, threads=threads, slowdown=slowdown,
+                                 lock_gpu_clocks_mhz=lock_mhz, rounds=rounds, progress=progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output, prof.to_json())
     _profile_table(prof)
@@ -530,16 +555,11 @@ def simulate_cmd(plan_path, scenario, baselines, as_json) -> None:
       dsc-export simulate engines/efficientnet_b0/split/plan.json docs/scenarios/commute.csv
       dsc-export simulate plan.json busy-hour.csv --baseline local --json
     """
-    from dsc_export.planning import Plan, parse_scenario, simulate
+    from dsc_export.planning import parse_scenario, read_plan, simulate
 
-    if not plan_path.is_file():
-        raise UserError(f"plan '{plan_path}' does not exist; make one with dsc-export plan")
+    plan = read_plan(plan_path)
     if not scenario.is_file():
         raise UserError(f"scenario '{scenario}' does not exist")
-    try:
-        plan = Plan.from_dict(json.loads(plan_path.read_text()))
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"'{plan_path}' is not a valid plan: {exc}") from exc
     result = simulate(plan, parse_scenario(scenario.read_text(), str(scenario)), list(baselines) or None)
     if as_json:
         click.echo(json.dumps(result, indent=1))
@@ -561,12 +581,16 @@ def simulate_cmd(plan_path, scenario, baselines, as_json) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Tar file to write.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Plan for the device bundle [default: DIR/plan.json].")
-@click.option("--triton-platform", type=click.Choice(["onnxruntime_onnx", "tensorrt_plan"]), default="onnxruntime_onnx",
-              show_default=True, help="Platform of the server bundle's Triton model repository.")
+@click.option("--triton-backend", type=click.Choice(list(TRITON_BACKENDS)),
+              help="Backend of the server bundle's Triton model repository: onnxruntime (onnxruntime_onnx), "
+                   "tensorrt (tensorrt_plan) or python (model.py running onnxruntime; served by the tritonserver "
+                   "in PyTriton's wheel) [default: onnxruntime].")
+@click.option("--triton-platform", type=click.Choice(PLATFORMS),
+              help="The same by Triton's platform name (older spelling of --triton-backend).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Triton instance_group count per model.")
-def bundle_cmd(split_dir, side, output, plan_path, triton_platform, max_batch_size, instances) -> None:
+def bundle_cmd(split_dir, side, output, plan_path, triton_backend, triton_platform, max_batch_size, instances) -> None:
     """Pack what one side needs into a tar file, every file listed with its sha256.
 
     \b
@@ -578,9 +602,16 @@ def bundle_cmd(split_dir, side, output, plan_path, triton_platform, max_batch_si
 
     if side is None:
         raise click.UsageError("choose --device or --server")
-    index = make_bundle(split_dir, side, output, plan_path, triton_platform, max_batch_size, instances)
+    if triton_backend and triton_platform and TRITON_BACKENDS[triton_backend] != triton_platform:
+        raise UserError(f"--triton-backend {triton_backend} and --triton-platform {triton_platform} disagree; "
+                               "give one of them")
+    platform = TRITON_BACKENDS[triton_backend] if triton_backend else triton_platform or "onnxruntime_onnx"
+    index = make_bundle(split_dir, side, output, plan_path, platform, max_batch_size, instances)
     size = output.stat().st_size
     click.echo(f"wrote {output}: {side} bundle, {len(index['files'])} files, {size / 1e6:.1f} MB")
+    from dsc_export.bundle import describe_sizes
+
+    click.echo(describe_sizes(side, index["sizes"]))
 
 
 def _open_dir_or_bundle(path: Path, side: str):
@@ -651,7 +682,8 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
 @click.option("--privacy", is_flag=True, help="Never send the raw input.")
 @click.option("--input", "input_kind", type=click.Choice(["random", "images"]), default="random", show_default=True)
 @click.option("--images", "image_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of images for --input images (resized to the model's input).")
+              help="Folder of images for --input images, preprocessed as the model was evaluated (resize, "
+                   "centre crop); prints each image's top-5 ImageNet labels (--json: with scores).")
 @click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Samples per batch [default: 4, or the model's fixed batch size].")
@@ -675,20 +707,24 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
     Example:
       dsc-export run engines/efficientnet_b0/split --server 127.0.0.1:8000 --batches 50
       dsc-export run b0-device.tar --server 10.0.0.5:8001 --protocol grpc --privacy
+      dsc-export run engines/efficientnet_lite0/split --server 127.0.0.1:8000 --input images --images photos/
     """
     from dataclasses import asdict
 
     import numpy as np
 
-    from dsc_export.planning import Plan
+    from dsc_export.planning import read_plan
     from dsc_export.serving.client import DynamicSplitClient
 
     root, tmp = _open_dir_or_bundle(source, "device")
     try:
-        plan = Plan.from_dict(json.loads(plan_path.read_text())) if plan_path else None
+        plan = read_plan(plan_path) if plan_path else None
         rows = [("batch", "size", "split", "bytes", "rate est", "measured", "predicted ms", "measured ms", "note")]
 
+        ran: list[str] = []  # the split each batch ran on
+
         def log(b):
+            ran.append(b.split)
             if as_json:
                 click.echo(json.dumps(asdict(b)))
             else:
@@ -708,41 +744,51 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
                                 static=static, ready_timeout_s=wait_ready, say=_log) as client:
             shape = [batch_size] + list(client.manifest.model.input.shape[1:])
             dtype = np.dtype(client.manifest.model.input.dtype)
-            images = _images(image_dir, shape, dtype) if input_kind == "images" else None
+            names, images = _images(image_dir, root / client.manifest.model.path, shape, dtype) \
+                if input_kind == "images" else ([], None)
             rng = np.random.default_rng(0)
-            from dsc_export.backends.onnxruntime import random_array
+            from dsc_export.ort import random_array
 
+            labels = {}  # image index -> (split it ran on, top-5), the first time it ran
             for k in range(batches):
                 x = images[k % len(images)] if images is not None else random_array(shape, dtype, rng)
-                client.infer(x)
+                out = client.infer(x)
+                if images is not None:
+                    from dsc_export.images import top_k
+
+                    for i, top in enumerate(top_k(out[client.manifest.model.output.name])):
+                        labels.setdefault((k * batch_size + i) % len(names), (ran[-1], top))
         if not as_json:
             _table(rows, right={0, 1, 3, 4, 5, 6, 7})
+        for i, (split, top) in sorted(labels.items()):
+            if as_json:
+                click.echo(json.dumps({"image": names[i], "split": split, "top5": [asdict(t) for t in top]}))
+            else:
+                click.echo(f"{names[i]}  [{split}]  " + "; ".join(f"{t.name.split(',')[0]} {t.score:.2f}" for t in top))
     finally:
         if tmp:
             tmp.cleanup()
 
 
-def _images(folder, shape, dtype):
-    """Batches of images from a folder, resized to the model's NHWC uint8 input."""
+def _images(folder, model_path, shape, dtype):
+    """The images of a folder, preprocessed for the model, in full batches (cycled), and their names."""
     import numpy as np
+
+    from dsc_export.images import Preprocess, batches, read_folder
 
     if folder is None:
         raise UserError("--input images needs --images FOLDER")
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-        raise UserError("--input images needs a model that takes uint8 NHWC images (dsc-export export's default)")
-    from dsc_export.errors import lazy_import
-
-    Image = lazy_import("PIL.Image", "export")
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
-    if not files:
-        raise UserError(f"no .jpg/.png images in '{folder}'")
-    arrs = [np.asarray(Image.open(f).convert("RGB").resize((shape[2], shape[1]))) for f in files]
-    b = shape[0]
-    return [np.stack([arrs[(k * b + i) % len(arrs)] for i in range(b)]) for k in range(max(1, len(arrs) // b))]
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[1] != shape[2]:
+        raise UserError("--input images needs a model that takes square uint8 NHWC images (dsc-export export's default)")
+    pre = Preprocess.for_onnx(model_path, shape[1])
+    named = read_folder(folder)
+    return [n for n, _ in named], batches([pre(a) for _, a in named], shape[0])
 
 
 @cli.command("demo")
-@click.option("--model", default="efficientnet_b0", show_default=True, help="Catalogue model (dsc-export models).")
+@click.option("--model", help="Catalogue model (dsc-export models) [default: efficientnet_lite0 with trained weights "
+                                "on real photos when the 'weights' extra is installed, else efficientnet_b0 with random "
+                                "weights].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines/demo"),
               show_default=True, help="Where everything goes.")
 @click.option("--batch-sizes", "batch_sizes", default="1,2,4,8,16", show_default=True, callback=_batch_sizes,
@@ -762,7 +808,7 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
     \b
     Example:
       dsc-export demo
-      dsc-export demo --model efficientnetv2_b0 --out engines/demo-v2
+      dsc-export demo --model efficientnetv2_b0 --out engines/demo-v2   # random weights
     """
     from dsc_export.demo import run_demo
 
@@ -771,7 +817,7 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
                    step=lambda s: click.secho(f"== {s}", bold=True, err=True), log=_log, resolution=resolution)
     ps = rep.plan_summary
     click.echo("")
-    click.secho(f"dsc-export demo: {model}, {time.perf_counter() - t0:.0f} s", bold=True)
+    click.secho(f"dsc-export demo: {rep.model} ({rep.weights} weights), {time.perf_counter() - t0:.0f} s", bold=True)
     for k, v in rep.files.items():
         click.echo(f"  {k:28s} {v}")
     click.echo(f"the plan (device: this machine on 1 thread, labelled as {slowdown:g}x slower; server: every core):")
@@ -792,6 +838,12 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
             mean = sum(r["measured_ms"] for r in rows) / len(rows)
             pred = sum(r["predicted_ms"] for r in rows) / len(rows)
             click.echo(f"  {rate:6.1f} MB/s -> {splits:20s} measured {mean:6.1f} ms, predicted {pred:6.1f} ms")
+    if rep.labels:
+        click.echo("labels of the real photos (top-1) through each split the session ran them on, and by the whole model:")
+        for r in rep.labels:
+            through = ", ".join(f"{k}: {v.split(',')[0]}" for k, v in r["splits"].items())
+            same = "same" if all(v == r["whole"] for v in r["splits"].values()) else "DIFFERENT"
+            click.echo(f"  {r['photo']:18s} whole model: {r['whole'].split(',')[0]:22s} {through}  ({same})")
     for n in rep.notes:
         click.secho(f"note: {n}", fg="yellow")
 

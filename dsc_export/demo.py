@@ -4,6 +4,12 @@ export -> analyze (+ chart) -> split (verified) -> engines (onnxruntime, batch 1
 (device: 1 thread and a labelled slowdown standing for a weak device; server: every core) ->
 plan (+ the paper's two heatmaps) -> the tails served on loopback and a short dynamic session
 at changing simulated data rates -> a summary of where everything is and what the plan says.
+
+The model: EfficientNet-Lite0 with trained ImageNet weights when the ``weights`` extra is
+installed, and then the session runs the real sample photos (:func:`dsc_export.images.sample_photos`)
+and reports, per photo, the label through each split it ran on next to the whole model's label;
+otherwise EfficientNet-B0 with random weights on random inputs. An explicit model gets its trained
+weights when the catalogue names an installed weights package.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 from dsc_export.errors import UserError
 
 DEMO_RATES = (2.0, 20.0, 100.0, 5.0)
+TRAINED_MODEL, RANDOM_MODEL = "efficientnet_lite0", "efficientnet_b0"
 
 
 @dataclass
@@ -29,25 +36,37 @@ class DemoReport:
     session: list[dict[str, Any]] = field(default_factory=list)
     steps: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    model: str = ""
+    weights: str = ""
+    labels: list[dict[str, Any]] = field(default_factory=list)  # per photo: whole model's and per split
 
 
-def run_demo(model: str = "efficientnet_b0", out: str | os.PathLike = "engines/demo", batch_sizes=(1, 2, 4, 8, 16),
+def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", batch_sizes=(1, 2, 4, 8, 16),
              slowdown: float = 4.0, repeats: int = 5, session_batches: int = 10, serve: bool = True,
              step: Callable[[str], None] = lambda s: None, log: Callable[[str], None] = lambda s: None,
              resolution: int | None = None) -> DemoReport:
-    """Run the demo into ``out``; see the module docstring. Returns what was made and concluded."""
+    """Run the demo into ``out``; see the module docstring. Returns what was made and concluded.
+
+    ``model`` None: the trained EfficientNet-Lite0 when its weights are installed, else B0 (random).
+    """
     from dsc_export.artifacts import read_manifest, sha256_file, write_json_atomic
     from dsc_export.engines import build_engines
     from dsc_export.planning import best_static, make_plan
     from dsc_export.plots import bottleneck_chart, choice_heatmap, gain_heatmap
     from dsc_export.profiling import profile_split_dir
     from dsc_export.splitting import analyze_file, split_model
+    from dsc_export.weights import has_pretrained
     from dsc_export.zoo import lookup
 
-    entry = lookup(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rep = DemoReport(out)
+    if model is None and not has_pretrained(lookup(TRAINED_MODEL)):
+        rep.notes.append(f"the trained weights of {TRAINED_MODEL} are not installed (pip install "
+                         f"'dsc-export[weights]'); ran {RANDOM_MODEL} with random weights on random inputs")
+    entry = lookup(model or (TRAINED_MODEL if has_pretrained(lookup(TRAINED_MODEL)) else RANDOM_MODEL))
+    trained = has_pretrained(entry)
+    rep.model, rep.weights = entry.name, "trained" if trained else "random"
     onnx_path = out / f"{entry.name}.onnx"
     t = time.perf_counter()
 
@@ -56,11 +75,11 @@ def run_demo(model: str = "efficientnet_b0", out: str | os.PathLike = "engines/d
         rep.steps[name] = time.perf_counter() - t
         t = time.perf_counter()
 
-    step(f"1/8 export {entry.name} (random weights, BatchNorm re-estimated)")
-    if not onnx_path.is_file():
+    step(f"1/8 export {entry.name} ({'trained ImageNet weights' if trained else 'random weights, BatchNorm re-estimated'})")
+    if not onnx_path.is_file() or _is_trained(onnx_path) != trained:
         from dsc_export.export import export_model
 
-        export_model(entry.name, onnx_path, resolution=resolution, log=log)
+        export_model(entry.name, onnx_path, resolution=resolution, log=log, pretrained=trained)
     else:
         log(f"{onnx_path} exists; using it")
     rep.files["model"] = str(onnx_path)
@@ -82,6 +101,10 @@ def run_demo(model: str = "efficientnet_b0", out: str | os.PathLike = "engines/d
     b = build_engines(split, "onnxruntime", list(batch_sizes), "all", log=log)
     if b.failed:
         raise UserError(f"{len(b.failed)} engine(s) failed to build: {b.failed[0][1]}")
+    from dsc_export.bundle import describe_sizes, side_sizes_of_split
+
+    for side, sizes in side_sizes_of_split(split).items():
+        log(describe_sizes(side, sizes))
     done("build")
 
     step(f"5/8 profile the device side (1 thread, then x{slowdown:g} labelled slowdown for a weak device) "
@@ -117,7 +140,7 @@ def run_demo(model: str = "efficientnet_b0", out: str | os.PathLike = "engines/d
         step("7/8 serve the tails on loopback (PyTriton) and run a short dynamic session at changing "
              "simulated rates; starting Triton takes about 10-20 s")
         try:
-            rep.session = _session(split, plan, session_batches, log, slowdown)
+            rep.session, rep.labels = _session(split, plan, session_batches, log, slowdown, photos=trained)
         except UserError as exc:
             rep.notes.append(f"run-time session skipped: {exc}")
         done("session")
@@ -125,7 +148,7 @@ def run_demo(model: str = "efficientnet_b0", out: str | os.PathLike = "engines/d
         rep.notes.append("run-time session skipped (--no-serve)")
     step("8/8 summary")
     write_json_atomic(out / "summary.json", json.dumps({
-        "model": entry.name, "files": rep.files, "plan": rep.plan_summary, "session": rep.session,
+        "model": entry.name, "weights": rep.weights, "labels": rep.labels, "files": rep.files, "plan": rep.plan_summary, "session": rep.session,
         "seconds": rep.steps, "notes": rep.notes, "device_emulation": dev.emulation}, indent=1) + "\n")
     rep.files["summary"] = str(out / "summary.json")
     return rep
@@ -142,13 +165,41 @@ def _where(plan) -> dict[str, str]:
     return out
 
 
-def _session(split: Path, plan, batches_per_rate: int, log, slowdown: float = 1.0) -> list[dict[str, Any]]:
+def _is_trained(onnx_path: Path) -> bool:
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    return meta.get("dsc_export.weights", "").startswith("trained")
+
+
+def _photo_batch(split: Path, manifest, batch: int) -> tuple[list[str], Any]:
+    """The sample photos preprocessed for the model, cycled into one batch, and their names."""
+    from dsc_export.images import Preprocess, batches, sample_photos
+
+    photos = sample_photos()
+    pre = Preprocess.for_onnx(split / manifest.model.path, int(manifest.model.input.shape[1]))
+    return [n for n, _ in photos], batches([pre(img) for _, img in photos], batch)[0]
+
+
+def _labels(names: list[str], whole, through: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """Per photo: the whole model's top-1 and the top-1 through each split it ran on (pure but for timm's names)."""
+    from dsc_export.images import top_k
+
+    rows = [{"photo": n, "whole": t[0].name} for n, t in zip(names, top_k(whole[:len(names)], 1))]
+    for split, logits in through:
+        for row, t in zip(rows, top_k(logits[:len(names)], 1)):
+            row.setdefault("splits", {})[split] = t[0].name
+    return rows
+
+
+def _session(split: Path, plan, batches_per_rate: int, log, slowdown: float = 1.0,
+             photos: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     import socket
 
     import numpy as np
 
-    from dsc_export.backends.onnxruntime import random_array
     from dsc_export.errors import lazy_import
+    from dsc_export.ort import random_array
     from dsc_export.serving.bandwidth import SimulatedLink
     from dsc_export.serving.client import DynamicSplitClient
     from dsc_export.serving.server import TailServer
@@ -173,13 +224,24 @@ def _session(split: Path, plan, batches_per_rate: int, log, slowdown: float = 1.
             client.warm_up(batch)
             rng = np.random.default_rng(0)
             shape = [batch] + list(client.manifest.model.input.shape[1:])
+            names, x, through = [], None, {}
+            if photos:
+                names, x = _photo_batch(split, client.manifest, batch)
+            out_name = client.manifest.model.output.name
             for rate in DEMO_RATES:
                 link.rate_MBps = rate
                 for _ in range(batches_per_rate):
-                    client.infer(random_array(shape, np.dtype(client.manifest.model.input.dtype), rng))
+                    y = client.infer(x if photos else random_array(shape, np.dtype(client.manifest.model.input.dtype),
+                                                                     rng))
                     b = logs[-1]
+                    through.setdefault(b.split, y[out_name])
                     rows.append({"rate_MBps": rate, "batch": b.batch, "split": b.split,
                                  "rate_estimate_MBps": round(b.rate_MBps, 2), "predicted_ms": round(b.predicted_ms, 1),
                                  "measured_ms": round(b.measured_ms, 1), "fallback": b.fallback})
                     log(f"{rate:g} MB/s: batch of {b.batch} -> {b.split} ({b.measured_ms:.0f} ms)")
-    return rows
+    if not photos:
+        return rows, []
+    from dsc_export.backends.onnxruntime import make_session
+
+    whole = make_session(split / "model.onnx").run(None, {client.manifest.model.input.name: x})[0]
+    return rows, _labels(names, whole, list(through.items()))

@@ -8,6 +8,13 @@ Building is idempotent: an engine is rebuilt only when its file is missing or ch
 ONNX, build options or backend version changed. Each engine is checked against its ONNX source
 (run by onnxruntime at the same batch size) before it is recorded, and the manifest is rewritten
 after every engine, so an interrupted build keeps what it finished.
+
+Only engines that pay are kept: each is timed against the dynamic ONNX of the same part at its
+batch size (medians of interleaved runs) and kept only when it is faster by more than the margin
+(:data:`MARGIN`); the decision is recorded (``Engine.speed``; a dropped engine goes to
+``Manifest.dropped``, its file removed) and :class:`PartRunner` runs the ONNX there. ONNX engines
+keep their weights in ``engines/BACKEND/weights/`` (:mod:`dsc_export.weight_store`): the engines of
+every part and batch size share what is equal, so another batch size adds kilobytes.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import numpy as np
 
 from dsc_export.artifacts import (
     MANIFEST_NAME,
+    PRECISIONS,
     Engine,
     Manifest,
     read_manifest,
@@ -34,7 +42,8 @@ from dsc_export.errors import UserError, VerificationError
 
 PARTS = ("heads", "tails", "all")
 ENGINES_DIR = "engines"
-PRECISIONS = ("fp32", "fp16")
+MARGIN = 0.05  # an engine is kept when its median is below (1 - MARGIN) x its ONNX's
+SPEED_ROUNDS = 5  # interleaved (engine, ONNX) pairs of timed runs per decision
 
 
 @dataclass
@@ -52,6 +61,7 @@ class Job:
 class BuildReport:
     built: list[Engine] = field(default_factory=list)
     kept: list[Engine] = field(default_factory=list)
+    dropped: list[Engine] = field(default_factory=list)  # built, not faster than the ONNX by the margin
     failed: list[tuple[Job, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -119,7 +129,7 @@ def plan_jobs(manifest: Manifest, backend: Backend, parts: str, batch_sizes: lis
     jobs: dict[tuple[str, int], Job] = {}
     for source in dict.fromkeys(src for _, _, src in wanted):
         for b in batch_sizes:
-            stem = "model" if source == manifest.model.path else Path(source).parent.name.rstrip("s") + "-" + Path(source).stem
+            stem = Path(source).stem  # model, head-cut003, tail-cut003
             path = f"{ENGINES_DIR}/{backend.name}/{stem}-b{b}-{precision}{backend.suffix}"
             jobs[(source, b)] = Job(source, b, precision, path)
     for sid, part, source in wanted:
@@ -155,6 +165,57 @@ def _up_to_date(rec: Engine | None, root: Path, job: Job, source_sha: str, opts:
             and rec.target.get("version") == version and sha256_file(root / rec.path) == rec.sha256)
 
 
+def _dropped_up_to_date(rec: Engine | None, job: Job, source_sha: str, opts: dict, version: str) -> bool:
+    """A dropped engine's decision still holds: same ONNX, options and backend version."""
+    return (rec is not None and rec.path == job.path and rec.source_sha256 == source_sha and rec.options == opts
+            and rec.target.get("version") == version)
+
+
+def _key(e: Engine) -> tuple:
+    return (e.split, e.part, e.backend, e.batch, e.precision)
+
+
+def pays(engine_ms: float, onnx_ms: float, margin: float = MARGIN) -> bool:
+    """True when an engine is faster than its ONNX by more than ``margin`` (0.05: 5 %), medians in ms."""
+    return engine_ms < onnx_ms * (1.0 - margin)
+
+
+def time_pair(engine: Runner, onnx: Runner, feeds: dict[str, np.ndarray], rounds: int = SPEED_ROUNDS) -> tuple[float, float]:
+    """Median ms of ``engine`` and of ``onnx`` on ``feeds``, runs interleaved (order alternating
+    each round, so drift and bursts of noise touch both), after one untimed run each. Both
+    runners must be active."""
+    import statistics
+
+    engine.infer(feeds)
+    onnx.infer(feeds)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    pair = (engine, onnx)
+    for r in range(max(1, rounds)):
+        for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+            times[k].append(pair[k].time_ms(feeds))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def engine_data(root: Path, rel: str) -> list[str]:
+    """The weights files an engine reads, relative to the split dir (an opaque engine: none)."""
+    if not rel.endswith(".onnx"):
+        return []
+    from dsc_export.graph.model import load_model
+    from dsc_export.weight_store import referenced
+
+    folder = Path(rel).parent.as_posix()
+    return [f"{folder}/{loc}" for loc in referenced(load_model(root / rel, load_data=False))]
+
+
+def _prune_engine_weights(root: Path, manifest: Manifest, backend: str) -> None:
+    """Remove the weights files of ``engines/BACKEND/`` that no recorded engine reads."""
+    from dsc_export.weight_store import prune
+
+    folder = f"{ENGINES_DIR}/{backend}"
+    keep = {d.removeprefix(folder + "/") for e in manifest.engines if e.backend == backend for d in e.data}
+    prune(root / folder, keep)
+
+
 def build_engines(
     split_dir: str | os.PathLike,
     backend_name: str = "onnxruntime",
@@ -166,6 +227,8 @@ def build_engines(
     progress: Callable[[int, int, str], None] = lambda done, total, label: None,
     log: Callable[[str], None] = lambda s: None,
     inputs: str | os.PathLike | None = None,
+    keep_all: bool = False,
+    margin: float = MARGIN,
 ) -> BuildReport:
     """Build the missing or stale engines of a split dir and record them in its manifest.
 
@@ -183,10 +246,15 @@ def build_engines(
             :meth:`dsc_export.inputs.SampleInputs.from_path`) that the checks of the whole model
             and the heads run on; tails are checked on random inputs within the ranges of their
             own graph. None: random inputs for every check.
+        keep_all: keep every engine built, without timing it against its ONNX.
+        margin: keep an engine only where its median time (ms, interleaved with the ONNX's, on
+            this machine with onnxruntime's default threads) is below ``(1 - margin)`` x the
+            ONNX's; the decision is recorded in the engine's ``speed``.
 
     Returns:
-        What was built, what was already up to date and what failed (and why). One engine that
-        fails (e.g. out of memory) does not stop the others.
+        What was built, what was already up to date, what was dropped (not faster by the
+        margin) and what failed (and why). One engine that fails (e.g. out of memory) does not
+        stop the others.
 
     Raises:
         UserError: a bad split dir, backend or ``inputs`` (before anything is built).
@@ -205,12 +273,19 @@ def build_engines(
     report = BuildReport()
     t_all = time.perf_counter()
     reference: dict[str, object] = {}
+    onnx_runner: dict[str, Runner] = {}  # the dynamic ONNX each engine is timed against, one at a time
+    measure = not keep_all and backend.runs_onnx
+    dropped = {_key(e): e for e in manifest.dropped}
     for k, job in enumerate(jobs):
         progress(k, len(jobs), f"{Path(job.path).name}")
         source_sha = manifest.files[job.source]
         recs = [manifest.engine(sid, part, backend.name, job.batch, precision) for sid, part in job.records]
         if all(_up_to_date(r, root, job, source_sha, opts, target["version"]) for r in recs):
             report.kept.extend(recs)
+            continue
+        gone = [dropped.get((sid, part, backend.name, job.batch, precision)) for sid, part in job.records]
+        if measure and all(_dropped_up_to_date(r, job, source_sha, opts, target["version"]) for r in gone):
+            report.dropped.extend(gone)
             continue
         t0 = time.perf_counter()
         try:
@@ -223,12 +298,25 @@ def build_engines(
             if verify:
                 if job.source not in reference:
                     reference.clear()  # one reference session at a time
-                    from dsc_export.backends.onnxruntime import make_session
+                    from dsc_export.ort import make_session
 
                     check_inputs = _check_inputs(root, manifest, job, samples)  # before the session's memory
                     reference[job.source] = (make_session(root / job.source, optimization="extended", arena=False),
                                              check_inputs)
                 diffs = _check_engine(backend, root / job.path, *reference[job.source], job, precision)
+            speed = None
+            if measure:
+                if job.source not in onnx_runner:
+                    for r in onnx_runner.values():
+                        r.deactivate()
+                    onnx_runner.clear()
+                    onnx_runner[job.source] = backend.load_onnx(root / job.source)
+                    onnx_runner[job.source].activate()
+                feeds = _speed_feeds(root, manifest, job, samples, reference, onnx_runner[job.source])
+                with backend.load(root / job.path) as runner:
+                    e_ms, o_ms = time_pair(runner, onnx_runner[job.source], feeds)
+                speed = {"engine_ms": round(e_ms, 3), "onnx_ms": round(o_ms, 3), "margin": margin,
+                         "threads": None, "kept": pays(e_ms, o_ms, margin)}
         except MemoryError:
             _remove(root / job.path)
             report.failed.append((job, "out of host memory"))
@@ -240,15 +328,25 @@ def build_engines(
             log(f"{job.path}: {exc}")
             continue
         seconds = time.perf_counter() - t0
-        sha = sha256_file(root / job.path)
+        keep = speed is None or speed["kept"]
+        sha = sha256_file(root / job.path) if keep else ""
+        data = engine_data(root, job.path) if keep else []
+        if not keep:
+            _remove(root / job.path)
+            log(f"{Path(job.path).name}: dropped, {speed['engine_ms']:.1f} ms against {speed['onnx_ms']:.1f} ms "
+                f"for the ONNX (not {margin:.0%} faster); the ONNX runs at batch {job.batch}")
         for sid, part in job.records:
-            manifest.engines = [e for e in manifest.engines
-                                if (e.split, e.part, e.backend, e.batch, e.precision) != (sid, part, backend.name, job.batch, precision)]
+            key = (sid, part, backend.name, job.batch, precision)
+            manifest.engines = [e for e in manifest.engines if _key(e) != key]
+            manifest.dropped = [e for e in manifest.dropped if _key(e) != key]
             rec = Engine(sid, part, backend.name, job.batch, precision, job.path, sha, dict(target),
-                         job.source, source_sha, dict(opts), round(seconds, 3), *diffs)
-            manifest.engines.append(rec)
-            report.built.append(rec)
+                         job.source, source_sha, dict(opts), round(seconds, 3), *diffs, data=data, speed=speed)
+            (manifest.engines if keep else manifest.dropped).append(rec)
+            (report.built if keep else report.dropped).append(rec)
         write_json_atomic(root / MANIFEST_NAME, manifest.to_json())
+    for r in onnx_runner.values():
+        r.deactivate()
+    _prune_engine_weights(root, manifest, backend.name)
     progress(len(jobs), len(jobs), "done")
     report.seconds = time.perf_counter() - t_all
     return report
@@ -256,6 +354,14 @@ def build_engines(
 
 def _remove(path: Path) -> None:
     path.unlink(missing_ok=True)
+
+
+def _speed_feeds(root: Path, manifest: Manifest, job: Job, samples, reference: dict, onnx: Runner) -> dict:
+    """One batch of ``job.batch`` for timing an engine: the verification's inputs where there
+    were any, else random within the source's ranges."""
+    inputs = reference[job.source][1] if job.source in reference else _check_inputs(root, manifest, job, samples)
+    wanted = {t.name for t in onnx.inputs}
+    return {name: x for name, x in inputs.feeds(job.batch).items() if name in wanted}
 
 
 def _check_inputs(root: Path, manifest: Manifest, job: Job, samples):
@@ -295,9 +401,11 @@ def _check_engine(backend: Backend, engine: Path, reference, inputs, job: Job, p
 def load_engine(split_dir: str | os.PathLike, rec: Engine, threads: int | None = None) -> Runner:
     """A runner for a recorded engine, after checking its sha256 and that it was built for here.
 
+    The weights files it reads (``rec.data``) are checked too: each one's sha256 is its name.
+
     Raises:
-        UserError: the file is missing or does not match its recorded sha256, or it was built for
-            another backend version or device.
+        UserError: the file or one of its weights files is missing or changed (named), or it was
+            built for another backend version or device.
     """
     path = Path(split_dir) / rec.path
     if not path.is_file():
@@ -305,11 +413,35 @@ def load_engine(split_dir: str | os.PathLike, rec: Engine, threads: int | None =
     if sha256_file(path) != rec.sha256:
         raise UserError(f"engine '{path}' does not match its sha256 in the manifest; refusing to load it "
                         "(rebuild with dsc-export build)")
+    from dsc_export.weight_store import check_blobs
+
+    check_blobs(split_dir, rec.data)
     backend = get_backend(rec.backend)
     why = backend.compatible(rec.target, rec.options)
     if why:
         raise UserError(f"engine '{path}' was built elsewhere: {why}; rebuild it here with dsc-export build")
     return backend.load(path, threads)
+
+
+def dropped_engine(manifest: Manifest, split_id: str, part: str, backend: str, batch: int,
+                   precision: str = "fp32") -> Engine | None:
+    """The record of an engine built and dropped (not faster than its ONNX by the margin), or None."""
+    return next((e for e in manifest.dropped if _key(e) == (split_id, part, backend, batch, precision)), None)
+
+
+def load_part(split_dir: str | os.PathLike, manifest: Manifest, split_id: str, part: str, backend: str, batch: int,
+              precision: str = "fp32", threads: int | None = None) -> Runner | None:
+    """A runner for what runs ``part`` of ``split_id`` at ``batch``: its engine, or its ONNX where
+    build dropped the engine (as :class:`PartRunner` does); None when neither was built.
+
+    Raises:
+        UserError: as :func:`load_engine`.
+    """
+    rec = manifest.engine(split_id, part, backend, batch, precision)
+    if rec is not None:
+        return load_engine(split_dir, rec, threads)
+    gone = dropped_engine(manifest, split_id, part, backend, batch, precision)
+    return None if gone is None else get_backend(backend).load_onnx(Path(split_dir) / gone.source, threads)
 
 
 def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batch_sizes: list[int],
@@ -426,7 +558,7 @@ def import_engines(split_dir: str | os.PathLike, backend_name: str, batch_sizes:
             manifest.engines = [e for e in manifest.engines
                                 if (e.split, e.part, e.backend, e.batch, e.precision) != (sid, part, backend.name, job.batch, precision)]
             rec = Engine(sid, part, backend.name, job.batch, precision, job.path, sha, dict(target),
-                         job.source, manifest.files[job.source], dict(opts), None)
+                         job.source, manifest.files[job.source], dict(opts), None, data=engine_data(root, job.path))
             manifest.engines.append(rec)
             report.built.append(rec)
         log(f"imported {job.path}")
@@ -462,7 +594,7 @@ class PartRunner:
     def onnx_session(self):
         """The part's ONNX session (created on first use)."""
         if self._onnx is None:
-            from dsc_export.backends.onnxruntime import make_session
+            from dsc_export.ort import make_session
 
             self._onnx = make_session(self.root / self.source, self.threads)
         return self._onnx

@@ -19,6 +19,31 @@ class VerificationError(UserError):
     """A split whose head+tail does not reproduce the whole model."""
 
 
+class BackendError(UserError):
+    """A backend cannot be used here, or cannot build, load or run an engine.
+
+    The message is one line naming the file and the backend's own reason. Subclasses say which
+    step failed, so a caller can tell a build to retry from an engine to rebuild.
+    """
+
+
+class BackendUnavailable(BackendError):
+    """The backend's modules, driver or device are missing here (the message names the extra)."""
+
+
+class BuildError(BackendError):
+    """Building an engine failed: the parser, a profile, or the builder refused the model."""
+
+
+class EngineLoadError(BackendError):
+    """A built engine cannot be loaded or prepared to run here (version, device, memory)."""
+
+
+class InferenceError(BackendError):
+    """Running a loaded engine failed, or it was given inputs of the wrong shape or dtype, or the
+    runner was used outside its ``with`` block."""
+
+
 class ModelRunError(UserError):
     """onnxruntime failed while running a model: where (node, op) and at which batch size.
 
@@ -42,6 +67,13 @@ class ModelRunError(UserError):
         self.batch, self.reason = batch, status[:300]
         where = (f" in {self.op} node '{self.node}'" if self.node else f" in an unnamed {self.op} node") if m else ""
         super().__init__(f"onnxruntime fails to run {what} at batch {batch}{where}: {self.reason}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty):
+    third-party errors (onnxruntime, onnx, torch) span many lines, ours are one."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def lazy_import(module: str, extra: str) -> ModuleType:

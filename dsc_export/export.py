@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsc_export.errors import UserError, lazy_import
+from dsc_export.weights import load_weights, pretrained_file
 from dsc_export.zoo import ZooEntry, lookup
 
 INPUT_NAME = "image"
@@ -45,7 +46,7 @@ class ExportReport:
     resolution: int
     float_input: bool
     opset: int
-    weights: str  # "random (BN re-estimated)" or the checkpoint path
+    weights: str  # "random (BatchNorm statistics re-estimated)", the checkpoint and its mapping, or "trained: ..."
     seconds: float
     file_bytes: int
     input_shape: list
@@ -95,31 +96,6 @@ def recalibrate_batchnorm(torch, model, make_batch: Callable[[], object], batche
     model.eval()
 
 
-def _load_checkpoint(torch, net, weights: str) -> None:
-    path = Path(weights)
-    if not path.is_file():
-        raise UserError(f"checkpoint '{weights}' does not exist or is not a file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint '{weights}': {str(exc).splitlines()[0]}") from exc
-    if isinstance(state, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        raise UserError(f"checkpoint '{weights}' holds no state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise UserError(
-            f"checkpoint '{weights}' does not fit {net.__class__.__name__}: "
-            f"{str(exc).splitlines()[0]}"
-        ) from exc
-
-
 def check_writable(output: Path) -> None:
     """Create the parent folder of ``output`` and check that a file can be written there."""
     if output.exists() and output.is_dir():
@@ -142,6 +118,8 @@ def export_model(
     verify: bool = True,
     seed: int = 0,
     log: Callable[[str], None] = lambda s: None,
+    *,
+    pretrained: bool = False,
 ) -> ExportReport:
     """Build ``name`` from the catalogue with timm, export it to ONNX and verify it.
 
@@ -149,18 +127,29 @@ def export_model(
         name: catalogue name (``efficientnet_b0``) or timm name (``tf_efficientnet_b0``).
         output: the ONNX file to write; written atomically (nothing is left on failure).
         resolution: square input size; default: the catalogue's.
-        weights: a PyTorch checkpoint (state dict); default: random weights with
-            re-estimated BatchNorm statistics. Nothing is ever downloaded.
+        weights: a PyTorch checkpoint (a state dict in timm's or EfficientNet-PyTorch's
+            naming, see :mod:`dsc_export.weights`); default: random weights with re-estimated
+            BatchNorm statistics. Nothing is ever downloaded.
         opset: ONNX opset (13 or newer).
         float_input: take normalised float32 NCHW instead of the raw uint8 NHWC image.
         verify: compare onnxruntime against torch at batch sizes 1 and 3.
         seed: seed for the random weights and the verification inputs.
         log: progress callback.
+        pretrained: the trained weights of the installed weights package (``weights`` extra).
+            Trained weights keep their BatchNorm statistics.
 
     Returns:
         An :class:`ExportReport`.
+
+    Raises:
+        UserError: (one line) an unknown model, a bad resolution or opset, an unwritable output,
+            weights that do not fit, a missing weights package, or an export that disagrees
+            with torch.
     """
     entry = lookup(name)
+    if weights and pretrained:
+        raise UserError("give either --weights FILE or --pretrained, not both")
+    trained = pretrained_file(entry) if pretrained else None  # refuse a missing package first
     res = entry.resolution if resolution is None else int(resolution)
     if not 32 <= res <= 2048:
         raise UserError(f"resolution {res} is out of range; use 32..2048 pixels")
@@ -176,9 +165,12 @@ def export_model(
     log(f"building {entry.timm_name} at {res}x{res}")
     net = timm.create_model(entry.timm_name, pretrained=False)
     model = _make_wrapper(torch, net, entry.mean, entry.std, float_input)
-    if weights:
-        _load_checkpoint(torch, net, weights)
-        weights_desc = str(weights)
+    if trained:
+        path, weights_desc = trained
+        log(f"loading {weights_desc}")
+        load_weights(torch, net, path)
+    elif weights:
+        weights_desc = f"{weights} (mapped {load_weights(torch, net, weights)})"
     else:
         log("re-estimating BatchNorm statistics on random images")
         mean = torch.tensor(entry.mean).view(1, 3, 1, 1)
@@ -255,8 +247,8 @@ def _stamp_metadata(path: str, entry: ZooEntry, res: int, float_input: bool, wei
 
 
 def _verify(torch, model, path: str, float_input: bool, res: int, seed: int) -> dict[int, tuple[float, float]]:
-    from dsc_export.backends.onnxruntime import make_session
     from dsc_export.compare import compare
+    from dsc_export.ort import make_session
 
     sess = make_session(path)
     gen = torch.Generator().manual_seed(seed + 1)

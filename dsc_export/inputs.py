@@ -27,10 +27,8 @@ import numpy as np
 import onnx
 
 from dsc_export.errors import UserError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dsc_export.images import IMAGE_SUFFIXES, read_image
+from dsc_export.zoo import IMAGENET_MEAN, IMAGENET_STD
 
 # Ops whose output holds the values of their first input (rearranged or a subset): an index read
 # through them is still an index into the same table.
@@ -210,7 +208,7 @@ def _scalar(t: onnx.TensorProto | None) -> int | None:
 
 
 def _random_array(shape, dtype: np.dtype, rng: np.random.Generator, rng_range=None) -> np.ndarray:
-    from dsc_export.backends.onnxruntime import random_array
+    from dsc_export.ort import random_array
 
     if rng_range is None:
         return random_array(shape, dtype, rng)
@@ -374,13 +372,8 @@ def _load_images(folder: Path, specs: list[InputSpec]) -> tuple[dict[str, np.nda
     from dsc_export.errors import lazy_import
 
     Image = lazy_import("PIL.Image", "export")
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                images.append(np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.uint8))
-        except Exception as exc:
-            raise UserError(f"--inputs: cannot read image '{f}': {type(exc).__name__}") from exc
+    images = [np.asarray(Image.fromarray(read_image(f)).resize((w, h), Image.BILINEAR), dtype=np.uint8)
+              for f in files]
     x = np.stack(images)  # [K, H, W, 3] uint8
     if s.dtype.kind == "f":
         x = (x.astype(np.float32) / 255.0 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)

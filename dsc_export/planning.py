@@ -25,12 +25,14 @@ import csv
 import io
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dsc_export.artifacts import Manifest, Profile, check_pair
+from dsc_export.artifacts import Manifest, Profile, check_pair, read_json
 from dsc_export.errors import UserError
 
 PLAN_SCHEMA = "dsc-export.plan/1"
@@ -186,7 +188,7 @@ def rate_grid(text: str, steps: int = 64) -> list[float]:
 @dataclass
 class Plan:
     """``dsc-export.plan/1``: the lookup table (batch x data rate -> split), every candidate's
-    predicted time per cell, and the gains over the baselines (contract in DESIGN.md).
+    predicted time per cell, and the gains over the baselines (fields and units: docs/contracts.md).
 
     ``times`` keeps each candidate's profiled head/tail times and bytes, so :meth:`choose`
     answers for any batch size in range and any rate, not only the grid's cells.
@@ -308,6 +310,18 @@ class Plan:
         d = dict(d)
         d.pop("schema")
         return cls(**d)
+
+
+def read_plan(path: str | os.PathLike) -> Plan:
+    """The plan at ``path`` (``dsc-export.plan/1``, written by ``dsc-export plan``).
+
+    Raises:
+        UserError: the file is missing, is not JSON, or is not a plan of this schema (one line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"plan '{path}' does not exist; make one with dsc-export plan")
+    return read_json(path, Plan.from_dict, "plan")
 
 
 def make_plan(manifest: Manifest, device: Profile, server: Profile, batch_sizes: list[int] | None = None,

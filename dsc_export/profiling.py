@@ -86,7 +86,7 @@ def role_parts(manifest, role: str) -> list[tuple[str, str]]:
 
 def host_info(threads: int | None, backend: str) -> dict[str, Any]:
     """CPU model, cores, threads used and, where there is a GPU, its name and current clocks."""
-    from dsc_export.backends.onnxruntime import cpu_isa, cpu_name
+    from dsc_export.ort import cpu_isa, cpu_name
 
     host: dict[str, Any] = {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(),
                             "threads": threads or os.cpu_count(), "hostname": platform.node(),
@@ -218,6 +218,7 @@ def locked_gpu_clocks(mhz: int, index: int = 0, nvml=None) -> Iterator[dict[str,
 def profile_split_dir(
     split_dir: str | os.PathLike,
     role: str,
+    *,
     backend_name: str = "onnxruntime",
     batch_sizes: list[int] | None = None,
     precision: str = "fp32",
@@ -231,7 +232,8 @@ def profile_split_dir(
     rounds: int = 1,
     progress: Callable[[int, int, str], None] = lambda done, total, label: None,
 ) -> Profile:
-    """Time every engine of ``role`` in a split dir at every batch size.
+    """Time every engine of ``role`` in a split dir at every batch size (where build dropped an
+    engine that did not pay, the ONNX the runner uses instead).
 
     Args:
         split_dir: a split dir with engines built for this role and backend.
@@ -252,8 +254,8 @@ def profile_split_dir(
     Returns:
         The profile (not yet written).
     """
-    from dsc_export.backends.onnxruntime import random_array
-    from dsc_export.engines import load_engine
+    from dsc_export.engines import dropped_engine, load_part
+    from dsc_export.ort import random_array
 
     if slowdown is not None and not slowdown > 0:
         raise UserError("--slowdown must be a positive factor, e.g. 4 for a device 4x slower")
@@ -262,11 +264,12 @@ def profile_split_dir(
     root = Path(split_dir)
     manifest = read_manifest(root)
     pairs = role_parts(manifest, role)
-    built = sorted({e.batch for e in manifest.engines if e.backend == backend_name and e.precision == precision
-                    and (e.split, e.part) in pairs})
+    built = sorted({e.batch for e in manifest.engines + manifest.dropped if e.backend == backend_name
+                    and e.precision == precision and (e.split, e.part) in pairs})
     batch_sizes = batch_sizes or built
     missing = [(sid, part, b) for b in batch_sizes for sid, part in pairs
-               if manifest.engine(sid, part, backend_name, b, precision) is None]
+               if manifest.engine(sid, part, backend_name, b, precision) is None
+               and dropped_engine(manifest, sid, part, backend_name, b, precision) is None]
     if missing:
         sizes = ",".join(str(b) for b in sorted({m[2] for m in missing}))
         parts = "heads" if role == "device" else "tails"
@@ -274,7 +277,8 @@ def profile_split_dir(
                         f"{missing[0][2]} ({len(missing)} missing); run: dsc-export build {root} --backend "
                         f"{backend_name} --parts {parts} --batch-sizes {sizes}"
                         + (f" --precision {precision}" if precision != "fp32" else ""))
-    verify_files(manifest, root, [manifest.model.path])
+    verify_files(manifest, root, list(dict.fromkeys([manifest.model.path] + [
+        e.source for e in manifest.dropped if e.backend == backend_name and (e.split, e.part) in pairs])))
 
     emulation: dict[str, Any] = {}
     cores = os.cpu_count() or 1
@@ -308,9 +312,8 @@ def profile_split_dir(
         for rnd in range(rounds):  # a burst of noise then touches one round of every figure, not one figure
             for k, (sid, part, b) in enumerate(jobs):
                 progress(rnd * len(jobs) + k, rounds * len(jobs), f"{sid}/{part} b{b}")
-                rec = manifest.engine(sid, part, backend_name, b, precision)
-                name, shape, dtype = sig[sid]
-                with load_engine(root, rec, threads) as runner:
+                name, shape, dtype = sig[sid]  # an engine build dropped: its ONNX, as the runner does
+                with load_part(root, manifest, sid, part, backend_name, b, precision, threads) as runner:
                     def once(runner=runner, name=name, shape=shape, dtype=dtype, b=b) -> float:
                         feeds = {name: random_array([b] + shape, dtype, rng)}  # fresh, never zeros
                         return runner.time_ms(feeds)

@@ -21,6 +21,7 @@ import onnx
 
 from dsc_export.artifacts import (
     MANIFEST_NAME,
+    CutPoint,
     Manifest,
     ModelRef,
     Split,
@@ -34,7 +35,6 @@ from dsc_export.compare import Comparison, compare
 from dsc_export.errors import ModelRunError, UserError, VerificationError
 from dsc_export.graph.cuts import (
     WIRE_DTYPES,
-    CutPoint,
     compressive_mask,
     describe_cut_points,
     find_cut_points,
@@ -46,7 +46,6 @@ from dsc_export.graph.model import (
     data_dependent,
     dataflow,
     load_model,
-    load_model_and_data_files,
     sort_nodes,
 )
 from dsc_export.graph.shapes import (
@@ -66,6 +65,7 @@ from dsc_export.graph.surgery import (
     extract_tail,
     save_part,
 )
+from dsc_export.weight_store import externalize, referenced, save_shared, write_blobs
 
 VERIFY_BATCHES = (1, 3)  # the largest is also run sample by sample (batch independence)
 # verification sessions are used once: skip the layout transform that copies the weights again
@@ -197,7 +197,7 @@ def _graph_notes(model: onnx.ModelProto, sorted_nodes: bool) -> list[str]:
     return notes
 
 
-def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: str = "<memory>",
+def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source: str = "<memory>",
                   log: Log = _quiet, inplace: bool = False, inputs=None,
                   fixed_batch: int | None = None) -> tuple[Analysis, onnx.ModelProto]:
     """Find, size and classify the cut points of ``model``.
@@ -250,7 +250,7 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
             log("finding cut points")
             cuts = find_cut_points(df)
             unbatched: dict[str, list] = {}
-            shapes = tensor_shapes(folded, cuts, unbatched, inputs=inputs, views=fold.views)
+            shapes = tensor_shapes(folded, cuts, unbatched=unbatched, inputs=inputs, views=fold.views)
             break
         except ModelRunError as exc:
             tried.append(exc.batch)
@@ -272,7 +272,8 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", source: s
     in_elements = int(np.prod(per_sample, dtype=np.int64))
     in_bytes = in_elements * np.dtype(dtype).itemsize
     # folding renames only shape-arithmetic tensors, so the cut tensors' producers keep their names
-    points = describe_cut_points(cuts, shapes, in_bytes, in_elements, wire_dtype, _scopes(folded, cuts))
+    points = describe_cut_points(cuts, shapes, input_bytes=in_bytes, input_elements=in_elements,
+                                 wire_dtype=wire_dtype, scopes=_scopes(folded, cuts))
     if wire_dtype == "float16":
         notes += _check_wire_range(folded, points, inputs, fixed)
     batch = fixed or batch_dim(model)
@@ -349,7 +350,8 @@ def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, f
             "not split at with --wire-dtype float16 (use float32 for them)"]
 
 
-def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", log: Log = _quiet, inputs=None) -> Analysis:
+def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", *, log: Log = _quiet,
+                 inputs=None) -> Analysis:
     """Load an ONNX file and analyse it (see :func:`analyze_model`).
 
     Args:
@@ -357,7 +359,7 @@ def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", log: Log 
             :mod:`dsc_export.inputs`), or None for random inputs.
     """
     model = load_model(path)
-    return analyze_model(model, wire_dtype, os.fspath(path), log, inplace=True, inputs=inputs)[0]
+    return analyze_model(model, wire_dtype, source=os.fspath(path), log=log, inplace=True, inputs=inputs)[0]
 
 
 def _samples(inputs, model: onnx.ModelProto, seed: int = 0):
@@ -414,20 +416,18 @@ def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None) -
     return sorted({c.index: c for c in chosen}.values(), key=lambda c: c.index)
 
 
-def _copy_model(src: Path, data_files: list[str], dst_dir: Path) -> Path:
-    """Copy the model file (and its external data files) into the split dir as model.onnx."""
+def _copy_model(src: Path, dst_dir: Path) -> tuple[Path, list[str]]:
+    """Write the model into the split dir as model.onnx, its weights in the dir's shared store
+    (:mod:`dsc_export.weight_store`): the heads and tails read the same blobs. Returns the file and
+    the blobs it reads."""
     dst = dst_dir / "model.onnx"
-    shutil.copy2(src, dst)
-    for loc in data_files:
-        target = dst_dir / loc
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src.parent / loc, target)
-    return dst
+    return dst, save_shared(load_model(src), dst)
 
 
 def split_model(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
+    *,
     wire_dtype: str = "float32",
     at: list[str] | None = None,
     verify: bool = True,
@@ -472,10 +472,10 @@ def split_model(
         log("running the whole model for reference outputs")
         reference = _reference(src, seed, samples)
         _release_freed_memory()  # the whole model's session is gone: hand its pages back
-    model, data_files = load_model_and_data_files(src)
+    model = load_model(src)
     if reference:
         _complete_output_shapes(model, reference)
-    analysis, folded = analyze_model(model, wire_dtype, os.fspath(src), log, inplace=True, inputs=samples,
+    analysis, folded = analyze_model(model, wire_dtype, source=os.fspath(src), log=log, inplace=True, inputs=samples,
                                      fixed_batch=reference.fixed_batch if reference else None)
     del model
     notes = (reference.notes if reference else []) + analysis.notes
@@ -492,18 +492,20 @@ def split_model(
     except OSError as exc:
         raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}") from exc
     try:
-        (tmp / "heads").mkdir()
-        (tmp / "tails").mkdir()
-        model_file = _copy_model(src, data_files, tmp)
+        write_blobs(tmp, externalize(folded))  # the weights once; the parts refer to them
+        _release_freed_memory()
+        model_file, model_blobs = _copy_model(src, tmp)
+        data = {"model.onnx": model_blobs}
         splits = [Split("offload", "offload", None, None, "model.onnx", analysis.input_bytes, 0.0, 0.0,
                         analysis.input.name, 1.0)]
         for k, cp in enumerate(chosen, 1):
             sid = f"cut{cp.index:03d}"
             spec = CutSpec(cp.tensor, tuple(cp.shape), cp.dtype, wire_dtype)
             log(f"[{k}/{len(chosen)}] cutting at {cp.tensor} ({cp.scope or 'no scope'}, ratio {cp.ratio:.3f})")
-            head_rel, tail_rel = f"heads/{sid}.onnx", f"tails/{sid}.onnx"
-            save_part(extract_head(folded, spec), tmp / head_rel)
-            save_part(extract_tail(folded, spec), tmp / tail_rel)
+            head_rel, tail_rel = f"head-{sid}.onnx", f"tail-{sid}.onnx"
+            for rel, part in ((head_rel, extract_head(folded, spec)), (tail_rel, extract_tail(folded, spec))):
+                save_part(part, tmp / rel)
+                data[rel] = referenced(part.to_model())
             splits.append(Split(sid, "split", cp.tensor, head_rel, tail_rel, cp.bytes, None, None,
                                 spec.wire_tensor, cp.ratio))
         splits.append(Split("local", "local", None, "model.onnx", None, 0, 0.0, 0.0, None, 0.0))
@@ -520,7 +522,7 @@ def split_model(
                 batch_independent=reference.batch_independent if reference else None,
             ),
             wire_dtype=wire_dtype, cut_points=analysis.cut_points, splits=splits,
-            verification=verification, files=hash_files(tmp), notes=notes,
+            verification=verification, files=hash_files(tmp), notes=notes, data=data,
         )
         write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
         if out.exists():
@@ -635,8 +637,8 @@ def _reference(model_file: Path, seed: int, samples) -> _Reference:
     Raises:
         UserError: the model does not run at all (names the node and what to try).
     """
-    from dsc_export.backends.onnxruntime import make_session
     from dsc_export.compare import tolerance
+    from dsc_export.ort import make_session
 
     whole = make_session(model_file, optimization=ONE_OFF, arena=False)
     names = [o.name for o in whole.get_outputs()]
@@ -739,8 +741,8 @@ def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, s
     Raises:
         VerificationError: a split that does not reproduce the model (names it and why).
     """
-    from dsc_export.backends.onnxruntime import make_session
     from dsc_export.compare import tolerance
+    from dsc_export.ort import make_session
 
     batches, feeds, refs = ref.batches, ref.feeds, ref.outputs
     out_dtypes = [o.dtype for o in refs[0]]

@@ -10,8 +10,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-RNG = np.random.default_rng(0)
-
 
 class G:
     """A small graph builder: ``g.conv("a", "x", 8)`` adds a Conv and returns its output name."""
@@ -20,6 +18,9 @@ class G:
         self.nodes, self.inits, self.c, self.hw = [], [], {}, hw
         self.input = helper.make_tensor_value_info(input_name, dtype, ["N", c, hw, hw])
         self.c[input_name] = c
+        # One generator per graph: a graph's weights do not depend on which graphs were built
+        # before it (module collection order changed them, and with them what a test saw).
+        self.rng = np.random.default_rng(0)
 
     def init(self, name, arr):
         self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
@@ -31,7 +32,7 @@ class G:
 
     def conv(self, out, x, cout, k=1, stride=1):
         cin = self.c[x]
-        w = self.init(f"{out}.w", (RNG.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32))
+        w = self.init(f"{out}.w", (self.rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32))
         self.c[out] = cout
         return self.node("Conv", [x, w], out, kernel_shape=[k, k], strides=[stride, stride],
                          pads=[k // 2] * 4)
@@ -128,7 +129,7 @@ def constant_weights():
     """Conv weights produced by a constant subgraph (Constant -> Mul -> Reshape), which is no path."""
     g = G()
     g.conv("a", "x", 4)
-    w = RNG.standard_normal(4 * 4).astype(np.float32)
+    w = g.rng.standard_normal(4 * 4).astype(np.float32)
     g.nodes.append(helper.make_node("Constant", [], ["wflat"], value=numpy_helper.from_array(w, "wv")))
     g.init("two", np.array(2.0, np.float32))
     g.node("Mul", ["wflat", "two"], "wscaled")

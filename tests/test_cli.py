@@ -109,7 +109,7 @@ def test_split_writes_and_reports(tmp_path):
     res = run("split", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s"))
     assert res.returncode == 0, res.stderr
     assert "manifest.json" in res.stdout and "verified" in res.stdout
-    assert (tmp_path / "s" / "heads" / "cut002.onnx").is_file()
+    assert (tmp_path / "s" / "head-cut002.onnx").is_file()
 
 
 def test_split_at_non_cut_point_is_one_line(tmp_path):

@@ -17,7 +17,6 @@ from onnx import TensorProto, helper, numpy_helper
 from served_models import conv_net, outputs_model, run_script, set_batch_fields, stub_trtexec
 
 from dsc_export.artifacts import Manifest, ModelRef, TensorSig, read_manifest
-from dsc_export.backends.onnxruntime import make_session
 from dsc_export.compare import ENGINE_REL_TOLERANCE, tolerance
 from dsc_export.engines import (
     PartRunner,
@@ -27,6 +26,7 @@ from dsc_export.engines import (
     load_engine,
 )
 from dsc_export.errors import UserError
+from dsc_export.ort import make_session
 from dsc_export.serving.protocol import (
     constant_outputs,
     fixed_batch,
@@ -130,7 +130,7 @@ def test_engines_of_every_output_kind_match_the_whole_model(split_dirs):
     """Case 06/08/LR-ASPP kinds: build at 1 and 2 builds every engine (no 'fixed batch size 16' or
     '10' from a constant or batch-last output), and each engine returns what the model returns."""
     root = split_dirs["kinds"]
-    rep = build_engines(root, "onnxruntime", [1, 2], "all")
+    rep = build_engines(root, "onnxruntime", [1, 2], "all", keep_all=True)
     assert not rep.failed, rep.failed
     man = read_manifest(root)
     whole = make_session(root / man.model.path)
@@ -171,7 +171,7 @@ def test_an_output_no_server_can_answer_is_refused_alike_everywhere(split_dirs, 
 def test_fixed_batch_models_get_engines_at_their_batch_only(split_dirs):
     root = split_dirs["fixed"]  # input [2, 3, 16, 16]: runs at batch 2 only
     notes = []
-    rep = build_engines(root, "onnxruntime", [1, 2, 4], "all", log=notes.append)
+    rep = build_engines(root, "onnxruntime", [1, 2, 4], "all", log=notes.append, keep_all=True)
     assert not rep.failed and {e.batch for e in rep.built} == {2}
     assert notes == ["note: the model runs at batch size 2 only: using batch 2, not 1, 4"]
     man = read_manifest(root)
@@ -224,7 +224,7 @@ def test_float16_wire_head_engines_pass_within_the_float16_tolerance(tmp_path):
     onnx.save(conv_net(outputs=("logits",), batch_norm=True, channels=(16, 32), hw=32, seed=3), tmp_path / "m.onnx")
     root = tmp_path / "split"
     split_model(tmp_path / "m.onnx", root, wire_dtype="float16", at=["r1", "r2"])
-    rep = build_engines(root, "onnxruntime", [1, 2], "heads")
+    rep = build_engines(root, "onnxruntime", [1, 2], "heads", keep_all=True)
     assert not rep.failed, rep.failed
     heads = [e for e in rep.built if e.split.startswith("cut")]
     assert heads and all(e.max_rel_diff <= tolerance("float16", engine=True) for e in heads)

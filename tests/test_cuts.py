@@ -149,10 +149,10 @@ def test_eq3_compressive_mask():
 def test_bytes_vs_elements_with_uint8_input_and_float16_wire():
     shapes = {"a": ([8, 4, 4], "float32"), "b": ([2, 4, 4], "float32"), "i": ([3, 8, 8], "int64")}
     # input: uint8 3x8x8 = 192 bytes and elements
-    pts = describe_cut_points(["a", "b", "i"], shapes, 192, 192, "float32")
+    pts = describe_cut_points(["a", "b", "i"], shapes, input_bytes=192, input_elements=192, wire_dtype="float32")
     assert [p.bytes for p in pts] == [512, 128, 1536]
     assert [p.element_ratio for p in pts] == [128 / 192, 32 / 192, 1.0]
     assert [p.natural for p in pts] == [False, True, False]
-    half = describe_cut_points(["a", "b", "i"], shapes, 192, 192, "float16")
+    half = describe_cut_points(["a", "b", "i"], shapes, input_bytes=192, input_elements=192, wire_dtype="float16")
     assert [p.bytes for p in half] == [256, 64, 1536]  # int64 is not cast
     assert [p.compressive for p in half] == [False, True, False]

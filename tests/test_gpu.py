@@ -43,6 +43,27 @@ def test_host_device_round_trip_on_a_stream(cuda):
         assert np.array_equal(host, back)
 
 
+def test_pinned_staging_round_trip_and_a_temporary_kept_until_sync(cuda):
+    host = np.arange(2 * 3 * 224 * 224, dtype=np.float32).reshape(2, 3, 224, 224)
+    pin_in, pin_out = cuda.PinnedArray(host.shape, host.dtype), cuda.PinnedArray(host.shape, host.dtype)
+    buf = cuda.DeviceBuffer(host.nbytes)
+    try:
+        with cuda.Stream() as stream:
+            np.copyto(pin_in.array, host)
+            buf.upload(pin_in.array, stream)
+            buf.download(pin_out.array, stream)
+            stream.synchronize()
+            assert np.array_equal(pin_out.array, host)
+            buf.upload(host[:, ::-1], stream)  # not contiguous: a temporary the stream keeps
+            buf.download(pin_out.array, stream)
+            stream.synchronize()
+            assert np.array_equal(pin_out.array, host[:, ::-1])
+    finally:
+        buf.free()
+        pin_in.free()
+        pin_out.free()
+
+
 def test_event_timer_agrees_with_torch_events(cuda):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

@@ -11,12 +11,12 @@ from dsc_export.cli import cli
 from dsc_export.errors import UserError
 from dsc_export.planning import (
     Candidate,
-    Plan,
     choose_index,
     interpolate,
     latency_grid,
     make_plan,
     parse_scenario,
+    read_plan,
     simulate,
 )
 
@@ -208,12 +208,24 @@ def test_plan_round_trips_and_gains_are_recorded(tmp_path):
     d = json.loads(path.read_text())
     assert d["schema"] == "dsc-export.plan/1" and d["rtt_ms"] == 5.0
     assert set(d["gain"]) == {"local", "offload", "cut000", "cut001", "cut002"}
-    again = Plan.from_dict(d)
+    again = read_plan(path)
     assert again.choose(2, 10.0) == plan.choose(2, 10.0)
     for g in plan.gain.values():
         grid = np.array(g["grid"])
         assert grid.min() >= 0 and g["mean"] == pytest.approx(grid.mean(), abs=1e-4)
     assert np.array(plan.gain["local"]["grid"]).max() > 0
+
+
+@pytest.mark.parametrize("text,match", [
+    (None, "does not exist"), ("{", "not a valid plan"), ('{"schema": "dsc-export.profile/1"}', "not a dsc-export.plan/1"),
+    ('{"schema": "dsc-export.plan/1", "rtt_ms": 1}', "not a valid plan")])
+def test_read_plan_refuses_in_one_line(tmp_path, text, match):
+    path = tmp_path / "plan.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(UserError, match=match) as e:
+        read_plan(path)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("text,match", [

@@ -17,7 +17,6 @@ import pytest
 from graphs import ALL, G
 from onnx import TensorProto, helper, numpy_helper
 
-from dsc_export.backends.onnxruntime import make_session, random_inputs
 from dsc_export.compare import compare, tolerance
 from dsc_export.errors import UserError
 from dsc_export.graph.model import data_dependent, dataflow
@@ -29,6 +28,7 @@ from dsc_export.graph.precision import (
     convert_float16,
     to_float16,
 )
+from dsc_export.ort import make_session, random_inputs
 
 F, H, D = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE
 RNG = np.random.default_rng(7)

@@ -9,7 +9,7 @@ import pytest
 from served_models import conv_net
 
 from dsc_export.artifacts import Profile, Timing, read_manifest
-from dsc_export.backends.onnxruntime import make_session
+from dsc_export.ort import make_session
 from dsc_export.planning import make_plan
 from dsc_export.serving.client import RateEstimator, ServerEstimate
 from dsc_export.serving.protocol import QUEUE_MS, SERVER_MS, ServerLoad

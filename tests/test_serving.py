@@ -18,10 +18,10 @@ pytest.importorskip("pytriton", reason="the 'serve' extra (nvidia-pytriton) is n
 pytest.importorskip("tritonclient.http", reason="the 'serve' extra (tritonclient) is not installed")
 
 from dsc_export.artifacts import read_manifest  # noqa: E402
-from dsc_export.backends.onnxruntime import make_session  # noqa: E402
 from dsc_export.bundle import make_bundle, open_bundle  # noqa: E402
 from dsc_export.engines import build_engines  # noqa: E402
 from dsc_export.errors import UserError  # noqa: E402
+from dsc_export.ort import make_session  # noqa: E402
 from dsc_export.planning import make_plan  # noqa: E402
 from dsc_export.profiling import profile_split_dir  # noqa: E402
 from dsc_export.splitting import split_model  # noqa: E402
@@ -145,9 +145,9 @@ def test_privacy_never_sends_the_raw_input(b0, server):
 def test_bundles_round_trip(b0, tmp_path):
     dev = make_bundle(b0, "device", tmp_path / "dev.tar")
     srv = make_bundle(b0, "server", tmp_path / "srv.tar")
-    assert "plan.json" in dev["files"] and any(f.startswith("heads/") for f in dev["files"])
-    assert not any(f.startswith("tails/") for f in dev["files"])
-    assert any(f.startswith("triton/cut033/") for f in srv["files"]) and not any(f.startswith("heads/") for f in srv["files"])
+    assert "plan.json" in dev["files"] and any(f.startswith("head-") for f in dev["files"])
+    assert not any(f.startswith("tail-") for f in dev["files"])
+    assert any(f.startswith("triton/cut033/") for f in srv["files"]) and not any(f.startswith("head-") for f in srv["files"])
     out = tmp_path / "dev"
     open_bundle(tmp_path / "dev.tar", out, expect_side="device")
     man = read_manifest(out)
@@ -185,10 +185,10 @@ def test_tampered_and_unsafe_bundles_are_refused(b0, tmp_path):
     make_bundle(b0, "device", tmp_path / "dev.tar")
 
     def flip(m, d):
-        return m, (d[:-1] + bytes([d[-1] ^ 1])) if m.name == "heads/cut033.onnx" else d
+        return m, (d[:-1] + bytes([d[-1] ^ 1])) if m.name == "head-cut033.onnx" else d
 
     _rewrite(tmp_path / "dev.tar", tmp_path / "t1.tar", flip)
-    with pytest.raises(UserError, match="heads/cut033.onnx.*sha256"):
+    with pytest.raises(UserError, match="head-cut033.onnx.*sha256"):
         open_bundle(tmp_path / "t1.tar", tmp_path / "o1")
     assert not (tmp_path / "o1").exists() and not any(p.name.startswith(".o1") for p in tmp_path.iterdir())
 

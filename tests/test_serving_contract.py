@@ -25,10 +25,10 @@ from test_serving import free_ports  # noqa: E402
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
 from dsc_export.artifacts import read_manifest  # noqa: E402
-from dsc_export.backends.onnxruntime import make_session  # noqa: E402
 from dsc_export.bundle import make_bundle, open_bundle  # noqa: E402
 from dsc_export.engines import build_engines  # noqa: E402
 from dsc_export.errors import UserError  # noqa: E402
+from dsc_export.ort import make_session  # noqa: E402
 from dsc_export.planning import make_plan  # noqa: E402
 from dsc_export.profiling import profile_split_dir  # noqa: E402
 from dsc_export.serving.client import DynamicSplitClient  # noqa: E402
@@ -44,7 +44,7 @@ def _split_with_plan(model, root: Path, batches, **fields) -> Path:
     split_model(root.with_suffix(".onnx"), root)
     if fields:
         set_batch_fields(root, **fields)
-    build_engines(root, "onnxruntime", batches, "all")
+    build_engines(root, "onnxruntime", batches, "all", keep_all=True)
     dev = profile_split_dir(root, "device", batch_sizes=batches, repeats=2, warmup=1, threads=1)
     srv = profile_split_dir(root, "server", batch_sizes=batches, repeats=2, warmup=1)
     (root / "plan.json").write_text(make_plan(read_manifest(root), dev, srv, batches, [1, 10, 100]).to_json())

@@ -9,9 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from dsc_export.artifacts import read_manifest
-from dsc_export.backends.onnxruntime import make_session
+from dsc_export.artifacts import SPLIT_SCHEMA, read_manifest
 from dsc_export.errors import UserError, VerificationError
+from dsc_export.graph.model import load_model
+from dsc_export.ort import make_session
 from dsc_export.splitting import analyze_file, safe_name, split_model
 
 
@@ -80,7 +81,7 @@ def test_compressive_bottlenecks_are_the_default(tmp_path):
     compressive = [c.tensor for c in man.cut_points if c.compressive]
     assert compressive == ["c"]
     on_disk = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert list(on_disk)[0] == "schema" and on_disk["schema"] == "dsc-export.split/1"
+    assert list(on_disk)[0] == "schema" and on_disk["schema"] == SPLIT_SCHEMA
     assert read_manifest(tmp_path / "s") == man
 
 
@@ -152,23 +153,41 @@ def test_external_data_model_and_missing_data(tmp_path):
     model, cuts = graphs.chain()
     src = tmp_path / "ext" / "m.onnx"
     src.parent.mkdir()
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     onnx.save(model, str(src), save_as_external_data=True, location="m.weights", size_threshold=0)
     man = split_model(src, tmp_path / "s", at=cuts)
-    assert (tmp_path / "s" / "m.weights").is_file()  # the copy of the whole model keeps its data
+    # the copy of the whole model keeps its data (in the split dir's store), equal to the source's
+    copied = {t.name: onnx.numpy_helper.to_array(t) for t in load_model(tmp_path / "s" / "model.onnx").graph.initializer}
+    assert copied.keys() == weights.keys()
+    for name, w in weights.items():
+        np.testing.assert_array_equal(copied[name], w)
     assert len(man.splits) == 5
     (tmp_path / "ext" / "m.weights").unlink()
     with pytest.raises(UserError, match="external data.*missing: m.weights"):
         analyze_file(src)
 
 
-def test_big_models_are_saved_with_external_data(tmp_path, monkeypatch):
-    import dsc_export.graph.surgery as surgery
+def test_parts_hold_graphs_and_the_weights_are_stored_once(tmp_path):
+    """Every part's large tensors are external data in the split dir's one store, so no part file
+    nears protobuf's 2 GB limit however big the model, and a tensor several parts read is one file."""
+    from dsc_export.weight_store import MIN_BYTES
 
-    monkeypatch.setattr(surgery, "TWO_GB", 10)  # pretend every part is over 2 GB
-    model, cuts = graphs.chain()
+    g = graphs.G()
+    g.conv("a", "x", 32, k=3)  # 3.5 KB of weights
+    g.relu("b", "a")
+    g.conv("c", "b", 16, k=3)  # 18 KB
+    g.relu("y", "c")
+    model, cuts = g.model(["y"]), ["a", "b", "c"]
     man = split_model(save(model, tmp_path / "m.onnx"), tmp_path / "s", at=cuts)
-    heads = sorted(p.name for p in (tmp_path / "s" / "heads").iterdir())
-    assert any(n.endswith(".onnx.data") for n in heads)
+    root = tmp_path / "s"
+    for s in man.splits:
+        for rel in filter(None, (s.head, s.tail)):
+            part = onnx.load(root / rel, load_external_data=False)
+            inline = [t.name for t in part.graph.initializer if t.ByteSize() >= MIN_BYTES and not t.external_data]
+            assert inline == [], (rel, inline)
+    store = sorted((root / "weights").iterdir())
+    large = [t for t in model.graph.initializer if t.ByteSize() >= MIN_BYTES]
+    assert len(store) == len({t.raw_data or t.SerializeToString() for t in large})
     assert all(s.max_rel_diff <= 1e-5 for s in man.splits[1:-1])
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dsc_export.errors import UserError
+from dsc_export.errors import BackendUnavailable, EngineLoadError, InferenceError
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Runner:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the engine on host arrays; returns every output by name."""
         if not self.active:
-            raise RuntimeError("runner is not active; use it in a 'with' block")
+            raise InferenceError(f"the runner of '{self.path}' is not active; use it in a 'with' block")
         return self.infer_impl(feeds)
 
     def time_ms(self, feeds: dict[str, np.ndarray]) -> float:
@@ -114,6 +114,7 @@ class Backend:
     name = ""
     suffix = ""
     extra = ""  # the dsc-export extra that installs the backend's modules
+    runs_onnx = False  # load_onnx works: build can time an engine against its ONNX
 
     def available(self) -> str | None:
         """None when the backend can be used here, else a one-line reason."""
@@ -123,7 +124,7 @@ class Backend:
         """Raise a one-line :class:`UserError` when the backend cannot be used here."""
         why = self.available()
         if why:
-            raise UserError(why)
+            raise BackendUnavailable(why)
 
     def target(self) -> dict[str, Any]:
         """What engines built now are tied to: backend version, device name, compute capability."""
@@ -157,7 +158,7 @@ class Backend:
 
     def load_onnx(self, onnx_path: str | os.PathLike, threads: int | None = None) -> Runner:
         """A runner for an ONNX file as it is (no build step), where the backend can do that."""
-        raise UserError(f"the {self.name} backend runs built engines only")
+        raise EngineLoadError(f"the {self.name} backend runs built engines only")
 
     def trtexec_command(self, onnx_path: str, engine_path: str, input_name: str, input_shape: list[int],
                         precision: str, options: BuildOptions, cache_path: str) -> str | None:

@@ -7,11 +7,15 @@ naming the ``tensorrt`` extra.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import numpy as np
 
-from dsc_export.errors import UserError
+from dsc_export.errors import BackendError, BackendUnavailable, UserError
+
+CU12_HINT = ("no NVIDIA driver, or one older than this CUDA runtime: the 'tensorrt' extra's CUDA 13 wheels "
+             "need driver 580 or newer; on a CUDA 12 machine or a Jetson install 'dsc-export[tensorrt-cu12]'")
 
 
 def cudart():
@@ -22,13 +26,13 @@ def cudart():
         try:
             from cuda import cudart as runtime  # cuda-python < 12.6
         except ImportError as exc:
-            raise UserError("cuda-python is not installed; install the 'tensorrt' extra: "
+            raise BackendUnavailable("cuda-python is not installed; install the 'tensorrt' extra: "
                             "pip install 'dsc-export[tensorrt]'") from exc
     return runtime
 
 
 def check(result: Any, what: str = "CUDA call") -> Any:
-    """Unpack a cuda-python ``(error, *values)`` result; a CUDA error becomes a one-line UserError."""
+    """Unpack a cuda-python ``(error, *values)`` result; a CUDA error becomes a one-line BackendError."""
     rt = cudart()
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
@@ -36,22 +40,42 @@ def check(result: Any, what: str = "CUDA call") -> Any:
         msg = text.decode() if isinstance(text, bytes) else str(text)
         if int(err) == int(rt.cudaError_t.cudaErrorMemoryAllocation):
             raise OutOfDeviceMemory(f"{what}: {msg}")
-        raise UserError(f"{what} failed: {msg} ({err})")
+        raise BackendError(f"{what} failed: {msg} ({err})")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
 
 
-class OutOfDeviceMemory(UserError):
+class OutOfDeviceMemory(BackendError):
     """A device allocation failed."""
 
 
 def device_count() -> int:
     """Number of CUDA devices (0 when the driver or the bindings are missing)."""
     try:
-        return check(cudart().cudaGetDeviceCount(), "cudaGetDeviceCount")
+        return 0 if no_device_reason() else check(cudart().cudaGetDeviceCount(), "cudaGetDeviceCount")
     except UserError:
         return 0
+
+
+def no_device_reason() -> str | None:
+    """None when CUDA sees a device, else one line with CUDA's own error string.
+
+    ``cudaGetDeviceCount`` tells a missing GPU (``cudaErrorNoDevice``) from a driver older than
+    the runtime (``cudaErrorInsufficientDriver``: cuda-python 13 on a CUDA 12 driver); the
+    latter gets the hint to install the CUDA 12 extra.
+
+    Raises:
+        BackendUnavailable: cuda-python is not installed.
+    """
+    rt = cudart()
+    err, *rest = rt.cudaGetDeviceCount()
+    if int(err) == 0:
+        return None if rest and int(rest[0]) > 0 else "CUDA sees no GPU (cudaGetDeviceCount: 0 devices)"
+    _, text = rt.cudaGetErrorString(err)
+    msg = text.decode() if isinstance(text, bytes) else str(text)
+    hint = f"; {CU12_HINT}" if int(err) == int(rt.cudaError_t.cudaErrorInsufficientDriver) else ""
+    return f"CUDA reports: {msg} ({getattr(err, 'name', err)}){hint}"
 
 
 def device_info(index: int = 0) -> dict[str, Any]:
@@ -64,13 +88,23 @@ def device_info(index: int = 0) -> dict[str, Any]:
 
 
 class Stream:
-    """A CUDA stream (created on enter, destroyed on close)."""
+    """A CUDA stream (created on enter, destroyed on close).
+
+    Host memory that an asynchronous copy reads or writes must outlive the copy: :meth:`keep`
+    holds a reference until the next :meth:`synchronize`.
+    """
 
     def __init__(self):
         self.handle = check(cudart().cudaStreamCreate(), "cudaStreamCreate")
+        self._in_flight: list[Any] = []
+
+    def keep(self, obj: Any) -> None:
+        """Hold ``obj`` (a host array an enqueued copy uses) until the stream synchronizes."""
+        self._in_flight.append(obj)
 
     def synchronize(self) -> None:
         check(cudart().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
+        self._in_flight.clear()
 
     def close(self) -> None:
         if self.handle is not None:
@@ -98,6 +132,7 @@ class DeviceBuffer:
         rt = cudart()
         check(rt.cudaMemcpyAsync(self.ptr, host.ctypes.data, self.nbytes,
                                  rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle), "cudaMemcpyAsync H2D")
+        stream.keep(host)  # may be a temporary copy: it must live until the copy has run
 
     def download(self, host: np.ndarray, stream: Stream) -> np.ndarray:
         if host.nbytes != self.nbytes or not host.flags.c_contiguous:
@@ -105,6 +140,7 @@ class DeviceBuffer:
         rt = cudart()
         check(rt.cudaMemcpyAsync(host.ctypes.data, self.ptr, self.nbytes,
                                  rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle), "cudaMemcpyAsync D2H")
+        stream.keep(host)
         return host
 
     def free(self) -> None:
@@ -116,13 +152,42 @@ class DeviceBuffer:
         return int(self.ptr)
 
 
+class PinnedArray:
+    """A numpy array in page-locked host memory (``cudaMallocHost``), freed by :meth:`free`.
+
+    Copies between pinned memory and the device run truly asynchronously and at full bus
+    speed; NVIDIA's samples (``common_runtime.py``, ``HostDeviceMem``) stage every input and
+    output through such a buffer.
+
+    Raises:
+        OutOfDeviceMemory / BackendError: ``cudaMallocHost`` failed.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype):
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self.ptr = check(cudart().cudaMallocHost(max(nbytes, 1)), f"cudaMallocHost({nbytes} bytes)")
+        raw = (ctypes.c_ubyte * max(nbytes, 1)).from_address(int(self.ptr))
+        self.array = np.frombuffer(raw, np.uint8, count=nbytes).view(dtype).reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            self.array = None
+            cudart().cudaFreeHost(self.ptr)
+            self.ptr = None
+
+
 class EventTimer:
     """Device-side elapsed time between two events recorded on a stream (what GPU profiling uses)."""
 
     def __init__(self):
         rt = cudart()
         self.start = check(rt.cudaEventCreate(), "cudaEventCreate")
-        self.end = check(rt.cudaEventCreate(), "cudaEventCreate")
+        try:
+            self.end = check(rt.cudaEventCreate(), "cudaEventCreate")
+        except UserError:
+            rt.cudaEventDestroy(self.start)
+            raise
 
     def record_start(self, stream: Stream) -> None:
         check(cudart().cudaEventRecord(self.start, stream.handle), "cudaEventRecord")

@@ -17,15 +17,17 @@ reason naming the ``tensorrt`` extra.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dsc_export.backends.base import Backend, BuildOptions, Runner, TensorSpec
-from dsc_export.errors import UserError, lazy_import
+from dsc_export.errors import BuildError, EngineLoadError, InferenceError, UserError, lazy_import
 
 TIMING_CACHE = "tensorrt.timing-cache"
 
@@ -35,49 +37,101 @@ def _trt():
 
 
 def trt_major(trt) -> int:
-    return int(str(trt.__version__).split(".")[0])
+    return version_tuple(trt.__version__)[0]
 
 
-class _Logger:
-    """A TensorRT logger that keeps the errors so a failed build can say why in one line."""
+def version_tuple(version: str) -> tuple[int, int, int]:
+    """``"10.13.0.35"`` -> ``(10, 13, 0)``: (major, minor, patch), missing parts 0, the build left out."""
+    nums = [int(n) for n in re.findall(r"\d+", str(version))[:3]]
+    return tuple(nums + [0] * (3 - len(nums)))  # type: ignore[return-value]
+
+
+class ErrorLog:
+    """The one TensorRT logger of this process, keeping the errors it receives.
+
+    TensorRT keeps one logger per process while any builder or runtime lives (``createInferBuilder``
+    / ``createInferRuntime``: a different logger passed later is ignored with a warning), so
+    every builder, runtime and parser here gets this one. A call reads only the errors it added:
+    ``mark = log.mark()`` before, ``log.reason(mark)`` after. Calls running in parallel threads
+    may see each other's errors.
+    """
 
     def __init__(self, trt):
-        class L(trt.ILogger):
+        errors: list[str] = []
+        lock = threading.Lock()
+        severe = (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR)
+
+        class Logger(trt.ILogger):
             def __init__(self):
                 trt.ILogger.__init__(self)
-                self.errors: list[str] = []
 
             def log(self, severity, msg):
-                if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                    self.errors.append(str(msg))
+                if severity in severe:
+                    with lock:
+                        errors.append(" ".join(str(msg).split()))
 
-        self.logger = L()
+        self.trt = trt
+        self.errors = errors
+        self.logger = Logger()
 
-    def last(self) -> str:
-        return self.logger.errors[-1] if self.logger.errors else "no message from TensorRT"
+    def mark(self) -> int:
+        """Where the errors of the call about to be made will start."""
+        return len(self.errors)
+
+    def reason(self, mark: int) -> str:
+        """The first error logged since ``mark`` (and how many more), on one line."""
+        new = self.errors[mark:]
+        if not new:
+            return "no message from TensorRT"
+        return new[0] + (f" (and {len(new) - 1} more)" if len(new) > 1 else "")
+
+
+_ERROR_LOG: ErrorLog | None = None
+
+
+def error_log(trt) -> ErrorLog:
+    """This process's :class:`ErrorLog` (made on first use; a new one if ``tensorrt`` was re-imported)."""
+    global _ERROR_LOG
+    if _ERROR_LOG is None or _ERROR_LOG.trt is not trt:
+        _ERROR_LOG = ErrorLog(trt)
+    return _ERROR_LOG
 
 
 class TensorrtRunner(Runner):
-    """Runs a deserialised engine with ``execute_async_v3`` on one stream."""
+    """Runs a deserialised engine with ``execute_async_v3`` on one stream.
+
+    Every input and output is staged through page-locked host memory (as NVIDIA's samples do) and
+    has one device buffer; what activation made is released if it fails part-way.
+    """
+
+    _runtime = _engine = _context = _stream = _timer = None
 
     def activate_impl(self) -> None:
         from dsc_export.backends import cuda
 
-        trt = _trt()
-        self._log = _Logger(trt)
-        self._runtime = trt.Runtime(self._log.logger)
-        if hasattr(self._runtime, "engine_host_code_allowed"):  # version-compatible engines carry a lean runtime
-            self._runtime.engine_host_code_allowed = True
-        data = Path(self.path).read_bytes()
-        self._engine = self._runtime.deserialize_cuda_engine(data)
+        self._buffers: dict[str, Any] = {}
+        self._pinned: dict[str, Any] = {}
+        try:
+            self._activate(_trt(), cuda)
+        except BaseException:
+            self.deactivate_impl()
+            raise
+
+    def _activate(self, trt, cuda) -> None:
+        log = error_log(trt)
+        mark = log.mark()
+        self._runtime = trt.Runtime(log.logger)
+        self._runtime.engine_host_code_allowed = True  # version-compatible engines carry a lean runtime
+        self._engine = self._runtime.deserialize_cuda_engine(Path(self.path).read_bytes())
         if self._engine is None:
-            raise UserError(f"TensorRT cannot load '{self.path}': {self._log.last()} "
+            raise EngineLoadError(f"TensorRT cannot load '{self.path}': {log.reason(mark)} "
                             "(engines are tied to the GPU and TensorRT version they were built with)")
         self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise EngineLoadError(f"TensorRT cannot create an execution context for '{self.path}' "
+                            f"(out of GPU memory?): {log.reason(mark)}")
         self._stream = cuda.Stream()
         self._timer = cuda.EventTimer()
-        self._buffers: dict[str, Any] = {}
-        self._host_out: dict[str, np.ndarray] = {}
         self.inputs, self.outputs = [], []
         for i in range(self._engine.num_io_tensors):
             name = self._engine.get_tensor_name(i)
@@ -86,18 +140,20 @@ class TensorrtRunner(Runner):
             is_input = self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             if is_input and any(d < 0 for d in shape):  # a dynamic dim: the profile fixes it (min = max)
                 shape = tuple(self._engine.get_tensor_profile_shape(name, 0)[2])
-                self._context.set_input_shape(name, shape)
-            spec = TensorSpec(name, shape, dtype)
-            (self.inputs if is_input else self.outputs).append(spec)
-        for spec in self.outputs:  # output shapes are known once every input shape is set
-            shape = tuple(self._context.get_tensor_shape(spec.name))
-            self.outputs[self.outputs.index(spec)] = TensorSpec(spec.name, shape, spec.dtype)
+                if not self._context.set_input_shape(name, shape):
+                    raise EngineLoadError(f"TensorRT refuses shape {list(shape)} for input '{name}' of "
+                                    f"'{self.path}': {log.reason(mark)}")
+            (self.inputs if is_input else self.outputs).append(TensorSpec(name, shape, dtype))
+        # output shapes are known once every input shape is set
+        self.outputs = [TensorSpec(s.name, tuple(self._context.get_tensor_shape(s.name)), s.dtype)
+                        for s in self.outputs]
         for spec in self.inputs + self.outputs:
-            nbytes = int(np.prod(spec.shape)) * spec.dtype.itemsize
+            nbytes = int(np.prod(spec.shape, dtype=np.int64)) * spec.dtype.itemsize
             self._buffers[spec.name] = cuda.DeviceBuffer(nbytes)
-            self._context.set_tensor_address(spec.name, int(self._buffers[spec.name]))
-        for spec in self.outputs:
-            self._host_out[spec.name] = np.empty(spec.shape, spec.dtype)
+            self._pinned[spec.name] = cuda.PinnedArray(spec.shape, spec.dtype)
+            if not self._context.set_tensor_address(spec.name, int(self._buffers[spec.name])):
+                raise EngineLoadError(f"TensorRT refuses the device address of '{spec.name}' in '{self.path}': "
+                                f"{log.reason(mark)}")
 
     def device_addresses(self) -> dict[str, int]:
         """Device pointers of every input and output (to feed or read device memory directly)."""
@@ -107,21 +163,25 @@ class TensorrtRunner(Runner):
         for spec in self.inputs:
             arr = feeds[spec.name]
             if tuple(arr.shape) != spec.shape or arr.dtype != spec.dtype:
-                raise UserError(f"'{spec.name}' must be {spec.dtype} {list(spec.shape)}, got "
+                raise InferenceError(f"'{spec.name}' must be {spec.dtype} {list(spec.shape)}, got "
                                 f"{arr.dtype} {list(arr.shape)} (an engine has a fixed batch size)")
-            self._buffers[spec.name].upload(arr, self._stream)
+            staged = self._pinned[spec.name].array
+            np.copyto(staged, arr)
+            self._buffers[spec.name].upload(staged, self._stream)
 
     def _execute(self) -> None:
+        log = error_log(_trt())
+        mark = log.mark()
         if not self._context.execute_async_v3(int(self._stream.handle)):
-            raise UserError(f"TensorRT execution failed for '{self.path}': {self._log.last()}")
+            raise InferenceError(f"TensorRT execution failed for '{self.path}': {log.reason(mark)}")
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._upload(feeds)
         self._execute()
         for spec in self.outputs:
-            self._buffers[spec.name].download(self._host_out[spec.name], self._stream)
+            self._buffers[spec.name].download(self._pinned[spec.name].array, self._stream)
         self._stream.synchronize()
-        return {k: v.copy() for k, v in self._host_out.items()}
+        return {spec.name: self._pinned[spec.name].array.copy() for spec in self.outputs}
 
     def time_ms(self, feeds: dict[str, np.ndarray]) -> float:
         """Device time of one execution (CUDA events around ``execute_async_v3``; copies excluded)."""
@@ -129,14 +189,52 @@ class TensorrtRunner(Runner):
         self._timer.record_start(self._stream)
         self._execute()
         self._timer.record_end(self._stream)
-        return self._timer.elapsed_ms()
+        ms = self._timer.elapsed_ms()
+        self._stream.synchronize()
+        return ms
 
     def deactivate_impl(self) -> None:
-        for buf in self._buffers.values():
+        """Release what activation made, whatever it got to: buffers, stream, event, context, engine."""
+        for buf in [*self._buffers.values(), *self._pinned.values()]:
             buf.free()
-        self._timer.close()
-        self._stream.close()
-        del self._context, self._engine, self._runtime
+        self._buffers, self._pinned = {}, {}
+        for res in (self._timer, self._stream):
+            if res is not None:
+                res.close()
+        # the context before the engine before the runtime, as TensorRT requires
+        self._timer = self._stream = self._context = None
+        self._engine = None
+        self._runtime = None
+
+
+def engine_compatibility(built: dict[str, Any], here: dict[str, Any], options: dict[str, Any]) -> str | None:
+    """Whether an engine built for ``built`` with ``options`` runs on ``here``: None, or what differs.
+
+    Args:
+        built, here: targets (``version``: TensorRT version, ``compute_capability``: ``"8.6"``).
+        options: the engine's build options (``version_compatible``, ``hardware_compatible``).
+
+    A version-compatible engine runs on the same or a later TensorRT, compared as
+    (major, minor, patch); any other engine on the exact version it was built with. A
+    hardware-compatible engine (``AMPERE_PLUS``) runs on compute capability 8.0 and newer, any
+    other on the compute capability it was built on. Source: TensorRT developer guide, "Version
+    Compatibility" and "Hardware Compatibility" (10.x, 11.x).
+    """
+    b_ver, h_ver = str(built.get("version")), str(here["version"])
+    if options.get("version_compatible"):
+        if version_tuple(h_ver) < version_tuple(b_ver):
+            return (f"TensorRT {b_ver} (built) is newer than {h_ver} (here): a version-compatible engine "
+                    "runs on the same or a later TensorRT only")
+    elif b_ver != h_ver:
+        return f"TensorRT {b_ver} (built) != {h_ver} (here)"
+    b_cc, h_cc = built.get("compute_capability"), str(here["compute_capability"])
+    if options.get("hardware_compatible"):
+        if version_tuple(h_cc)[:2] < (8, 0):
+            return (f"a hardware-compatible (Ampere and newer) engine needs compute capability 8.0 or "
+                    f"newer; this GPU has {h_cc}")
+    elif b_cc != h_cc:
+        return f"compute capability {b_cc} (built) != {h_cc} (here)"
+    return None
 
 
 class TensorrtBackend(Backend):
@@ -149,9 +247,9 @@ class TensorrtBackend(Backend):
             _trt()
             from dsc_export.backends import cuda
 
-            cuda.cudart()
-            if cuda.device_count() == 0:
-                return "the tensorrt backend needs an NVIDIA GPU and its driver; none is visible here"
+            why = cuda.no_device_reason()
+            if why:
+                return f"the tensorrt backend needs an NVIDIA GPU and its driver: {why}"
         except UserError as exc:
             return str(exc)
         return None
@@ -163,15 +261,7 @@ class TensorrtBackend(Backend):
         return {"backend": self.name, "version": str(trt.__version__), **device_info()}
 
     def compatible(self, target: dict[str, Any], options: dict[str, Any]) -> str | None:
-        now = self.target()
-        if options.get("version_compatible"):
-            if trt_major(_trt()) < int(str(target.get("version", "0")).split(".")[0]):
-                return f"TensorRT {target.get('version')} (built) is newer than {now['version']} (here)"
-        elif target.get("version") != now["version"]:
-            return f"TensorRT {target.get('version')} (built) != {now['version']} (here)"
-        if not options.get("hardware_compatible") and target.get("compute_capability") != now["compute_capability"]:
-            return f"compute capability {target.get('compute_capability')} (built) != {now['compute_capability']} (here)"
-        return None
+        return engine_compatibility(target, self.target(), options)
 
     def build(self, onnx_path, engine_path, batch, precision, options: BuildOptions, cache_dir=None,
               log=lambda s: None) -> None:
@@ -179,7 +269,8 @@ class TensorrtBackend(Backend):
 
         self.check()
         trt = _trt()
-        log = _Logger(trt)
+        elog = error_log(trt)
+        mark = elog.mark()
         src = Path(onnx_path)
         tmpdir = Path(tempfile.mkdtemp(prefix="dsc-trt-"))
         try:
@@ -194,16 +285,17 @@ class TensorrtBackend(Backend):
                 onnx.save(model, os.fspath(src), save_as_external_data=model.ByteSize() > 1_500_000_000,
                           location="fp16.onnx.data")
                 del model
-            builder = trt.Builder(log.logger)
+            builder = trt.Builder(elog.logger)
             flags = 0
             strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
             if strongly is not None and trt_major(trt) < 11:
                 flags |= 1 << int(strongly)
             network = builder.create_network(flags)
-            parser = trt.OnnxParser(network, log.logger)
+            parser = trt.OnnxParser(network, elog.logger)
             if not parser.parse_from_file(os.fspath(src)):
-                errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-                raise UserError(f"TensorRT's ONNX parser rejects {onnx_path}: {errs[0] if errs else log.last()}")
+                errs = [" ".join(str(parser.get_error(i)).split()) for i in range(parser.num_errors)]
+                raise BuildError(f"TensorRT's ONNX parser rejects {onnx_path}: "
+                                f"{errs[0] if errs else elog.reason(mark)}")
             config = builder.create_builder_config()
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb * 2**20)
             if precision == "fp32":  # TF32 is on by default on Ampere and newer: fp32 must mean fp32
@@ -215,9 +307,10 @@ class TensorrtBackend(Backend):
                 if shape and shape[0] < 0:
                     shape[0] = batch
                 if any(d < 0 for d in shape):
-                    raise UserError(f"input '{t.name}' of {onnx_path} has dynamic dims other than the batch: {shape}")
+                    raise BuildError(f"input '{t.name}' of {onnx_path} has dynamic dims other than the batch: {shape}")
                 profile.set_shape(t.name, shape, shape, shape)
-            config.add_optimization_profile(profile)
+            if config.add_optimization_profile(profile) < 0:
+                raise BuildError(f"TensorRT refuses the optimisation profile of {onnx_path}: {elog.reason(mark)}")
             if options.version_compatible:
                 config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
             if options.hardware_compatible:
@@ -227,10 +320,10 @@ class TensorrtBackend(Backend):
             config.set_timing_cache(cache, ignore_mismatch=True)
             plan = builder.build_serialized_network(network, config)
             if plan is None:
-                last = log.last()
+                last = elog.reason(mark)
                 if "memory" in last.lower():
                     raise OutOfDeviceMemory(f"out of GPU memory building {onnx_path} at batch {batch}: {last}")
-                raise UserError(f"TensorRT could not build {onnx_path} at batch {batch}: {last}")
+                raise BuildError(f"TensorRT could not build {onnx_path} at batch {batch}: {last}")
             engine_path = Path(engine_path)
             engine_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = engine_path.with_name(f".{engine_path.name}.tmp")

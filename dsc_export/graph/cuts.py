@@ -20,36 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dsc_export.artifacts import WIRE_DTYPES, CutPoint
 from dsc_export.graph.model import Dataflow, data_dependent, topological_nodes
 
-WIRE_DTYPES = ("float32", "float16")
 FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
-
-
-@dataclass
-class CutPoint:
-    """One cut point, as the manifest's ``cut_points`` lists it.
-
-    ``shape`` is per sample (batch dimension dropped); ``bytes`` is per sample on the wire;
-    ``ratio`` is the paper's c_l in bytes (what the link carries), ``element_ratio`` the same in
-    elements (what the paper tabulates).
-    """
-
-    index: int
-    tensor: str
-    shape: list[int]
-    dtype: str
-    elements: int
-    bytes: int
-    ratio: float
-    element_ratio: float
-    natural: bool
-    compressive: bool
-    scope: str | None = None
-    # float16 wire only: the largest |value| of the cut tensor on the sample inputs, and whether
-    # it fits float16 (finite, at most 65504). A cut point that does not fit is never split at.
-    max_abs: float | None = None
-    fits_wire: bool = True
 
 
 @dataclass
@@ -169,6 +143,21 @@ def wire_itemsize(dtype: str, wire_dtype: str) -> int:
     return np.dtype(dtype).itemsize
 
 
+def compression_ratio(cut_bytes: int, input_bytes: int) -> float:
+    """c_l: the bytes a cut point sends per sample over the bytes of one input sample.
+
+    The paper defines c_l in elements (its D·c_l is the cut tensor's size); here both sizes are
+    bytes on the wire, so a float32 cut of a uint8 image counts 4 bytes per element (see
+    docs/concepts.md, "Bytes, not elements"). c_l < 1 makes cut point l a natural bottleneck.
+
+    Raises:
+        ValueError: ``input_bytes`` is not positive.
+    """
+    if input_bytes <= 0:
+        raise ValueError(f"input size must be positive, got {input_bytes} bytes")
+    return cut_bytes / input_bytes
+
+
 def compressive_mask(ratios: list[float]) -> list[bool]:
     """Eq. 3: C = { j | c_j < 1 and c_j < c_i for all i < j } (strictly below every earlier ratio)."""
     mask, best = [], 1.0
@@ -183,6 +172,7 @@ def compressive_mask(ratios: list[float]) -> list[bool]:
 def describe_cut_points(
     names: list[str],
     shapes: dict[str, tuple[list[int], str]],
+    *,
     input_bytes: int,
     input_elements: int,
     wire_dtype: str,
@@ -202,11 +192,12 @@ def describe_cut_points(
         shape, dtype = shapes[name]
         elements = int(np.prod(shape, dtype=np.int64)) if shape else 1
         nbytes = elements * wire_itemsize(dtype, wire_dtype)
-        ratio = nbytes / input_bytes
+        ratio = compression_ratio(nbytes, input_bytes)
         points.append(
             CutPoint(
                 index=k, tensor=name, shape=list(shape), dtype=dtype, elements=elements,
-                bytes=nbytes, ratio=ratio, element_ratio=elements / input_elements,
+                bytes=nbytes, ratio=ratio,
+                element_ratio=compression_ratio(elements, input_elements),
                 natural=ratio < 1, compressive=False,
                 scope=(scopes or {}).get(name),
             )

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import external_data_helper
 
@@ -88,6 +89,23 @@ def empty_like(model: onnx.ModelProto, graph_name: str) -> onnx.ModelProto:
     out.metadata_props.extend(model.metadata_props)
     out.graph.name = graph_name
     return out
+
+
+def without_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large initializers keep their dims but not their data (for inference)."""
+    stripped = empty_like(model, model.graph.name)
+    g = stripped.graph
+    src = model.graph
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    for t in src.initializer:
+        c = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+        if np.prod(t.dims, dtype=np.int64) <= 1024:
+            c.CopyFrom(t)
+        g.initializer.append(c)
+    return stripped
 
 
 def all_initializers(graph: onnx.GraphProto):

@@ -46,9 +46,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dsc_export.errors import UserError
-from dsc_export.graph.model import _attr_graphs, data_dependent, dataflow
+from dsc_export.graph.model import _attr_graphs, data_dependent, dataflow, without_data
 
-PRECISIONS = ("fp32", "fp16")
 FP16_MAX = float(np.finfo(np.float16).max)
 # Activations beyond this on the sample inputs keep float32 compute: float16's range with two
 # bits of headroom for real inputs larger than the samples.
@@ -156,7 +155,7 @@ def activation_peaks(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]
     Returns:
         Tensor name -> max |value| over the samples (NaN counts as infinite).
     """
-    from dsc_export.backends.onnxruntime import make_session
+    from dsc_export.ort import make_session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -605,9 +604,8 @@ def _sort_in_place(g: onnx.GraphProto) -> None:
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor, from static inference on a weightless copy."""
-    from dsc_export.graph.shapes import _without_data
 
-    light = _without_data(model)
+    light = without_data(model)
     try:
         # check_type=True also infers through ops defined by a function body (GroupNormalization-21)
         inferred = onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=False)

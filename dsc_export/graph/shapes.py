@@ -34,10 +34,10 @@ from dsc_export.graph.model import (
     Dataflow,
     data_dependent,
     dataflow,
-    empty_like,
     is_batch_read,
     outer_scope_inputs,
     topological_nodes,
+    without_data,
 )
 
 PROBE_BATCHES = (1, 2)
@@ -79,7 +79,7 @@ def probe_batches(model: onnx.ModelProto) -> tuple[int, ...]:
 
 
 def run_with_outputs(
-    model: onnx.ModelProto, names: list[str], batches: tuple[int, ...], seed: int = 0, inputs=None,
+    model: onnx.ModelProto, names: list[str], batches: tuple[int, ...], *, seed: int = 0, inputs=None,
 ) -> list[dict[str, np.ndarray]]:
     """Run ``model`` once per batch size, returning the named tensors.
 
@@ -97,7 +97,7 @@ def run_with_outputs(
     Raises:
         ModelRunError: onnxruntime fails at one of the batch sizes (its ``batch`` says which).
     """
-    from dsc_export.backends.onnxruntime import make_session, random_inputs
+    from dsc_export.ort import make_session, random_inputs
 
     graph_outputs = model.graph.output
     n_before = len(graph_outputs)
@@ -203,7 +203,7 @@ def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False, inputs=
         report.folded = [t for t in frontier if t in constant]
         report.removed_nodes = remove_dead_nodes(folded)
     if dependent:
-        report.batch_reads = rewrite_batch_reads(folded, batches, tainted, inputs, views)
+        report.batch_reads = rewrite_batch_reads(folded, batches, tainted=tainted, inputs=inputs, views=views)
         if report.batch_reads:
             report.removed_nodes += remove_dead_nodes(folded)
         _, still = data_dependent(dataflow(folded.graph))
@@ -263,7 +263,7 @@ def shape_sources(target: str, producer: dict[str, onnx.NodeProto]) -> list[str]
     return list(dict.fromkeys(sources))
 
 
-def rewrite_batch_reads(model: onnx.ModelProto, batches: tuple[int, ...], tainted: set[str] = frozenset(),
+def rewrite_batch_reads(model: onnx.ModelProto, batches: tuple[int, ...], *, tainted: set[str] = frozenset(),
                         inputs=None, views: list | None = None) -> list[str]:
     """Rewrite every Shape/Size read whose dimensions are constants or the batch size, in place.
 
@@ -472,7 +472,7 @@ def _resolve(model: onnx.ModelProto, frontier: list[str], batches: tuple[int, ..
         weightless copies with every resolved value folded in; per batch size, the tensor types
         the last walk knew (every tensor it could size; None when there was nothing to walk).
     """
-    light = _without_data(model)
+    light = without_data(model)
     copies = [_with_batch(light, b) for b in batches]
     if df is None or arith is None:
         df = dataflow(model.graph)
@@ -893,26 +893,9 @@ def remove_dead_nodes(model: onnx.ModelProto) -> int:
     return removed
 
 
-def _without_data(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose large initializers keep their dims but not their data (for inference)."""
-    stripped = empty_like(model, model.graph.name)
-    g = stripped.graph
-    src = model.graph
-    g.node.extend(src.node)
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    g.value_info.extend(src.value_info)
-    for t in src.initializer:
-        c = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
-        if np.prod(t.dims, dtype=np.int64) <= 1024:
-            c.CopyFrom(t)
-        g.initializer.append(c)
-    return stripped
-
-
 def static_shapes(model: onnx.ModelProto) -> dict[str, tuple[list, str]]:
     """Shapes (with symbolic dims as strings, unknown as None) and dtypes from static inference."""
-    return _infer(_without_data(model))
+    return _infer(without_data(model))
 
 
 def _infer(light: onnx.ModelProto) -> dict[str, tuple[list, str]]:
@@ -966,7 +949,7 @@ def _concrete_shapes(model: onnx.ModelProto, batches: tuple[int, ...], names: li
     return views
 
 
-def tensor_shapes(model: onnx.ModelProto, names: list[str], unbatched: dict[str, list] | None = None,
+def tensor_shapes(model: onnx.ModelProto, names: list[str], *, unbatched: dict[str, list] | None = None,
                   inputs=None, views: list | None = None) -> dict[str, tuple[list[int], str]]:
     """Per-sample shape (batch dimension dropped) and dtype of each named tensor.
 

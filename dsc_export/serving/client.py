@@ -48,7 +48,7 @@ import numpy as np
 
 from dsc_export.artifacts import read_manifest, verify_files
 from dsc_export.errors import UserError, lazy_import
-from dsc_export.planning import Plan
+from dsc_export.planning import Plan, read_plan
 from dsc_export.serving.protocol import (
     INPUT,
     LOAD,
@@ -300,9 +300,7 @@ class DynamicSplitClient:
             path = self.root / "plan.json"
             if not path.is_file():
                 raise UserError(f"no plan in '{self.root}'; make one with dsc-export plan or pass --plan")
-            import json
-
-            plan = Plan.from_dict(json.loads(path.read_text()))
+            plan = read_plan(path)
         if plan.model_sha256 != self.manifest.model.sha256:
             raise UserError("the plan was made for another model than this split dir's (model sha256 differs)")
         self.plan = plan
@@ -372,7 +370,7 @@ class DynamicSplitClient:
 
     def warm_up(self, batch: int) -> None:
         """Load and run every head and the whole model once at ``batch`` (first runs are slow)."""
-        from dsc_export.backends.onnxruntime import random_array
+        from dsc_export.ort import random_array
 
         x = random_array([batch] + list(self.manifest.model.input.shape[1:]),
                          np.dtype(self.manifest.model.input.dtype), np.random.default_rng(0))
@@ -440,7 +438,7 @@ class DynamicSplitClient:
     def _constant_values(self) -> dict[str, np.ndarray]:
         """The constant outputs (served by no server), computed once with the whole model here."""
         if self._constants is None:
-            from dsc_export.backends.onnxruntime import random_array
+            from dsc_export.ort import random_array
 
             consts = [c for c in self.contract if c.kind == "constant"]
             x = random_array([1] + list(self.manifest.model.input.shape[1:]),

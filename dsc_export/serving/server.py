@@ -352,8 +352,8 @@ class TailServer:
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig
 
-        from dsc_export.backends.onnxruntime import ORT_DTYPES
         from dsc_export.engines import PartRunner
+        from dsc_export.ort import ORT_DTYPES
 
         man = self.manifest
         contract = served_outputs(self.root, man)

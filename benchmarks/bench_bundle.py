@@ -1,0 +1,111 @@
+"""Benchmark: what a bundle weighs and what loading a part from it costs (issue 18).
+
+For each model: split (cached under benchmarks/out/models/), build onnxruntime engines for batch
+sizes 1, 2, 4, 8, 16 (engines that are not faster than their ONNX by 5 % dropped, as `build`
+does), then write the device and the server bundle and report their bytes against the model,
+against the side's distinct source weights and against all its distinct weights files (source
+and optimised engine weights). Then the load time of a part from the unpacked bundle: median of
+fresh sessions (engine of the whole model at batch 1 and the ONNX of the largest head), the
+weights in the shared store; the figure to hold is "within 10 % of the same file with its
+weights inside the graph" (today's layout), which is measured side by side.
+
+Targets: bundle --device <= 2x the device side's distinct weights, bundle --server <= 2.5x the
+server side's, no engine kept that is not faster than its ONNX by the margin, load within 10 %.
+
+Usage: python benchmarks/bench_bundle.py [--models efficientnet_b0,efficientnetv2_s]
+       [--batch-sizes 1,2,4,8,16] [--loads 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import split_dir, write
+
+
+def _load_ms(path: Path, loads: int) -> float:
+    from dsc_export.backends.onnxruntime import make_session
+
+    times = []
+    for _ in range(loads):
+        t = time.perf_counter()
+        make_session(path, optimization="none")
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _inline_copy(path: Path, dst: Path) -> Path:
+    """The same ONNX file with its weights inside the graph (the layout before issue 18)."""
+    import onnx
+
+    model = onnx.load(path)  # reads the external data
+    onnx.save_model(model, dst)
+    return dst
+
+
+def measure(name: str, batch_sizes: list[int], loads: int) -> dict:
+    from dsc_export.artifacts import read_manifest
+    from dsc_export.bundle import make_bundle, open_bundle
+    from dsc_export.engines import build_engines
+
+    root = split_dir(name)
+    t = time.perf_counter()
+    rep = build_engines(root, "onnxruntime", batch_sizes, "all")
+    build_s = time.perf_counter() - t
+    man = read_manifest(root)
+    kept = [e for e in man.engines if e.speed]
+    wrongly_kept = [e.path for e in kept if not e.speed["engine_ms"] < e.speed["onnx_ms"] * (1 - e.speed["margin"])]
+    out = {"model": name, "batch_sizes": batch_sizes, "build_s": round(build_s, 1),
+           "engines_kept": len({e.path for e in man.engines}), "engines_dropped": len({e.path for e in man.dropped}),
+           "kept_not_faster_by_margin": wrongly_kept, "failed": len(rep.failed)}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        plan = tmp / "plan.json"
+        plan.write_text(json.dumps({"model_sha256": man.model.sha256}))  # sizes only: a plan is kilobytes
+        for side in ("device", "server"):
+            index = make_bundle(root, side, tmp / f"{side}.tar", plan=plan if side == "device" else None)
+            sizes = index["sizes"]
+            tar_bytes = (tmp / f"{side}.tar").stat().st_size
+            out[side] = {**sizes, "tar_bytes": tar_bytes, "tar_x_model": round(tar_bytes / sizes["model"], 3),
+                         "tar_x_weights": round(tar_bytes / sizes["weights"], 3),
+                         "target_x_weights": 2.0 if side == "device" else 2.5}
+            out[side]["met"] = tar_bytes <= out[side]["target_x_weights"] * sizes["weights"]
+            print(f"{name} {side}: {tar_bytes / 1e6:.1f} MB = {tar_bytes / sizes['model']:.2f}x the model, "
+                  f"{tar_bytes / sizes['weights']:.2f}x the side's distinct weights", flush=True)
+        open_bundle(tmp / "device.tar", tmp / "dev", check_backends=False)
+        dman = read_manifest(tmp / "dev")
+        loads_out = {}
+        engine = dman.engine("local", "head", "onnxruntime", 1)
+        largest_head = max((s.head for s in dman.splits if s.kind == "split"),
+                           key=lambda h: sum((tmp / "dev" / d).stat().st_size for d in dman.data.get(h, [])))
+        for label, rel in (("engine model b1", engine.path if engine else None), ("largest head onnx", largest_head)):
+            if rel is None:
+                continue
+            shared = _load_ms(tmp / "dev" / rel, loads)
+            inline = _load_ms(_inline_copy(tmp / "dev" / rel, tmp / "inline.onnx"), loads)
+            loads_out[label] = {"shared_ms": round(shared, 1), "inline_ms": round(inline, 1),
+                                "ratio": round(shared / inline, 3), "met": shared <= 1.10 * inline}
+            print(f"{name} load {label}: {shared:.1f} ms shared weights, {inline:.1f} ms inline "
+                  f"({shared / inline:.2f}x)", flush=True)
+        out["load"] = loads_out
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="efficientnet_b0,efficientnetv2_s")
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16")
+    ap.add_argument("--loads", type=int, default=5)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    rows = [measure(m, batches, args.loads) for m in args.models.split(",")]
+    write(f"bundle-cpu-{time.strftime('%Y-%m-%d')}.json", {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()
