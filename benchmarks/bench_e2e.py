@@ -27,7 +27,7 @@ import sys
 import time
 
 import numpy as np
-from common import HERE, OUT, split_dir, write
+from common import HERE, OUT, shaped_setup, stop, write
 
 
 def wait_ready(url: str, proc, timeout: float = 180) -> None:
@@ -75,20 +75,15 @@ def main() -> None:
                          "emulation on both the profile and the client, as the paper's 300 MHz GPU)")
     args = ap.parse_args()
 
-    from dsc_export.artifacts import read_manifest, read_profile
     from dsc_export.ort import random_array
     from dsc_export.planning import make_plan
-    from dsc_export.serving.bandwidth import ShapedLink, permitted
+    from dsc_export.serving.bandwidth import ShapedLink
     from dsc_export.serving.client import DynamicSplitClient
 
-    why = permitted()
-    if why:
-        print(f"skipped: {why}")
+    setup = shaped_setup(args.model)
+    if setup is None:
         return
-    root = split_dir(args.model)
-    man = read_manifest(root)
-    prof = OUT / "profiles"
-    dev, srv = read_profile(prof / f"{args.model}-device.json"), read_profile(prof / f"{args.model}-server.json")
+    root, man, _, _, dev, srv = setup
     k = args.device_slowdown
     if k != 1:  # what bench --slowdown K records: every device time x K, labelled
         dev = dev.scaled(k)
@@ -156,11 +151,7 @@ def main() -> None:
             for c in [dynamic, *static_clients.values()]:
                 c.close()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
 
     n = len(phases)
     dyn_total = sum(p["measured_ms"] for p in phases) / n

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,39 @@ def split_dir(name: str) -> Path:
         print(f"splitting {name} ...", flush=True)
         split_model(onnx_path, out)
     return out
+
+
+def shaped_setup(model: str):
+    """What the shaped-link benchmarks start from: None (having printed ``skipped: why``) where
+    this machine does not permit network namespaces, else the split dir, its manifest and the
+    device and server profiles bench_profiles.py wrote (paths and profiles).
+
+    Raises:
+        SystemExit: no profiles yet.
+    """
+    from dsc_export.artifacts import read_manifest, read_profile
+    from dsc_export.serving.bandwidth import permitted
+
+    why = permitted()
+    if why:
+        print(f"skipped: {why}")
+        return None
+    root = split_dir(model)
+    prof = OUT / "profiles"
+    dev_p, srv_p = prof / f"{model}-device.json", prof / f"{model}-server.json"
+    if not (dev_p.is_file() and srv_p.is_file()):
+        raise SystemExit(f"no profiles of {model} in {prof}: run benchmarks/bench_profiles.py first")
+    return root, read_manifest(root), dev_p, srv_p, read_profile(dev_p), read_profile(srv_p)
+
+
+def stop(proc, timeout: float = 60) -> None:
+    """Terminate a server process (it shuts down cleanly on SIGTERM); kill it if it hangs."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def median_ms(samples: list[float]) -> float:

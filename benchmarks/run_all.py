@@ -19,7 +19,7 @@ import time
 from common import HERE, OUT, machine
 
 SCRIPTS = ["bench_split.py", "bench_engines.py", "bench_profiles.py", "bench_plan.py", "bench_e2e.py", "bench_load.py",
-           "bench_bundle.py",
+           "bench_fleet.py", "bench_bundle.py",
            "model_zoo.py"]
 BACKEND_AWARE = {"bench_profiles.py"}
 
@@ -63,6 +63,9 @@ def rows() -> list[dict]:
     d = load("plan.json")
     if d:
         add("plan", "Plan.choose per call", f"{d['choose_us']:.2f} us", "< 20 us", d["choose_us"] < 20)
+        if "choose_with_server_state_us" in d:
+            us = d["choose_with_server_state_us"]
+            add("plan", "Plan.choose per call with a server state (q, s)", f"{us:.2f} us", "< 20 us", us < 20)
         add("plan", "full default grid, 6 candidates", f"{d['build_ms']:.1f} ms", "< 100 ms", d["build_ms"] < 100)
         if "real_plan" in d:
             g = d["real_plan"]["mean_gain"]
@@ -84,6 +87,24 @@ def rows() -> list[dict]:
             f"{r['dynamic_batching']['throughput_per_s']:.0f} / {r['no_batching']['throughput_per_s']:.0f} samples/s")
         add("load", "p99 latency with / without dynamic batching",
             f"{r['dynamic_batching']['p99_ms']:.1f} / {r['no_batching']['p99_ms']:.1f} ms")
+    d = load("fleet.json")
+    if d:
+        res, met = d["results"], d["met"]
+        nmax = max(res, key=int)
+        for n, row in res.items():
+            best = min(("static", "local", "offload"), key=lambda p: row[p]["mean_ms"])
+            add("fleet", f"N={n}: load-aware vs best static policy ({best}), mean per batch",
+                f"{row['aware']['mean_ms']:.0f} vs {row[best]['mean_ms']:.0f} ms", "within 3 %",
+                row["aware"]["mean_ms"] <= 1.03 * row[best]["mean_ms"])
+        add("fleet", f"N={nmax}: load-aware vs load-blind, mean per batch",
+            f"{res[nmax]['aware']['mean_ms']:.0f} vs {res[nmax]['blind']['mean_ms']:.0f} ms "
+            f"({d['aware_vs_blind_at_nmax'] * 100:.0f} % lower)", ">= 15 % lower", d["aware_vs_blind_at_nmax"] >= 0.15)
+        add("fleet", "steady phases: measured mean within 15 % of predicted (all but load-blind)", "",
+            "within 15 %", met["measured_within_15pct_of_predicted"])
+        sat = d["saturated_idle_link"]
+        add("fleet", "saturated server, idle link: rate estimate vs TCP (load-aware / load-blind)",
+            f"{sat['aware']['mean_rate_MBps']:.1f} / {sat['blind']['mean_rate_MBps']:.1f} vs "
+            f"{sat['link_MBps_tcp']:.1f} MB/s", "within 20 %", met["rate_estimate_within_20pct_saturated"])
     d = load("zoo.json")
     if d:
         rs = d["rows"]

@@ -643,9 +643,12 @@ def _open_dir_or_bundle(path: Path, side: str):
               help="Merge concurrent requests into one batch [default: on where the manifest says the model may "
                    "merge requests; never for a batch-dependent or fixed-batch model].")
 @click.option("--triton-log", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write Triton's own log here instead of the terminal.")
+              help="Triton's own log, never the terminal [default: TMPDIR/dsc-export-triton-HTTP_PORT.log].")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Request handlers per model: at least the number of devices, so that every request's wait "
+                   "is measured (queue_ms) rather than spent in Triton's queue.")
 def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_batch_size, dynamic_batching,
-              triton_log) -> None:
+              triton_log, instances) -> None:
     """Serve every tail (and the whole model for offload) over Triton's protocol (HTTP + gRPC).
 
     One Triton model per split, named by its id. Says it is serving only once Triton reports
@@ -657,15 +660,19 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
       dsc-export serve engines/efficientnet_b0/split
       dsc-export serve b0-server.tar --host 0.0.0.0 --threads 4
     """
+    import tempfile
+
     from dsc_export.serving.server import TailServer, serve_forever
 
     root, tmp = _open_dir_or_bundle(source, "server")
+    triton_log = triton_log or Path(tempfile.gettempdir()) / f"dsc-export-triton-{http_port}.log"
     try:
         server = TailServer(root, host, http_port, grpc_port, metrics_port, threads, max_batch_size, dynamic_batching,
-                            log=_log, log_file=triton_log)
+                            instances=instances, log=_log, log_file=triton_log)
         serve_forever(server, on_ready=lambda: click.echo(
             f"serving {len([s for s in server.manifest.splits if s.tail])} model(s), all ready, on "
-            f"http://{host}:{http_port} and grpc {host}:{grpc_port} ({server.batching()}); Ctrl-C to stop", err=True))
+            f"http://{host}:{http_port} and grpc {host}:{grpc_port} ({server.batching()}); Triton's log: "
+            f"{triton_log}; Ctrl-C to stop", err=True))
         _table(server.stats.table())
     finally:
         if tmp:

@@ -1,11 +1,14 @@
 """Planning: the split lookup table, its gains, and scenarios (paper Eq. 4-7). Pure functions.
 
 Predicted end-to-end time of candidate l for a batch of B samples at data rate r (Eq. 4, with
-bytes on the wire and a round-trip time as the two honest extras)::
+bytes on the wire and a round-trip time as two honest extras, and the server's state as two
+more: q, the expected wait at the server, and s >= 1, the server's slowdown against its profile)::
 
-    T_l(B, r) = T_head_l(B) + B * bytes_l / r + rtt + T_tail_l(B)
+    T_l(B, r) = T_head_l(B) + B * bytes_l / r + rtt + q + s * T_tail_l(B)
 
-``offload`` has no head (the input is sent), ``local`` no tail and nothing to send (so no rtt).
+``offload`` has no head (the input is sent), ``local`` no tail and nothing to send (so no rtt and
+no q). An idle server (q = 0, s = 1) gives the paper's Eq. 4. :func:`eq4_ms` is the one place the
+formula is written; the grid, :meth:`Plan.choose` and :func:`simulate` all call it.
 The lookup table is the argmin over the candidates per (B, r) cell (Eq. 5-6); ties, and with a
 margin every candidate within the margin of the fastest, go to the candidate that keeps more of
 the model on the device. The gain over a baseline is Eq. 7: the mean of |T_dsc - T_base| / T_base.
@@ -45,9 +48,14 @@ class Candidate:
     tail_ms: list[float]  # (zeros for local)
     bytes: int  # per sample on the wire (0 for local)
 
-    def compute_ms(self, batch: float) -> float:
-        """T_head(B) + T_tail(B), interpolated linearly between profiled batch sizes."""
-        return interpolate(self.batches, [h + t for h, t in zip(self.head_ms, self.tail_ms)], batch, self.id)
+    def parts_ms(self, batch: float) -> tuple[float, float]:
+        """(T_head(B), T_tail(B)) in ms, each interpolated linearly between profiled batch sizes.
+
+        Raises:
+            UserError: ``batch`` outside the profiled range.
+        """
+        return (interpolate(self.batches, self.head_ms, batch, self.id),
+                interpolate(self.batches, self.tail_ms, batch, self.id))
 
     @property
     def sends(self) -> bool:
@@ -97,20 +105,54 @@ def _series(p: Profile, split: str, part: str) -> dict[int, float]:
     return got
 
 
-def latency_grid(cands: list[Candidate], batch_sizes: list[int], rates: list[float], rtt_ms: float = 0.0) -> np.ndarray:
-    """T_l(B, r) for every candidate and cell, shape [candidates, batches, rates] (Eq. 4)."""
+def eq4_ms(head_ms, tail_ms, bytes_per_sample, batch, rate_MBps, *, rtt_ms=0.0, q_ms=0.0, s=1.0):
+    """End-to-end time of one candidate (paper Eq. 4, extended with the server's state), in ms.
+
+        T = T_head + B * bytes / r + [rtt + q if it sends] + s * T_tail
+
+    Works on Python floats (:meth:`Plan.choose`, per candidate) and on numpy arrays that
+    broadcast (:func:`latency_grid`: candidates x batches x rates) alike; this is the only place
+    the formula is written.
+
+    Args:
+        head_ms, tail_ms: T_head_l(B) on the device, T_tail_l(B) as profiled on the server (ms;
+            0 for no head / no tail).
+        bytes_per_sample: bytes_l on the wire per sample (0: nothing is sent, no rtt, no q).
+        batch: B, samples.
+        rate_MBps: r, the data rate (MB/s, 1 MB = 10^6 bytes), positive.
+        rtt_ms: per-request overhead of a candidate that sends (ms).
+        q_ms: q, the expected wait at the server before the tail runs (ms, >= 0).
+        s: the server's slowdown against its profile (1: as profiled).
+    """
+    sends = bytes_per_sample > 0
+    return head_ms + batch * bytes_per_sample / (rate_MBps * 1e3) + sends * (rtt_ms + q_ms) + s * tail_ms
+
+
+def check_server_state(q_ms: float, s: float) -> None:
+    """Raises UserError unless q >= 0 ms and s > 0 (a server's wait and slowdown)."""
+    if not (q_ms >= 0 and s > 0):
+        raise UserError(f"the server's wait q must be >= 0 ms and its slowdown s positive; got q={q_ms}, s={s}")
+
+
+def latency_grid(cands: list[Candidate], batch_sizes: list[int], rates: list[float], rtt_ms: float = 0.0, *,
+                 q_ms: float = 0.0, s: float = 1.0) -> np.ndarray:
+    """T_l(B, r) in ms for every candidate and cell, shape [candidates, batches, rates]
+    (:func:`eq4_ms` on the whole grid at once).
+
+    Raises:
+        UserError: a batch size or rate that is not positive, a batch size outside a candidate's
+            profiled range, or a negative q / non-positive s.
+    """
     if any(b <= 0 for b in batch_sizes):
         raise UserError("batch sizes must be positive")
     if any(not r > 0 for r in rates):
         raise UserError("data rates must be positive (MB/s)")
-    b = np.asarray(batch_sizes, dtype=np.float64)[:, None]
-    r = np.asarray(rates, dtype=np.float64)[None, :]
-    grid = np.empty((len(cands), len(batch_sizes), len(rates)))
-    for i, c in enumerate(cands):
-        compute = np.array([c.compute_ms(x) for x in batch_sizes])[:, None]
-        wire = b * c.bytes / (r * 1e3) + (rtt_ms if c.sends else 0.0)  # bytes / (MB/s * 1e6) s -> ms
-        grid[i] = compute + wire
-    return grid
+    check_server_state(q_ms, s)
+    parts = np.array([[c.parts_ms(x) for x in batch_sizes] for c in cands]).reshape(len(cands), len(batch_sizes), 2)
+    per_byte = np.array([c.bytes for c in cands], dtype=np.float64)[:, None, None]
+    b = np.asarray(batch_sizes, dtype=np.float64)[None, :, None]
+    r = np.asarray(rates, dtype=np.float64)[None, None, :]
+    return eq4_ms(parts[..., 0:1], parts[..., 1:2], per_byte, b, r, rtt_ms=rtt_ms, q_ms=q_ms, s=s)
 
 
 def choose_index(times: np.ndarray, margin: float = 0.0) -> np.ndarray:
@@ -171,56 +213,88 @@ class Plan:
     # --- run time ---------------------------------------------------------------------------
 
     def _prepare(self) -> None:
-        """Per integer batch size in range: each candidate's compute time (+ rtt if it sends)."""
+        """Per integer batch size in range: each candidate's (T_head, T_tail)."""
         cands = [Candidate(c, t["batches"], t["head_ms"], t["tail_ms"], t["bytes"]) for c, t in self.times.items()
                  if c in self.candidates]
         lo = max(c.batches[0] for c in cands)
         hi = min(c.batches[-1] for c in cands)
-        fixed = {}
-        for b in range(lo, hi + 1):
-            fixed[b] = tuple(c.compute_ms(b) + (self.rtt_ms if c.sends else 0.0) for c in cands)
-        self._fast.update(fixed=fixed, ids=tuple(c.id for c in cands),
-                          per_byte=tuple(c.bytes / 1e3 for c in cands), cands=cands, range=(lo, hi))
+        parts = {b: tuple(c.parts_ms(b) for c in cands) for b in range(lo, hi + 1)}
+        self._fast.update(parts=parts, ids=tuple(c.id for c in cands), bytes=tuple(c.bytes for c in cands),
+                          cands=cands, range=(lo, hi))
 
-    def choose(self, batch: int, rate_MBps: float, current: str | None = None,
-               exclude: set[str] | frozenset[str] = frozenset()) -> tuple[str, float]:
-        """The split for this batch size and data rate, and its predicted time in ms.
+    def parts_ms(self, candidate: str, batch: int | float) -> tuple[float, float]:
+        """(T_head, T_tail) of one candidate at ``batch`` as profiled, in ms.
 
-        Computed from the stored per-candidate times (Eq. 4), not from the nearest grid cell.
-        With ``current`` (the split in use) and a margin, stay with it unless another candidate
-        is faster by more than the margin. ``exclude``: candidates not to consider (privacy mode
-        excludes ``offload``; a client whose server is down excludes all but ``local``).
+        Raises:
+            UserError: an unknown candidate, or a batch size outside its profiled range.
         """
         if not self._fast:
             self._prepare()
         f = self._fast
-        base = f["fixed"].get(batch)
-        if base is None:
-            if not isinstance(batch, int):
-                lo, hi = f["range"]
-                if lo <= batch <= hi:
-                    base = tuple(c.compute_ms(batch) + (self.rtt_ms if c.sends else 0.0) for c in f["cands"])
-            if base is None:
-                lo, hi = f["range"]
+        if candidate not in f["ids"]:
+            raise UserError(f"unknown split '{candidate}'; the plan's candidates: {', '.join(f['ids'])}")
+        i = f["ids"].index(candidate)
+        got = f["parts"].get(batch)
+        return got[i] if got is not None else f["cands"][i].parts_ms(batch)
+
+    def latencies(self, batch: int | float, rate_MBps: float, *, q_ms: float = 0.0, s: float = 1.0) -> list[float]:
+        """Every candidate's predicted time in ms (:func:`eq4_ms`), in ``candidates`` order.
+
+        Args:
+            batch: B, within the plan's profiled range (a fractional B is interpolated).
+            rate_MBps: r, MB/s.
+            q_ms, s: the server's expected wait (ms) and slowdown; 0 and 1 for an idle server.
+
+        Raises:
+            UserError: a batch size outside the profiled range, a rate that is not positive, a
+                negative q or a non-positive s.
+        """
+        if not self._fast:
+            self._prepare()
+        f = self._fast
+        parts = f["parts"].get(batch)
+        if parts is None:
+            lo, hi = f["range"]
+            if isinstance(batch, int) or not lo <= batch <= hi:
                 raise UserError(f"batch size {batch} is outside the plan's profiled range {lo}-{hi}: use a batch size in "
                                 f"that range (run --batch-size), or build and bench batch {batch} too and make the plan again")
+            parts = tuple(c.parts_ms(batch) for c in f["cands"])
         if not rate_MBps > 0:
             raise UserError(f"data rate must be positive, got {rate_MBps}")
-        inv = batch / rate_MBps
-        times = [t0 + pb * inv for t0, pb in zip(base, f["per_byte"])]
+        if q_ms or s != 1.0:
+            check_server_state(q_ms, s)
+        rtt = self.rtt_ms
+        return [eq4_ms(h, t, nb, batch, rate_MBps, rtt_ms=rtt, q_ms=q_ms, s=s) for (h, t), nb in zip(parts, f["bytes"])]
+
+    def choose(self, batch: int, rate_MBps: float, current: str | None = None,
+               exclude: set[str] | frozenset[str] = frozenset(), *, q_ms: float = 0.0, s: float = 1.0) -> tuple[str, float]:
+        """The split for this batch size, data rate and server state, and its predicted time in ms.
+
+        Computed from the stored per-candidate times (:meth:`latencies`, Eq. 4), not from the nearest
+        grid cell; the argmin is Eq. 6. With ``current`` (the split in use) and a margin, stay with
+        it unless another candidate is faster by more than the margin. ``exclude``: candidates not
+        to consider (privacy mode excludes ``offload``; a client whose server is down excludes all
+        but ``local``). ``q_ms``, ``s``: the server's expected wait and slowdown (a busy server
+        moves the choice toward the device).
+
+        Raises:
+            UserError: as :meth:`latencies`.
+        """
+        times = self.latencies(batch, rate_MBps, q_ms=q_ms, s=s)
+        ids = self._fast["ids"]
         if exclude:
-            times = [math.inf if c in exclude else t for c, t in zip(f["ids"], times)]
+            times = [math.inf if c in exclude else t for c, t in zip(ids, times)]
         best_i, best_t = 0, min(times)
         limit = best_t * (1.0 + self.margin) + 1e-12
         for i in range(len(times) - 1, -1, -1):  # ties (within the margin) to the most on the device
             if times[i] <= limit:
                 best_i = i
                 break
-        if current is not None and current in f["ids"] and current not in exclude:
-            j = f["ids"].index(current)
+        if current is not None and current in ids and current not in exclude:
+            j = ids.index(current)
             if times[j] <= times[best_i] * (1.0 + self.margin):
                 return current, times[j]
-        return f["ids"][best_i], times[best_i]
+        return ids[best_i], times[best_i]
 
     # --- JSON -------------------------------------------------------------------------------
 
@@ -277,7 +351,7 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, batch_sizes:
     rates = rates or rate_grid("1:128")
     for c in cands:
         for b in (min(batch_sizes), max(batch_sizes)):
-            c.compute_ms(b)  # out of range: a one-line error naming the candidate
+            c.parts_ms(b)  # out of range: a one-line error naming the candidate
     grid = latency_grid(cands, batch_sizes, rates, rtt_ms)
     idx = choose_index(grid, margin)
     ids = [c.id for c in cands]
@@ -320,12 +394,17 @@ def best_static(plan: Plan) -> str | None:
 
 @dataclass
 class Step:
+    """One step of a scenario: batch size, data rate (MB/s), and the server's wait (ms) and slowdown."""
+
     batch: int
     rate_MBps: float
+    q_ms: float = 0.0
+    s: float = 1.0
 
 
 def parse_scenario(text: str, source: str = "scenario") -> list[Step]:
-    """A CSV with a header naming ``batch`` and ``rate_MBps`` columns (others are ignored).
+    """A CSV with a header naming ``batch`` and ``rate_MBps`` columns, and optionally ``q_ms``
+    (the server's expected wait, ms) and ``s`` (its slowdown, >= 1); others are ignored.
 
     Raises:
         UserError: a missing column or a malformed row (with its line number).
@@ -339,16 +418,20 @@ def parse_scenario(text: str, source: str = "scenario") -> list[Step]:
     if "batch" not in header or "rate_MBps" not in header:
         raise UserError(f"{source}: the header must name the columns 'batch' and 'rate_MBps' (got {','.join(header)})")
     ib, ir = header.index("batch"), header.index("rate_MBps")
+    iq, is_ = (header.index(h) if h in header else None for h in ("q_ms", "s"))
     steps = []
     for line_no, row in lines[1:]:
         try:
             b, r = int(row[ib]), float(row[ir])
-            if b <= 0 or not r > 0:
+            q = float(row[iq]) if iq is not None else 0.0
+            sl = float(row[is_]) if is_ is not None else 1.0
+            if b <= 0 or not r > 0 or not q >= 0 or not sl >= 1:
                 raise ValueError
         except (ValueError, IndexError):
-            raise UserError(f"{source}, line {line_no}: expected a positive integer batch and a positive rate, "
+            raise UserError(f"{source}, line {line_no}: expected a positive integer batch, a positive rate"
+                            f"{', q_ms >= 0 and s >= 1' if iq is not None or is_ is not None else ''}, "
                             f"got {','.join(row)}") from None
-        steps.append(Step(b, r))
+        steps.append(Step(b, r, q, sl))
     if not steps:
         raise UserError(f"{source}: no steps after the header")
     return steps
@@ -358,6 +441,7 @@ def simulate(plan: Plan, steps: list[Step], baselines: list[str] | None = None) 
     """Run a scenario through the plan: the per-step choice and Eq. 7's gain against each baseline.
 
     The dynamic choice keeps the split in use unless another wins by more than the plan's margin.
+    Each step's server state (``q_ms``, ``s``) enters every candidate's time (:meth:`Plan.latencies`).
     """
     baselines = baselines or (["local"] + ([] if plan.privacy else ["offload"])
                               + [c for c in plan.candidates if c not in ("local", "offload")])
@@ -370,20 +454,14 @@ def simulate(plan: Plan, steps: list[Step], baselines: list[str] | None = None) 
     per_step = []
     current = None
     for k, s in enumerate(steps):
-        choice, t = plan.choose(s.batch, s.rate_MBps, current)
+        choice, t = plan.choose(s.batch, s.rate_MBps, current, q_ms=s.q_ms, s=s.s)
         current = choice
-        base_t = {b: _time_of(plan, b, s.batch, s.rate_MBps) for b in baselines}
-        per_step.append({"step": k, "batch": s.batch, "rate_MBps": s.rate_MBps, "choice": choice,
-                         "predicted_ms": t, "baseline_ms": base_t})
+        times = dict(zip(ids, plan.latencies(s.batch, s.rate_MBps, q_ms=s.q_ms, s=s.s)))
+        per_step.append({"step": k, "batch": s.batch, "rate_MBps": s.rate_MBps, "q_ms": s.q_ms, "s": s.s,
+                         "choice": choice, "predicted_ms": t, "baseline_ms": {b: times[b] for b in baselines}})
     gains = {b: float(np.mean([abs(p["predicted_ms"] - p["baseline_ms"][b]) / p["baseline_ms"][b] for p in per_step]))
              for b in baselines}
     return {"steps": per_step, "gain": gains,
             "total_ms": {"dynamic": sum(p["predicted_ms"] for p in per_step),
                          **{b: sum(p["baseline_ms"][b] for p in per_step) for b in baselines}}}
 
-
-def _time_of(plan: Plan, cand: str, batch: int, rate: float) -> float:
-    f = plan._fast
-    i = f["ids"].index(cand)
-    c = f["cands"][i]
-    return c.compute_ms(batch) + (plan.rtt_ms if c.sends else 0.0) + c.bytes * batch / (rate * 1e3)

@@ -61,6 +61,7 @@ def test_client_talks_to_a_stock_triton_repository():
     out = remote.infer("cut033", np.zeros((2, 40, 28, 28), np.float32), ["logits"])
     assert remote.client.asked == [["logits"]]  # server_ms is not requested from a stock server
     assert out["logits"].shape == (2, 1000) and out["server_ms"].shape == (2, 1) and not out["server_ms"].any()
+    assert not out["queue_ms"].any()  # nor queue_ms: no wait is known
 
 
 def test_server_refuses_old_pytriton_with_numpy_2(monkeypatch):

@@ -56,7 +56,8 @@ def random_setup(rng, n_splits=3, batches=(1, 2, 4, 8, 16)):
     return manifest(splits), *profiles(head, tail)
 
 
-def brute_force(man, dev, srv, b, r, rtt, privacy):
+def brute_force(man, dev, srv, b, r, rtt, privacy, q=0.0, slow=1.0):
+    """Eq. 4 (with the server's wait q and slowdown) and Eq. 6 written out, from the profiles."""
     best, best_t = None, None
     for s in man.splits:
         if privacy and s.kind == "offload":
@@ -64,7 +65,7 @@ def brute_force(man, dev, srv, b, r, rtt, privacy):
         h = dev.time_of(s.id, "head", b).median_ms if s.head else 0.0
         t = srv.time_of(s.id, "tail", b).median_ms if s.tail else 0.0
         sent = s.bytes if s.kind != "local" else 0
-        total = h + t + sent * b / (r * 1e6) * 1e3 + (rtt if sent else 0.0)
+        total = h + slow * t + sent * b / (r * 1e6) * 1e3 + (rtt + q if sent else 0.0)
         if best_t is None or total <= best_t:  # later (more on the device) wins ties
             best, best_t = s.id, total
     return best, best_t
@@ -86,6 +87,47 @@ def test_table_matches_brute_force(seed, privacy):
             assert plan.latency_ms[want][i][j] == pytest.approx(t, rel=1e-6, abs=1e-3)
             got, pt = plan.choose(b, r)  # the run-time path agrees with the table on its cells
             assert got == want and pt == pytest.approx(t, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_server_wait_and_slowdown_against_brute_force(seed):
+    rng = np.random.default_rng(100 + seed)
+    man, dev, srv = random_setup(rng)
+    rates, batches = [0.5, 3, 30, 300], [1, 2, 4, 8, 16]
+    plan = make_plan(man, dev, srv, batches, rates, rtt_ms=2.0)
+    cands = [Candidate(c, t["batches"], t["head_ms"], t["tail_ms"], t["bytes"]) for c, t in plan.times.items()]
+    for q, slow in [(0.0, 1.0), (float(rng.uniform(1, 50)), 1.0), (0.0, float(rng.uniform(1, 4))),
+                    (float(rng.uniform(1, 200)), float(rng.uniform(1, 8)))]:
+        grid = latency_grid(cands, batches, rates, 2.0, q_ms=q, s=slow)
+        for i, b in enumerate(batches):
+            for j, r in enumerate(rates):
+                want, t = brute_force(man, dev, srv, b, r, 2.0, False, q, slow)
+                got, pt = plan.choose(b, r, q_ms=q, s=slow)
+                assert got == want and pt == pytest.approx(t, rel=1e-9)
+                assert grid[plan.candidates.index(want), i, j] == pytest.approx(t, rel=1e-9)
+                assert grid[:, i, j].min() == pytest.approx(t, rel=1e-9)
+
+
+def test_choice_moves_to_the_device_as_the_server_waits_and_back():
+    rng = np.random.default_rng(7)
+    man, dev, srv = random_setup(rng)
+    plan = make_plan(man, dev, srv, [1, 2, 4, 8, 16], [1, 1000])
+    order = plan.candidates  # offload ... local: the index is how much stays on the device
+    for b in (1, 4, 16):
+        r = 1000.0  # a fast link: the idle server gets the work
+        idle = plan.choose(b, r)[0]
+        local_ms = dict(zip(order, plan.latencies(b, r)))["local"]
+        assert idle != "local"
+        # q adds the same to every candidate that sends: one step from the idle choice to local
+        seen = [plan.choose(b, r, q_ms=q)[0] for q in np.linspace(0, 2 * local_ms, 60)]
+        assert set(seen) == {idle, "local"} and seen == sorted(seen, key=order.index)
+        # s scales the tails: the chosen tail never grows as the server slows, and local ends it
+        tails = [plan.times[c]["tail_ms"][plan.times[c]["batches"].index(b)]
+                 for c in (plan.choose(b, r, s=x)[0] for x in np.geomspace(1, 1000, 60))]
+        assert tails == sorted(tails, reverse=True) and tails[-1] == 0.0
+        assert plan.choose(b, r, q_ms=0.0, s=1.0)[0] == idle  # recovered: as before
+    with pytest.raises(UserError, match="wait q must be >= 0"):
+        plan.choose(1, 10.0, q_ms=-1.0)
 
 
 def test_choose_between_grid_cells_is_exact_not_nearest():
@@ -151,6 +193,11 @@ def test_eq7_gain_on_a_scenario_computed_by_hand():
     assert res["gain"]["local"] == pytest.approx(((10 - 2) / 10 + 0) / 2)
     assert res["gain"]["offload"] == pytest.approx((0 + (22 - 20) / 22) / 2)
     assert res["total_ms"]["dynamic"] == pytest.approx(22.0)
+    # the same steps with a busy server: step 1 now waits 9 ms there (offload 11 > local 10)
+    busy = simulate(plan, parse_scenario("batch,rate_MBps,q_ms,s\n1,1.0,9,1\n2,0.1,0,1.5\n"))
+    assert [s["choice"] for s in busy["steps"]] == ["local", "local"]
+    assert busy["steps"][0]["baseline_ms"]["offload"] == pytest.approx(1 + 1 + 9)
+    assert busy["steps"][1]["baseline_ms"]["offload"] == pytest.approx(1.5 * 2 + 20)
 
 
 def test_plan_round_trips_and_gains_are_recorded(tmp_path):
@@ -183,7 +230,8 @@ def test_read_plan_refuses_in_one_line(tmp_path, text, match):
 
 @pytest.mark.parametrize("text,match", [
     ("batch,rate\n1,2\n", "header"), ("batch,rate_MBps\n1,2\n0,3\n", "line 3"),
-    ("batch,rate_MBps\n1,2\n2,x\n", "line 3"), ("# comment\nbatch,rate_MBps\n", "no steps"), ("", "empty")])
+    ("batch,rate_MBps\n1,2\n2,x\n", "line 3"), ("# comment\nbatch,rate_MBps\n", "no steps"), ("", "empty"),
+    ("batch,rate_MBps,s\n1,2,0.5\n", "line 2")])
 def test_bad_scenarios_name_the_line(text, match):
     with pytest.raises(UserError, match=match):
         parse_scenario(text)

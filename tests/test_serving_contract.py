@@ -3,6 +3,7 @@ a fixed-batch model, a batch-dependent one), and the files a stock Triton reads.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from dsc_export.ort import make_session  # noqa: E402
 from dsc_export.planning import make_plan  # noqa: E402
 from dsc_export.profiling import profile_split_dir  # noqa: E402
 from dsc_export.serving.client import DynamicSplitClient  # noqa: E402
-from dsc_export.serving.protocol import META, served_outputs  # noqa: E402
+from dsc_export.serving.protocol import LOAD, META, served_outputs  # noqa: E402
 from dsc_export.serving.server import TailServer  # noqa: E402
 from dsc_export.splitting import split_model  # noqa: E402
 
@@ -113,7 +114,7 @@ def test_server_configs_follow_the_contract(dirs, kinds_server, fixed_server):
     c = th.InferenceServerClient(kinds_server.urls()["http"])
     cfg = c.get_model_config("cut004")
     outs = {o["name"]: [int(d) for d in o["dims"]] for o in cfg["output"]}
-    assert outs == {"logits": [10], "scores_t": [10], "feat": [-1, -1, -1], "server_ms": [1]}
+    assert outs == {"logits": [10], "scores_t": [10], "feat": [-1, -1, -1], "server_ms": [1], "queue_ms": [1]}
     assert cfg["max_batch_size"] == 64 and "dynamic_batching" in cfg
     c.close()
     c = th.InferenceServerClient(fixed_server.urls()["http"])
@@ -121,7 +122,7 @@ def test_server_configs_follow_the_contract(dirs, kinds_server, fixed_server):
     assert cfg.get("max_batch_size", 0) == 0 and "dynamic_batching" not in cfg
     assert [int(d) for d in cfg["input"][0]["dims"]] == [2, 16, 1, 1]
     assert {o["name"]: [int(d) for d in o["dims"]] for o in cfg["output"]} == {
-        "logits": [2, 10], "prototypes": [16, 10], "server_ms": [1]}
+        "logits": [2, 10], "prototypes": [16, 10], "server_ms": [1], "queue_ms": [1]}
     c.close()
 
 
@@ -180,7 +181,7 @@ def test_merging_follows_the_manifest(dirs):
         assert rec.batches == batches
         for x, ans in zip(xs, answers):
             want = _whole(root, x)
-            assert set(ans) == {"logits", "scores_t", "feat", "server_ms"}
+            assert set(ans) == {"logits", "scores_t", "feat", "server_ms", "queue_ms"}
             assert np.array_equal(ans["scores_t"], np.ascontiguousarray(want["scores_t"].T))  # batch first
             assert ans["scores_t"].flags["C_CONTIGUOUS"] and ans["server_ms"].shape == (len(x), 1)
             assert np.allclose(ans["logits"], want["logits"], rtol=0, atol=1e-5 * np.abs(want["logits"]).max())
@@ -211,7 +212,7 @@ def test_pytriton_models_merge_requests_only_where_the_model_allows(dirs, monkey
     monkeypatch.setattr(TailServer, "_wait_ready", lambda self, models: None)
     _FakeTriton.bound = []
     TailServer(dirs[name]).start()
-    tails = [b for b in _FakeTriton.bound if b["model_name"] != META]
+    tails = [b for b in _FakeTriton.bound if b["model_name"] not in (META, LOAD)]
     assert tails and all(isinstance(b["config"].batcher, DynamicBatcher) == dynamic for b in tails)
     assert all((b["config"].max_batch_size if b["config"].batching else 0) == max_batch for b in tails)
     if name != "kinds":
@@ -308,9 +309,9 @@ def test_cli_serve_says_ready_only_with_every_model_ready_and_run_uses_it(dirs, 
     make_bundle(root, "device", tmp_path / "dev.tar")
     http, grpc, metrics = free_ports(3)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env["TMPDIR"] = str(tmp_path)  # where serve keeps Triton's log by default
     proc = subprocess.Popen([sys.executable, "-m", "dsc_export", "serve", str(tmp_path / "srv.tar"), "--http-port",
-                             str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", "1",
-                             "--triton-log", str(tmp_path / "triton.log")],
+                             str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", "1"],
                             env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # run started with the server: it waits for the models instead of running locally
@@ -334,13 +335,23 @@ def test_cli_serve_says_ready_only_with_every_model_ready_and_run_uses_it(dirs, 
                             f"127.0.0.1:{http}", "--batch-size", "3"], capture_output=True, text=True, env=env)
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [
             "error: the model runs at batch size 2 only; run it with --batch-size 2 (or leave --batch-size out)"]
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal's whole process group gets it
+        out, err = proc.communicate(timeout=60)
+        # Triton's own lines (glog "E1129 12:00:00...", "Signal (2) received.", the stubs') are in its log only
+        said = [ln for ln in (out + err).splitlines() if ln.strip()]
+        raw = [ln for ln in said if re.match(r"^[IWEF]\d{4} ", ln) or "Signal (" in ln or "Triton" in ln.split(":")[0]
+               or "Non-graceful" in ln]
+        assert raw == [] and proc.returncode == 0, said
+        log = tmp_path / f"dsc-export-triton-{http}.log"
+        assert f"Triton's log: {log}" in line and "Signal (2) received." in log.read_text()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
 
 
 def test_serve_run_and_device_bundle_refuse_an_output_no_server_can_answer(dirs, tmp_path):

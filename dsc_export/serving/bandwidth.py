@@ -1,9 +1,9 @@
 """A real shaped link for tests and benchmarks: a network namespace, a veth pair and ``tc``.
 
 The server runs inside the namespace, the client outside; the traffic between them crosses the
-veth pair, whose host side is shaped with a token bucket (``tbf``: the data rate the client
-sees for its uploads) and optionally ``netem`` (a one-way delay). :meth:`ShapedLink.set_rate`
-retunes the rate while transfers run (``tc qdisc change``). Only loopback and this namespace are
+veth pair, whose host side is shaped with a token bucket (an ``htb`` class: the data rate the
+client sees for its uploads) and optionally ``netem`` (a one-way delay). :meth:`ShapedLink.set_rate`
+retunes the rate while transfers run (``tc class change``; queued packets are kept). Only loopback and this namespace are
 ever addressed; everything is removed on exit, on an error, and by :func:`cleanup_stale` for
 namespaces a killed process left behind. Needs root (CAP_NET_ADMIN); :func:`permitted` says
 whether this machine allows it.
@@ -19,6 +19,16 @@ from collections.abc import Sequence
 from dsc_export.errors import UserError
 
 PREFIX = "dsc"
+
+_SINK = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    while c.recv(1 << 20): pass
+    c.sendall(b"k"); c.close()
+"""
 
 
 def _run(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -96,7 +106,7 @@ class ShapedLink:
             _run(["ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{self.server_ip}/30", "dev", self.ns_if])
             _run(["ip", "netns", "exec", self.ns, "ip", "link", "set", self.ns_if, "up"])
             _run(["ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up"])
-            # no offloads: tbf must see real packet sizes
+            # no offloads: the shaper must see real packet sizes
             if shutil.which("ethtool"):
                 _run(["ethtool", "-K", self.host_if, "tso", "off", "gso", "off", "gro", "off"], check=False)
             self._qdisc("add")
@@ -105,16 +115,21 @@ class ShapedLink:
             raise
 
     def _qdisc(self, verb: str) -> None:
-        rate_bit = int(self.rate_MBps * 8e6)
-        burst = max(int(self.rate_MBps * 1e6 / 250), 16 * 1514)  # about 4 ms of data, at least 16 packets
+        """``add``: an HTB root whose one class holds the rate (netem beneath it for a delay);
+        ``change``: retune that class. An HTB class changes rate without touching the packets
+        queued beneath it (a tbf ``change`` drops them, and TCP then stalls for seconds)."""
+        rate_bit = f"{int(self.rate_MBps * 8e6)}bit"
+        burst = str(max(int(self.rate_MBps * 1e6 / 250), 16 * 1514))  # about 4 ms of data, at least 16 packets
+        cls = ["dev", self.host_if, "parent", "1:", "classid", "1:1", "htb", "rate", rate_bit, "ceil", rate_bit,
+               "burst", burst, "cburst", burst]
+        if verb == "change":
+            _run(["tc", "class", "change", *cls])
+            return
+        _run(["tc", "qdisc", "add", "dev", self.host_if, "root", "handle", "1:", "htb", "default", "1"])
+        _run(["tc", "class", "add", *cls])
         if self.delay_ms > 0:
-            _run(["tc", "qdisc", verb, "dev", self.host_if, "root", "handle", "1:", "netem", "delay",
+            _run(["tc", "qdisc", "add", "dev", self.host_if, "parent", "1:1", "handle", "10:", "netem", "delay",
                   f"{self.delay_ms}ms", "limit", "100000"])
-            _run(["tc", "qdisc", verb, "dev", self.host_if, "parent", "1:1", "handle", "10:", "tbf", "rate",
-                  f"{rate_bit}bit", "burst", str(burst), "latency", "2s"])
-        else:
-            _run(["tc", "qdisc", verb, "dev", self.host_if, "root", "handle", "1:", "tbf", "rate",
-                  f"{rate_bit}bit", "burst", str(burst), "latency", "2s"])
 
     def set_rate(self, rate_MBps: float) -> None:
         """Change the data rate now (transfers in flight continue at the new rate)."""
@@ -122,6 +137,38 @@ class ShapedLink:
             raise UserError("the rate must be positive")
         self.rate_MBps = rate_MBps
         self._qdisc("change")
+
+    def measure_rate(self, nbytes: int = 8_000_000, port: int = 5999) -> float:
+        """The link's rate as a plain TCP transfer of ``nbytes`` from here into the namespace
+        measures it (a sink runs there meanwhile), MB/s.
+
+        Raises:
+            UserError: the sink does not start.
+        """
+        import socket
+        import sys
+        import time
+
+        sink = subprocess.Popen(self.exec_argv([sys.executable, "-c", _SINK, self.server_ip, str(port)]),
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            if sink.stdout.readline().strip() != "ready":
+                raise UserError("the TCP sink in the namespace did not start")
+            s = socket.create_connection((self.server_ip, port), timeout=60)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            data = b"\x01" * (1 << 20)
+            t = time.perf_counter()
+            sent = 0
+            while sent < nbytes:
+                s.sendall(data[: min(len(data), nbytes - sent)])
+                sent += min(len(data), nbytes - sent)
+            s.shutdown(socket.SHUT_WR)
+            s.recv(1)  # the sink answers once it has read everything
+            s.close()
+            return nbytes / (time.perf_counter() - t) / 1e6
+        finally:
+            sink.kill()
+            sink.wait()
 
     def exec_argv(self, argv: Sequence[str]) -> list[str]:
         """``argv`` prefixed to run inside the namespace."""

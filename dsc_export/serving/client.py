@@ -3,11 +3,15 @@ send the cut tensor, get the result — and finish locally when the server does 
 
 Per batch (paper Section 3, with the run-time details the paper leaves open):
 
-1. the current data rate is estimated from this client's own recent transfers: bytes sent over
-   the time on the wire (the request's round trip minus the server's reported compute time),
-   smoothed with an exponential moving average;
-2. the plan gives the split for (batch size, rate) — computed from the profiled times, not the
-   nearest grid cell — keeping the split in use unless another wins by the plan's margin;
+1. the client keeps a :class:`ServerEstimate` of the server it talks to: the data rate of the
+   link, from this client's own recent transfers (bytes sent over the time on the wire: the
+   request's round trip minus the server's reported wait ``queue_ms``, its compute ``server_ms``
+   and the plan's per-request overhead ``rtt``), and the server's expected wait q and slowdown s
+   (from the same answers, and from the load query when it has sent nothing for a while), each
+   smoothed with an exponential moving average. A busy server so never reads as a slow link;
+2. the plan gives the split for (batch size, rate, q, s) — Eq. 4 computed from the profiled
+   times, not the nearest grid cell — keeping the split in use unless another wins by the plan's
+   margin;
 3. the head runs here; the cut tensor goes to the server with ``tritonclient`` as binary tensor
    data (HTTP or gRPC); the server's tail returns the outputs.
 
@@ -25,7 +29,8 @@ estimate would go stale. Probing is paid for from a budget: every batch without 
 adds ``probe_budget`` (default 5 %) of its predicted time, and when the budget covers the extra
 predicted cost of the cheapest split that sends enough bytes to measure the link, that batch
 goes there. Probing thus costs at most about 5 % over staying local, cheap probes come often
-and expensive ones (a slow link) rarely; at least ``probe_every`` batches lie between probes. Transfers under 64 KB are not
+and expensive ones (a slow link) rarely; none go to a server whose load alone keeps the batch
+here (not even a perfect link would win); at least ``probe_every`` batches lie between probes. Transfers under 64 KB are not
 used for the estimate: they are bound by latency and TCP's slow start, and read low.
 """
 
@@ -46,8 +51,13 @@ from dsc_export.errors import UserError, lazy_import
 from dsc_export.planning import Plan, read_plan
 from dsc_export.serving.protocol import (
     INPUT,
+    LOAD,
+    LOAD_OUTPUT,
     META,
+    PING,
+    QUEUE_MS,
     SERVER_MS,
+    ServerLoad,
     fixed_batch,
     served_outputs,
     wait_ready,
@@ -68,9 +78,12 @@ class BatchLog:
     predicted_ms: float
     measured_ms: float
     head_ms: float
-    wire_ms: float
-    server_ms: float
+    wire_ms: float  # round trip - queue_ms - server_ms (the plan's rtt included)
+    server_ms: float  # the tail's run at the server (on the batch this request joined)
     fallback: str | None = None  # why the batch was finished locally
+    queue_ms: float = 0.0  # this request's wait at the server
+    q_ms: float = 0.0  # the server's expected wait the choice was made with
+    s: float = 1.0  # the server's slowdown the choice was made with
 
 
 class RateEstimator:
@@ -94,6 +107,57 @@ class RateEstimator:
         return rate
 
 
+class ServerEstimate:
+    """What a client knows of one server: the link's data rate, the server's expected wait q and
+    its slowdown s against its profile (the state Eq. 4 needs), each exponentially smoothed.
+
+    One object per server, so a client of several servers keeps one per URL.
+
+    Args:
+        initial_MBps: the rate assumed before the first transfer, MB/s.
+        alpha: weight of a new observation (0-1).
+        min_bytes: transfers smaller than this say nothing of the rate (latency-bound).
+    """
+
+    def __init__(self, initial_MBps: float, *, alpha: float = 0.5, min_bytes: int = 65536):
+        self.rate = RateEstimator(initial_MBps, alpha, min_bytes)
+        self.alpha = alpha
+        self.q_ms, self.s = 0.0, 1.0
+        self.heard = -math.inf  # time.monotonic() of the last news of the server
+
+    def observe(self, nbytes: int, *, round_trip_ms: float, queue_ms: float, server_ms: float, rtt_ms: float,
+                tail_ms: float, stale: bool = False) -> float | None:
+        """Take one answered request in. Returns the rate it measured (MB/s), or None.
+
+        Args:
+            nbytes: bytes sent.
+            round_trip_ms: from sending the request to having the answer (ms).
+            queue_ms, server_ms: the server's wait and compute for it (ms, as it reported).
+            rtt_ms: the plan's per-request overhead (ms), not time on the wire.
+            tail_ms: the profiled T_tail for this request's own batch size (ms; 0 leaves s as is).
+            stale: the estimate is old: the new rate replaces it.
+        """
+        wire_ms = round_trip_ms - queue_ms - server_ms - rtt_ms
+        measured = self.rate.observe(nbytes, wire_ms / 1e3, stale=stale)
+        slow = max(1.0, server_ms / tail_ms) if tail_ms > 0 else None
+        self._server(queue_ms, slow)
+        return measured
+
+    def observe_load(self, load: ServerLoad) -> None:
+        """Take a load query's answer in: its recent wait and slowdown (an idle server: 0 and 1)."""
+        if load.requests == 0:
+            self._server(0.0, 1.0)
+        else:
+            self._server(load.q_ms, max(1.0, load.s) if load.s == load.s else None)
+
+    def _server(self, q_ms: float, s: float | None) -> None:
+        a = self.alpha
+        self.q_ms = a * max(0.0, q_ms) + (1 - a) * self.q_ms
+        if s is not None:
+            self.s = a * s + (1 - a) * self.s
+        self.heard = time.monotonic()
+
+
 class _Remote:
     """tritonclient over HTTP or gRPC with a deadline."""
 
@@ -113,7 +177,7 @@ class _Remote:
         from tritonclient.utils import np_to_triton_dtype
 
         inp = self.mod.InferInput(INPUT, list(x.shape), np_to_triton_dtype(x.dtype))
-        names = outputs + ([SERVER_MS] if self.has_server_ms else [])
+        names = outputs + ([SERVER_MS, QUEUE_MS] if self.has_server_ms else [])
         if self.protocol == "http":
             inp.set_data_from_numpy(x, binary_data=True)
             req = [self.mod.InferRequestedOutput(o, binary_data=True) for o in names]
@@ -124,8 +188,20 @@ class _Remote:
             res = self.client.infer(model, [inp], outputs=req, client_timeout=self.timeout_s)
         out = {o: res.as_numpy(o) for o in names}
         if not self.has_server_ms:
-            out[SERVER_MS] = np.zeros((x.shape[0], 1), np.float32)
+            out[SERVER_MS] = out[QUEUE_MS] = np.zeros((x.shape[0], 1), np.float32)
         return out
+
+    def load(self) -> ServerLoad | None:
+        """The server's load query (:data:`LOAD`), or None from a server without one."""
+        if not self.has_server_ms:
+            return None
+        ping = self.mod.InferInput(PING, [1], "INT32")
+        ping.set_data_from_numpy(np.zeros((1,), np.int32))
+        if self.protocol == "http":
+            res = self.client.infer(LOAD, [ping], timeout=int(self.timeout_s * 1e6))
+        else:
+            res = self.client.infer(LOAD, [ping], client_timeout=self.timeout_s)
+        return ServerLoad.from_array(res.as_numpy(LOAD_OUTPUT))
 
     def wait_ready(self, models: list[str], timeout_s: float, on_wait: Callable[[list[str]], None]) -> None:
         """Wait until the server answers and ``models`` are ready, then for its ``dsc_meta`` too
@@ -192,6 +268,10 @@ class DynamicSplitClient:
         probe_budget: the share of each unmeasured batch's predicted time that may be spent on
             probing (see the module docstring).
         log: called with each :class:`BatchLog`.
+        load_aware: use the server's reported wait and slowdown (q, s) in the choice and keep them
+            out of the rate estimate; False is the load-blind client (the round trip less the
+            compute counts as time on the wire, q = 0, s = 1), a baseline for comparisons.
+        load_probe_s: with nothing sent for this long, ask the server's load before choosing.
         static: always use this split (a static baseline for comparisons); the local fallback
             still applies.
         device_slowdown: make the heads and the whole model take K times as long here — the
@@ -211,7 +291,7 @@ class DynamicSplitClient:
                  initial_rate_MBps: float | None = None, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
                  probe_every: int = 3, alpha: float = 0.5, probe_budget: float = 0.05, log: Callable[[BatchLog], None] = lambda b: None,
                  static: str | None = None, device_slowdown: float = 1.0, ready_timeout_s: float = 60.0,
-                 say: Callable[[str], None] = lambda s: None):
+                 say: Callable[[str], None] = lambda s: None, load_aware: bool = True, load_probe_s: float = 1.0):
         from dsc_export.engines import PartRunner
 
         self.root = Path(split_dir)
@@ -242,7 +322,9 @@ class DynamicSplitClient:
         self.say = say
         self._in = self.manifest.model.input.name
         lo, hi = min(plan.rates_MBps), max(plan.rates_MBps)
-        self.rate = RateEstimator(initial_rate_MBps or math.sqrt(lo * hi), alpha)
+        self.server = ServerEstimate(initial_rate_MBps or math.sqrt(lo * hi), alpha=alpha)
+        self.rate = self.server.rate
+        self.load_aware, self.load_probe_s = load_aware, load_probe_s
         self.deadline_s, self.backoff_s, self.max_backoff_s = deadline_s, backoff_s, max_backoff_s
         self.probe_every, self.log = probe_every, log
         self.probe_budget, self._budget = probe_budget, 0.0
@@ -301,6 +383,25 @@ class DynamicSplitClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def server_state(self) -> tuple[float, float]:
+        """(q in ms, s): the server's expected wait and slowdown the choice uses (0 and 1 when
+        load-blind)."""
+        return (self.server.q_ms, self.server.s) if self.load_aware else (0.0, 1.0)
+
+    def refresh_load(self) -> None:
+        """Ask the server's load when nothing was heard of it for ``load_probe_s`` (load-aware
+        clients only; a failed query changes nothing: the next request tells)."""
+        if not self.load_aware or self.remote is None or time.monotonic() < self._down_until:
+            return
+        if time.monotonic() - self.server.heard < self.load_probe_s:
+            return
+        try:
+            load = self.remote.load()
+        except Exception:
+            return
+        if load is not None:
+            self.server.observe_load(load)
+
     def choose(self, batch: int) -> tuple[str, float]:
         """The split for a batch of this size now (local while the server is down)."""
         exclude = {"offload"} if self.privacy else set()
@@ -308,13 +409,21 @@ class DynamicSplitClient:
             exclude = set(self.plan.candidates) - {self.static}
         if self.remote is None or time.monotonic() < self._down_until:
             return "local", self.plan.choose(batch, self.rate.value, None, exclude=set(self.plan.candidates) - {"local"})[1]
-        split, t = self.plan.choose(batch, self.rate.value, self._current, exclude=exclude)
-        if self.static is None and self._local_streak >= self.probe_every:
+        q, sl = self.server_state()
+        split, t = self.plan.choose(batch, self.rate.value, self._current, exclude=exclude, q_ms=q, s=sl)
+        if self.static is None and self._local_streak >= self.probe_every and self._link_matters(batch, exclude):
             probe = self._probe(batch, exclude)
             if probe and probe[0] != split and self._budget >= probe[1] - t:
                 self._budget = 0.0
                 split, t = probe
         return split, t
+
+    def _link_matters(self, batch: int, exclude: set[str]) -> bool:
+        """Whether a better rate estimate could move the choice: False while the server's wait
+        and slowdown keep the batch here even over a perfect link (the load query, not a probe
+        of the link, says when that ends)."""
+        q, sl = self.server_state()
+        return self.plan.choose(batch, 1e9, None, exclude=exclude, q_ms=q, s=sl)[0] != "local"
 
     def _probe(self, batch: int, exclude: set[str]) -> tuple[str, float] | None:
         """The cheapest (by the plan, at the current estimate) candidate that sends enough bytes
@@ -323,7 +432,8 @@ class DynamicSplitClient:
                    if s.kind != "local" and s.bytes * batch >= self.rate.min_bytes} - exclude
         if not senders:
             return None
-        return self.plan.choose(batch, self.rate.value, None, exclude=set(self.plan.candidates) - senders)
+        q, sl = self.server_state()
+        return self.plan.choose(batch, self.rate.value, None, exclude=set(self.plan.candidates) - senders, q_ms=q, s=sl)
 
     def _constant_values(self) -> dict[str, np.ndarray]:
         """The constant outputs (served by no server), computed once with the whole model here."""
@@ -359,10 +469,12 @@ class DynamicSplitClient:
         batch = int(x.shape[0])
         if self.fixed_batch is not None and batch != self.fixed_batch:
             raise UserError(f"the model runs at batch size {self.fixed_batch} only; this batch has {batch}")
+        self.refresh_load()
         est = self.rate.value
+        q_est, s_est = self.server_state()
         split, predicted = self.choose(batch)
         t0 = time.perf_counter()
-        head_ms = wire_ms = server_ms = 0.0
+        head_ms = wire_ms = server_ms = queue_ms = 0.0
         sent, measured_rate, fallback, ran = 0, None, None, split
         out = None
         if split != "local":
@@ -372,13 +484,18 @@ class DynamicSplitClient:
             try:
                 t1 = time.perf_counter()
                 res = self.remote.infer(split, z, self._sent)
-                rtt_ms = (time.perf_counter() - t1) * 1e3
+                round_trip_ms = (time.perf_counter() - t1) * 1e3
                 server_ms = float(res.pop(SERVER_MS).ravel()[0])
-                wire_ms = max(rtt_ms - server_ms, 1e-3)
+                queue_ms = float(res.pop(QUEUE_MS).ravel()[0])
                 sent = int(z.nbytes)
+                if not self.load_aware:  # today's client: the wait counts as time on the wire
+                    queue_ms = 0.0
+                wire_ms = max(round_trip_ms - queue_ms - server_ms, 1e-3)
                 # the plan's rtt is the per-request overhead (Eq. 4's extra term): not bytes on the wire
-                measured_rate = self.rate.observe(sent, (wire_ms - self.plan.rtt_ms) / 1e3,
-                                                  stale=self._local_streak >= 2 * self.probe_every)
+                measured_rate = self.server.observe(
+                    sent, round_trip_ms=round_trip_ms, queue_ms=queue_ms, server_ms=server_ms,
+                    rtt_ms=self.plan.rtt_ms, tail_ms=self.plan.parts_ms(split, batch)[1],
+                    stale=self._local_streak >= 2 * self.probe_every)
                 out = self._from_server(res)
                 self._backoff = self.backoff_s
             except Exception as exc:  # unreachable, deadline, protocol error: finish here
@@ -396,7 +513,7 @@ class DynamicSplitClient:
         self._current = split if fallback is None else self._current
         measured = (time.perf_counter() - t0) * 1e3
         self.log(BatchLog(self._count, batch, ran, split, sent, est, measured_rate, predicted, measured,
-                          head_ms, wire_ms, server_ms, fallback))
+                          head_ms, wire_ms, server_ms, fallback, queue_ms, q_est, s_est))
         self._count += 1
         return out
 

@@ -31,12 +31,23 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from dsc_export.artifacts import Manifest, TensorSig
 from dsc_export.errors import UserError
 
 INPUT = "input"
+# Per request, beside the model's outputs, both measured in the server process with one clock:
+# QUEUE_MS from the moment Triton hands the request to dsc-export's handler until the batch it
+# joins starts on the tail (the wait for the server's compute), SERVER_MS the tail's run on that
+# batch. Triton's own time before the hand-over (its batching delay, max_queue_delay_us, and a
+# wait for a free instance when more requests are in flight than instances) is in neither.
 SERVER_MS = "server_ms"
+QUEUE_MS = "queue_ms"
 META = "dsc_meta"
+LOAD = "dsc_load"  # the load query: input PING, output LOAD_OUTPUT = ServerLoad.to_array()
+PING = "ping"
+LOAD_OUTPUT = "load"
 
 # numpy dtype name -> Triton data type (model_config.proto's DataType)
 TRITON_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32",
@@ -44,10 +55,43 @@ TRITON_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT
                 "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64"}
 
 
+@dataclass(frozen=True)
+class ServerLoad:
+    """The server's load as the load query (:data:`LOAD`) answers it.
+
+    Attributes:
+        queue_depth: requests waiting for the server's compute now.
+        utilization: share of the recent window the server was computing (0-1).
+        q_ms: mean wait (:data:`QUEUE_MS`) of the requests of the recent window, ms.
+        s: mean slowdown of those requests' tail runs against the server's profile (the tail's
+            time on the batch it ran in over the profiled time for the request's own batch
+            size); NaN when the server has no profile.
+        window_s: the recent window, seconds.
+        requests: requests in the window.
+    """
+
+    queue_depth: float
+    utilization: float
+    q_ms: float
+    s: float
+    window_s: float
+    requests: float
+
+    def to_array(self) -> np.ndarray:
+        """float64 [6], in field order: what the load query sends."""
+        return np.array([self.queue_depth, self.utilization, self.q_ms, self.s, self.window_s, self.requests],
+                        dtype=np.float64)
+
+    @classmethod
+    def from_array(cls, a: np.ndarray) -> ServerLoad:
+        return cls(*(float(x) for x in list(a.ravel())[:6]))
+
+
 def output_names(manifest: Manifest) -> list[str]:
     """The names the outputs travel under: the model's output names made safe for Triton (letters,
-    digits, ``_``), unique, and never ``input``, ``server_ms`` or ``dsc_meta``."""
-    taken = {INPUT, SERVER_MS, META}
+    digits, ``_``), unique, and never ``input``, ``server_ms``, ``queue_ms``, ``dsc_meta`` or
+    ``dsc_load``."""
+    taken = {INPUT, SERVER_MS, QUEUE_MS, META, LOAD}
     names = []
     for k, o in enumerate(manifest.model.outputs or [manifest.model.output]):
         base = re.sub(r"[^A-Za-z0-9_]", "_", o.name).strip("_") or f"output_{k}"

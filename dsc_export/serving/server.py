@@ -2,10 +2,20 @@
 
 PyTriton runs the real Triton server core (KServe v2 over HTTP and gRPC) and calls our backend
 in Python. One Triton model per split, named by the split id, with one input ``input`` (the cut
-tensor, or the raw image for ``offload``) and the model's outputs, plus ``server_ms``: the time
-the tail took on this batch, so a client can take it out of its data-rate estimate. A model
-``dsc_meta`` returns the served model's sha256, so a client can refuse a server that runs another
-model. Triton checks shapes and dtypes against each model's config and answers a wrong tensor
+tensor, or the raw image for ``offload``) and the model's outputs, plus ``queue_ms`` (how long the
+request waited for the server's compute) and ``server_ms`` (the tail's run on the batch it joined),
+so a client can take both out of its data-rate estimate and track the server's load (where each
+is measured: :mod:`dsc_export.serving.protocol`). A model ``dsc_meta`` returns the served model's
+sha256, so a client can refuse a server that runs another model; a model ``dsc_load`` answers the
+load query (:class:`~dsc_export.serving.protocol.ServerLoad`: queue depth, recent utilisation,
+recent wait and slowdown) without touching the tails.
+
+**One batch computes at a time** (:class:`Gate`): the tails share the server's threads. Triton
+hands requests to ``instances`` handler threads per model; a request that finds the server busy
+waits at the gate, and the requests of one split that waited together run as one batch (up to
+``max_batch_size``) when the model may merge requests. So the wait is measured here, per
+request, rather than hidden in Triton's queue: serve with ``instances`` at least the number of
+requests in flight (devices) for the measurement to cover all of it. Triton checks shapes and dtypes against each model's config and answers a wrong tensor
 with the protocol's error.
 
 Outputs follow :func:`dsc_export.serving.protocol.output_contract`: batched outputs go back batch
@@ -25,27 +35,34 @@ ONNX; sessions have spinning off so the tails' thread pools do not spin against 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import sysconfig
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from dsc_export.artifacts import read_manifest, verify_files
+from dsc_export.artifacts import Profile, read_manifest, verify_files
 from dsc_export.errors import UserError, lazy_import
 
 # INPUT, META, SERVER_MS and output_names live in protocol (both ends use them); importable from here too
 from dsc_export.serving.protocol import (  # noqa: F401
     INPUT,
+    LOAD,
+    LOAD_OUTPUT,
     META,
+    PING,
+    QUEUE_MS,
     SERVER_MS,
     OutputContract,
+    ServerLoad,
     fixed_batch,
     mergeable,
     output_names,
@@ -57,24 +74,140 @@ from dsc_export.serving.protocol import (  # noqa: F401
 
 @dataclass
 class Stats:
-    """Per-split request counts and server-side compute time."""
+    """Per-split batch counts, server-side compute time, and requests' wait at the gate."""
 
-    requests: dict[str, int] = field(default_factory=dict)
+    requests: dict[str, int] = field(default_factory=dict)  # batches run
     samples: dict[str, int] = field(default_factory=dict)
     compute_ms: dict[str, float] = field(default_factory=dict)
+    waits: dict[str, int] = field(default_factory=dict)  # requests
+    queue_ms: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, split: str, batch: int, ms: float) -> None:
+    def add(self, split: str, batch: int, ms: float, queue_ms: list[float] = ()) -> None:
         with self.lock:
             self.requests[split] = self.requests.get(split, 0) + 1
             self.samples[split] = self.samples.get(split, 0) + batch
             self.compute_ms[split] = self.compute_ms.get(split, 0.0) + ms
+            self.waits[split] = self.waits.get(split, 0) + len(queue_ms)
+            self.queue_ms[split] = self.queue_ms.get(split, 0.0) + sum(queue_ms)
 
-    def table(self) -> list[tuple[str, str, str, str]]:
-        rows = [("split", "batches", "samples", "compute ms (mean per batch)")]
+    def table(self) -> list[tuple[str, ...]]:
+        rows = [("split", "batches", "samples", "compute ms (mean per batch)", "wait ms (mean per request)")]
         for s in sorted(self.requests):
-            rows.append((s, str(self.requests[s]), str(self.samples[s]), f"{self.compute_ms[s] / self.requests[s]:.2f}"))
+            rows.append((s, str(self.requests[s]), str(self.samples[s]), f"{self.compute_ms[s] / self.requests[s]:.2f}",
+                         f"{self.queue_ms.get(s, 0.0) / max(self.waits.get(s, 0), 1):.2f}"))
         return rows
+
+
+class LoadMeter:
+    """The server's recent load (what the load query answers), from the batches it ran.
+
+    Args:
+        window_s: how far back "recent" reaches, seconds.
+        clock: seconds, monotonic (``time.perf_counter``; a fake one in tests).
+    """
+
+    def __init__(self, window_s: float = 5.0, clock: Callable[[], float] = time.perf_counter):
+        self.window_s, self.clock = window_s, clock
+        self.since = clock()
+        self.waiting = 0  # requests at the gate now
+        self._busy: deque[tuple[float, float]] = deque()  # (start, end) of each batch, seconds
+        self._requests: deque[tuple[float, float, float]] = deque()  # (end, queue ms, slowdown or nan)
+        self.lock = threading.Lock()
+
+    def add(self, start: float, end: float, queue_ms: list[float], slowdown: list[float]) -> None:
+        """One batch ran from ``start`` to ``end`` (s); its requests waited ``queue_ms`` and ran
+        ``slowdown`` times their profiled time (NaN: not known)."""
+        with self.lock:
+            self._busy.append((start, end))
+            self._requests.extend((end, q, x) for q, x in zip(queue_ms, slowdown))
+            self._trim(end)
+
+    def _trim(self, now: float) -> None:
+        lo = now - self.window_s
+        while self._busy and self._busy[0][1] < lo:
+            self._busy.popleft()
+        while self._requests and self._requests[0][0] < lo:
+            self._requests.popleft()
+
+    def load(self) -> ServerLoad:
+        """Queue depth now; utilisation, mean wait and mean slowdown over the recent window."""
+        now = self.clock()
+        with self.lock:
+            self._trim(now)
+            lo = max(now - self.window_s, self.since)
+            busy = sum(min(e, now) - max(s, lo) for s, e in self._busy if e > lo)
+            span = max(now - lo, 1e-9)
+            qs = [q for _, q, _ in self._requests]
+            xs = [x for _, _, x in self._requests if x == x]
+            return ServerLoad(float(self.waiting), min(1.0, busy / span), sum(qs) / len(qs) if qs else 0.0,
+                              sum(xs) / len(xs) if xs else float("nan"), self.window_s, float(len(qs)))
+
+
+class _Waiting:
+    """Requests Triton handed one handler thread, waiting at the gate."""
+
+    def __init__(self, inputs: list[np.ndarray]):
+        self.inputs, self.arrived = inputs, time.perf_counter()
+        self.answers: list[dict[str, np.ndarray]] | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class Gate:
+    """One batch computes at a time on this server; requests that wait for it are merged.
+
+    A handler thread puts its requests in the split's line and waits while another batch runs;
+    the thread that finds the server free takes the line from the front (up to ``limit`` samples
+    when merging, else one handler's requests) and runs it; threads whose requests it took wait
+    for their answers. Each request's wait (arrival here to the start of its batch) is what
+    :data:`QUEUE_MS` reports.
+    """
+
+    def __init__(self, meter: LoadMeter):
+        self.meter = meter
+        self._cv = threading.Condition()
+        self._busy = False
+        self._lines: dict[str, list[_Waiting]] = {}
+
+    def serve(self, key: str, item: _Waiting, run: Callable[[list[_Waiting], float], None], merge: bool,
+              limit: int) -> list[dict[str, np.ndarray]]:
+        """Wait for the gate, run ``item`` (with whatever waits beside it) or have it run, and
+        return its answers. ``run(items, start)`` fills each item's ``answers``.
+
+        Raises:
+            whatever ``run`` raised for the batch ``item`` was in.
+        """
+        with self._cv:
+            self._lines.setdefault(key, []).append(item)
+            self.meter.waiting += len(item.inputs)
+        while True:
+            with self._cv:
+                while not item.done and self._busy:
+                    self._cv.wait()
+                if item.done:
+                    break
+                self._busy = True
+                line = self._lines[key]
+                take, n = [], 0
+                while line and (not take or (merge and n + len(line[0].inputs) <= limit)):
+                    n += len(line[0].inputs)
+                    take.append(line.pop(0))
+                self.meter.waiting -= n
+            try:
+                run(take, time.perf_counter())
+            except BaseException as exc:
+                for it in take:
+                    it.error = exc
+            finally:
+                with self._cv:
+                    for it in take:
+                        it.done = True
+                    self._busy = False
+                    self._cv.notify_all()
+        if item.error is not None:
+            raise item.error
+        return item.answers
 
 
 def _check_versions() -> None:
@@ -106,7 +239,8 @@ class TailServer:
                  grpc_port: int = 8001, metrics_port: int = 8002, threads: int | None = None,
                  max_batch_size: int = 64, dynamic_batching: bool | None = None, max_queue_delay_us: int = 2000,
                  instances: int = 1, log: Callable[[str], None] = lambda s: None,
-                 log_file: str | os.PathLike | None = None, ready_timeout_s: float = 120.0):
+                 log_file: str | os.PathLike | None = None, ready_timeout_s: float = 120.0,
+                 profile: Profile | None = None, load_window_s: float = 2.0):
         self.root = Path(split_dir)
         self.manifest = read_manifest(self.root)
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
@@ -116,6 +250,15 @@ class TailServer:
         self.log_file = Path(log_file) if log_file else None  # Triton's own log (None: on stderr)
         self.ready_timeout_s = ready_timeout_s
         self.stats = Stats()
+        self.meter = LoadMeter(load_window_s)
+        self._gate = Gate(self.meter)
+        # the server profile's tail times, for each request's slowdown s (none: s is not reported)
+        self._profiled: dict[str, tuple[list[int], list[float]]] = {}
+        for t in sorted(profile.timings if profile else [], key=lambda t: t.batch):
+            if t.part == "tail":
+                b, ms = self._profiled.setdefault(t.split, ([], []))
+                b.append(t.batch)
+                ms.append(t.median_ms)
         self._triton = None
         self._sessions = {}
 
@@ -126,21 +269,30 @@ class TailServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def _slowdown(self, split_id: str, batch: int, ms: float) -> float:
+        """``ms`` over the profiled tail time for ``batch`` (NaN without a profile or in range)."""
+        from dsc_export.planning import interpolate
+
+        got = self._profiled.get(split_id)
+        if not got or not got[0][0] <= batch <= got[0][-1]:
+            return float("nan")
+        return ms / interpolate(got[0], got[1], batch)
+
     def _infer_fn(self, split_id: str, runner, in_name: str, contract: list[OutputContract], merge: bool):
         """The PyTriton callable of one split: a list of requests in, a list of answers out.
 
-        ``merge``: the requests Triton's dynamic batcher merged run as one batch; otherwise each
-        request runs alone as it came (a batch-dependent or fixed-batch model).
+        Every request passes the :class:`Gate`. ``merge``: the requests that waited together
+        run as one batch; otherwise each request runs alone as it came (a batch-dependent or
+        fixed-batch model).
         """
         sent = [c for c in contract if c.kind != "constant"]
         names = [c.name for c in sent]
         whole = any(c.kind == "whole" for c in sent)
 
-        def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        def run(x: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
             t = time.perf_counter()
             results = runner.run({in_name: x}, names)
             ms = (time.perf_counter() - t) * 1e3
-            self.stats.add(split_id, len(x), ms)
             out = {}
             for c, r in zip(sent, results):
                 if c.kind == "batched":
@@ -149,19 +301,39 @@ class TailServer:
                                          f"its batch is not on axis {c.batch_axis}")
                     r = np.ascontiguousarray(np.moveaxis(r, c.batch_axis, 0)) if c.batch_axis else r
                 out[c.wire_name] = r
-            out[SERVER_MS] = np.full((1,) if whole else (len(x), 1), ms, dtype=np.float32)
-            return out
+            return out, ms
+
+        def timing(n: int, ms: float, queue_ms: float) -> dict[str, np.ndarray]:
+            shape = (1,) if whole else (n, 1)
+            return {SERVER_MS: np.full(shape, ms, dtype=np.float32), QUEUE_MS: np.full(shape, queue_ms, dtype=np.float32)}
+
+        def run_items(items: list[_Waiting], start: float) -> None:
+            xs = [x for it in items for x in it.inputs]
+            queues = [(start - it.arrived) * 1e3 for it in items for _ in it.inputs]
+            if merge and not whole and len(xs) > 1:
+                out, ms = run(np.concatenate(xs))
+                answers, k = [], 0
+                for x, q in zip(xs, queues):
+                    answers.append({**{n: v[k:k + len(x)] for n, v in out.items()}, **timing(len(x), ms, q)})
+                    k += len(x)
+                self.stats.add(split_id, k, ms, queues)
+                self.meter.add(start, time.perf_counter(), queues, [self._slowdown(split_id, len(x), ms) for x in xs])
+            else:  # each request alone, as it came; a later one waits for the earlier ones too
+                answers = []
+                for x, q in zip(xs, queues):
+                    t = time.perf_counter()
+                    q += (t - start) * 1e3
+                    out, ms = run(x)
+                    answers.append({**out, **timing(len(x), ms, q)})
+                    self.stats.add(split_id, len(x), ms, [q])
+                    self.meter.add(t, time.perf_counter(), [q], [self._slowdown(split_id, len(x), ms)])
+            k = 0
+            for it in items:
+                it.answers, k = answers[k:k + len(it.inputs)], k + len(it.inputs)
 
         def infer(requests):
-            if not merge or whole or len(requests) == 1:
-                return [run(r[INPUT]) for r in requests]
-            sizes = [len(r[INPUT]) for r in requests]
-            out = run(np.concatenate([r[INPUT] for r in requests]))
-            answers, start = [], 0
-            for n in sizes:
-                answers.append({k: v[start:start + n] for k, v in out.items()})
-                start += n
-            return answers
+            item = _Waiting([r[INPUT] for r in requests])
+            return self._gate.serve(split_id, item, run_items, merge, self.max_batch_size)
 
         return infer
 
@@ -208,13 +380,13 @@ class TailServer:
                 in_dtype = ORT_DTYPES.get(inp.type, np.float32)
                 outs = [Tensor(name=c.wire_name, dtype=np.dtype(c.dtype).type, shape=c.dims)
                         for c in contract if c.kind != "constant"]
+                outs += [Tensor(name=SERVER_MS, dtype=np.float32, shape=(1,)),
+                         Tensor(name=QUEUE_MS, dtype=np.float32, shape=(1,))]
                 if fixed is not None:  # one batch size: no batching, Triton checks the full shape
                     inputs = [Tensor(name=INPUT, dtype=in_dtype, shape=tuple([fixed] + in_dims[1:]))]
-                    outs.append(Tensor(name=SERVER_MS, dtype=np.float32, shape=(1,)))
                     config = ModelConfig(batching=False, batcher=None)
                 else:
                     inputs = [Tensor(name=INPUT, dtype=in_dtype, shape=tuple(in_dims[1:]))]
-                    outs.append(Tensor(name=SERVER_MS, dtype=np.float32, shape=(1,)))
                     # batcher None: no dynamic_batching block, each request runs as it came
                     batcher = DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us) if dynamic else None
                     config = ModelConfig(max_batch_size=self.max_batch_size, batching=True, batcher=batcher)
@@ -229,30 +401,24 @@ class TailServer:
             from pytriton.decorators import batch
 
             triton.bind(model_name=META, infer_func=batch(meta),
-                        inputs=[Tensor(name="ping", dtype=np.int32, shape=(1,))],
+                        inputs=[Tensor(name=PING, dtype=np.int32, shape=(1,))],
                         outputs=[Tensor(name="model_sha256", dtype=np.bytes_, shape=(1,))],
                         config=ModelConfig(max_batch_size=8))
-            if self.log_file is not None:  # Triton prints to what it inherits: keep that to its log file
-                sys.stdout.flush()
-                sys.stderr.flush()
-                saved = [os.dup(1), os.dup(2)]
-                sink = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                os.dup2(sink, 1)
-                os.dup2(sink, 2)
-                try:
-                    triton.run()
-                finally:
-                    os.dup2(saved[0], 1)
-                    os.dup2(saved[1], 2)
-                    for fd in (*saved, sink):
-                        os.close(fd)
-            else:
+
+            def load(requests):
+                return [{LOAD_OUTPUT: self.meter.load().to_array()} for _ in requests]
+
+            triton.bind(model_name=LOAD, infer_func=load, inputs=[Tensor(name=PING, dtype=np.int32, shape=(1,))],
+                        outputs=[Tensor(name=LOAD_OUTPUT, dtype=np.float64, shape=(6,))],
+                        config=ModelConfig(batching=False))
+            with _into(self.log_file):
                 triton.run()
             self._triton = triton
-            self._wait_ready([s.id for s in tails] + [META])
+            self._wait_ready([s.id for s in tails] + [META, LOAD])
         except BaseException:
             self._triton = None
-            triton.stop()
+            with _into(self.log_file):
+                triton.stop()
             raise
 
     def _wait_ready(self, models: list[str]) -> None:
@@ -267,8 +433,10 @@ class TailServer:
             client.close()
 
     def stop(self) -> None:
+        """Stop Triton (its last words, "Signal (2) received." and the stubs', go to the log file)."""
         if self._triton is not None:
-            self._triton.stop()
+            with _into(self.log_file):
+                self._triton.stop()
             self._triton = None
 
     def batching(self) -> str:
@@ -283,6 +451,31 @@ class TailServer:
 
     def urls(self) -> dict[str, str]:
         return {"http": f"{self.host}:{self.http_port}", "grpc": f"{self.host}:{self.grpc_port}"}
+
+
+@contextlib.contextmanager
+def _into(log_file: Path | None):
+    """While starting and stopping Triton, this process's stdout and stderr go to ``log_file``:
+    Triton, its stubs and PyTriton (which echoes Triton's terminal output with ``print`` and
+    warns through ``logging``) print to what they inherit. None: left as they are."""
+    if log_file is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    sink = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(sink, 1)
+    os.dup2(sink, 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, sink):
+            os.close(fd)
 
 
 def serve_forever(server: TailServer, on_ready: Callable[[], None] = lambda: None) -> None:
