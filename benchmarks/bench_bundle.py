@@ -126,7 +126,7 @@ def main() -> None:
     args = ap.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
     rows = [measure(m, batches, args.loads) for m in args.models.split(",")]
-    write(f"bundle-cpu-{time.strftime('%Y-%m-%d')}.json", {"rows": rows})
+    write("bundle.json", {"rows": rows})  # run_all's summary reads it; copy to results/ to keep a run
 
 
 if __name__ == "__main__":

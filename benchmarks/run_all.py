@@ -19,7 +19,7 @@ import time
 from common import HERE, OUT, machine
 
 SCRIPTS = ["bench_split.py", "bench_engines.py", "bench_profiles.py", "bench_plan.py", "bench_e2e.py", "bench_load.py",
-           "bench_fleet.py", "bench_bundle.py",
+           "bench_fleet.py", "bench_bundle.py", "bench_accuracy.py",
            "model_zoo.py"]
 BACKEND_AWARE = {"bench_profiles.py"}
 
@@ -105,6 +105,31 @@ def rows() -> list[dict]:
         add("fleet", "saturated server, idle link: rate estimate vs TCP (load-aware / load-blind)",
             f"{sat['aware']['mean_rate_MBps']:.1f} / {sat['blind']['mean_rate_MBps']:.1f} vs "
             f"{sat['link_MBps_tcp']:.1f} MB/s", "within 20 %", met["rate_estimate_within_20pct_saturated"])
+    d = load("bundle.json")
+    if d:
+        for r in d["rows"]:
+            for side, target in (("device", 2.0), ("server", 2.5)):
+                s = r[side]
+                add("bundle", f"{r['model']}: bundle --{side} / the side's distinct weights",
+                    f"{s['tar_x_weights']:.2f}x ({s['tar_bytes'] / 1e6:.1f} MB)", f"<= {target}x",
+                    s["tar_x_weights"] <= target)
+            add("bundle", f"{r['model']}: engines kept that are not faster than their ONNX by the margin",
+                f"{len(r['kept_not_faster_by_margin'])} of {r['engines_kept']} kept", "0",
+                not r["kept_not_faster_by_margin"])
+            for what, v in r.get("load", {}).items():
+                add("bundle", f"{r['model']}: load time, {what}, shared weights / weights inline",
+                    f"{v['ratio']:.2f}x", "<= 1.10x", v["ratio"] <= 1.10)
+    d = load("accuracy.json")
+    if d:
+        for res in d["results"]:
+            for wire in ("float32", "float16"):
+                rows_w = [s for s in res["splits"] if s["wire"] == wire]
+                if rows_w:
+                    worst = min(s["top1_agreement"] for s in rows_w)
+                    target, met = ("100 %", worst == 1.0) if wire == "float32" else ("measured", None)
+                    add("accuracy", f"{res['model']} ({res['weights'].split(':')[0]}), {wire} wire: worst top-1 "
+                        f"agreement with the whole model over {len(rows_w)} splits, {res['inputs']} inputs",
+                        f"{worst * 100:.1f} %", target, met)
     d = load("zoo.json")
     if d:
         rs = d["rows"]
