@@ -39,21 +39,10 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import (
-    HERE,
-    OUT,
-    prepare_cache,
-    run_devices,
-    shaped_setup,
-    stop,
-    summarize,
-    worker,
-    write,
-)
+from common import HERE, run_devices, shaped_setup, stop, summarize, worker, workspace, write
 
 POLICIES = ["aware", "blind", "static", "local", "offload"]
 RESULTS = HERE / "results"
@@ -168,12 +157,7 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     ns = [int(n) for n in args.devices.split(",")]
     nmax = max(ns)
-    log_dir = OUT / "fleet"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="fleet-", dir=log_dir))
-    cache = tmp / "cache.npz"
-    print(f"preparing real inputs, cut tensors and reference outputs (batch {args.batch}) ...", flush=True)
-    prepare_cache(root, man, args.batch, 2, cache)
+    log_dir, tmp, cache = workspace("fleet", root, man, args.batch)
     t_start = time.time()
     with ShapedLink(rates[0]) as link:
         from bench_e2e import measure_rtt_ms

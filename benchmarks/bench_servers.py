@@ -29,11 +29,10 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import HERE, OUT, prepare_cache, run_devices, split_dir, stop, summarize, write
+from common import HERE, OUT, run_devices, split_dir, stop, summarize, workspace, write
 
 RESULTS = HERE / "results"
 
@@ -118,12 +117,7 @@ def main() -> None:
     man = read_manifest(root)
     dev, srv = profiles(root, args.model, args.batch)
     k = args.device_slowdown
-    log_dir = OUT / "servers"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="servers-", dir=log_dir))
-    cache = tmp / "cache.npz"
-    print(f"preparing real inputs, cut tensors and reference outputs (batch {args.batch}) ...", flush=True)
-    prepare_cache(root, man, args.batch, 2, cache)
+    log_dir, tmp, cache = workspace("servers", root, man, args.batch)
     results, plan = {}, None
     for n_servers in (1, 2):
         procs, urls = start_servers(root, n_servers, args.devices, tmp)

@@ -173,6 +173,20 @@ def prepare_cache(root: Path, man, batch: int, n_inputs: int, path: Path) -> Non
     np.savez(path, **arrays)
 
 
+def workspace(name: str, root: Path, man, batch: int) -> tuple[Path, Path, Path]:
+    """benchmarks/out/NAME/ and a fresh run folder in it holding ``cache.npz``
+    (:func:`prepare_cache`, 2 inputs): (log dir, run folder, cache)."""
+    import tempfile
+
+    log_dir = OUT / name
+    log_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=log_dir))
+    cache = tmp / "cache.npz"
+    print(f"preparing real inputs, cut tensors and reference outputs (batch {batch}) ...", flush=True)
+    prepare_cache(root, man, batch, 2, cache)
+    return log_dir, tmp, cache
+
+
 def run_devices(base: dict, tmp: Path, tag: str, policies: list[str], windows: list[list[tuple[float, float]]],
                 link=None, schedule=None, url: str | None = None) -> tuple[list[list[dict]], list]:
     """Start one process per device (``policies[d]``, active in ``windows[d]``), change the link's
