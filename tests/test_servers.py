@@ -192,3 +192,22 @@ def test_killing_one_of_two_servers_loses_no_batch(tiny, tmp_path):  # noqa: F81
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=30)
+
+
+def test_run_cli_takes_several_servers_and_refuses_in_one_line(tiny):  # noqa: F811
+    from test_serving import free_ports
+
+    root, _ = tiny
+    (port,) = free_ports(1)
+
+    def run(*servers):
+        args = [a for s in servers for a in ("--server", s)]
+        return subprocess.run([sys.executable, "-m", "dsc_export", "run", str(root), *args, "--wait-ready", "0",
+                               "--batches", "1"], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+
+    r = run("127.0.0.1:1", "127.0.0.1:2,127.0.0.1:1")
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == ["error: server 127.0.0.1:1 is given twice"]
+    r = run(f"127.0.0.1:{port}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "Traceback" not in r.stderr
