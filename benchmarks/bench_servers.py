@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,43 +38,72 @@ from common import HERE, OUT, run_devices, split_dir, stop, summarize, workspace
 RESULTS = HERE / "results"
 
 
-def start_servers(root: Path, n: int, instances: int, log_dir: Path) -> tuple[list[subprocess.Popen], list[str]]:
-    """``n`` × ``dsc-export serve --threads 1`` on free loopback ports, each ready (dsc_load)."""
+def start_servers(root: Path, n: int, instances: int, log_dir: Path,
+                  tries: int = 3) -> tuple[list[subprocess.Popen], list[str]]:
+    """``n`` × ``dsc-export serve --threads 1`` on free loopback ports, one after the other, each
+    ready (dsc_load); a start that fails (PyTriton's handshakes on a busy machine) is retried."""
+    procs, urls = [], []
+    try:
+        for k in range(n):
+            for attempt in range(tries):
+                proc, url = _start_one(root, instances, log_dir, k)
+                if proc is not None:
+                    break
+                print(f"server {k} did not start (attempt {attempt + 1}); see {log_dir / f'server-{k}.err'}",
+                      flush=True)
+            else:
+                raise SystemExit(f"server {k} did not start; see {log_dir / f'server-{k}.err'}")
+            procs.append(proc)
+            urls.append(url)
+    except BaseException:
+        stop_servers(procs)
+        raise
+    return procs, urls
+
+
+def _start_one(root: Path, instances: int, log_dir: Path, k: int) -> tuple[subprocess.Popen | None, str]:
     import socket
 
     import tritonclient.http as th
 
-    procs, urls = [], []
-    for k in range(n):
-        socks = [socket.socket() for _ in range(3)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        http, grpc, metrics = (s.getsockname()[1] for s in socks)
-        for s in socks:
-            s.close()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "dsc_export", "serve", str(root), "--threads", "1", "--instances", str(instances),
-             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-             "--triton-log", str(log_dir / f"triton-{k}.log")],
-            cwd=HERE.parent, env=dict(os.environ, PYTHONPATH=str(HERE.parent)), start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=open(log_dir / f"server-{k}.err", "w")))
-        urls.append(f"127.0.0.1:{http}")
+    socks = [socket.socket() for _ in range(3)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    http, grpc, metrics = (s.getsockname()[1] for s in socks)
+    for s in socks:
+        s.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dsc_export", "serve", str(root), "--threads", "1", "--instances", str(instances),
+         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+         "--triton-log", str(log_dir / f"triton-{k}.log")],
+        cwd=HERE.parent, env=dict(os.environ, PYTHONPATH=str(HERE.parent)), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=open(log_dir / f"server-{k}.err", "w"))
+    url = f"127.0.0.1:{http}"
+    c = th.InferenceServerClient(url)
     deadline = time.time() + 300
-    for k, (p, url) in enumerate(zip(procs, urls)):
-        c = th.InferenceServerClient(url)
-        while True:
+    try:
+        while proc.poll() is None and time.time() < deadline:
             try:
                 if c.is_server_ready() and c.is_model_ready("dsc_load"):
-                    break
+                    return proc, url
             except Exception:
                 pass
-            if p.poll() is not None or time.time() > deadline:
-                for q in procs:
-                    stop(q)
-                raise SystemExit(f"server {k} did not start; see {log_dir / f'server-{k}.err'}")
             time.sleep(0.5)
+    finally:
         c.close()
-    return procs, urls
+    stop_servers([proc])
+    return None, url
+
+
+def stop_servers(procs: list[subprocess.Popen]) -> None:
+    """Stop each server (SIGTERM), then kill what is left of its process group: the Python-backend
+    stubs PyTriton started, which outlive it otherwise."""
+    for p in procs:
+        stop(p)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def profiles(root: Path, model: str, batch: int):
@@ -106,8 +136,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.seconds = 10.0
-    import signal
-
     signal.signal(signal.SIGTERM, lambda *a: sys.exit("terminated"))  # stop the servers on the way out
 
     from dsc_export.artifacts import read_manifest
@@ -138,8 +166,7 @@ def main() -> None:
             per_device, _ = run_devices(base, tmp, f"s{n_servers}", ["aware"] * args.devices,
                                         [window] * args.devices)
         finally:
-            for p in procs:
-                stop(p)
+            stop_servers(procs)
         records = [r for d in per_device for r in d]
         summ = summarize(records, plan, args.seconds, args.batch)
         shares = {}
