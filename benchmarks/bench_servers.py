@@ -1,7 +1,9 @@
 """Benchmark: N = 8 emulated devices against one and against two tails servers.
 
 Each server is ``dsc-export serve`` with one CPU thread per tail (one batch at a time, dynamic
-batching on, ``--instances`` = N request handlers so that every wait is measured), on loopback
+batching on, ``--instances`` = N / servers request handlers per model: each server's share of the
+devices has its waits measured; more make PyTriton's per-instance handshakes fail to start on a
+busy 2-core machine), on loopback
 (no link shaping: the servers' load, not the link, is what this measures). The devices are
 separate processes running the load-aware :class:`~dsc_export.serving.client.DynamicSplitClient`,
 closed loop (each sends its next batch once the last one is answered), given one URL or both:
@@ -51,6 +53,7 @@ def start_servers(root: Path, n: int, instances: int, log_dir: Path,
                     break
                 print(f"server {k} did not start (attempt {attempt + 1}); see {log_dir / f'server-{k}.err'}",
                       flush=True)
+                time.sleep(5.0)
             else:
                 raise SystemExit(f"server {k} did not start; see {log_dir / f'server-{k}.err'}")
             procs.append(proc)
@@ -148,7 +151,8 @@ def main() -> None:
     log_dir, tmp, cache = workspace("servers", root, man, args.batch)
     results, plan = {}, None
     for n_servers in (1, 2):
-        procs, urls = start_servers(root, n_servers, args.devices, tmp)
+        instances = -(-args.devices // n_servers)  # ceil(N / servers): PyTriton's stubs start racing beyond
+        procs, urls = start_servers(root, n_servers, instances, tmp)
         try:
             if plan is None:
                 from bench_e2e import measure_rtt_ms
@@ -176,6 +180,7 @@ def main() -> None:
         summ["server_share"] = {("here" if u == "here" else f"server {urls.index(u)}"): c / len(records)
                                 for u, c in sorted(shares.items())}
         summ["retried"] = sum(1 for r in records if r["tries"])
+        summ["instances_per_server"] = instances
         results[str(n_servers)] = summ
         print(f"  {summ['batches']} batches: mean {summ['mean_ms']:.1f} ms, p95 {summ['p95_ms']:.1f} ms, "
               f"{summ['samples_per_s']:.1f} samples/s; splits {summ['share']}; servers {summ['server_share']}",
@@ -192,7 +197,7 @@ def main() -> None:
     print(note)
     payload = {"model": args.model, "batch": args.batch, "devices": args.devices, "seconds": args.seconds,
                "device_slowdown": k, "emulation": "device compute replayed from its 1-thread profile x slowdown",
-               "servers": "dsc-export serve --threads 1 --instances N (loopback)", "note": note,
+               "servers": "dsc-export serve --threads 1 --instances ceil(N / servers) (loopback)", "note": note,
                "plan_rtt_ms": plan.rtt_ms, "results": results}
     path = write("servers.json", payload)
     RESULTS.mkdir(exist_ok=True)

@@ -30,8 +30,8 @@ the plan's margin.
 Once running, if a server is unreachable, slower than the deadline or answers with an error, it
 is marked down until its back-off ends (``backoff_s`` = 1 s, doubling per failure in a row up to
 ``max_backoff_s`` = 30 s, reset by an answer) and the batch is retried on the next best server
-that is up, or finished here with the whole model: no batch is ever lost. In privacy mode the raw input never leaves the
-device (``offload`` is never chosen). While ``local`` is chosen nothing is sent and the rate
+that is up, or finished here with the whole model: no batch is ever lost. In privacy mode the
+raw input never leaves the device (``offload`` is never chosen). While ``local`` is chosen nothing is sent and the rate
 estimate would go stale. Probing is paid for from a budget: every batch without a measurement
 adds ``probe_budget`` (default 5 %) of its predicted time, and when the budget covers the extra
 predicted cost of the cheapest split that sends enough bytes to measure the link, that batch
