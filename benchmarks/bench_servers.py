@@ -1,9 +1,9 @@
 """Benchmark: N = 8 emulated devices against one and against two tails servers.
 
 Each server is ``dsc-export serve`` with one CPU thread per tail (one batch at a time, dynamic
-batching on, ``--instances`` = N / servers request handlers per model: each server's share of the
-devices has its waits measured; more make PyTriton's per-instance handshakes fail to start on a
-busy 2-core machine), on loopback
+batching on, ``--instances`` = N / servers request handlers per model, at most ``--instances``
+(4): more make PyTriton's per-instance handshakes fail to start on a busy 2-core machine; a
+request beyond them waits in Triton's queue, unmeasured, and counts as wire time), on loopback
 (no link shaping: the servers' load, not the link, is what this measures). The devices are
 separate processes running the load-aware :class:`~dsc_export.serving.client.DynamicSplitClient`,
 closed loop (each sends its next batch once the last one is answered), given one URL or both:
@@ -22,7 +22,7 @@ Profiles: benchmarks/out/profiles/MODEL-{device,server}.json when bench_profiles
 with the batch size, else quick ones taken here (batch ``--batch`` only, 1 thread each).
 
 Usage: python benchmarks/bench_servers.py [--quick] [--model efficientnet_b0] [--batch 4]
-       [--devices 8] [--seconds 30] [--device-slowdown 4]
+       [--devices 8] [--seconds 30] [--device-slowdown 4] [--instances 4]
 """
 
 from __future__ import annotations
@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30.0, help="per number of servers")
     ap.add_argument("--device-slowdown", type=float, default=4.0)
+    ap.add_argument("--instances", type=int, default=4,
+                    help="most request handlers per model and server (at most N / servers are used)")
     args = ap.parse_args()
     if args.quick:
         args.seconds = 10.0
@@ -151,7 +153,7 @@ def main() -> None:
     log_dir, tmp, cache = workspace("servers", root, man, args.batch)
     results, plan = {}, None
     for n_servers in (1, 2):
-        instances = -(-args.devices // n_servers)  # ceil(N / servers): PyTriton's stubs start racing beyond
+        instances = min(args.instances, -(-args.devices // n_servers))  # PyTriton's stubs race beyond a few
         procs, urls = start_servers(root, n_servers, instances, tmp)
         try:
             if plan is None:
@@ -197,7 +199,7 @@ def main() -> None:
     print(note)
     payload = {"model": args.model, "batch": args.batch, "devices": args.devices, "seconds": args.seconds,
                "device_slowdown": k, "emulation": "device compute replayed from its 1-thread profile x slowdown",
-               "servers": "dsc-export serve --threads 1 --instances ceil(N / servers) (loopback)", "note": note,
+               "servers": "dsc-export serve --threads 1 --instances min(--instances, ceil(N / servers)) (loopback)", "note": note,
                "plan_rtt_ms": plan.rtt_ms, "results": results}
     path = write("servers.json", payload)
     RESULTS.mkdir(exist_ok=True)
