@@ -39,12 +39,10 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from common import HERE, OUT, shaped_setup, stop, write
+from common import HERE, run_devices, shaped_setup, stop, summarize, worker, workspace, write
 
 POLICIES = ["aware", "blind", "static", "local", "offload"]
 RESULTS = HERE / "results"
@@ -77,109 +75,7 @@ ts = [threading.Thread(target=run) for _ in range(threads)]
 """
 
 
-# --- one device (a separate process) -------------------------------------------------------------
-
-def worker(cfg_path: str) -> None:
-    """One device: a DynamicSplitClient with replayed device compute, closed loop, between the
-    given wall-clock times; writes one JSON line per batch."""
-    from dsc_export.planning import Plan
-    from dsc_export.serving.client import DynamicSplitClient, batch_log_dict
-
-    cfg = json.loads(Path(cfg_path).read_text())
-    plan = Plan.from_dict(json.loads(Path(cfg["plan"]).read_text()))
-    cache = dict(np.load(cfg["cache"]))
-    inputs = [cache[f"x{i}"] for i in range(cfg["inputs"])]
-    policy = cfg["policy"]
-    kw = {"load_aware": policy != "blind"}
-    if policy not in ("aware", "blind"):
-        kw["static"] = cfg["static"] if policy == "static" else policy
-    if cfg.get("pin"):
-        kw["static"] = cfg["pin"]
-    logs = []
-    client = DynamicSplitClient(cfg["root"], cfg["url"], plan, threads=1, deadline_s=30, log=logs.append,
-                                initial_rate_MBps=cfg["initial_rate"], ready_timeout_s=120, **kw)
-    in_name = client.manifest.model.input.name
-
-    def replay(split):  # the plan's head times are the device profile x the slowdown already
-        def run(feeds, outputs=None):
-            i = next(j for j, a in enumerate(inputs) if a is feeds[in_name])
-            time.sleep(plan.parts_ms(split, len(inputs[i]))[0] / 1e3)
-            return [cache[f"{split}_{i}"]]
-        return run
-
-    for sid, runner in client._heads.items():
-        runner.run = replay(sid)
-    client._whole.run = replay("local")
-    out = open(cfg["log"], "w")
-    for t0, t1 in cfg["windows"]:
-        while time.time() < t0:
-            time.sleep(0.005)
-        n = 0
-        while time.time() < t1:
-            i = n % len(inputs)
-            got = client.infer(inputs[i])
-            ref = cache[f"local_{i}"]
-            y = got[client.contract[0].name]
-            diff = float(np.abs(y - ref).max())
-            rec = batch_log_dict(logs[-1])
-            rec.update(t=time.time(), diff=diff, same_top1=bool((y.argmax(-1) == ref.argmax(-1)).all()))
-            out.write(json.dumps(rec) + "\n")
-            n += 1
-        out.flush()
-    out.close()
-    client.close()
-
-
 # --- the orchestra -------------------------------------------------------------------------------
-
-def prepare_cache(root: Path, man, batch: int, n_inputs: int, path: Path) -> None:
-    """Real inputs, each split's real cut tensor for them, and the whole model's outputs."""
-    from dsc_export.ort import make_session, random_array
-
-    rng = np.random.default_rng(0)
-    arrays = {}
-    whole = make_session(root / man.model.path)
-    for i in range(n_inputs):
-        x = random_array([batch] + list(man.model.input.shape[1:]), np.dtype(man.model.input.dtype), rng)
-        arrays[f"x{i}"] = x
-        arrays[f"local_{i}"] = whole.run(None, {man.model.input.name: x})[0]
-        for s in man.splits:
-            if s.kind == "split":
-                head = make_session(root / s.head)
-                arrays[f"{s.id}_{i}"] = head.run([s.wire_tensor], {man.model.input.name: x})[0]
-    np.savez(path, **arrays)
-
-
-def run_devices(base: dict, tmp: Path, tag: str, policies: list[str], windows: list[list[tuple[float, float]]],
-                link=None, schedule=None, url: str | None = None) -> tuple[list[list[dict]], list]:
-    """Start one process per device (``policies[d]``, active in ``windows[d]``), change the link's
-    rate by ``schedule`` [(time, rate)], ask the server's load every second while they run (with
-    ``url``), and return each device's batch records and the load answers [(time, ServerLoad)]."""
-    procs, logs = [], []
-    for d, (pol, win) in enumerate(zip(policies, windows)):
-        cfg = {**base, "policy": pol, "windows": win, "log": str(tmp / f"{tag}-{d}.jsonl")}
-        (tmp / f"{tag}-{d}.json").write_text(json.dumps(cfg))
-        logs.append(Path(cfg["log"]))
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(tmp / f"{tag}-{d}.json")],
-                                      cwd=HERE, stderr=open(tmp / f"{tag}-{d}.err", "w")))
-    loads, todo = [], list(schedule or [])
-    next_poll = time.time() + 1.0
-    while any(p.poll() is None for p in procs):
-        now = time.time()
-        if todo and now >= todo[0][0]:
-            link.set_rate(todo.pop(0)[1])
-        if url and now >= next_poll:
-            next_poll = now + 1.0
-            try:
-                loads.append((now, server_load(url)))
-            except Exception:
-                pass
-        time.sleep(0.01)
-    for d, p in enumerate(procs):
-        if p.returncode != 0:
-            raise SystemExit(f"device {d} of {tag} failed: {(tmp / f'{tag}-{d}.err').read_text()[-1500:]}")
-    return [[json.loads(line) for line in p.read_text().splitlines()] for p in logs], loads
-
 
 def start_server(link, root: Path, profile: Path, log_dir: Path, instances: int, url: str, tries: int = 3):
     """The tails server in the namespace, ready; a start that times out (PyTriton's handshakes on
@@ -204,48 +100,6 @@ def start_server(link, root: Path, profile: Path, log_dir: Path, instances: int,
         print(f"the server did not start (attempt {attempt + 1}): {err.read_text().strip().splitlines()[-1:]}",
               flush=True)
     raise SystemExit(f"the server did not start; see {log_dir / 'server.err'}")
-
-
-def server_load(url: str):
-    from dsc_export.serving.client import _Remote
-
-    r = _Remote(url, "http", 5.0)
-    try:
-        return r.load()
-    finally:
-        r.close()
-
-
-def summarize(records: list[dict], plan, seconds: float, batch: int) -> dict:
-    """Latency, throughput, split shares, predicted against measured per component."""
-    lat = sorted(r["measured_ms"] for r in records)
-    if not lat:
-        return {"batches": 0}
-    shares = {}
-    for r in records:
-        shares[r["split"]] = shares.get(r["split"], 0) + 1
-
-    def predicted(r):
-        if r["split"] == "local":
-            return {"head": plan.parts_ms("local", r["batch"])[0], "wire": 0.0, "queue": 0.0, "tail": 0.0}
-        h, t = plan.parts_ms(r["split"], r["batch"])
-        nbytes = plan.times[r["split"]]["bytes"] * r["batch"]
-        return {"head": h, "wire": nbytes / (r["rate_MBps"] * 1e3) + plan.rtt_ms, "queue": r["q_ms"],
-                "tail": r["s"] * t}
-
-    comp_pred = {c: statistics.mean(predicted(r)[c] for r in records) for c in ("head", "wire", "queue", "tail")}
-    comp_meas = {"head": statistics.mean(r["head_ms"] if r["split"] != "local" else r["measured_ms"] for r in records),
-                 "wire": statistics.mean(r["wire_ms"] for r in records),
-                 "queue": statistics.mean(r["queue_ms"] for r in records),
-                 "tail": statistics.mean(r["server_ms"] for r in records)}
-    pred = statistics.mean(r["predicted_ms"] for r in records)
-    return {"batches": len(records), "mean_ms": statistics.mean(lat), "p95_ms": lat[int(0.95 * (len(lat) - 1))],
-            "samples_per_s": len(records) * batch / seconds, "predicted_mean_ms": pred,
-            "error": statistics.mean(lat) / pred - 1, "share": {s: n / len(records) for s, n in sorted(shares.items())},
-            "component_predicted_ms": comp_pred, "component_measured_ms": comp_meas,
-            "outputs_checked": len(records), "outputs_top1_agree": sum(r["same_top1"] for r in records),
-            "max_abs_diff": max(r["diff"] for r in records),
-            "fallbacks": sum(1 for r in records if r["fallback"])}
 
 
 def plot(results: dict, path: Path, static: str) -> None:
@@ -303,12 +157,7 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     ns = [int(n) for n in args.devices.split(",")]
     nmax = max(ns)
-    log_dir = OUT / "fleet"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="fleet-", dir=log_dir))
-    cache = tmp / "cache.npz"
-    print(f"preparing real inputs, cut tensors and reference outputs (batch {args.batch}) ...", flush=True)
-    prepare_cache(root, man, args.batch, 2, cache)
+    log_dir, tmp, cache = workspace("fleet", root, man, args.batch)
     t_start = time.time()
     with ShapedLink(rates[0]) as link:
         from bench_e2e import measure_rtt_ms

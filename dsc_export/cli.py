@@ -681,7 +681,9 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
 
 @cli.command("run")
 @click.argument("source", type=click.Path(exists=True, path_type=Path), metavar="DIR|BUNDLE")
-@click.option("--server", "server_url", required=True, help="host:port of the server (HTTP or gRPC port).")
+@click.option("--server", "server_url", required=True, multiple=True,
+              help="host:port of the server (HTTP or gRPC port); repeat it, or separate URLs with commas, for "
+                   "several servers serving the same model (each batch goes to the one predicted fastest).")
 @click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Plan [default: DIR/plan.json].")
@@ -707,12 +709,16 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
     Per batch: estimate the data rate from recent transfers, ask the plan for the split, run
     the head here, send the cut tensor, get the result; finish locally if the server fails.
     First waits (--wait-ready) until the server has every model of this split dir ready, and
-    refuses a server that is not ready in time or serves another model.
+    refuses a server that is not ready in time or serves another model. With several servers,
+    each batch goes to the server and split predicted fastest for that server's rate, wait and
+    slowdown; a failed server is skipped for its back-off (1 s doubling to 30 s) and the batch
+    retried on the next one, or finished here.
 
     \b
     Example:
       dsc-export run engines/efficientnet_b0/split --server 127.0.0.1:8000 --batches 50
       dsc-export run b0-device.tar --server 10.0.0.5:8001 --protocol grpc --privacy
+      dsc-export run b0-device.tar --server 10.0.0.5:8000 --server 10.0.0.6:8000
       dsc-export run engines/efficientnet_lite0/split --server 127.0.0.1:8000 --input images --images photos/
     """
     from dataclasses import asdict
@@ -734,7 +740,8 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
             if as_json:
                 click.echo(json.dumps(asdict(b)))
             else:
-                rows.append((str(b.index), str(b.batch), b.split, f"{b.bytes:,}", f"{b.rate_MBps:.1f}",
+                where = f"{b.split} @ {b.server}" if b.server and len(server_url) > 1 else b.split
+                rows.append((str(b.index), str(b.batch), where, f"{b.bytes:,}", f"{b.rate_MBps:.1f}",
                              "" if b.measured_rate_MBps is None else f"{b.measured_rate_MBps:.1f}",
                              f"{b.predicted_ms:.1f}", f"{b.measured_ms:.1f}", b.fallback or ""))
 
@@ -746,7 +753,7 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
             raise UserError(f"the model runs at batch size {fixed} only; run it with --batch-size {fixed} "
                             "(or leave --batch-size out)")
         batch_size = batch_size or fixed or 4
-        with DynamicSplitClient(root, server_url, plan, protocol, privacy, threads, deadline, log=log,
+        with DynamicSplitClient(root, list(server_url), plan, protocol, privacy, threads, deadline, log=log,
                                 static=static, ready_timeout_s=wait_ready, say=_log) as client:
             shape = [batch_size] + list(client.manifest.model.input.shape[1:])
             dtype = np.dtype(client.manifest.model.input.dtype)

@@ -55,7 +55,7 @@ class StockTriton:
 def test_client_talks_to_a_stock_triton_repository():
     remote = _Remote.__new__(_Remote)
     remote.url, remote.protocol, remote.timeout_s, remote.has_server_ms = "x:8000", "http", 1.0, True
-    remote.mod, remote.client = FakeMod, StockTriton()
+    remote.mod, remote.client, remote.per_model = FakeMod, StockTriton(), {}
     assert remote.model_sha256("offload") == "ab" * 32
     assert remote.has_server_ms is False
     out = remote.infer("cut033", np.zeros((2, 40, 28, 28), np.float32), ["logits"])

@@ -162,6 +162,39 @@ def test_statistics_api_gives_queue_and_compute_time_per_model(dirs, kinds_stock
     grpc.close()
 
 
+def test_client_reads_a_stock_servers_load_from_its_statistics(dirs, kinds_stock):
+    """No dsc_load on a stock Triton: the client's load is Triton's statistics over the window
+    between two reads, the same figures a reader of the statistics API computes."""
+    import tritonclient.http as th
+
+    from dsc_export.serving.client import _Remote
+    from dsc_export.serving.protocol import QUEUE_MS, SERVER_MS
+
+    root = dirs["kinds"]
+    models = kinds_stock.models()
+    remote = _Remote(kinds_stock.url(), "http", 10.0)
+    http = th.InferenceServerClient(kinds_stock.url())
+    try:
+        remote.wait_ready(models, 5, lambda pending: None)
+        assert remote.model_sha256(models[0]) == read_manifest(root).model.sha256 and not remote.has_server_ms
+        assert remote.load() is None  # the first read only starts the window
+        before = {m: model_stats(http, m) for m in models}
+        z = _cut(root, "offload", np.random.default_rng(5).standard_normal((2, 3, 16, 16)).astype(np.float32))
+        for _ in range(3):
+            remote.infer("offload", z, ["logits"])
+        load = remote.load()
+        d = model_stats(http, "offload").minus(before["offload"])
+        assert load.requests == d.requests == 3
+        assert load.q_ms == pytest.approx(d.queue_ms / 3, rel=1e-6, abs=1e-6)
+        assert remote.per_model["offload"] == pytest.approx((d.queue_ms / 3, d.compute_ms / 3), rel=1e-6, abs=1e-6)
+        out = remote.infer("offload", z, ["logits"])  # the statistics stand in for server_ms / queue_ms
+        assert d.compute_ms > 0 and out[SERVER_MS].ravel()[0] == pytest.approx(d.compute_ms / 3, rel=1e-5)
+        assert out[QUEUE_MS].ravel()[0] == pytest.approx(d.queue_ms / 3, rel=1e-5, abs=1e-5)
+    finally:
+        remote.close()
+        http.close()
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_client_and_run_work_against_the_stock_server_unchanged(dirs, kinds_stock, protocol, tmp_path):
     """The client finds the model's sha256 in the config parameter and gets exact results."""

@@ -21,10 +21,17 @@ runs locally because the server was still loading. The server's outputs are take
 model's form by the output contract (:mod:`dsc_export.serving.protocol`: batch moved back to
 its axis, constant outputs from the client's own copy of the model).
 
-Once running, if the server is unreachable, slower than the deadline or answers with an error, the batch is
-finished here with the whole model, the server is marked down and retried after a back-off that
-doubles up to a limit: no batch is ever lost. In privacy mode the raw input never leaves the
-device (``offload`` is never chosen). While ``local`` is chosen nothing is sent and the rate
+With several servers (all serving the same model: the sha256 is checked per URL), the client
+keeps one :class:`ServerEstimate` per server and chooses split and server together: per server
+that is up, the plan's best split for that server's (rate, q, s); the pair with the lowest
+predicted time wins (:func:`best_server`), the server in use kept unless another is faster by
+the plan's margin.
+
+Once running, if a server is unreachable, slower than the deadline or answers with an error, it
+is marked down until its back-off ends (``backoff_s`` = 1 s, doubling per failure in a row up to
+``max_backoff_s`` = 30 s, reset by an answer) and the batch is retried on the next best server
+that is up, or finished here with the whole model: no batch is ever lost. In privacy mode the
+raw input never leaves the device (``offload`` is never chosen). While ``local`` is chosen nothing is sent and the rate
 estimate would go stale. Probing is paid for from a budget: every batch without a measurement
 adds ``probe_budget`` (default 5 %) of its predicted time, and when the budget covers the extra
 predicted cost of the cheapest split that sends enough bytes to measure the link, that batch
@@ -80,10 +87,12 @@ class BatchLog:
     head_ms: float
     wire_ms: float  # round trip - queue_ms - server_ms (the plan's rtt included)
     server_ms: float  # the tail's run at the server (on the batch this request joined)
-    fallback: str | None = None  # why the batch was finished locally
+    fallback: str | None = None  # why a server failed this batch (retried on the next server, or run here)
     queue_ms: float = 0.0  # this request's wait at the server
     q_ms: float = 0.0  # the server's expected wait the choice was made with
     s: float = 1.0  # the server's slowdown the choice was made with
+    server: str | None = None  # the URL that answered (None: run here)
+    tries: int = 0  # servers that failed this batch before it was answered or run here
 
 
 class RateEstimator:
@@ -164,6 +173,9 @@ class _Remote:
     def __init__(self, url: str, protocol: str, timeout_s: float):
         self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
         self.has_server_ms = True  # dsc-export serve reports it; a stock Triton does not
+        self.models: list[str] = []  # the tails it serves (set by wait_ready)
+        self._stats = None  # a stock Triton's last statistics read: (time.monotonic(), {model: ModelStats})
+        self.per_model: dict[str, tuple[float, float]] = {}  # stock Triton: model -> (queue ms, compute ms)
         if protocol == "http":
             self.mod = lazy_import("tritonclient.http", "serve")
             self.client = self.mod.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
@@ -187,14 +199,19 @@ class _Remote:
             req = [self.mod.InferRequestedOutput(o) for o in names]
             res = self.client.infer(model, [inp], outputs=req, client_timeout=self.timeout_s)
         out = {o: res.as_numpy(o) for o in names}
-        if not self.has_server_ms:
-            out[SERVER_MS] = out[QUEUE_MS] = np.zeros((x.shape[0], 1), np.float32)
+        if not self.has_server_ms:  # a stock Triton: its statistics' recent means for this model (0 before any)
+            q_ms, compute_ms = self.per_model.get(model, (0.0, 0.0))
+            out[SERVER_MS] = np.full((x.shape[0], 1), compute_ms, np.float32)
+            out[QUEUE_MS] = np.full((x.shape[0], 1), q_ms, np.float32)
         return out
 
     def load(self) -> ServerLoad | None:
-        """The server's load query (:data:`LOAD`), or None from a server without one."""
+        """The server's load: its load query (:data:`LOAD`) on ``dsc-export serve``; on a stock
+        Triton, estimated from its statistics since the previous call
+        (:func:`~dsc_export.serving.tritonserver.stats_load`; None on the first call, which only
+        reads them)."""
         if not self.has_server_ms:
-            return None
+            return self._stats_load()
         ping = self.mod.InferInput(PING, [1], "INT32")
         ping.set_data_from_numpy(np.zeros((1,), np.int32))
         if self.protocol == "http":
@@ -202,6 +219,18 @@ class _Remote:
         else:
             res = self.client.infer(LOAD, [ping], client_timeout=self.timeout_s)
         return ServerLoad.from_array(res.as_numpy(LOAD_OUTPUT))
+
+    def _stats_load(self) -> ServerLoad | None:
+        from dsc_export.serving.tritonserver import model_stats, stats_load
+
+        now = time.monotonic()
+        stats = {m: model_stats(self.client, m) for m in self.models}
+        before, self._stats = self._stats, (now, stats)
+        if before is None:
+            return None
+        load, per_model = stats_load(before[1], stats, now - before[0])
+        self.per_model.update(per_model)
+        return load
 
     def wait_ready(self, models: list[str], timeout_s: float, on_wait: Callable[[list[str]], None]) -> None:
         """Wait until the server answers and ``models`` are ready, then for its ``dsc_meta`` too
@@ -212,6 +241,7 @@ class _Remote:
             UserError: not reachable, or a model not ready, within ``timeout_s``.
         """
         t0 = time.monotonic()
+        self.models = list(models)
         wait_ready(self.client, models, timeout_s, self.url, on_wait)
         try:
             if self.client.is_model_ready(META) or self._config(models[0]).get("parameters", {}).get("dsc_model_sha256"):
@@ -250,43 +280,132 @@ class _Remote:
             pass
 
 
+@dataclass
+class Endpoint:
+    """One server as the client sees it: how to reach it, what it knows of it, and its back-off.
+
+    Attributes:
+        url: ``host:port``.
+        remote: the connection (:class:`_Remote`, or anything with ``infer``, ``load``, ``close``
+            and ``has_server_ms``).
+        estimate: the server's (rate, q, s).
+        down_until: ``time.monotonic()`` before which it is not sent anything (its back-off).
+        backoff_s: the back-off its next failure gets, seconds.
+        asked: ``time.monotonic()`` of the last load query / statistics read.
+    """
+
+    url: str
+    remote: Any
+    estimate: ServerEstimate
+    down_until: float = 0.0
+    backoff_s: float = 1.0
+    asked: float = -math.inf
+
+    def up(self, now: float) -> bool:
+        return now >= self.down_until
+
+
+def server_urls(server_url: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """The server URLs from one URL, a comma-separated list, or a sequence of either (pure).
+
+    Raises:
+        UserError: the same URL twice.
+    """
+    if not server_url:
+        return []
+    items = [server_url] if isinstance(server_url, str) else list(server_url)
+    urls = [u.strip() for item in items for u in item.split(",") if u.strip()]
+    seen = {u for u in urls if urls.count(u) > 1}
+    if seen:
+        raise UserError(f"server {sorted(seen)[0]} is given twice")
+    return urls
+
+
+def best_server(plan: Plan, batch: int, states: list[tuple[float, float, float] | None], *,
+                current: tuple[int | None, str] | None = None,
+                exclude: set[str] | frozenset[str] = frozenset()) -> tuple[int | None, str, float]:
+    """Choose split and server together (pure): per server that is up, the plan's best split for
+    its (rate, q, s) (:meth:`Plan.choose`, Eq. 4 via :func:`~dsc_export.planning.eq4_ms`); the pair
+    with the lowest predicted time wins. The split in use on the server in use (``current``) is
+    kept unless another pair is faster by more than the plan's margin.
+
+    Args:
+        batch: samples in the batch.
+        states: per server, (rate MB/s, q ms, s), or None for a server that is down.
+        current: (server index or None for local, split) in use.
+        exclude: candidates not to consider (privacy: ``offload``).
+
+    Returns:
+        (server index, or None to run here; split; predicted ms).
+
+    Raises:
+        UserError: as :meth:`Plan.choose`.
+    """
+    local_t = plan.choose(batch, 1.0, exclude=set(plan.candidates) - {"local"})[1]
+    options: list[tuple[int | None, str, float]] = []
+    for i, st in enumerate(states):
+        if st is None:
+            continue
+        rate, q, sl = st
+        cur = current[1] if current and current[0] == i else None
+        split, t = plan.choose(batch, rate, cur, exclude=set(exclude) | {"local"}, q_ms=q, s=sl)
+        if not math.isinf(t):
+            options.append((i, split, t))
+    if not options or "local" not in exclude:  # nothing up (or every candidate excluded): here
+        options.insert(0, (None, "local", local_t))
+    best = min(options, key=lambda o: o[2])
+    if options[0][0] is None and local_t <= best[2] * (1.0 + plan.margin) + 1e-12:
+        best = options[0]  # ties (within the margin) to the device, as Plan.choose
+    if current is not None:
+        for o in options:
+            if (o[0], o[1]) == tuple(current) and o[2] <= best[2] * (1.0 + plan.margin):
+                return o
+    return best
+
+
 class DynamicSplitClient:
-    """Runs batches with dynamic split computing against a tails server.
+    """Runs batches with dynamic split computing against one or more tails servers.
 
     Args:
         split_dir: the split dir (or an unpacked device bundle) with the heads and the whole model.
         plan: the plan (default: ``split_dir/plan.json``).
-        server_url: ``host:port`` of the server (HTTP port for ``http``, gRPC port for ``grpc``).
+        server_url: ``host:port`` of the server (HTTP port for ``http``, gRPC port for ``grpc``);
+            several servers as a list or comma-separated (every one must serve this model). Each
+            batch goes to the server (and split) with the lowest predicted time (:func:`best_server`).
         protocol: ``http`` or ``grpc``.
         privacy: never send the raw input.
         threads: CPU threads for the heads and the whole model here.
-        deadline_s: a request slower than this is abandoned and the batch finished locally.
+        deadline_s: a request slower than this is abandoned and the batch retried on the next
+            server or finished locally.
         initial_rate_MBps: the rate assumed before the first transfer [default: the middle of
             the plan's rate range on a log scale].
-        backoff_s, max_backoff_s: retry the server after this long, doubling up to the limit.
+        backoff_s, max_backoff_s: a failed server is retried after ``backoff_s`` seconds (1 s),
+            doubling with each failure in a row up to ``max_backoff_s`` (30 s); an answer resets it.
         probe_every: the fewest batches between two probes of the link.
         probe_budget: the share of each unmeasured batch's predicted time that may be spent on
             probing (see the module docstring).
         log: called with each :class:`BatchLog`.
-        load_aware: use the server's reported wait and slowdown (q, s) in the choice and keep them
+        load_aware: use the servers' reported wait and slowdown (q, s) in the choice and keep them
             out of the rate estimate; False is the load-blind client (the round trip less the
             compute counts as time on the wire, q = 0, s = 1), a baseline for comparisons.
-        load_probe_s: with nothing sent for this long, ask the server's load before choosing.
+        load_probe_s: ask a server's load when nothing was heard of it for this long (a stock
+            Triton: read its statistics this often).
         static: always use this split (a static baseline for comparisons); the local fallback
             still applies.
         device_slowdown: make the heads and the whole model take K times as long here — the
             run-time side of a device profile taken with ``bench --slowdown K`` (labelled
             emulation, for what-if runs on a machine faster than the device).
-        ready_timeout_s: wait this long for the server and every model it must serve to be
+        ready_timeout_s: wait this long for each server and every model it must serve to be
             ready (Triton's model-ready API) before the first batch (0: check once).
         say: one-line messages (waiting for the server).
 
     Raises:
-        UserError: no plan or another model's plan, an output no server can answer, or a server
-            that is not ready within ``ready_timeout_s`` or serves another model.
+        UserError: no plan or another model's plan, an output no server can answer, the same URL
+            twice, or a server that is not ready within ``ready_timeout_s`` or serves another model
+            (the message names its URL).
     """
 
-    def __init__(self, split_dir: str | os.PathLike, server_url: str | None, plan: Plan | None = None,
+    def __init__(self, split_dir: str | os.PathLike, server_url: str | list[str] | None, plan: Plan | None = None,
                  protocol: str = "http", privacy: bool = False, threads: int | None = 1, deadline_s: float = 5.0,
                  initial_rate_MBps: float | None = None, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
                  probe_every: int = 3, alpha: float = 0.5, probe_budget: float = 0.05, log: Callable[[BatchLog], None] = lambda b: None,
@@ -310,6 +429,7 @@ class DynamicSplitClient:
         if static == "offload" and self.privacy:
             raise UserError("privacy mode never sends the raw input: offload cannot be the static split")
         self.static = static
+        urls = server_urls(server_url)
         heads = [s for s in self.manifest.splits if s.head]
         verify_files(self.manifest, self.root, sorted({s.head for s in heads}))
         self._heads = {s.id: PartRunner(self.root, self.manifest, s.id, "head", threads=threads)
@@ -322,8 +442,7 @@ class DynamicSplitClient:
         self.say = say
         self._in = self.manifest.model.input.name
         lo, hi = min(plan.rates_MBps), max(plan.rates_MBps)
-        self.server = ServerEstimate(initial_rate_MBps or math.sqrt(lo * hi), alpha=alpha)
-        self.rate = self.server.rate
+        self.initial_rate_MBps, self.alpha = initial_rate_MBps or math.sqrt(lo * hi), alpha
         self.load_aware, self.load_probe_s = load_aware, load_probe_s
         self.deadline_s, self.backoff_s, self.max_backoff_s = deadline_s, backoff_s, max_backoff_s
         self.probe_every, self.log = probe_every, log
@@ -334,37 +453,65 @@ class DynamicSplitClient:
         if device_slowdown > 1:
             for r in [*self._heads.values(), self._whole]:
                 _slow_down(r, device_slowdown)
-        self._current: str | None = None
-        self._down_until, self._backoff = 0.0, backoff_s
+        self._current: tuple[int | None, str] | None = None
         self._local_streak = 0
         self._count = 0
-        self.remote = None
-        if server_url:
-            self.remote = _Remote(server_url, protocol, deadline_s)
-            self._check_server(ready_timeout_s)
+        self.endpoints: list[Endpoint] = []
+        self._spare = ServerEstimate(self.initial_rate_MBps, alpha=alpha)  # what `rate` shows with no server
+        try:
+            for url in urls:
+                self.endpoints.append(self._endpoint(url, _Remote(url, protocol, deadline_s)))
+                self._check_server(self.endpoints[-1], ready_timeout_s)
+        except BaseException:
+            self.close()
+            raise
 
-    def _check_server(self, timeout_s: float) -> None:
+    def _endpoint(self, url: str, remote) -> Endpoint:
+        return Endpoint(url, remote, ServerEstimate(self.initial_rate_MBps, alpha=self.alpha), backoff_s=self.backoff_s)
+
+    # one server: the attributes a single-server client has always had
+    @property
+    def remote(self):
+        """The first server's connection (None without a server)."""
+        return self.endpoints[0].remote if self.endpoints else None
+
+    @remote.setter
+    def remote(self, remote) -> None:
+        """Talk to this one server (a connection or a stand-in) instead."""
+        self.endpoints = [self._endpoint(getattr(remote, "url", "remote"), remote)] if remote is not None else []
+
+    @property
+    def server(self) -> ServerEstimate:
+        """The first server's estimate."""
+        return self.endpoints[0].estimate if self.endpoints else self._spare
+
+    @property
+    def rate(self) -> RateEstimator:
+        """The first server's rate estimate."""
+        return self.server.rate
+
+    def _check_server(self, ep: Endpoint, timeout_s: float) -> None:
         """Wait for the server's models, then refuse one that serves another model."""
         models = [s.id for s in self.manifest.splits if s.tail]
-        self.remote.wait_ready(models, timeout_s, lambda pending: self.say(
-            f"waiting up to {timeout_s:g} s for the server at {self.remote.url} to make "
+        ep.remote.wait_ready(models, timeout_s, lambda pending: self.say(
+            f"waiting up to {timeout_s:g} s for the server at {ep.url} to make "
             f"{', '.join(pending)} ready"))
         try:
-            sha = self.remote.model_sha256(models[0])
+            sha = ep.remote.model_sha256(models[0])
         except Exception as exc:
-            raise UserError(f"the server at {self.remote.url} is ready but does not say which model it serves "
+            raise UserError(f"the server at {ep.url} is ready but does not say which model it serves "
                             f"({_reason(exc)})") from exc
         if sha != self.manifest.model.sha256:
-            raise UserError(f"the server at {self.remote.url} serves another model (sha256 {sha[:12]}…, "
+            raise UserError(f"the server at {ep.url} serves another model (sha256 {sha[:12]}…, "
                             f"here {self.manifest.model.sha256[:12]}…); deploy the server bundle of this split dir")
 
-    def _mark_down(self, why: str) -> None:
-        self._down_until = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, self.max_backoff_s)
+    def _mark_down(self, ep: Endpoint) -> None:
+        ep.down_until = time.monotonic() + ep.backoff_s
+        ep.backoff_s = min(ep.backoff_s * 2, self.max_backoff_s)
 
     def close(self) -> None:
-        if self.remote:
-            self.remote.close()
+        for ep in self.endpoints:
+            ep.remote.close()
         for r in [*self._heads.values(), self._whole]:
             r.close()
 
@@ -383,57 +530,74 @@ class DynamicSplitClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def server_state(self) -> tuple[float, float]:
-        """(q in ms, s): the server's expected wait and slowdown the choice uses (0 and 1 when
-        load-blind)."""
-        return (self.server.q_ms, self.server.s) if self.load_aware else (0.0, 1.0)
+    def server_state(self, ep: Endpoint | None = None) -> tuple[float, float]:
+        """(q in ms, s): a server's (default: the first's) expected wait and slowdown the choice
+        uses (0 and 1 when load-blind)."""
+        est = ep.estimate if ep is not None else self.server
+        return (est.q_ms, est.s) if self.load_aware else (0.0, 1.0)
 
     def refresh_load(self) -> None:
-        """Ask the server's load when nothing was heard of it for ``load_probe_s`` (load-aware
-        clients only; a failed query changes nothing: the next request tells)."""
-        if not self.load_aware or self.remote is None or time.monotonic() < self._down_until:
+        """Ask the load of each server that is up and not heard of for ``load_probe_s`` (a stock
+        Triton: read its statistics every ``load_probe_s``); load-aware clients only. A failed
+        query changes nothing: the next request tells."""
+        if not self.load_aware:
             return
-        if time.monotonic() - self.server.heard < self.load_probe_s:
-            return
-        try:
-            load = self.remote.load()
-        except Exception:
-            return
-        if load is not None:
-            self.server.observe_load(load)
+        now = time.monotonic()
+        for ep in self.endpoints:
+            last = ep.asked if not getattr(ep.remote, "has_server_ms", True) else ep.estimate.heard
+            if not ep.up(now) or now - last < self.load_probe_s:
+                continue
+            ep.asked = now
+            try:
+                load = ep.remote.load()
+            except Exception:
+                continue
+            if load is not None:
+                ep.estimate.observe_load(load)
 
-    def choose(self, batch: int) -> tuple[str, float]:
-        """The split for a batch of this size now (local while the server is down)."""
+    def _states(self, skip: set[int], rate: float | None = None) -> list[tuple[float, float, float] | None]:
+        """Per server: (rate, q, s) for the choice, None for one down or in ``skip``."""
+        now = time.monotonic()
+        return [None if i in skip or not ep.up(now) else (rate or ep.estimate.rate.value, *self.server_state(ep))
+                for i, ep in enumerate(self.endpoints)]
+
+    def choose(self, batch: int, skip: set[int] = frozenset()) -> tuple[int | None, str, float]:
+        """Server and split for a batch of this size now (:func:`best_server`): (server index or
+        None for here, split, predicted ms). ``skip``: servers that failed this batch."""
         exclude = {"offload"} if self.privacy else set()
         if self.static is not None:
             exclude = set(self.plan.candidates) - {self.static}
-        if self.remote is None or time.monotonic() < self._down_until:
-            return "local", self.plan.choose(batch, self.rate.value, None, exclude=set(self.plan.candidates) - {"local"})[1]
-        q, sl = self.server_state()
-        split, t = self.plan.choose(batch, self.rate.value, self._current, exclude=exclude, q_ms=q, s=sl)
-        if self.static is None and self._local_streak >= self.probe_every and self._link_matters(batch, exclude):
-            probe = self._probe(batch, exclude)
-            if probe and probe[0] != split and self._budget >= probe[1] - t:
+        states = self._states(skip)
+        i, split, t = best_server(self.plan, batch, states, current=self._current, exclude=exclude)
+        if self.static is None and self._local_streak >= self.probe_every and self._link_matters(batch, exclude, skip):
+            probe = self._probe(batch, exclude, states)
+            if probe and probe[1] != split and self._budget >= probe[2] - t:
                 self._budget = 0.0
-                split, t = probe
-        return split, t
+                i, split, t = probe
+        return i, split, t
 
-    def _link_matters(self, batch: int, exclude: set[str]) -> bool:
-        """Whether a better rate estimate could move the choice: False while the server's wait
+    def _link_matters(self, batch: int, exclude: set[str], skip: set[int]) -> bool:
+        """Whether a better rate estimate could move the choice: False while the servers' wait
         and slowdown keep the batch here even over a perfect link (the load query, not a probe
         of the link, says when that ends)."""
-        q, sl = self.server_state()
-        return self.plan.choose(batch, 1e9, None, exclude=exclude, q_ms=q, s=sl)[0] != "local"
+        return best_server(self.plan, batch, self._states(skip, rate=1e9), exclude=exclude)[0] is not None
 
-    def _probe(self, batch: int, exclude: set[str]) -> tuple[str, float] | None:
-        """The cheapest (by the plan, at the current estimate) candidate that sends enough bytes
-        to measure the link; small transfers are latency-bound and would read low."""
-        senders = {s.id for s in self.manifest.splits
-                   if s.kind != "local" and s.bytes * batch >= self.rate.min_bytes} - exclude
-        if not senders:
-            return None
-        q, sl = self.server_state()
-        return self.plan.choose(batch, self.rate.value, None, exclude=set(self.plan.candidates) - senders, q_ms=q, s=sl)
+    def _probe(self, batch: int, exclude: set[str], states) -> tuple[int, str, float] | None:
+        """The cheapest (by the plan, at the current estimates) server and candidate that sends
+        enough bytes to measure the link; small transfers are latency-bound and would read low."""
+        best = None
+        for i, st in enumerate(states):
+            if st is None:
+                continue
+            est = self.endpoints[i].estimate.rate
+            senders = {s.id for s in self.manifest.splits
+                       if s.kind != "local" and s.bytes * batch >= est.min_bytes} - exclude
+            if senders:
+                split, t = self.plan.choose(batch, st[0], None, exclude=set(self.plan.candidates) - senders,
+                                            q_ms=st[1], s=st[2])
+                if best is None or t < best[2]:
+                    best = (i, split, t)
+        return best
 
     def _constant_values(self) -> dict[str, np.ndarray]:
         """The constant outputs (served by no server), computed once with the whole model here."""
@@ -470,20 +634,26 @@ class DynamicSplitClient:
         if self.fixed_batch is not None and batch != self.fixed_batch:
             raise UserError(f"the model runs at batch size {self.fixed_batch} only; this batch has {batch}")
         self.refresh_load()
-        est = self.rate.value
-        q_est, s_est = self.server_state()
-        split, predicted = self.choose(batch)
+        i, split, predicted = self.choose(batch)
+        planned, first = split, self.endpoints[i] if i is not None else (self.endpoints[0] if self.endpoints else None)
+        est = (first.estimate if first else self.server).rate.value
+        q_est, s_est = self.server_state(first)
         t0 = time.perf_counter()
         head_ms = wire_ms = server_ms = queue_ms = 0.0
-        sent, measured_rate, fallback, ran = 0, None, None, split
+        sent, measured_rate, reasons, ran, url = 0, None, [], "local", None
+        cut: dict[str, np.ndarray] = {}  # the heads run for this batch (a retry may reuse one)
+        failed: set[int] = set()
         out = None
-        if split != "local":
-            s = self.manifest.split(split)
-            z = x if s.kind == "offload" else self._heads[split].run({self._in: x}, [s.wire_tensor])[0]
-            head_ms = (time.perf_counter() - t0) * 1e3
+        while i is not None:
+            ep, s = self.endpoints[i], self.manifest.split(split)
+            t1 = time.perf_counter()
+            if split not in cut:
+                cut[split] = x if s.kind == "offload" else self._heads[split].run({self._in: x}, [s.wire_tensor])[0]
+            z = cut[split]
+            head_ms += (time.perf_counter() - t1) * 1e3
             try:
                 t1 = time.perf_counter()
-                res = self.remote.infer(split, z, self._sent)
+                res = ep.remote.infer(split, z, self._sent)
                 round_trip_ms = (time.perf_counter() - t1) * 1e3
                 server_ms = float(res.pop(SERVER_MS).ravel()[0])
                 queue_ms = float(res.pop(QUEUE_MS).ravel()[0])
@@ -492,28 +662,34 @@ class DynamicSplitClient:
                     queue_ms = 0.0
                 wire_ms = max(round_trip_ms - queue_ms - server_ms, 1e-3)
                 # the plan's rtt is the per-request overhead (Eq. 4's extra term): not bytes on the wire
-                measured_rate = self.server.observe(
+                measured_rate = ep.estimate.observe(
                     sent, round_trip_ms=round_trip_ms, queue_ms=queue_ms, server_ms=server_ms,
                     rtt_ms=self.plan.rtt_ms, tail_ms=self.plan.parts_ms(split, batch)[1],
                     stale=self._local_streak >= 2 * self.probe_every)
                 out = self._from_server(res)
-                self._backoff = self.backoff_s
-            except Exception as exc:  # unreachable, deadline, protocol error: finish here
-                fallback = _reason(exc)
-                self._mark_down(fallback)
-                ran = "local"
+                ep.backoff_s = self.backoff_s
+                ran, url = split, ep.url
+                self._current = (i, split)
+                break
+            except Exception as exc:  # unreachable, deadline, 5xx, protocol error: the next server, or here
+                reasons.append(f"{ep.url}: {_reason(exc)}" if len(self.endpoints) > 1 else _reason(exc))
+                self._mark_down(ep)
+                failed.add(i)
+                i, split, _ = self.choose(batch, skip=failed)
         if out is None:
             outs = self._whole.run({self._in: x})
             out = dict(zip([c.name for c in self.contract], outs))
+            if not reasons:
+                self._current = (None, "local")
         if measured_rate is not None:
             self._local_streak, self._budget = 0, 0.0
         else:  # a batch without news of the link: it earns a share of its time for a probe
             self._local_streak += 1
             self._budget += self.probe_budget * predicted
-        self._current = split if fallback is None else self._current
         measured = (time.perf_counter() - t0) * 1e3
-        self.log(BatchLog(self._count, batch, ran, split, sent, est, measured_rate, predicted, measured,
-                          head_ms, wire_ms, server_ms, fallback, queue_ms, q_est, s_est))
+        self.log(BatchLog(self._count, batch, ran, planned, sent, est, measured_rate, predicted, measured,
+                          head_ms, wire_ms, server_ms, "; ".join(reasons) or None, queue_ms, q_est, s_est,
+                          url, len(failed)))
         self._count += 1
         return out
 

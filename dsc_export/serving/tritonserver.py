@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsc_export.errors import UserError, lazy_import
-from dsc_export.serving.protocol import wait_ready
+from dsc_export.serving.protocol import ServerLoad, wait_ready
 
 
 def distribution() -> tuple[Path, Path, Path]:
@@ -240,3 +240,31 @@ def model_stats(client, model: str) -> ModelStats:
         compute_ns += float(st.get("compute_infer", {}).get("ns", 0))
         exe += int(m.get("execution_count", 0))
     return ModelStats(req, exe, queue_ns / 1e6, compute_ns / 1e6)
+
+
+def stats_load(before: dict[str, ModelStats], after: dict[str, ModelStats],
+               window_s: float) -> tuple[ServerLoad, dict[str, tuple[float, float]]]:
+    """A stock Triton's load from two reads of its statistics (pure): what the ``dsc_load`` query
+    answers on ``dsc-export serve``, estimated from Triton's own per-model totals.
+
+    Args:
+        before, after: model name -> :class:`ModelStats` (:func:`model_stats`), read ``window_s``
+            seconds apart (models missing from ``before`` count from zero).
+        window_s: seconds between the two reads.
+
+    Returns:
+        (:class:`~dsc_export.serving.protocol.ServerLoad` over all models: ``q_ms`` the mean queue
+        time per request completed in the window (ms), ``requests`` their count, ``s`` NaN (a stock
+        Triton has no profile: the client takes s from the compute time per request against its
+        plan), ``queue_depth`` and ``utilization`` NaN (not in Triton's statistics);
+        per model with requests in the window: (mean queue ms, mean compute ms) per request).
+    """
+    zero = ModelStats(0, 0, 0.0, 0.0)
+    per_model, req, queue = {}, 0, 0.0
+    for name, st in after.items():
+        d = st.minus(before.get(name, zero))
+        if d.requests > 0:
+            per_model[name] = (max(0.0, d.queue_ms) / d.requests, max(0.0, d.compute_ms) / d.requests)
+            req, queue = req + d.requests, queue + max(0.0, d.queue_ms)
+    nan = float("nan")
+    return ServerLoad(nan, nan, queue / req if req else 0.0, nan, window_s, req), per_model
