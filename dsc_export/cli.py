@@ -667,7 +667,8 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
     root, tmp = _open_dir_or_bundle(source, "server")
     triton_log = triton_log or Path(tempfile.gettempdir()) / f"dsc-export-triton-{http_port}.log"
     try:
-        server = TailServer(root, host, http_port, grpc_port, metrics_port, threads, max_batch_size, dynamic_batching,
+        server = TailServer(root, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                            threads=threads, max_batch_size=max_batch_size, dynamic_batching=dynamic_batching,
                             instances=instances, log=_log, log_file=triton_log)
         serve_forever(server, on_ready=lambda: click.echo(
             f"serving {len([s for s in server.manifest.splits if s.tail])} model(s), all ready, on "
@@ -753,7 +754,8 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
             raise UserError(f"the model runs at batch size {fixed} only; run it with --batch-size {fixed} "
                             "(or leave --batch-size out)")
         batch_size = batch_size or fixed or 4
-        with DynamicSplitClient(root, list(server_url), plan, protocol, privacy, threads, deadline, log=log,
+        with DynamicSplitClient(root, list(server_url), plan, protocol=protocol, privacy=privacy, threads=threads,
+                                deadline_s=deadline, log=log,
                                 static=static, ready_timeout_s=wait_ready, say=_log) as client:
             shape = [batch_size] + list(client.manifest.model.input.shape[1:])
             dtype = np.dtype(client.manifest.model.input.dtype)

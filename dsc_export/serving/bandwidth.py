@@ -93,6 +93,11 @@ class ShapedLink:
         self.stop()
 
     def start(self) -> None:
+        """Create the namespace, the veth pair and the shaping (idempotent per link).
+
+        Raises:
+            UserError: network namespaces or tc are not permitted here (the reason, one line).
+        """
         why = permitted()
         if why:
             raise UserError(why)
@@ -194,6 +199,7 @@ class SimulatedLink:
         self.rate_MBps = rate_MBps
 
     def attach(self, remote) -> None:
+        """Make ``remote.infer`` take as long as sending its input at this link's rate would."""
         import time
 
         real = remote.infer

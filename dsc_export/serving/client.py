@@ -186,6 +186,12 @@ class _Remote:
             raise UserError(f"--protocol must be http or grpc, not '{protocol}'")
 
     def infer(self, model: str, x: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+        """Send ``x`` (the cut tensor, batch first) to ``model`` and return the named outputs.
+
+        Raises:
+            tritonclient's InferenceServerException or a socket error: the caller's retry
+            and back-off handle them.
+        """
         from tritonclient.utils import np_to_triton_dtype
 
         inp = self.mod.InferInput(INPUT, list(x.shape), np_to_triton_dtype(x.dtype))
@@ -274,6 +280,7 @@ class _Remote:
         return v.decode() if isinstance(v, bytes) else str(v)
 
     def close(self) -> None:
+        """Close the connection (errors on close are ignored: the server may be gone)."""
         try:
             self.client.close()
         except Exception:
@@ -302,6 +309,7 @@ class Endpoint:
     asked: float = -math.inf
 
     def up(self, now: float) -> bool:
+        """True when the server's back-off has ended at ``now`` (``time.monotonic()`` seconds)."""
         return now >= self.down_until
 
 
@@ -405,7 +413,7 @@ class DynamicSplitClient:
             (the message names its URL).
     """
 
-    def __init__(self, split_dir: str | os.PathLike, server_url: str | list[str] | None, plan: Plan | None = None,
+    def __init__(self, split_dir: str | os.PathLike, server_url: str | list[str] | None, plan: Plan | None = None, *,
                  protocol: str = "http", privacy: bool = False, threads: int | None = 1, deadline_s: float = 5.0,
                  initial_rate_MBps: float | None = None, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
                  probe_every: int = 3, alpha: float = 0.5, probe_budget: float = 0.05, log: Callable[[BatchLog], None] = lambda b: None,
@@ -510,6 +518,7 @@ class DynamicSplitClient:
         ep.backoff_s = min(ep.backoff_s * 2, self.max_backoff_s)
 
     def close(self) -> None:
+        """Close every server connection and deactivate the head runners."""
         for ep in self.endpoints:
             ep.remote.close()
         for r in [*self._heads.values(), self._whole]:
@@ -713,4 +722,5 @@ def _reason(exc: BaseException) -> str:
 
 
 def batch_log_dict(b: BatchLog) -> dict[str, Any]:
+    """A batch's log record as a JSON-ready dict (``run --json`` prints one per batch)."""
     return asdict(b)

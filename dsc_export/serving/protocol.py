@@ -84,6 +84,7 @@ class ServerLoad:
 
     @classmethod
     def from_array(cls, a: np.ndarray) -> ServerLoad:
+        """The load as the ``dsc_load`` query returns it: six float64 values in field order."""
         return cls(*(float(x) for x in list(a.ravel())[:6]))
 
 

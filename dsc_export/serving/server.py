@@ -84,6 +84,8 @@ class Stats:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, split: str, batch: int, ms: float, queue_ms: list[float] = ()) -> None:
+        """Count one batch of ``batch`` samples of ``split`` that computed for ``ms`` and whose
+        requests waited ``queue_ms`` each (ms)."""
         with self.lock:
             self.requests[split] = self.requests.get(split, 0) + 1
             self.samples[split] = self.samples.get(split, 0) + batch
@@ -92,6 +94,7 @@ class Stats:
             self.queue_ms[split] = self.queue_ms.get(split, 0.0) + sum(queue_ms)
 
     def table(self) -> list[tuple[str, ...]]:
+        """The per-split statistics as table rows (a header row first), as ``serve`` prints them."""
         rows = [("split", "batches", "samples", "compute ms (mean per batch)", "wait ms (mean per request)")]
         for s in sorted(self.requests):
             rows.append((s, str(self.requests[s]), str(self.samples[s]), f"{self.compute_ms[s] / self.requests[s]:.2f}",
@@ -235,7 +238,7 @@ def _pytriton_env() -> None:
 class TailServer:
     """The tails of a split dir behind PyTriton. Use :meth:`start` / :meth:`stop` or ``with``."""
 
-    def __init__(self, split_dir: str | os.PathLike, host: str = "127.0.0.1", http_port: int = 8000,
+    def __init__(self, split_dir: str | os.PathLike, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, threads: int | None = None,
                  max_batch_size: int = 64, dynamic_batching: bool | None = None, max_queue_delay_us: int = 2000,
                  instances: int = 1, log: Callable[[str], None] = lambda s: None,
@@ -450,6 +453,7 @@ class TailServer:
         return f"dynamic batching up to {self.max_batch_size}"
 
     def urls(self) -> dict[str, str]:
+        """``host:port`` of the HTTP and gRPC endpoints (what ``run --server`` takes)."""
         return {"http": f"{self.host}:{self.http_port}", "grpc": f"{self.host}:{self.grpc_port}"}
 
 
