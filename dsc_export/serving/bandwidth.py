@@ -93,7 +93,8 @@ class ShapedLink:
         self.stop()
 
     def start(self) -> None:
-        """Create the namespace, the veth pair and the shaping (idempotent per link).
+        """Create the namespace, the veth pair and the shaping; on any failure, remove what was
+        made (:meth:`stop`) before raising.
 
         Raises:
             UserError: network namespaces or tc are not permitted here (the reason, one line).
