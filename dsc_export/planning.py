@@ -1,17 +1,18 @@
-"""Planning: the split lookup table, its gains, and scenarios (paper Eq. 4-7). Pure functions.
+"""Planning: the split lookup table, its gains, and scenarios. Pure functions.
 
-Predicted end-to-end time of candidate l for a batch of B samples at data rate r (Eq. 4, with
-bytes on the wire and a round-trip time as two honest extras, and the server's state as two
-more: q, the expected wait at the server, and s >= 1, the server's slowdown against its profile)::
+Each of the paper's equations is written once, in a function that cites it:
 
-    T_l(B, r) = T_head_l(B) + B * bytes_l / r + rtt + q + s * T_tail_l(B)
+- :func:`eq4_ms`: T_l, the predicted end-to-end time of one candidate, with bytes on the wire, a
+  round-trip time and the server's state (q, its expected wait; s >= 1, its slowdown against its
+  profile) as extras; the grid, :meth:`Plan.latencies` and :func:`simulate` all call it;
+- :func:`full_offload_ms`: T_0, full offloading (:func:`eq4_ms` with no head, sending the input);
+- :func:`eq6_index`: the argmin over the candidates, ties (and with a margin every candidate within
+  the margin of the fastest) to the candidate that keeps more of the model on the device; the
+  lookup table (:func:`choose_index`) and :meth:`Plan.choose` both call it;
+- :func:`gain`: the relative gain over a baseline, used by :func:`make_plan` and :func:`simulate`.
 
 ``offload`` has no head (the input is sent), ``local`` no tail and nothing to send (so no rtt and
-no q). An idle server (q = 0, s = 1) gives the paper's Eq. 4. :func:`eq4_ms` is the one place the
-formula is written; the grid, :meth:`Plan.choose` and :func:`simulate` all call it.
-The lookup table is the argmin over the candidates per (B, r) cell (Eq. 5-6); ties, and with a
-margin every candidate within the margin of the fastest, go to the candidate that keeps more of
-the model on the device. The gain over a baseline is Eq. 7: the mean of |T_dsc - T_base| / T_base.
+no q).
 
 Head and tail times for batch sizes between profiled ones are interpolated linearly in the batch
 size (time per batch grows close to linearly between neighbouring sizes); a batch size outside
@@ -28,6 +29,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -84,7 +86,7 @@ def candidates(manifest: Manifest, device: Profile, server: Profile, privacy: bo
     check_pair(device, server)
     if device.model_sha256 != manifest.model.sha256:
         raise UserError("the profiles were taken on another model than this split dir's (model sha256 differs)")
-    out = []
+    out = []  # offload: no head, the input's bytes (T_0, full_offload_ms); local: no tail, nothing sent
     for s in manifest.splits:
         if privacy and s.kind == "offload":
             continue
@@ -106,13 +108,15 @@ def _series(p: Profile, split: str, part: str) -> dict[int, float]:
 
 
 def eq4_ms(head_ms, tail_ms, bytes_per_sample, batch, rate_MBps, *, rtt_ms=0.0, q_ms=0.0, s=1.0):
-    """End-to-end time of one candidate (paper Eq. 4, extended with the server's state), in ms.
+    """End-to-end time of one candidate l, in ms: the paper's Eq. 4, T_l = T_head + D c_l / r +
+    T_tail, with D c_l as B * bytes_l on the wire, plus a round-trip time and the server's state::
 
-        T = T_head + B * bytes / r + [rtt + q if it sends] + s * T_tail
+        T_l(B, r) = T_head_l(B) + B * bytes_l / r + [rtt + q if it sends] + s * T_tail_l(B)
 
-    Works on Python floats (:meth:`Plan.choose`, per candidate) and on numpy arrays that
-    broadcast (:func:`latency_grid`: candidates x batches x rates) alike; this is the only place
-    the formula is written.
+    An idle server (q = 0, s = 1) and no rtt give the paper's formula. Works on Python floats
+    (:meth:`Plan.latencies`, per candidate) and on numpy arrays that broadcast
+    (:func:`latency_grid`: candidates x batches x rates) alike; this is the only place the
+    formula is written.
 
     Args:
         head_ms, tail_ms: T_head_l(B) on the device, T_tail_l(B) as profiled on the server (ms;
@@ -126,6 +130,22 @@ def eq4_ms(head_ms, tail_ms, bytes_per_sample, batch, rate_MBps, *, rtt_ms=0.0, 
     """
     sends = bytes_per_sample > 0
     return head_ms + batch * bytes_per_sample / (rate_MBps * 1e3) + sends * (rtt_ms + q_ms) + s * tail_ms
+
+
+def full_offload_ms(tail_ms, input_bytes, batch, rate_MBps, *, rtt_ms=0.0, q_ms=0.0, s=1.0):
+    """T_0, the time of full offloading (the paper's Eq. 5, T_0 = D / r + T_tail_{1,L}), in ms.
+
+    It is :func:`eq4_ms` at l = 0: no head, the raw input's bytes on the wire, the whole model
+    on the server. The ``offload`` candidate of :func:`candidates` has exactly that form (zero
+    head times, the input's bytes), so the grid and :meth:`Plan.choose` compute T_0 through
+    :func:`eq4_ms` like any candidate; this function names it.
+
+    Args:
+        tail_ms: the whole model's time on the server at batch B (ms).
+        input_bytes: bytes of one input sample (D / B).
+        batch, rate_MBps, rtt_ms, q_ms, s: as :func:`eq4_ms`.
+    """
+    return eq4_ms(0.0, tail_ms, input_bytes, batch, rate_MBps, rtt_ms=rtt_ms, q_ms=q_ms, s=s)
 
 
 def check_server_state(q_ms: float, s: float) -> None:
@@ -155,17 +175,30 @@ def latency_grid(cands: list[Candidate], batch_sizes: list[int], rates: list[flo
     return eq4_ms(parts[..., 0:1], parts[..., 1:2], per_byte, b, r, rtt_ms=rtt_ms, q_ms=q_ms, s=s)
 
 
+def eq6_index(times_ms: Sequence[float], margin: float = 0.0) -> int:
+    """The paper's Eq. 6, s_opt = argmin_l T_l, over ``times_ms`` (one per candidate, in device
+    order: offload, splits, local), with our tie-break: among the candidates within ``margin``
+    (relative, 0.05 = 5 %) of the fastest, and exact ties, the one with the highest index — the
+    one that keeps the most of the model on the device — wins. An excluded candidate is given
+    ``inf``. Pure Python on purpose: :meth:`Plan.choose` calls it per batch at run time.
+    """
+    limit = min(times_ms) * (1.0 + margin) + 1e-12
+    for i in range(len(times_ms) - 1, -1, -1):
+        if times_ms[i] <= limit:
+            return i
+    return 0  # only when every time is nan
+
+
 def choose_index(times: np.ndarray, margin: float = 0.0) -> np.ndarray:
-    """Argmin over axis 0; among the candidates within ``margin`` of the fastest (and exact ties),
-    the one with the highest index — the most kept on the device — wins."""
-    best = times.min(axis=0)
-    ok = times <= best * (1.0 + margin) + 1e-12
-    n = times.shape[0]
-    return (n - 1) - np.argmax(ok[::-1], axis=0)
+    """:func:`eq6_index` in every cell of ``times`` (shape [candidates, ...]); the result has
+    shape ``times.shape[1:]``."""
+    cells = times.reshape(times.shape[0], -1).T.tolist()
+    return np.array([eq6_index(c, margin) for c in cells], dtype=np.int64).reshape(times.shape[1:])
 
 
 def gain(t_dsc: np.ndarray, t_base: np.ndarray) -> np.ndarray:
-    """Eq. 7 per cell: |T_dsc - T_base| / T_base."""
+    """The paper's Eq. 7 term per state, |T_dsc - T_base| / T_base (arrays broadcast); the gain
+    G over a scenario or grid is its mean."""
     return np.abs(t_dsc - t_base) / t_base
 
 
@@ -270,8 +303,8 @@ class Plan:
                exclude: set[str] | frozenset[str] = frozenset(), *, q_ms: float = 0.0, s: float = 1.0) -> tuple[str, float]:
         """The split for this batch size, data rate and server state, and its predicted time in ms.
 
-        Computed from the stored per-candidate times (:meth:`latencies`, Eq. 4), not from the nearest
-        grid cell; the argmin is Eq. 6. With ``current`` (the split in use) and a margin, stay with
+        Computed from the stored per-candidate times (:meth:`latencies`), not from the nearest
+        grid cell; the choice is :func:`eq6_index`. With ``current`` (the split in use) and a margin, stay with
         it unless another candidate is faster by more than the margin. ``exclude``: candidates not
         to consider (privacy mode excludes ``offload``; a client whose server is down excludes all
         but ``local``). ``q_ms``, ``s``: the server's expected wait and slowdown (a busy server
@@ -284,12 +317,7 @@ class Plan:
         ids = self._fast["ids"]
         if exclude:
             times = [math.inf if c in exclude else t for c, t in zip(ids, times)]
-        best_i, best_t = 0, min(times)
-        limit = best_t * (1.0 + self.margin) + 1e-12
-        for i in range(len(times) - 1, -1, -1):  # ties (within the margin) to the most on the device
-            if times[i] <= limit:
-                best_i = i
-                break
+        best_i = eq6_index(times, self.margin)
         if current is not None and current in ids and current not in exclude:
             j = ids.index(current)
             if times[j] <= times[best_i] * (1.0 + self.margin):
@@ -438,7 +466,7 @@ def parse_scenario(text: str, source: str = "scenario") -> list[Step]:
 
 
 def simulate(plan: Plan, steps: list[Step], baselines: list[str] | None = None) -> dict[str, Any]:
-    """Run a scenario through the plan: the per-step choice and Eq. 7's gain against each baseline.
+    """Run a scenario through the plan: the per-step choice and the :func:`gain` against each baseline.
 
     The dynamic choice keeps the split in use unless another wins by more than the plan's margin.
     Each step's server state (``q_ms``, ``s``) enters every candidate's time (:meth:`Plan.latencies`).
@@ -459,8 +487,8 @@ def simulate(plan: Plan, steps: list[Step], baselines: list[str] | None = None) 
         times = dict(zip(ids, plan.latencies(s.batch, s.rate_MBps, q_ms=s.q_ms, s=s.s)))
         per_step.append({"step": k, "batch": s.batch, "rate_MBps": s.rate_MBps, "q_ms": s.q_ms, "s": s.s,
                          "choice": choice, "predicted_ms": t, "baseline_ms": {b: times[b] for b in baselines}})
-    gains = {b: float(np.mean([abs(p["predicted_ms"] - p["baseline_ms"][b]) / p["baseline_ms"][b] for p in per_step]))
-             for b in baselines}
+    t_dsc = np.array([p["predicted_ms"] for p in per_step])
+    gains = {b: float(gain(t_dsc, np.array([p["baseline_ms"][b] for p in per_step])).mean()) for b in baselines}
     return {"steps": per_step, "gain": gains,
             "total_ms": {"dynamic": sum(p["predicted_ms"] for p in per_step),
                          **{b: sum(p["baseline_ms"][b] for p in per_step) for b in baselines}}}

@@ -17,7 +17,7 @@ def _pyplot():
 
 def bottleneck_chart(analysis, path: str | os.PathLike, title: str | None = None) -> Path:
     """Compression ratio (bytes on the wire / input bytes) of every cut point along the network,
-    with ratio 1 (natural bottleneck line) and the compressive bottlenecks (Eq. 3) marked."""
+    with ratio 1 (natural bottleneck line) and the compressive bottlenecks (``compressive_mask``) marked."""
     plt = _pyplot()
     pts = analysis.cut_points
     fig, ax = plt.subplots(figsize=(11, 4.5), dpi=110)

@@ -323,7 +323,7 @@ def _batch_candidates(model: onnx.ModelProto, exc: ModelRunError) -> list[int]:
 
 def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, fixed: int | None) -> list[str]:
     """float16 wire: record each cut point's largest |activation| on the sample inputs, mark
-    those beyond float16's range (or non-finite) as not fitting, and re-apply Eq. 3 to the rest."""
+    those beyond float16's range (or non-finite) as not fitting, and re-apply ``compressive_mask`` to the rest."""
     from dsc_export.compare import fits
 
     if not points:

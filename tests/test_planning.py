@@ -12,6 +12,7 @@ from dsc_export.errors import UserError
 from dsc_export.planning import (
     Candidate,
     choose_index,
+    full_offload_ms,
     interpolate,
     latency_grid,
     make_plan,
@@ -153,6 +154,14 @@ def test_ties_go_to_the_split_that_keeps_more_on_the_device():
     assert choose_index(times)[0, 0] == 2
     assert choose_index(np.array([[[2.9]], [[3.0]], [[3.04]]]), margin=0.05)[0, 0] == 2
     assert choose_index(np.array([[[2.0]], [[3.0]], [[3.05]]]), margin=0.05)[0, 0] == 0
+
+
+def test_full_offloading_is_eq4_with_no_head_sending_the_input():
+    man = manifest([("offload", "offload", 1000), ("local", "local", 0)])
+    dev, srv = profiles({"local": {1: 10.0}}, {"offload": {1: 9.5}})
+    plan = make_plan(man, dev, srv, [1], [1.0, 4.0], rtt_ms=0.5)
+    assert full_offload_ms(9.5, 1000, 1, 1.0, rtt_ms=0.5) == pytest.approx(11.0)  # 9.5 + 1000 B / 1 MB/s + 0.5
+    assert plan.latency_ms["offload"][0] == pytest.approx([full_offload_ms(9.5, 1000, 1, r, rtt_ms=0.5) for r in (1.0, 4.0)])
 
 
 def test_margin_keeps_the_current_split_at_run_time():

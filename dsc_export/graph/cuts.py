@@ -159,7 +159,10 @@ def compression_ratio(cut_bytes: int, input_bytes: int) -> float:
 
 
 def compressive_mask(ratios: list[float]) -> list[bool]:
-    """Eq. 3: C = { j | c_j < 1 and c_j < c_i for all i < j } (strictly below every earlier ratio)."""
+    """The compressive bottlenecks among cut points in graph order, given their ratios c_l
+    (:func:`compression_ratio`): the paper's Eq. 3, C = { j | c_j < 1 and c_j < c_i for all i < j }
+    (strictly below every earlier ratio). Its Eq. 1-2 are the argument: of two cut points with the
+    same ratio the earlier is never slower, as it sends as much and runs less on the device."""
     mask, best = [], 1.0
     for c in ratios:
         is_c = c < best  # best starts at 1, so this also requires c < 1
