@@ -35,14 +35,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TensorSig:
     name: str
     shape: list  # batch dim as a string (symbolic) or -1
     dtype: str
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelRef:
     path: str  # relative to the split dir
     sha256: str
@@ -78,7 +78,7 @@ class ModelRef:
         return self.only_batch is None and self.batch_independent is not False
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CutPoint:
     """One cut point, as the manifest's ``cut_points`` lists it.
 
@@ -104,7 +104,7 @@ class CutPoint:
     fits_wire: bool = True
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Split:
     """One candidate of the planner: ``offload`` (l = 0), a cut point, or ``local`` (l = L)."""
 
@@ -120,7 +120,7 @@ class Split:
     ratio: float | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Engine:
     """One built engine: the optimised form of a head, a tail or the whole model for one batch size.
 
@@ -306,7 +306,7 @@ PROFILE_SCHEMA = "dsc-export.profile/1"
 ROLES = ("device", "server")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Timing:
     """Measured time of one part of one split at one batch size, in milliseconds."""
 

@@ -386,8 +386,11 @@ def build_engines(
                 key = (sid, part, backend.name, b, precision)
                 manifest.engines = [e for e in manifest.engines if _key(e) != key]
                 manifest.dropped = [e for e in manifest.dropped if _key(e) != key]
-                rec = Engine(sid, part, backend.name, b, precision, job.path, sha, dict(target), job.source,
-                             source_sha, dict(opts), round(seconds, 3), *diffs[b], data=data, speed=speed,
+                abs_diff, rel_diff = diffs[b]
+                rec = Engine(split=sid, part=part, backend=backend.name, batch=b, precision=precision,
+                             path=job.path, sha256=sha, target=dict(target), source=job.source,
+                             source_sha256=source_sha, options=dict(opts), seconds=round(seconds, 3),
+                             max_abs_diff=abs_diff, max_rel_diff=rel_diff, data=data, speed=speed,
                              profile=job.profile(backend, b))
                 (manifest.engines if keep else manifest.dropped).append(rec)
                 (report.built if keep else report.dropped).append(rec)
@@ -611,9 +614,10 @@ def import_engines(split_dir: str | os.PathLike, backend_name: str, batch_sizes:
         for b in job.batches:
             for sid, part in job.records:
                 manifest.engines = [e for e in manifest.engines if _key(e) != (sid, part, backend.name, b, precision)]
-                rec = Engine(sid, part, backend.name, b, precision, job.path, sha, dict(target), job.source,
-                             manifest.files[job.source], dict(opts), None, data=engine_data(root, job.path),
-                             profile=job.profile(backend, b))
+                rec = Engine(split=sid, part=part, backend=backend.name, batch=b, precision=precision,
+                             path=job.path, sha256=sha, target=dict(target), source=job.source,
+                             source_sha256=manifest.files[job.source], options=dict(opts), seconds=None,
+                             data=engine_data(root, job.path), profile=job.profile(backend, b))
                 manifest.engines.append(rec)
                 report.built.append(rec)
         log(f"imported {job.path}")

@@ -323,8 +323,8 @@ def profile_split_dir(
         scale = float(slowdown) if slowdown else 1.0
         for (sid, part, b), xs in samples.items():
             m = Measurement(xs)
-            timings.append(Timing(sid, part, b, m.median * scale, m.quantile(0.1) * scale, m.quantile(0.9) * scale,
-                                  len(xs)))
+            timings.append(Timing(split=sid, part=part, batch=b, median_ms=m.median * scale,
+                                  p10_ms=m.quantile(0.1) * scale, p90_ms=m.quantile(0.9) * scale, runs=len(xs)))
         progress(rounds * len(jobs), rounds * len(jobs), "done")
     return Profile(
         role=role, backend=backend_name, host=host_info(threads, backend_name), emulation=emulation or None,

@@ -133,7 +133,7 @@ def _output_sigs(model: onnx.ModelProto) -> list[TensorSig]:
     for o in model.graph.output:
         tt = o.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in tt.shape.dim]
-        sigs.append(TensorSig(o.name, dims, np_dtype_name(tt.elem_type) if tt.elem_type else "unknown"))
+        sigs.append(TensorSig(name=o.name, shape=dims, dtype=np_dtype_name(tt.elem_type) if tt.elem_type else "unknown"))
     return sigs
 
 
@@ -278,7 +278,7 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source
         notes += _check_wire_range(folded, points, inputs, fixed)
     batch = fixed or batch_dim(model)
     analysis = Analysis(
-        source=source, input=TensorSig(name, [batch, *per_sample], dtype), outputs=outputs,
+        source=source, input=TensorSig(name=name, shape=[batch, *per_sample], dtype=dtype), outputs=outputs,
         input_bytes=in_bytes, input_elements=in_elements, wire_dtype=wire_dtype,
         cut_points=points, fold=fold, notes=notes, fixed_batch=fixed, unbatched=unbatched,
     )
@@ -496,8 +496,9 @@ def split_model(
         _release_freed_memory()
         model_file, model_blobs = _copy_model(src, tmp)
         data = {"model.onnx": model_blobs}
-        splits = [Split("offload", "offload", None, None, "model.onnx", analysis.input_bytes, 0.0, 0.0,
-                        analysis.input.name, 1.0)]
+        splits = [Split(id="offload", kind="offload", tensor=None, head=None, tail="model.onnx",
+                        bytes=analysis.input_bytes, max_abs_diff=0.0, max_rel_diff=0.0,
+                        wire_tensor=analysis.input.name, ratio=1.0)]
         for k, cp in enumerate(chosen, 1):
             sid = f"cut{cp.index:03d}"
             spec = CutSpec(cp.tensor, tuple(cp.shape), cp.dtype, wire_dtype)
@@ -506,9 +507,11 @@ def split_model(
             for rel, part in ((head_rel, extract_head(folded, spec)), (tail_rel, extract_tail(folded, spec))):
                 save_part(part, tmp / rel)
                 data[rel] = referenced(part.to_model())
-            splits.append(Split(sid, "split", cp.tensor, head_rel, tail_rel, cp.bytes, None, None,
-                                spec.wire_tensor, cp.ratio))
-        splits.append(Split("local", "local", None, "model.onnx", None, 0, 0.0, 0.0, None, 0.0))
+            splits.append(Split(id=sid, kind="split", tensor=cp.tensor, head=head_rel, tail=tail_rel,
+                                bytes=cp.bytes, max_abs_diff=None, max_rel_diff=None,
+                                wire_tensor=spec.wire_tensor, ratio=cp.ratio))
+        splits.append(Split(id="local", kind="local", tensor=None, head="model.onnx", tail=None, bytes=0,
+                            max_abs_diff=0.0, max_rel_diff=0.0, wire_tensor=None, ratio=0.0))
         del folded
         _release_freed_memory()  # the weights' protobuf is gone: hand its pages back before onnxruntime loads
         verification = None
@@ -579,7 +582,7 @@ def _observed_outputs(analysis: Analysis, ref: _Reference) -> list[TensorSig]:
                 dims.append(col[0])  # declared unknown, the same size in every run
 
         dtype = sig.dtype if sig.dtype != "unknown" else ref.outputs[0][k].dtype.name  # undeclared: as it ran
-        sigs.append(TensorSig(sig.name, dims, dtype))
+        sigs.append(TensorSig(name=sig.name, shape=dims, dtype=dtype))
     return sigs
 
 

@@ -26,20 +26,20 @@ SHA = "ab" * 32
 
 def manifest(splits):
     """splits: list of (id, kind, bytes)."""
-    sig = TensorSig("image", ["N", 8, 8, 3], "uint8")
-    return Manifest(model=ModelRef("model.onnx", SHA, sig, TensorSig("y", ["N", 10], "float32"), 192),
+    sig = TensorSig(name="image", shape=["N", 8, 8, 3], dtype="uint8")
+    return Manifest(model=ModelRef(path="model.onnx", sha256=SHA, input=sig, output=TensorSig(name="y", shape=["N", 10], dtype="float32"), input_bytes=192),
                     wire_dtype="float32", cut_points=[],
-                    splits=[Split(i, k, None if k != "split" else f"t_{i}",
-                                  None if k == "offload" else "h.onnx", None if k == "local" else "t.onnx", b, 0.0)
+                    splits=[Split(id=i, kind=k, tensor=None if k != "split" else f"t_{i}",
+                                  head=None if k == "offload" else "h.onnx", tail=None if k == "local" else "t.onnx", bytes=b, max_abs_diff=0.0)
                             for i, k, b in splits])
 
 
 def profiles(head: dict, tail: dict):
     """head/tail: {split: {batch: ms}} -> (device, server) profiles."""
     dev = Profile("device", "onnxruntime", {}, None, SHA,
-                  [Timing(s, "head", b, ms, ms, ms, 5) for s, d in head.items() for b, ms in d.items()])
+                  [Timing(split=s, part="head", batch=b, median_ms=ms, p10_ms=ms, p90_ms=ms, runs=5) for s, d in head.items() for b, ms in d.items()])
     srv = Profile("server", "onnxruntime", {}, None, SHA,
-                  [Timing(s, "tail", b, ms, ms, ms, 5) for s, d in tail.items() for b, ms in d.items()])
+                  [Timing(split=s, part="tail", batch=b, median_ms=ms, p10_ms=ms, p90_ms=ms, runs=5) for s, d in tail.items() for b, ms in d.items()])
     return dev, srv
 
 
