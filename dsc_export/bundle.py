@@ -68,7 +68,7 @@ def _side_files(man: Manifest, side: str) -> tuple[list[str], list[Any]]:
     return sorted(set(files)), engines
 
 
-def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike, plan: str | os.PathLike | None = None,
+def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike, *, plan: str | os.PathLike | None = None,
                 triton_platform: str = "onnxruntime_onnx", max_batch_size: int = 64, instances: int = 1,
                 triton: bool = True) -> dict[str, Any]:
     """Write a device or server bundle of ``split_dir`` to ``out`` (a tar file, written atomically).
@@ -124,7 +124,7 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
         for rel in files + sorted({e.path for e in engines}):
             link_or_copy(root / rel, staging / rel)
         if side == "server" and triton:
-            write_triton_repository(staging, sub, staging / "triton", triton_platform,
+            write_triton_repository(staging, sub, repo=staging / "triton", platform=triton_platform,
                                     max_batch_size=max_batch_size, instances=instances)
         if side == "device":
             from dsc_export.planning import read_plan
@@ -217,7 +217,7 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str = "onnxruntime_onnx", *,
+def write_triton_repository(root: Path, man: Manifest, *, repo: Path, platform: str = "onnxruntime_onnx",
                             max_batch_size: int = 64, instances: int = 1) -> list[str]:
     """One Triton model per split with a tail: ``repo/<split>/config.pbtxt`` and the model.
 
@@ -408,7 +408,7 @@ def _safe_members(tar: tarfile.TarFile, source: str) -> list[tarfile.TarInfo]:
     return members
 
 
-def open_bundle(path: str | os.PathLike, dest: str | os.PathLike, expect_side: str | None = None,
+def open_bundle(path: str | os.PathLike, dest: str | os.PathLike, *, expect_side: str | None = None,
                 expect_model_sha256: str | None = None, check_backends: bool = True) -> dict[str, Any]:
     """Extract and check a bundle into ``dest`` (which must not exist, or be an earlier copy).
 

@@ -118,8 +118,8 @@ def export_cmd(name, output, resolution, weights, pretrained, opset, float_input
 
     entry = lookup(name)
     output = output or ENGINES_ROOT / entry.name / f"{entry.name}.onnx"
-    rep = export_model(entry.name, output, resolution, str(weights) if weights else None, opset,
-                       float_input, verify=not no_verify, log=_log, pretrained=pretrained)
+    rep = export_model(entry.name, output, resolution=resolution, weights=str(weights) if weights else None, opset=opset,
+                       float_input=float_input, verify=not no_verify, log=_log, pretrained=pretrained)
     click.echo(f"wrote {rep.path}  ({rep.file_bytes / 1e6:.1f} MB, {rep.seconds:.1f} s)")
     click.echo(f"  model   {rep.entry.name} ({rep.entry.timm_name}), weights: {rep.weights}")
     click.echo(f"  input   image  {rep.input_dtype} {rep.input_shape}")
@@ -351,11 +351,12 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
     read_manifest(split_dir)  # not a split dir, a missing backend: one line before any progress bar
     get_backend(backend).check()
     if import_:
-        rep = import_engines(split_dir, backend, batch_sizes, parts, precision, options, log=_note)
+        rep = import_engines(split_dir, backend, batch_sizes=batch_sizes, parts=parts, precision=precision,
+                             options=options, log=_note)
     else:
         with _progress("building") as progress:  # the bar appears after the checks (a bad --inputs: one line)
-            rep = build_engines(split_dir, backend, batch_sizes, parts, precision, options, verify,
-                                progress=progress, log=_note, inputs=None if inputs is None else str(inputs),
+            rep = build_engines(split_dir, backend, batch_sizes=batch_sizes, parts=parts, precision=precision,
+                                options=options, verify=verify, progress=progress, log=_note, inputs=None if inputs is None else str(inputs),
                                 keep_all=keep_all, margin=margin)
     rows = [("engine", "batch", "for", "build s", "max rel diff")]
     seen = {}  # a TensorRT engine serves several batch sizes (one profile each)
@@ -498,8 +499,9 @@ def plan_cmd(split_dir, device_path, server_path, batch_sizes, rates, rate_steps
 
     man = read_manifest(split_dir)
     dev, srv = read_profile(device_path), read_profile(server_path)
-    plan = make_plan(man, dev, srv, batch_sizes, rate_grid(rates, rate_steps), rtt_ms, privacy,
-                     list(static) or None, margin, (sha256_file(device_path), sha256_file(server_path)))
+    plan = make_plan(man, dev, srv, batch_sizes=batch_sizes, rates=rate_grid(rates, rate_steps), rtt_ms=rtt_ms,
+                     privacy=privacy, static=list(static) or None, margin=margin,
+                     profile_hashes=(sha256_file(device_path), sha256_file(server_path)))
     output = output or split_dir / "plan.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output, plan.to_json())
@@ -609,7 +611,8 @@ def bundle_cmd(split_dir, side, output, plan_path, triton_backend, triton_platfo
         raise UserError(f"--triton-backend {triton_backend} and --triton-platform {triton_platform} disagree; "
                                "give one of them")
     platform = TRITON_BACKENDS[triton_backend] if triton_backend else triton_platform or "onnxruntime_onnx"
-    index = make_bundle(split_dir, side, output, plan_path, platform, max_batch_size, instances)
+    index = make_bundle(split_dir, side, output, plan=plan_path, triton_platform=platform,
+                      max_batch_size=max_batch_size, instances=instances)
     size = output.stat().st_size
     click.echo(f"wrote {output}: {side} bundle, {len(index['files'])} files, {size / 1e6:.1f} MB")
     from dsc_export.bundle import describe_sizes
@@ -819,7 +822,7 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
     from dsc_export.demo import run_demo
 
     t0 = time.perf_counter()
-    rep = run_demo(model, out, batch_sizes, slowdown, repeats, serve=serve,
+    rep = run_demo(model, out, batch_sizes=batch_sizes, slowdown=slowdown, repeats=repeats, serve=serve,
                    step=lambda s: click.secho(f"== {s}", bold=True, err=True), log=_log, resolution=resolution)
     ps = rep.plan_summary
     click.echo("")

@@ -41,7 +41,7 @@ class DemoReport:
     labels: list[dict[str, Any]] = field(default_factory=list)  # per photo: whole model's and per split
 
 
-def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", batch_sizes=(1, 2, 4, 8, 16),
+def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", *, batch_sizes=(1, 2, 4, 8, 16),
              slowdown: float = 4.0, repeats: int = 5, session_batches: int = 10, serve: bool = True,
              step: Callable[[str], None] = lambda s: None, log: Callable[[str], None] = lambda s: None,
              resolution: int | None = None) -> DemoReport:
@@ -98,7 +98,7 @@ def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", 
     done("split")
 
     step(f"4/8 build onnxruntime engines for batch sizes {','.join(map(str, batch_sizes))}")
-    b = build_engines(split, "onnxruntime", list(batch_sizes), "all", log=log)
+    b = build_engines(split, "onnxruntime", batch_sizes=list(batch_sizes), parts="all", log=log)
     if b.failed:
         raise UserError(f"{len(b.failed)} engine(s) failed to build: {b.failed[0][1]}")
     from dsc_export.bundle import describe_sizes, side_sizes_of_split

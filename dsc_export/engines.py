@@ -154,7 +154,7 @@ def engine_path(backend: Backend, source: str, batch: int | None, precision: str
     return f"{ENGINES_DIR}/{backend.name}/{stem}{sized}-{precision}{backend.suffix}"
 
 
-def plan_jobs(manifest: Manifest, backend: Backend, parts: str, batch_sizes: list[int], precision: str) -> list[Job]:
+def plan_jobs(manifest: Manifest, backend: Backend, *, parts: str, batch_sizes: list[int], precision: str) -> list[Job]:
     """The engine files a build of ``parts`` needs, grouped by source ONNX then batch size.
 
     A backend with ``profiles`` (TensorRT) gets one file per source serving every batch size,
@@ -196,7 +196,7 @@ def _prepare(split_dir, backend_name: str, parts: str, batch_sizes, precision: s
     batch_sizes, note = engine_batch_sizes(manifest, list(batch_sizes))
     if note:
         log(f"note: {note}")
-    jobs = plan_jobs(manifest, backend, parts, batch_sizes, precision)
+    jobs = plan_jobs(manifest, backend, parts=parts, batch_sizes=batch_sizes, precision=precision)
     verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))  # refuse, naming the file
     return root, manifest, backend, options, options.for_backend(backend.name), jobs
 
@@ -261,6 +261,7 @@ def _prune_weights(root: Path, manifest: Manifest) -> None:
 def build_engines(
     split_dir: str | os.PathLike,
     backend_name: str = "onnxruntime",
+    *,
     batch_sizes: list[int] = (1,),
     parts: str = "all",
     precision: str = "fp32",
@@ -334,8 +335,9 @@ def build_engines(
         t0 = time.perf_counter()
         try:
             notes: list[str] = []
-            backend.build(root / job.source, root / job.path, job.batches if backend.profiles else job.batch,
-                          precision, options, cache_dir=root / ENGINES_DIR / backend.name, log=notes.append)
+            backend.build(root / job.source, root / job.path, batch=job.batches if backend.profiles else job.batch,
+                          precision=precision, options=options, cache_dir=root / ENGINES_DIR / backend.name,
+                          log=notes.append)
             for note in dict.fromkeys(notes):
                 log(f"{Path(job.path).name}: {note}")
             diffs = {b: (None, None) for b in job.batches}
@@ -497,7 +499,7 @@ def load_part(split_dir: str | os.PathLike, manifest: Manifest, split_id: str, p
     return None if gone is None else get_backend(backend).load_onnx(Path(split_dir) / gone.source, threads)
 
 
-def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batch_sizes: list[int],
+def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, *, batch_sizes: list[int],
                  parts: str = "all", precision: str = "fp32", options: BuildOptions | None = None,
                  log: Callable[[str], None] = lambda s: None) -> int:
     """Write the ``trtexec`` commands that build this split dir's engines on another machine.
@@ -530,7 +532,7 @@ def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batc
     batch_sizes, note = engine_batch_sizes(manifest, list(batch_sizes))
     if note:
         log(f"note: {note}")
-    jobs = plan_jobs(manifest, backend, parts, batch_sizes, precision)
+    jobs = plan_jobs(manifest, backend, parts=parts, batch_sizes=batch_sizes, precision=precision)
     verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))
     import_cmd = shlex.join(["dsc-export", "build", ".", "--backend", "tensorrt", "--import", "--batch-sizes",
                              ",".join(map(str, batch_sizes)), "--parts", parts, "--precision", precision])
@@ -556,8 +558,8 @@ def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batc
             if job.source not in converted:
                 converted[job.source] = _fp16_copy(root, job.source)
             onnx_path = converted[job.source]
-        lines.append(backend.trtexec_command(onnx_path, job.path, name, shapes, precision, options,
-                                             f"{ENGINES_DIR}/tensorrt/{TIMING_CACHE}"))
+        lines.append(backend.trtexec_command(onnx_path, job.path, input_name=name, input_shapes=shapes,
+                                             precision=precision, options=options, cache_path=f"{ENGINES_DIR}/tensorrt/{TIMING_CACHE}"))
     text = "\n".join(lines) + "\n"
     out_file = Path(out_file)
     write_json_atomic(out_file, text)
@@ -589,7 +591,7 @@ def _fp16_copy(root: Path, source: str) -> str:
     return rel
 
 
-def import_engines(split_dir: str | os.PathLike, backend_name: str, batch_sizes: list[int], parts: str = "all",
+def import_engines(split_dir: str | os.PathLike, backend_name: str, *, batch_sizes: list[int], parts: str = "all",
                    precision: str = "fp32", options: BuildOptions | None = None,
                    log: Callable[[str], None] = lambda s: None) -> BuildReport:
     """Record engines built outside dsc-export (e.g. by the ``--emit-trtexec`` commands).
@@ -636,6 +638,7 @@ class PartRunner:
     """
 
     def __init__(self, split_dir: str | os.PathLike, manifest: Manifest, split: str, part: str,
+                 *,
                  backend: str = "onnxruntime", precision: str = "fp32", threads: int | None = None):
         self.root, self.manifest, self.split, self.part = Path(split_dir), manifest, split, part
         self.backend, self.precision, self.threads = backend, precision, threads

@@ -77,7 +77,7 @@ def _random_images(torch, gen, batch: int, res: int):
     return torch.randint(0, 256, (batch, res, res, 3), dtype=torch.uint8, generator=gen)
 
 
-def recalibrate_batchnorm(torch, model, make_batch: Callable[[], object], batches: int = 3) -> None:
+def recalibrate_batchnorm(torch, model, make_batch: Callable[[], object], *, batches: int = 3) -> None:
     """Re-estimate every BatchNorm's running statistics on ``batches`` batches of random data.
 
     A randomly initialised network keeps mean 0 / var 1 running statistics, which do not match
@@ -111,6 +111,7 @@ def check_writable(output: Path) -> None:
 def export_model(
     name: str,
     output: str | os.PathLike,
+    *,
     resolution: int | None = None,
     weights: str | None = None,
     opset: int = DEFAULT_OPSET,
@@ -118,7 +119,6 @@ def export_model(
     verify: bool = True,
     seed: int = 0,
     log: Callable[[str], None] = lambda s: None,
-    *,
     pretrained: bool = False,
 ) -> ExportReport:
     """Build ``name`` from the catalogue with timm, export it to ONNX and verify it.

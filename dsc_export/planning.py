@@ -27,9 +27,9 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -76,7 +76,7 @@ def interpolate(xs: list[int], ys: list[float], x: float, what: str = "") -> flo
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def candidates(manifest: Manifest, device: Profile, server: Profile, privacy: bool = False) -> list[Candidate]:
+def candidates(manifest: Manifest, device: Profile, server: Profile, *, privacy: bool = False) -> list[Candidate]:
     """The planner's candidates in device order (offload, splits in graph order, local).
 
     Raises:
@@ -154,7 +154,7 @@ def check_server_state(q_ms: float, s: float) -> None:
         raise UserError(f"the server's wait q must be >= 0 ms and its slowdown s positive; got q={q_ms}, s={s}")
 
 
-def latency_grid(cands: list[Candidate], batch_sizes: list[int], rates: list[float], rtt_ms: float = 0.0, *,
+def latency_grid(cands: list[Candidate], batch_sizes: list[int], rates: list[float], *, rtt_ms: float = 0.0,
                  q_ms: float = 0.0, s: float = 1.0) -> np.ndarray:
     """T_l(B, r) in ms for every candidate and cell, shape [candidates, batches, rates]
     (:func:`eq4_ms` on the whole grid at once).
@@ -352,7 +352,7 @@ def read_plan(path: str | os.PathLike) -> Plan:
     return read_json(path, Plan.from_dict, "plan")
 
 
-def make_plan(manifest: Manifest, device: Profile, server: Profile, batch_sizes: list[int] | None = None,
+def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_sizes: list[int] | None = None,
               rates: list[float] | None = None, rtt_ms: float = 0.0, privacy: bool = False,
               static: list[str] | None = None, margin: float = 0.0,
               profile_hashes: tuple[str, str] = ("", "")) -> Plan:
@@ -372,7 +372,7 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, batch_sizes:
     """
     if rtt_ms < 0 or margin < 0:
         raise UserError("--rtt-ms and --margin must not be negative")
-    cands = candidates(manifest, device, server, privacy)
+    cands = candidates(manifest, device, server, privacy=privacy)
     lo = max(c.batches[0] for c in cands)
     hi = min(c.batches[-1] for c in cands)
     batch_sizes = batch_sizes or list(range(max(1, lo), min(64, hi) + 1))
@@ -380,7 +380,7 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, batch_sizes:
     for c in cands:
         for b in (min(batch_sizes), max(batch_sizes)):
             c.parts_ms(b)  # out of range: a one-line error naming the candidate
-    grid = latency_grid(cands, batch_sizes, rates, rtt_ms)
+    grid = latency_grid(cands, batch_sizes, rates, rtt_ms=rtt_ms)
     idx = choose_index(grid, margin)
     ids = [c.id for c in cands]
     t_dsc = np.take_along_axis(grid, idx[None], axis=0)[0]
@@ -395,8 +395,8 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, batch_sizes:
         if base in ids:
             t_base = grid[ids.index(base)]
         else:  # offload under privacy: still a baseline worth comparing with
-            bc = candidates(manifest, device, server, False)[[s.id for s in manifest.splits].index(base)]
-            t_base = latency_grid([bc], batch_sizes, rates, rtt_ms)[0]
+            bc = candidates(manifest, device, server, privacy=False)[[s.id for s in manifest.splits].index(base)]
+            t_base = latency_grid([bc], batch_sizes, rates, rtt_ms=rtt_ms)[0]
         g = gain(t_dsc, t_base)
         gains[base] = {"grid": np.round(g, 5).tolist(), "mean": float(g.mean())}
     return Plan(

@@ -76,7 +76,7 @@ def choice_heatmap(plan, path: str | os.PathLike, title: str = "") -> Path:
     return _save(fig, plt, path)
 
 
-def gain_heatmap(plan, baseline: str, path: str | os.PathLike, title: str = "") -> Path:
+def gain_heatmap(plan, baseline: str, path: str | os.PathLike, *, title: str = "") -> Path:
     """The paper's Fig. 3: relative gain |T_dsc - T_base| / T_base of dynamic splitting per cell."""
     import numpy as np
 

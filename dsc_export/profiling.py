@@ -45,7 +45,7 @@ class Measurement:
         return float(np.quantile(self.samples_ms, q))
 
 
-def measure(run_once_ms: Callable[[], float], warmup: int = 3, repeats: int | None = 20,
+def measure(run_once_ms: Callable[[], float], *, warmup: int = 3, repeats: int | None = 20,
             min_time_s: float | None = None, max_runs: int = 10_000) -> Measurement:
     """Time a workload: ``warmup`` untimed runs, then ``repeats`` timed runs, or as many as fit
     in ``min_time_s`` seconds of measured time (at least 5).
@@ -318,7 +318,8 @@ def profile_split_dir(
                         feeds = {name: random_array([b] + shape, dtype, rng)}  # fresh, never zeros
                         return runner.time_ms(feeds)
 
-                    m = measure(once, warmup if rnd == 0 else min(warmup, 1), per_repeats, per_time)
+                    m = measure(once, warmup=warmup if rnd == 0 else min(warmup, 1), repeats=per_repeats,
+                                min_time_s=per_time)
                 samples[(sid, part, b)].extend(m.samples_ms)
         scale = float(slowdown) if slowdown else 1.0
         for (sid, part, b), xs in samples.items():

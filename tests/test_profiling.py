@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     onnx.save(ALL["residual"]()[0], d / "m.onnx")
     split_model(d / "m.onnx", d / "split", at=None)
-    build_engines(d / "split", "onnxruntime", [1, 2], "all")
+    build_engines(d / "split", "onnxruntime", batch_sizes=[1, 2], parts="all")
     return d / "split"
 
 

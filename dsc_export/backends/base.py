@@ -137,7 +137,7 @@ class Backend:
         """None when an engine built for ``target`` with ``options`` runs here, else what differs."""
         return None
 
-    def build(self, onnx_path: str | os.PathLike, engine_path: str | os.PathLike, batch: int | list[int],
+    def build(self, onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, batch: int | list[int],
               precision: str, options: BuildOptions, cache_dir: str | os.PathLike | None = None,
               log=lambda s: None) -> None:
         """Build the engine for ``onnx_path`` at a fixed ``batch`` and write it to ``engine_path``.
@@ -166,7 +166,7 @@ class Backend:
         """A runner for an ONNX file as it is (no build step), where the backend can do that."""
         raise EngineLoadError(f"the {self.name} backend runs built engines only")
 
-    def trtexec_command(self, onnx_path: str, engine_path: str, input_name: str | None,
+    def trtexec_command(self, onnx_path: str, engine_path: str, *, input_name: str | None,
                         input_shapes: list[list[int]], precision: str, options: BuildOptions,
                         cache_path: str) -> str | None:
         """The equivalent ``trtexec`` command line, where there is one."""

@@ -132,7 +132,7 @@ class OnnxruntimeBackend(Backend):
                 return f"{key} {target.get(key)} (built) != {now.get(key)} (here)"
         return None
 
-    def build(self, onnx_path, engine_path, batch, precision, options: BuildOptions, cache_dir=None,
+    def build(self, onnx_path, engine_path, *, batch, precision, options: BuildOptions, cache_dir=None,
               log=lambda s: None) -> None:
         import onnx
 

@@ -319,7 +319,7 @@ class TensorrtBackend(Backend):
     def compatible(self, target: dict[str, Any], options: dict[str, Any]) -> str | None:
         return engine_compatibility(target, self.target(), options)
 
-    def build(self, onnx_path, engine_path, batch, precision, options: BuildOptions, cache_dir=None,
+    def build(self, onnx_path, engine_path, *, batch, precision, options: BuildOptions, cache_dir=None,
               log=lambda s: None) -> None:
         """Build one engine of ``onnx_path`` with one optimisation profile per batch size.
 
@@ -421,7 +421,7 @@ class TensorrtBackend(Backend):
         runner.profile = profile
         return runner
 
-    def trtexec_command(self, onnx_path, engine_path, input_name, input_shapes, precision, options,
+    def trtexec_command(self, onnx_path, engine_path, *, input_name, input_shapes, precision, options,
                         cache_path) -> str:
         """One ``trtexec`` command line, every argument quoted for ``sh`` (:func:`shlex.join`).
 
