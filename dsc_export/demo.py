@@ -30,6 +30,10 @@ TRAINED_MODEL, RANDOM_MODEL = "efficientnet_lite0", "efficientnet_b0"
 
 @dataclass
 class DemoReport:
+    """What ``run_demo`` did: its output dir, the files it wrote, the plan's summary, the
+    simulated session, seconds per step and notes.
+    """
+
     out: Path
     files: dict[str, str] = field(default_factory=dict)
     plan_summary: dict[str, Any] = field(default_factory=dict)
@@ -48,6 +52,9 @@ def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", 
     """Run the demo into ``out``; see the module docstring. Returns what was made and concluded.
 
     ``model`` None: the trained EfficientNet-Lite0 when its weights are installed, else B0 (random).
+
+    Raises:
+        UserError: an engine fails to build, or any step's user error (export, split, bench, plan).
     """
     from dsc_export.artifacts import read_manifest, sha256_file, write_json_atomic
     from dsc_export.engines import build_engines

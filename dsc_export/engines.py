@@ -76,6 +76,10 @@ class Job:
 
 @dataclass
 class BuildReport:
+    """Outcome of :func:`build_engines`: engines built, kept (up to date), dropped (not
+    faster than the ONNX by the margin), failed (with the reason), and the seconds taken.
+    """
+
     built: list[Engine] = field(default_factory=list)
     kept: list[Engine] = field(default_factory=list)
     dropped: list[Engine] = field(default_factory=list)  # built, not faster than the ONNX by the margin
@@ -160,6 +164,9 @@ def plan_jobs(manifest: Manifest, backend: Backend, *, parts: str, batch_sizes: 
     A backend with ``profiles`` (TensorRT) gets one file per source serving every batch size,
     one optimisation profile each: the sizes asked for and those already recorded for that file
     (a rebuild must not drop a profile that another record names), in ascending order.
+
+    Raises:
+        UserError: ``parts`` is not one of ``PARTS``.
     """
     if parts not in PARTS:
         raise UserError(f"--parts must be one of {', '.join(PARTS)}")
@@ -685,6 +692,7 @@ class PartRunner:
         return self.onnx_session().run(outputs, feeds)
 
     def close(self) -> None:
+        """Deactivate every runner this part opened."""
         for r in self._engines.values():
             r.deactivate()
         self._engines.clear()

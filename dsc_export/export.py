@@ -97,7 +97,11 @@ def recalibrate_batchnorm(torch, model, make_batch: Callable[[], object], *, bat
 
 
 def check_writable(output: Path) -> None:
-    """Create the parent folder of ``output`` and check that a file can be written there."""
+    """Create the parent folder of ``output`` and check that a file can be written there.
+
+    Raises:
+        UserError: ``output`` is a directory, or its folder cannot be written.
+    """
     if output.exists() and output.is_dir():
         raise UserError(f"output '{output}' is a directory; give a file name ending in .onnx")
     try:

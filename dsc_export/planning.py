@@ -61,11 +61,16 @@ class Candidate:
 
     @property
     def sends(self) -> bool:
+        """True when the candidate sends something to the server (every candidate but ``local``)."""
         return self.bytes > 0
 
 
 def interpolate(xs: list[int], ys: list[float], x: float, what: str = "") -> float:
-    """Piecewise-linear y(x) on sorted ``xs``; outside [xs[0], xs[-1]] is an error."""
+    """Piecewise-linear y(x) on sorted ``xs``; outside [xs[0], xs[-1]] is an error.
+
+    Raises:
+        UserError: ``x`` outside the profiled range.
+    """
     if not xs[0] <= x <= xs[-1]:
         raise UserError(f"batch size {x:g} is outside the profiled range {xs[0]}-{xs[-1]}"
                         + (f" for {what}" if what else "") + "; profile those batch sizes (bench --batch-sizes)")
@@ -203,7 +208,11 @@ def gain(t_dsc: np.ndarray, t_base: np.ndarray) -> np.ndarray:
 
 
 def rate_grid(text: str, steps: int = 64) -> list[float]:
-    """``"1:128"`` -> ``steps`` rates on a log scale; ``"1,5,20"`` -> those rates."""
+    """``"1:128"`` -> ``steps`` rates on a log scale; ``"1,5,20"`` -> those rates.
+
+    Raises:
+        UserError: not positive rates in either form.
+    """
     try:
         if ":" in text:
             lo, hi = (float(x) for x in text.split(":"))
@@ -327,12 +336,19 @@ class Plan:
     # --- JSON -------------------------------------------------------------------------------
 
     def to_json(self) -> str:
+        """The plan as ``dsc-export.plan/1`` JSON text, ``schema`` first."""
         d = asdict(self)
         d.pop("_fast")
         return json.dumps({"schema": d.pop("schema"), **d}, indent=1) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """The plan from its parsed JSON.
+
+        Raises:
+            UserError: another schema.
+            TypeError: a missing or unknown field (:func:`read_plan` turns it into one line).
+        """
         if d.get("schema") != PLAN_SCHEMA:
             raise UserError(f"not a {PLAN_SCHEMA} file (schema: {d.get('schema')!r})")
         d = dict(d)
@@ -369,6 +385,10 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_siz
         margin: relative margin (0.05 = 5 %) a split must win by over one that keeps more on
             the device.
         profile_hashes: sha256 of the device and server profile files, recorded in the plan.
+
+    Raises:
+        UserError: a negative ``rtt_ms`` or ``margin``, an unknown static split, or as
+            :func:`candidates` and :func:`latency_grid`.
     """
     if rtt_ms < 0 or margin < 0:
         raise UserError("--rtt-ms and --margin must not be negative")
@@ -470,6 +490,9 @@ def simulate(plan: Plan, steps: list[Step], baselines: list[str] | None = None) 
 
     The dynamic choice keeps the split in use unless another wins by more than the plan's margin.
     Each step's server state (``q_ms``, ``s``) enters every candidate's time (:meth:`Plan.latencies`).
+
+    Raises:
+        UserError: an unknown baseline, or a step the plan cannot answer (as :meth:`Plan.latencies`).
     """
     baselines = baselines or (["local"] + ([] if plan.privacy else ["offload"])
                               + [c for c in plan.candidates if c not in ("local", "offload")])

@@ -35,13 +35,17 @@ NOISY_SPREAD = 1.5  # p90 / p10 above this: the median is not to be trusted
 
 @dataclass
 class Measurement:
+    """The times of repeated runs of one thing, in ms."""
+
     samples_ms: list[float]
 
     @property
     def median(self) -> float:
+        """The median time, ms."""
         return statistics.median(self.samples_ms)
 
     def quantile(self, q: float) -> float:
+        """The ``q`` quantile (0-1) of the times, ms."""
         return float(np.quantile(self.samples_ms, q))
 
 
@@ -75,7 +79,11 @@ def measure(run_once_ms: Callable[[], float], *, warmup: int = 3, repeats: int |
 # --- what runs where -------------------------------------------------------------------------
 
 def role_parts(manifest, role: str) -> list[tuple[str, str]]:
-    """(split id, part) pairs a role times: device -> heads (local = whole model), server -> tails."""
+    """(split id, part) pairs a role times: device -> heads (local = whole model), server -> tails.
+
+    Raises:
+        UserError: ``role`` is not ``device`` or ``server``.
+    """
     if role not in ROLES:
         raise UserError(f"--role must be device or server, not '{role}'")
     part = "head" if role == "device" else "tail"
@@ -175,6 +183,10 @@ def locked_gpu_clocks(mhz: int, index: int = 0, nvml=None) -> Iterator[dict[str,
 
     Yields:
         The emulation record: ``{"gpu_clock_mhz": mhz, "gpu": name}``.
+
+    Raises:
+        UserError: on Jetson, without root, without NVML bindings, or NVML refuses the clocks.
+        KeyboardInterrupt: on SIGTERM while the clocks are locked (the clocks are reset as it propagates).
     """
     if _is_jetson():
         raise UserError("--lock-gpu-clocks does not apply to Jetson: set the clocks with nvpmodel and "
@@ -253,6 +265,10 @@ def profile_split_dir(
 
     Returns:
         The profile (not yet written).
+
+    Raises:
+        UserError: a non-positive slowdown, fewer than 1 thread, or an engine missing for a
+            part and batch size to time.
     """
     from dsc_export.engines import dropped_engine, load_part
     from dsc_export.ort import random_array

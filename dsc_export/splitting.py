@@ -97,13 +97,16 @@ class Analysis:
 
     @property
     def natural(self) -> list[CutPoint]:
+        """The natural bottlenecks (c_l < 1), in graph order."""
         return [c for c in self.cut_points if c.natural]
 
     @property
     def compressive(self) -> list[CutPoint]:
+        """The compressive bottlenecks (:func:`compressive_mask`), in graph order."""
         return [c for c in self.cut_points if c.compressive]
 
     def summary(self) -> str:
+        """One line: how many cut points, natural and compressive bottlenecks."""
         return (f"{len(self.cut_points)} cut points, {len(self.natural)} natural bottlenecks, "
                 f"{len(self.compressive)} compressive")
 

@@ -78,6 +78,7 @@ class OnnxruntimeRunner(Runner):
     optimization: str = "none"
 
     def activate_impl(self) -> None:
+        """Open the onnxruntime session and read its input and output signatures."""
         self.session = make_session(self.path, self.threads, optimization=self.optimization, providers=self.providers)
         self.inputs = [TensorSpec(i.name, tuple(i.shape), np.dtype(ORT_DTYPES.get(i.type, np.float32)))
                        for i in self.session.get_inputs()]
@@ -86,9 +87,11 @@ class OnnxruntimeRunner(Runner):
         self._names = [o.name for o in self.session.get_outputs()]
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the session on ``feeds``; every output by name."""
         return dict(zip(self._names, self.session.run(None, feeds)))
 
     def deactivate_impl(self) -> None:
+        """Drop the session."""
         del self.session
 
 
@@ -106,6 +109,7 @@ class OnnxruntimeBackend(Backend):
         self.providers = PROVIDERS[name]
 
     def available(self) -> str | None:
+        """None when onnxruntime has this backend's execution provider, else the one-line reason."""
         import onnxruntime as ort
 
         if self.providers[0] not in ort.get_available_providers():
@@ -115,6 +119,9 @@ class OnnxruntimeBackend(Backend):
         return None
 
     def target(self) -> dict[str, Any]:
+        """Backend, onnxruntime version and execution provider, plus the CPU (name, ISA) or GPU
+        the engines are optimised for.
+        """
         import onnxruntime as ort
 
         t = {"backend": self.name, "version": ort.__version__, "provider": self.providers[0]}
@@ -134,6 +141,13 @@ class OnnxruntimeBackend(Backend):
 
     def build(self, onnx_path, engine_path, *, batch, precision, options: BuildOptions, cache_dir=None,
               log=lambda s: None) -> None:
+        """Save onnxruntime's optimised model of ``onnx_path`` at ``batch`` as the engine (see
+        :meth:`Backend.build`); its weights go to the shared store of the engine's folder.
+
+        Raises:
+            BackendUnavailable: the execution provider is missing.
+            BuildError: onnxruntime rejects the model.
+        """
         import onnx
 
         from dsc_export.graph.model import load_model
@@ -176,12 +190,22 @@ class OnnxruntimeBackend(Backend):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def load(self, engine_path, threads=None, *, profile=None) -> Runner:
+        """A runner for an engine built by :meth:`build` (not yet active).
+
+        Raises:
+            BackendUnavailable: the execution provider is missing.
+        """
         self.check()  # batch-fixed engines: no profiles (``profile`` is None)
         r = OnnxruntimeRunner(os.fspath(engine_path), threads)
         r.providers, r.optimization = self.providers, "none"  # optimised when built
         return r
 
     def load_onnx(self, onnx_path, threads=None) -> Runner:
+        """A runner for an ONNX file as it is, fully optimised when activated.
+
+        Raises:
+            BackendUnavailable: the execution provider is missing.
+        """
         self.check()
         r = OnnxruntimeRunner(os.fspath(onnx_path), threads)
         r.providers, r.optimization = self.providers, "all"

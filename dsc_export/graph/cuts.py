@@ -135,7 +135,11 @@ def nearest_cut_points(df: Dataflow, tensor: str, cuts: list[str]) -> tuple[str 
 
 def wire_itemsize(dtype: str, wire_dtype: str) -> int:
     """Bytes per element of a tensor of ``dtype`` on the wire: ``wire_dtype`` applies to
-    floating tensors (float16 casts them down), other tensors travel as they are."""
+    floating tensors (float16 casts them down), other tensors travel as they are.
+
+    Raises:
+        ValueError: ``wire_dtype`` is not one of ``WIRE_DTYPES``.
+    """
     if wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"wire dtype must be one of {WIRE_DTYPES}")
     if dtype in FLOAT_DTYPES and wire_dtype == "float16":

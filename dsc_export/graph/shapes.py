@@ -45,6 +45,7 @@ TWO_GB = 2**31 - 2**20  # protobuf's limit, with a margin
 
 
 def np_dtype_name(elem_type: int) -> str:
+    """The numpy dtype name of an ONNX ``TensorProto`` element type (``1`` -> ``float32``)."""
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
 
 
@@ -74,6 +75,9 @@ def batch_dim(model: onnx.ModelProto) -> int | str:
 
 
 def probe_batches(model: onnx.ModelProto) -> tuple[int, ...]:
+    """The batch sizes to run the model at when probing sizes: its fixed batch size if it has
+    one, else ``PROBE_BATCHES``.
+    """
     fb = fixed_batch(model)
     return (fb,) if fb else PROBE_BATCHES
 
