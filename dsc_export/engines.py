@@ -41,7 +41,15 @@ from dsc_export.artifacts import (
     write_json_atomic,
 )
 from dsc_export.backends import Backend, BuildOptions, Runner, get_backend
+from dsc_export.compare import compare, tolerance
 from dsc_export.errors import UserError, VerificationError
+from dsc_export.graph.model import load_model
+from dsc_export.graph.precision import to_float16_for_build
+from dsc_export.graph.shapes import input_signature
+from dsc_export.inputs import SampleInputs
+from dsc_export.ort import make_session
+from dsc_export.serving.protocol import fixed_batch, served_outputs
+from dsc_export.weight_store import check_blobs, prune, referenced
 
 PARTS = ("heads", "tails", "all")
 ENGINES_DIR = "engines"
@@ -130,7 +138,6 @@ def engine_batch_sizes(manifest: Manifest, requested: list[int]) -> tuple[list[i
     Returns:
         (sizes, note): the sizes to use, and None or one sentence saying what was left out.
     """
-    from dsc_export.serving.protocol import fixed_batch
 
     fb = fixed_batch(manifest)
     requested = sorted(set(requested))
@@ -190,7 +197,6 @@ def plan_jobs(manifest: Manifest, backend: Backend, *, parts: str, batch_sizes: 
 def _prepare(split_dir, backend_name: str, parts: str, batch_sizes, precision: str, options: BuildOptions | None,
              log: Callable[[str], None] = lambda s: None):
     """Read and check everything a build or an import needs, before anything is written."""
-    from dsc_export.serving.protocol import served_outputs
 
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be fp32 or fp16, not '{precision}'")
@@ -249,8 +255,6 @@ def engine_data(root: Path, rel: str) -> list[str]:
     """The weights files an engine reads, relative to the split dir (an opaque engine: none)."""
     if not rel.endswith(".onnx"):
         return []
-    from dsc_export.graph.model import load_model
-    from dsc_export.weight_store import referenced
 
     folder = Path(rel).parent
     return [(folder / loc).as_posix() for loc in referenced(load_model(root / rel, load_data=False))]
@@ -259,7 +263,6 @@ def engine_data(root: Path, rel: str) -> list[str]:
 def _prune_weights(root: Path, manifest: Manifest) -> None:
     """Remove the blobs of the split dir's store that no file of the dir reads: not the model,
     a part (``manifest.data``) or a kept engine of any backend (``Engine.data``)."""
-    from dsc_export.weight_store import prune
 
     keep = {d for ds in manifest.data.values() for d in ds} | {d for e in manifest.engines for d in e.data}
     prune(root, keep)
@@ -315,8 +318,6 @@ def build_engines(
     if inputs is not None and not verify:
         log(f"--inputs {inputs} is not used: --no-verify skips the engine checks")
     elif inputs is not None:  # a bad --inputs is refused before anything is built
-        from dsc_export.graph.model import load_model
-        from dsc_export.inputs import SampleInputs
 
         samples = SampleInputs.from_path(inputs, load_model(root / manifest.model.path, load_data=False))
     target = backend.target()
@@ -351,7 +352,6 @@ def build_engines(
             if verify:
                 if job.source not in reference:
                     reference.clear()  # one reference session at a time
-                    from dsc_export.ort import make_session
 
                     check_inputs = _check_inputs(root, manifest, job, samples)  # before the session's memory
                     reference[job.source] = (make_session(root / job.source, optimization="extended", arena=False),
@@ -427,8 +427,6 @@ def _speed_feeds(root: Path, manifest: Manifest, job: Job, samples, reference: d
 def _check_inputs(root: Path, manifest: Manifest, job: Job, samples):
     """The SampleInputs an engine of ``job.source`` is checked on: the user's samples for the whole
     model and the heads (their input is the model's), else random within the source's ranges."""
-    from dsc_export.graph.model import load_model
-    from dsc_export.inputs import SampleInputs
 
     reads_model_input = job.source == manifest.model.path or all(part == "head" for _, part in job.records)
     if samples is not None and reads_model_input:
@@ -444,7 +442,6 @@ def _check_engine(backend: Backend, engine: Path, reference, inputs, job: Job, p
     The tolerance follows the dtypes compared (:func:`dsc_export.compare.tolerance`): the
     outputs' dtypes, and float16 for an fp16 engine; a NaN or inf is a failure of its own.
     """
-    from dsc_export.compare import compare, tolerance
 
     wanted = {i.name for i in reference.get_inputs()}
     feeds = {name: x for name, x in inputs.feeds(batch).items() if name in wanted}
@@ -475,7 +472,6 @@ def load_engine(split_dir: str | os.PathLike, rec: Engine, threads: int | None =
     if sha256_file(path) != rec.sha256:
         raise UserError(f"engine '{path}' does not match its sha256 in the manifest; refusing to load it "
                         "(rebuild with dsc-export build)")
-    from dsc_export.weight_store import check_blobs
 
     check_blobs(split_dir, rec.data)
     backend = get_backend(rec.backend)
@@ -529,7 +525,6 @@ def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, *, b
     import shlex
 
     from dsc_export.backends.tensorrt import TIMING_CACHE, TensorrtBackend, shape_spec
-    from dsc_export.serving.protocol import served_outputs
 
     root = Path(split_dir)
     manifest = read_manifest(root)
@@ -576,8 +571,6 @@ def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, *, b
 
 def _onnx_input(path: Path) -> tuple[str, list]:
     """Name and shape (ints, symbolic dims as strings) of an ONNX file's one data input."""
-    from dsc_export.graph.model import load_model
-    from dsc_export.graph.shapes import input_signature
 
     name, dims, _ = input_signature(load_model(path, load_data=False))[0]
     return name, dims
@@ -586,8 +579,6 @@ def _onnx_input(path: Path) -> tuple[str, list]:
 def _fp16_copy(root: Path, source: str) -> str:
     import onnx
 
-    from dsc_export.graph.model import load_model
-    from dsc_export.graph.precision import to_float16_for_build
 
     rel = f"{ENGINES_DIR}/tensorrt/onnx-fp16/{source.replace('/', '-')}"
     dst = root / rel
@@ -656,14 +647,12 @@ class PartRunner:
         self._engines: dict[int, Runner] = {}
         self._onnx = None
         self.input_name: str | None = None
-        from dsc_export.serving.protocol import fixed_batch
 
         self.fixed_batch = fixed_batch(manifest)
 
     def onnx_session(self):
         """The part's ONNX session (created on first use)."""
         if self._onnx is None:
-            from dsc_export.ort import make_session
 
             self._onnx = make_session(self.root / self.source, self.threads)
         return self._onnx

@@ -25,7 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsc_export.compare import compare
 from dsc_export.errors import UserError, lazy_import
+from dsc_export.ort import make_session
 from dsc_export.weights import load_weights, pretrained_file
 from dsc_export.zoo import ZooEntry, lookup
 
@@ -251,9 +253,6 @@ def _stamp_metadata(path: str, entry: ZooEntry, res: int, float_input: bool, wei
 
 
 def _verify(torch, model, path: str, float_input: bool, res: int, seed: int) -> dict[int, tuple[float, float]]:
-    from dsc_export.compare import compare
-    from dsc_export.ort import make_session
-
     sess = make_session(path)
     gen = torch.Generator().manual_seed(seed + 1)
     diffs = {}

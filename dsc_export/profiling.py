@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from dsc_export.artifacts import ROLES, Profile, Timing, read_manifest, verify_files
+from dsc_export.engines import dropped_engine, load_part
 from dsc_export.errors import UserError
+from dsc_export.ort import cpu_isa, cpu_name, random_array
 
 NOISY_SPREAD = 1.5  # p90 / p10 above this: the median is not to be trusted
 
@@ -94,7 +96,6 @@ def role_parts(manifest, role: str) -> list[tuple[str, str]]:
 
 def host_info(threads: int | None, backend: str) -> dict[str, Any]:
     """CPU model, cores, threads used and, where there is a GPU, its name and current clocks."""
-    from dsc_export.ort import cpu_isa, cpu_name
 
     host: dict[str, Any] = {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(),
                             "threads": threads or os.cpu_count(), "hostname": platform.node(),
@@ -270,8 +271,6 @@ def profile_split_dir(
         UserError: a non-positive slowdown, fewer than 1 thread, or an engine missing for a
             part and batch size to time.
     """
-    from dsc_export.engines import dropped_engine, load_part
-    from dsc_export.ort import random_array
 
     if slowdown is not None and not slowdown > 0:
         raise UserError("--slowdown must be a positive factor, e.g. 4 for a device 4x slower")

@@ -31,7 +31,7 @@ from dsc_export.artifacts import (
     sha256_file,
     write_json_atomic,
 )
-from dsc_export.compare import Comparison, compare
+from dsc_export.compare import Comparison, compare, fits, tolerance
 from dsc_export.errors import ModelRunError, UserError, VerificationError
 from dsc_export.graph.cuts import (
     WIRE_DTYPES,
@@ -65,6 +65,9 @@ from dsc_export.graph.surgery import (
     extract_tail,
     save_part,
 )
+from dsc_export.inputs import SampleInputs
+from dsc_export.ort import make_session
+from dsc_export.serving.protocol import constant_outputs, output_contract
 from dsc_export.weight_store import externalize, referenced, save_shared, write_blobs
 
 VERIFY_BATCHES = (1, 3)  # the largest is also run sample by sample (batch independence)
@@ -327,7 +330,6 @@ def _batch_candidates(model: onnx.ModelProto, exc: ModelRunError) -> list[int]:
 def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, fixed: int | None) -> list[str]:
     """float16 wire: record each cut point's largest |activation| on the sample inputs, mark
     those beyond float16's range (or non-finite) as not fitting, and re-apply ``compressive_mask`` to the rest."""
-    from dsc_export.compare import fits
 
     if not points:
         return []
@@ -368,7 +370,6 @@ def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", *, log: L
 def _samples(inputs, model: onnx.ModelProto, seed: int = 0):
     """Sample inputs for ``model``: a path made into :class:`dsc_export.inputs.SampleInputs`, an
     object with ``feeds`` as it is, None as random inputs within the ranges the graph implies."""
-    from dsc_export.inputs import SampleInputs
 
     if hasattr(inputs, "feeds"):
         return inputs
@@ -593,7 +594,6 @@ def _check_output_contract(analysis: Analysis, outputs: list[TensorSig], folded:
     """Refuse, before anything is written, a model whose outputs no server can answer
     (:func:`dsc_export.serving.protocol.output_contract`): the same rule build, serve and bundle
     apply later."""
-    from dsc_export.serving.protocol import constant_outputs, output_contract
 
     probe = Manifest(model=ModelRef(path="model.onnx", sha256="", input=analysis.input, output=outputs[0],
                                     input_bytes=analysis.input_bytes, outputs=outputs,
@@ -643,8 +643,6 @@ def _reference(model_file: Path, seed: int, samples) -> _Reference:
     Raises:
         UserError: the model does not run at all (names the node and what to try).
     """
-    from dsc_export.compare import tolerance
-    from dsc_export.ort import make_session
 
     whole = make_session(model_file, optimization=ONE_OFF, arena=False)
     names = [o.name for o in whole.get_outputs()]
@@ -747,8 +745,6 @@ def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, s
     Raises:
         VerificationError: a split that does not reproduce the model (names it and why).
     """
-    from dsc_export.compare import tolerance
-    from dsc_export.ort import make_session
 
     batches, feeds, refs = ref.batches, ref.feeds, ref.outputs
     out_dtypes = [o.dtype for o in refs[0]]

@@ -21,6 +21,8 @@ import numpy as np
 
 from dsc_export.backends.base import Backend, BuildOptions, Runner, TensorSpec
 from dsc_export.errors import BuildError, UserError, first_line
+from dsc_export.graph.model import load_model
+from dsc_export.graph.precision import to_float16_for_build
 from dsc_export.ort import (  # noqa: F401  (re-exported: the backend's public names)
     OPTIMIZATION_LEVELS,
     ORT_DTYPES,
@@ -31,6 +33,7 @@ from dsc_export.ort import (  # noqa: F401  (re-exported: the backend's public n
     random_inputs,
     session_options,
 )
+from dsc_export.weight_store import externalize, write_blobs
 
 PROVIDERS = {
     "onnxruntime": ["CPUExecutionProvider"],
@@ -150,8 +153,6 @@ class OnnxruntimeBackend(Backend):
         """
         import onnx
 
-        from dsc_export.graph.model import load_model
-        from dsc_export.graph.precision import to_float16_for_build
 
         self.check()
         model = fix_batch(load_model(onnx_path), batch)
@@ -180,7 +181,6 @@ class OnnxruntimeBackend(Backend):
                 raise BuildError(f"onnxruntime cannot build {onnx_path} at batch {batch}: {first_line(exc)}") from exc
             # The weights go to the shared store of the engine's folder (dsc_export.weight_store): engines of
             # other batch sizes and parts hold the same optimised tensors and share them.
-            from dsc_export.weight_store import externalize, write_blobs
 
             engine = onnx.load_model(os.fspath(out))
             write_blobs(engine_path.parent, externalize(engine))

@@ -38,6 +38,8 @@ import numpy as np
 
 from dsc_export.backends.base import Backend, BuildOptions, Runner, TensorSpec
 from dsc_export.errors import BuildError, EngineLoadError, InferenceError, UserError, lazy_import
+from dsc_export.graph.model import load_model
+from dsc_export.graph.precision import to_float16_for_build
 
 TIMING_CACHE = "tensorrt.timing-cache"
 
@@ -367,8 +369,6 @@ class TensorrtBackend(Backend):
             if precision == "fp16":  # TensorRT 11 has no FP16 flag: precision is in the ONNX types
                 import onnx
 
-                from dsc_export.graph.model import load_model
-                from dsc_export.graph.precision import to_float16_for_build
 
                 model = to_float16_for_build(load_model(src), log=log)
                 src = tmpdir / "fp16.onnx"

@@ -39,6 +39,7 @@ from dsc_export.graph.model import (
     topological_nodes,
     without_data,
 )
+from dsc_export.ort import make_session, random_inputs
 
 PROBE_BATCHES = (1, 2)
 TWO_GB = 2**31 - 2**20  # protobuf's limit, with a margin
@@ -101,7 +102,6 @@ def run_with_outputs(
     Raises:
         ModelRunError: onnxruntime fails at one of the batch sizes (its ``batch`` says which).
     """
-    from dsc_export.ort import make_session, random_inputs
 
     graph_outputs = model.graph.output
     n_before = len(graph_outputs)
