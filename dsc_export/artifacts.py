@@ -313,12 +313,15 @@ def write_json_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def read_json(path: Path, parse, what: str):
+def read_json(path: Path, parse, what: str, *, missing: str | None = None):
     """``parse(json)`` of the JSON file ``path``.
 
     Raises:
-        UserError: the file is not JSON or ``parse`` rejects it (one line naming the file).
+        UserError: the file is not JSON or ``parse`` rejects it (one line naming the file); with
+            ``missing``, that line when ``path`` is not a file.
     """
+    if missing is not None and not path.is_file():
+        raise UserError(missing)
     try:
         return parse(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as exc:
@@ -331,10 +334,8 @@ def read_manifest(split_dir: str | os.PathLike) -> Manifest:
     Raises:
         UserError: not a split dir, not JSON, or not a manifest of this schema (one line).
     """
-    path = Path(split_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise UserError(f"'{split_dir}' is not a split dir (no {MANIFEST_NAME}); run dsc-export split first")
-    return read_json(path, Manifest.from_dict, "manifest")
+    return read_json(Path(split_dir) / MANIFEST_NAME, Manifest.from_dict, "manifest",
+                     missing=f"'{split_dir}' is not a split dir (no {MANIFEST_NAME}); run dsc-export split first")
 
 
 PROFILE_SCHEMA = "dsc-export.profile/1"
@@ -426,9 +427,8 @@ def read_profile(path: str | os.PathLike) -> Profile:
         UserError: the file is missing, is not JSON, or is not a profile of this schema (one line).
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"profile '{path}' does not exist; make one with dsc-export bench")
-    return read_json(path, Profile.from_dict, "profile")
+    return read_json(path, Profile.from_dict, "profile",
+                     missing=f"profile '{path}' does not exist; make one with dsc-export bench")
 
 
 def check_pair(device: Profile, server: Profile) -> None:

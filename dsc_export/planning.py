@@ -363,9 +363,7 @@ def read_plan(path: str | os.PathLike) -> Plan:
         UserError: the file is missing, is not JSON, or is not a plan of this schema (one line).
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"plan '{path}' does not exist; make one with dsc-export plan")
-    return read_json(path, Plan.from_dict, "plan")
+    return read_json(path, Plan.from_dict, "plan", missing=f"plan '{path}' does not exist; make one with dsc-export plan")
 
 
 def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_sizes: list[int] | None = None,
