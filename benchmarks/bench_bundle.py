@@ -55,7 +55,7 @@ def measure(name: str, batch_sizes: list[int], loads: int) -> dict:
 
     root = split_dir(name)
     t = time.perf_counter()
-    rep = build_engines(root, "onnxruntime", batch_sizes, "all")
+    rep = build_engines(root, "onnxruntime", batch_sizes=batch_sizes, parts="all")
     build_s = time.perf_counter() - t
     man = read_manifest(root)
     kept = [e for e in man.engines if e.speed]

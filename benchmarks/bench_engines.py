@@ -35,7 +35,7 @@ def main() -> None:
     root = split_dir(args.model)
     batches = parse_batch_sizes(args.batch_sizes)
     print(f"building onnxruntime engines for {batches} ...", flush=True)
-    build_engines(root, "onnxruntime", batches, "all")
+    build_engines(root, "onnxruntime", batch_sizes=batches, parts="all")
     man = read_manifest(root)
     splits = [s for s in man.splits if s.kind == "split"]
     cps = {c.tensor: c for c in man.cut_points}

@@ -27,18 +27,18 @@ def synthetic(n_splits: int = 4):
     rng = np.random.default_rng(0)
     sha = "00" * 32
     ids = [f"cut{k:03d}" for k in range(n_splits)]
-    splits = ([Split("offload", "offload", None, None, "model.onnx", 150528, 0.0)]
-              + [Split(i, "split", f"t{i}", "h", "t", int(rng.integers(5000, 120000)), 0.0) for i in ids]
-              + [Split("local", "local", None, "model.onnx", None, 0, 0.0)])
-    sig = TensorSig("image", ["N", 224, 224, 3], "uint8")
-    man = Manifest(ModelRef("model.onnx", sha, sig, sig, 150528), "float32", [], splits)
+    splits = ([Split(id="offload", kind="offload", tensor=None, head=None, tail="model.onnx", bytes=150528, max_abs_diff=0.0)]
+              + [Split(id=i, kind="split", tensor=f"t{i}", head="h", tail="t", bytes=int(rng.integers(5000, 120000)), max_abs_diff=0.0) for i in ids]
+              + [Split(id="local", kind="local", tensor=None, head="model.onnx", tail=None, bytes=0, max_abs_diff=0.0)])
+    sig = TensorSig(name="image", shape=["N", 224, 224, 3], dtype="uint8")
+    man = Manifest(ModelRef(path="model.onnx", sha256=sha, input=sig, output=sig, input_bytes=150528), "float32", [], splits)
     batches = [1, 2, 4, 8, 16, 32, 64]
-    dev = [Timing("local", "head", b, 12.0 * b, 0, 0, 5) for b in batches]
-    srv = [Timing("offload", "tail", b, 3.0 * b, 0, 0, 5) for b in batches]
+    dev = [Timing(split="local", part="head", batch=b, median_ms=12.0 * b, p10_ms=0, p90_ms=0, runs=5) for b in batches]
+    srv = [Timing(split="offload", part="tail", batch=b, median_ms=3.0 * b, p10_ms=0, p90_ms=0, runs=5) for b in batches]
     for k, i in enumerate(ids):
         f = (k + 1) / (n_splits + 1)
-        dev += [Timing(i, "head", b, 12.0 * b * f, 0, 0, 5) for b in batches]
-        srv += [Timing(i, "tail", b, 3.0 * b * (1 - f), 0, 0, 5) for b in batches]
+        dev += [Timing(split=i, part="head", batch=b, median_ms=12.0 * b * f, p10_ms=0, p90_ms=0, runs=5) for b in batches]
+        srv += [Timing(split=i, part="tail", batch=b, median_ms=3.0 * b * (1 - f), p10_ms=0, p90_ms=0, runs=5) for b in batches]
     return man, Profile("device", "onnxruntime", {}, None, sha, dev), Profile("server", "onnxruntime", {}, None, sha, srv)
 
 

@@ -35,7 +35,7 @@ def main() -> None:
     summary = {}
     for name in args.models.split(","):
         root = split_dir(name)
-        build_engines(root, args.backend, batches, "all")
+        build_engines(root, args.backend, batch_sizes=batches, parts="all")
         out = OUT / "profiles"
         out.mkdir(parents=True, exist_ok=True)
         entry = {}

@@ -28,6 +28,11 @@ MANIFEST_NAME = "manifest.json"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of the file at ``path``, read in ``chunk``-byte blocks.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -35,15 +40,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TensorSig:
+    """Name, shape and numpy dtype name of a model input or output; ``shape`` has the batch
+    dimension as a symbolic string or -1.
+    """
+
     name: str
     shape: list  # batch dim as a string (symbolic) or -1
     dtype: str
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelRef:
+    """The whole model of a split dir: its file, hash, input/output signatures and the bytes of
+    one input sample (fields and units: docs/contracts.md).
+    """
+
     path: str  # relative to the split dir
     sha256: str
     input: TensorSig
@@ -78,7 +91,7 @@ class ModelRef:
         return self.only_batch is None and self.batch_independent is not False
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CutPoint:
     """One cut point, as the manifest's ``cut_points`` lists it.
 
@@ -104,7 +117,7 @@ class CutPoint:
     fits_wire: bool = True
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Split:
     """One candidate of the planner: ``offload`` (l = 0), a cut point, or ``local`` (l = L)."""
 
@@ -120,7 +133,7 @@ class Split:
     ratio: float | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Engine:
     """One built engine: the optimised form of a head, a tail or the whole model for one batch size.
 
@@ -170,12 +183,20 @@ class Manifest:
     schema: str = SPLIT_SCHEMA
 
     def to_json(self) -> str:
+        """The manifest as ``dsc-export.split/N`` JSON text, ``schema`` first."""
         d = asdict(self)
         ordered = {"schema": d.pop("schema"), **d}
         return json.dumps(ordered, indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        """The manifest from its parsed JSON.
+
+        Raises:
+            UserError: another or an older schema.
+            KeyError, TypeError: a missing or malformed field (:func:`read_manifest` turns these into
+                one line).
+        """
         if d.get("schema") != SPLIT_SCHEMA:
             if str(d.get("schema")) in OLD_SPLIT_SCHEMAS:
                 raise UserError(f"this split dir was written by an older dsc-export ({d['schema']}, not "
@@ -198,6 +219,11 @@ class Manifest:
         )
 
     def split(self, split_id: str) -> Split:
+        """The split with id ``split_id``.
+
+        Raises:
+            UserError: no such split (naming the known ones).
+        """
         for s in self.splits:
             if s.id == split_id:
                 return s
@@ -214,6 +240,7 @@ class Manifest:
         return [rel] + self.data.get(rel, [])
 
     def engine(self, split_id: str, part: str, backend: str, batch: int, precision: str = "fp32") -> Engine | None:
+        """The recorded engine for this split, part, backend, batch size and precision, or None."""
         for e in self.engines:
             if (e.split, e.part, e.backend, e.batch, e.precision) == (split_id, part, backend, batch, precision):
                 return e
@@ -239,6 +266,9 @@ def verify_files(manifest: Manifest, root: str | os.PathLike, paths: list[str]) 
         root: the split dir.
         paths: the relative paths to check (an ONNX file's weights files are checked with it,
             each once).
+
+    Raises:
+        UserError: no hashes recorded, a path not listed, a file missing or changed.
     """
     if not manifest.files:
         raise UserError(f"'{root}/{MANIFEST_NAME}' records no file hashes (written by an older "
@@ -283,12 +313,15 @@ def write_json_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def read_json(path: Path, parse, what: str):
+def read_json(path: Path, parse, what: str, *, missing: str | None = None):
     """``parse(json)`` of the JSON file ``path``.
 
     Raises:
-        UserError: the file is not JSON or ``parse`` rejects it (one line naming the file).
+        UserError: the file is not JSON or ``parse`` rejects it (one line naming the file); with
+            ``missing``, that line when ``path`` is not a file.
     """
+    if missing is not None and not path.is_file():
+        raise UserError(missing)
     try:
         return parse(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as exc:
@@ -296,17 +329,20 @@ def read_json(path: Path, parse, what: str):
 
 
 def read_manifest(split_dir: str | os.PathLike) -> Manifest:
-    path = Path(split_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise UserError(f"'{split_dir}' is not a split dir (no {MANIFEST_NAME}); run dsc-export split first")
-    return read_json(path, Manifest.from_dict, "manifest")
+    """The manifest of the split dir ``split_dir`` (its ``manifest.json``).
+
+    Raises:
+        UserError: not a split dir, not JSON, or not a manifest of this schema (one line).
+    """
+    return read_json(Path(split_dir) / MANIFEST_NAME, Manifest.from_dict, "manifest",
+                     missing=f"'{split_dir}' is not a split dir (no {MANIFEST_NAME}); run dsc-export split first")
 
 
 PROFILE_SCHEMA = "dsc-export.profile/1"
 ROLES = ("device", "server")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Timing:
     """Measured time of one part of one split at one batch size, in milliseconds."""
 
@@ -341,11 +377,19 @@ class Profile:
     schema: str = PROFILE_SCHEMA
 
     def to_json(self) -> str:
+        """The profile as ``dsc-export.profile/1`` JSON text, ``schema`` first."""
         d = asdict(self)
         return json.dumps({"schema": d.pop("schema"), **d}, indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Profile:
+        """The profile from its parsed JSON.
+
+        Raises:
+            UserError: another schema or an unknown role.
+            KeyError, TypeError: a missing or malformed field (:func:`read_profile` turns these into
+                one line).
+        """
         if d.get("schema") != PROFILE_SCHEMA:
             raise UserError(f"not a {PROFILE_SCHEMA} file (schema: {d.get('schema')!r})")
         if d.get("role") not in ROLES:
@@ -365,24 +409,34 @@ class Profile:
                        emulation={**(self.emulation or {}), "slowdown": float(factor)})
 
     def time_of(self, split: str, part: str, batch: int) -> Timing | None:
+        """The timing of ``part`` of ``split`` at ``batch``, or None when it was not measured."""
         for t in self.timings:
             if (t.split, t.part, t.batch) == (split, part, batch):
                 return t
         return None
 
     def batches(self) -> list[int]:
+        """The batch sizes measured, sorted."""
         return sorted({t.batch for t in self.timings})
 
 
 def read_profile(path: str | os.PathLike) -> Profile:
+    """The profile at ``path`` (``dsc-export.profile/1``, written by ``dsc-export bench``).
+
+    Raises:
+        UserError: the file is missing, is not JSON, or is not a profile of this schema (one line).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"profile '{path}' does not exist; make one with dsc-export bench")
-    return read_json(path, Profile.from_dict, "profile")
+    return read_json(path, Profile.from_dict, "profile",
+                     missing=f"profile '{path}' does not exist; make one with dsc-export bench")
 
 
 def check_pair(device: Profile, server: Profile) -> None:
-    """Refuse a device and a server profile that cannot be combined into one plan."""
+    """Refuse a device and a server profile that cannot be combined into one plan.
+
+    Raises:
+        UserError: a profile of the wrong role, or the two are of different models.
+    """
     if device.role != "device":
         raise UserError(f"the --device profile was taken with --role {device.role}")
     if server.role != "server":

@@ -43,8 +43,13 @@ from typing import Any
 
 from dsc_export import __version__
 from dsc_export.artifacts import MANIFEST_NAME, Manifest, read_manifest, sha256_file, verify_files
+from dsc_export.backends import get_backend
 from dsc_export.errors import UserError, lazy_import
-from dsc_export.weight_store import check_blobs, link_or_copy, save_linked
+from dsc_export.graph.model import load_model
+from dsc_export.planning import read_plan
+from dsc_export.serving.protocol import INPUT, TRITON_TYPES, fixed_batch, mergeable, served_outputs
+from dsc_export.serving.triton_python import write_python_model
+from dsc_export.weight_store import check_blobs, link_or_copy, save_linked, tree_bytes
 
 BUNDLE_SCHEMA = "dsc-export.bundle/2"  # 2: weights stored once (shared stores, hard links in triton/)
 OLD_BUNDLE_SCHEMAS = ("dsc-export.bundle/1",)
@@ -68,7 +73,7 @@ def _side_files(man: Manifest, side: str) -> tuple[list[str], list[Any]]:
     return sorted(set(files)), engines
 
 
-def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike, plan: str | os.PathLike | None = None,
+def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike, *, plan: str | os.PathLike | None = None,
                 triton_platform: str = "onnxruntime_onnx", max_batch_size: int = 64, instances: int = 1,
                 triton: bool = True) -> dict[str, Any]:
     """Write a device or server bundle of ``split_dir`` to ``out`` (a tar file, written atomically).
@@ -95,7 +100,6 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
         raise UserError(f"bundle side must be device or server, not '{side}'")
     if triton_platform not in TRITON_BACKENDS.values():
         raise UserError(f"the Triton repository's platform must be one of {', '.join(TRITON_BACKENDS.values())}")
-    from dsc_export.serving.protocol import served_outputs
 
     root = Path(split_dir)
     man = read_manifest(root)
@@ -124,10 +128,9 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
         for rel in files + sorted({e.path for e in engines}):
             link_or_copy(root / rel, staging / rel)
         if side == "server" and triton:
-            write_triton_repository(staging, sub, staging / "triton", triton_platform,
+            write_triton_repository(staging, sub, repo=staging / "triton", platform=triton_platform,
                                     max_batch_size=max_batch_size, instances=instances)
         if side == "device":
-            from dsc_export.planning import read_plan
 
             if read_plan(plan_path).model_sha256 != man.model.sha256:
                 raise UserError(f"plan '{plan_path}' was made for another model than '{root}'")
@@ -177,7 +180,6 @@ def side_sizes(root: Path, man: Manifest, part: str, paths: list[Path]) -> dict[
 
     ``root`` is a split dir or an unpacked bundle; ``paths`` the files the side stores.
     """
-    from dsc_export.weight_store import tree_bytes
 
     onnx_files = sorted({p for _, p in man.parts(part)} | {man.model.path})
     weights = sorted({d for f in onnx_files for d in man.data.get(f, [])})
@@ -217,7 +219,7 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str = "onnxruntime_onnx", *,
+def write_triton_repository(root: Path, man: Manifest, *, repo: Path, platform: str = "onnxruntime_onnx",
                             max_batch_size: int = 64, instances: int = 1) -> list[str]:
     """One Triton model per split with a tail: ``repo/<split>/config.pbtxt`` and the model.
 
@@ -244,14 +246,6 @@ def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str
     """
     import onnx
 
-    from dsc_export.graph.model import load_model
-    from dsc_export.serving.protocol import (
-        INPUT,
-        TRITON_TYPES,
-        fixed_batch,
-        mergeable,
-        served_outputs,
-    )
 
     pb = lazy_import("tritonclient.grpc.model_config_pb2", "serve")
     text_format = lazy_import("google.protobuf.text_format", "serve")
@@ -289,7 +283,6 @@ def write_triton_repository(root: Path, man: Manifest, repo: Path, platform: str
         config.instance_group.add(count=instances, kind=kind)
         config.parameters["dsc_model_sha256"].string_value = man.model.sha256
         if platform == "python":  # model.py and the engines; their names go into the parameters
-            from dsc_export.serving.triton_python import write_python_model
 
             write_python_model(root, man, s.id, d, config, lambda m: _serve_form(m, INPUT, contract))
         (d / "config.pbtxt").write_text(text_format.MessageToString(config))
@@ -313,7 +306,6 @@ def _tensorrt_files(root: Path, man: Manifest, split, model, d: Path, in_dims, *
     import shlex
 
     from dsc_export.backends.tensorrt import shape_spec
-    from dsc_export.serving.protocol import INPUT
 
     save_linked(model, root, d)
     sid = split.id
@@ -408,7 +400,7 @@ def _safe_members(tar: tarfile.TarFile, source: str) -> list[tarfile.TarInfo]:
     return members
 
 
-def open_bundle(path: str | os.PathLike, dest: str | os.PathLike, expect_side: str | None = None,
+def open_bundle(path: str | os.PathLike, dest: str | os.PathLike, *, expect_side: str | None = None,
                 expect_model_sha256: str | None = None, check_backends: bool = True) -> dict[str, Any]:
     """Extract and check a bundle into ``dest`` (which must not exist, or be an earlier copy).
 
@@ -478,8 +470,6 @@ def open_bundle(path: str | os.PathLike, dest: str | os.PathLike, expect_side: s
 
 
 def _backend_differs(backend: str, version: str) -> str | None:
-    from dsc_export.backends import get_backend
-
     b = get_backend(backend)
     if b.available():
         return f"and {backend} cannot run here ({b.available()})"

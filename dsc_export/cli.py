@@ -16,10 +16,32 @@ from pathlib import Path
 import click
 
 from dsc_export import __version__
-from dsc_export.artifacts import PRECISIONS, ROLES, WIRE_DTYPES
-from dsc_export.backends import BACKENDS
-from dsc_export.bundle import PLATFORMS, TRITON_BACKENDS
-from dsc_export.engines import PARTS
+from dsc_export.artifacts import (
+    PRECISIONS,
+    ROLES,
+    WIRE_DTYPES,
+    read_manifest,
+    read_profile,
+    sha256_file,
+    write_json_atomic,
+)
+from dsc_export.backends import BACKENDS, BuildOptions, get_backend
+from dsc_export.bundle import (
+    PLATFORMS,
+    TRITON_BACKENDS,
+    describe_sizes,
+    make_bundle,
+    open_bundle,
+    side_sizes_of_split,
+)
+from dsc_export.engines import (
+    PARTS,
+    build_engines,
+    engine_batch_sizes,
+    import_engines,
+    parse_batch_sizes,
+)
+from dsc_export.engines import emit_trtexec as write_trtexec
 from dsc_export.errors import UserError
 
 ENGINES_ROOT = Path("engines")
@@ -118,8 +140,8 @@ def export_cmd(name, output, resolution, weights, pretrained, opset, float_input
 
     entry = lookup(name)
     output = output or ENGINES_ROOT / entry.name / f"{entry.name}.onnx"
-    rep = export_model(entry.name, output, resolution, str(weights) if weights else None, opset,
-                       float_input, verify=not no_verify, log=_log, pretrained=pretrained)
+    rep = export_model(entry.name, output, resolution=resolution, weights=str(weights) if weights else None, opset=opset,
+                       float_input=float_input, verify=not no_verify, log=_log, pretrained=pretrained)
     click.echo(f"wrote {rep.path}  ({rep.file_bytes / 1e6:.1f} MB, {rep.seconds:.1f} s)")
     click.echo(f"  model   {rep.entry.name} ({rep.entry.timm_name}), weights: {rep.weights}")
     click.echo(f"  input   image  {rep.input_dtype} {rep.input_shape}")
@@ -275,8 +297,6 @@ def _progress(label: str):
 
 
 def _batch_sizes(ctx, param, value):
-    from dsc_export.engines import parse_batch_sizes
-
     if value is None:
         return None
     try:
@@ -334,28 +354,25 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
       sh build-heads.sh && dsc-export build . --backend tensorrt --parts heads --import
       dsc-export build DIR --inputs photos/   # check the engines on your own images
     """
-    from dsc_export.backends import BuildOptions
-    from dsc_export.engines import build_engines, import_engines
-    from dsc_export.engines import emit_trtexec as write_trtexec
 
     options = BuildOptions(workspace_mb=workspace_mb, version_compatible=version_compatible,
                            hardware_compatible=hardware_compatible)
     if emit_trtexec:
-        n = write_trtexec(split_dir, emit_trtexec, batch_sizes, parts, precision, options, log=_note)
+        n = write_trtexec(split_dir, emit_trtexec, batch_sizes=batch_sizes, parts=parts, precision=precision,
+                          options=options, log=_note)
         click.echo(f"wrote {emit_trtexec}: {n} trtexec command(s); run it in {split_dir} on the target machine, "
                    "then dsc-export build --import there")
         return
-    from dsc_export.artifacts import read_manifest
-    from dsc_export.backends import get_backend
 
     read_manifest(split_dir)  # not a split dir, a missing backend: one line before any progress bar
     get_backend(backend).check()
     if import_:
-        rep = import_engines(split_dir, backend, batch_sizes, parts, precision, options, log=_note)
+        rep = import_engines(split_dir, backend, batch_sizes=batch_sizes, parts=parts, precision=precision,
+                             options=options, log=_note)
     else:
         with _progress("building") as progress:  # the bar appears after the checks (a bad --inputs: one line)
-            rep = build_engines(split_dir, backend, batch_sizes, parts, precision, options, verify,
-                                progress=progress, log=_note, inputs=None if inputs is None else str(inputs),
+            rep = build_engines(split_dir, backend, batch_sizes=batch_sizes, parts=parts, precision=precision,
+                                options=options, verify=verify, progress=progress, log=_note, inputs=None if inputs is None else str(inputs),
                                 keep_all=keep_all, margin=margin)
     rows = [("engine", "batch", "for", "build s", "max rel diff")]
     seen = {}  # a TensorRT engine serves several batch sizes (one profile each)
@@ -372,7 +389,6 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
     dropped = len({e.path for e in rep.dropped})
     click.echo(f"{verb} {len(seen)} engine(s), {kept} already up to date, {dropped} dropped (not faster than "
                f"the ONNX by {margin:.0%}), {len(rep.failed)} failed; recorded in {split_dir}/manifest.json")
-    from dsc_export.bundle import describe_sizes, side_sizes_of_split
 
     for side, sizes in side_sizes_of_split(split_dir).items():
         click.echo(describe_sizes(side, sizes))
@@ -419,8 +435,6 @@ def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats,
       dsc-export bench engines/efficientnet_b0/split --role server -o server.json
       dsc-export bench DIR --role device --backend tensorrt --lock-gpu-clocks 300   # as root
     """
-    from dsc_export.artifacts import read_manifest, write_json_atomic
-    from dsc_export.engines import engine_batch_sizes
     from dsc_export.profiling import noisy, profile_split_dir
 
     if batch_sizes:
@@ -493,13 +507,13 @@ def plan_cmd(split_dir, device_path, server_path, batch_sizes, rates, rate_steps
           --server engines/efficientnet_b0/split/profiles/server-onnxruntime.json --plots plots/
       dsc-export plan DIR --device dev.json --server srv.json --rtt-ms 20 --privacy --json
     """
-    from dsc_export.artifacts import read_manifest, read_profile, sha256_file, write_json_atomic
     from dsc_export.planning import best_static, make_plan, rate_grid
 
     man = read_manifest(split_dir)
     dev, srv = read_profile(device_path), read_profile(server_path)
-    plan = make_plan(man, dev, srv, batch_sizes, rate_grid(rates, rate_steps), rtt_ms, privacy,
-                     list(static) or None, margin, (sha256_file(device_path), sha256_file(server_path)))
+    plan = make_plan(man, dev, srv, batch_sizes=batch_sizes, rates=rate_grid(rates, rate_steps), rtt_ms=rtt_ms,
+                     privacy=privacy, static=list(static) or None, margin=margin,
+                     profile_hashes=(sha256_file(device_path), sha256_file(server_path)))
     output = output or split_dir / "plan.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output, plan.to_json())
@@ -601,7 +615,6 @@ def bundle_cmd(split_dir, side, output, plan_path, triton_backend, triton_platfo
       dsc-export bundle engines/efficientnet_b0/split --device -o b0-device.tar
       dsc-export bundle engines/efficientnet_b0/split --server -o b0-server.tar
     """
-    from dsc_export.bundle import make_bundle
 
     if side is None:
         raise click.UsageError("choose --device or --server")
@@ -609,10 +622,10 @@ def bundle_cmd(split_dir, side, output, plan_path, triton_backend, triton_platfo
         raise UserError(f"--triton-backend {triton_backend} and --triton-platform {triton_platform} disagree; "
                                "give one of them")
     platform = TRITON_BACKENDS[triton_backend] if triton_backend else triton_platform or "onnxruntime_onnx"
-    index = make_bundle(split_dir, side, output, plan_path, platform, max_batch_size, instances)
+    index = make_bundle(split_dir, side, output, plan=plan_path, triton_platform=platform,
+                      max_batch_size=max_batch_size, instances=instances)
     size = output.stat().st_size
     click.echo(f"wrote {output}: {side} bundle, {len(index['files'])} files, {size / 1e6:.1f} MB")
-    from dsc_export.bundle import describe_sizes
 
     click.echo(describe_sizes(side, index["sizes"]))
 
@@ -623,7 +636,6 @@ def _open_dir_or_bundle(path: Path, side: str):
 
     if path.is_dir():
         return path, None
-    from dsc_export.bundle import open_bundle
 
     tmp = tempfile.TemporaryDirectory(prefix="dsc-bundle-")
     dest = Path(tmp.name) / "bundle"
@@ -828,7 +840,7 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
     from dsc_export.demo import run_demo
 
     t0 = time.perf_counter()
-    rep = run_demo(model, out, batch_sizes, slowdown, repeats, serve=serve,
+    rep = run_demo(model, out, batch_sizes=batch_sizes, slowdown=slowdown, repeats=repeats, serve=serve,
                    step=lambda s: click.secho(f"== {s}", bold=True, err=True), log=_log, resolution=resolution)
     ps = rep.plan_summary
     click.echo("")

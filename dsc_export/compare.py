@@ -76,9 +76,11 @@ class Comparison:
     problem: str | None = None
 
     def ok(self, tol: float) -> bool:
+        """True when there was no problem and the relative difference is at most ``tol``."""
         return self.problem is None and self.max_rel <= tol
 
     def merge(self, other: Comparison) -> Comparison:
+        """The worse of two comparisons: the larger differences, the first problem."""
         return Comparison(max(self.max_abs, other.max_abs), max(self.max_rel, other.max_rel),
                           self.problem or other.problem)
 

@@ -22,7 +22,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsc_export.errors import UserError
+from dsc_export.artifacts import read_manifest, sha256_file, write_json_atomic
+from dsc_export.backends.onnxruntime import make_session
+from dsc_export.bundle import describe_sizes, side_sizes_of_split
+from dsc_export.engines import build_engines
+from dsc_export.errors import UserError, lazy_import
+from dsc_export.export import export_model
+from dsc_export.images import Preprocess, batches, sample_photos, top_k
+from dsc_export.ort import random_array
+from dsc_export.planning import best_static, make_plan
+from dsc_export.plots import bottleneck_chart, choice_heatmap, gain_heatmap
+from dsc_export.profiling import profile_split_dir
+from dsc_export.serving.bandwidth import SimulatedLink
+from dsc_export.serving.client import DynamicSplitClient
+from dsc_export.serving.server import TailServer
+from dsc_export.splitting import analyze_file, split_model
+from dsc_export.weights import has_pretrained
+from dsc_export.zoo import lookup
 
 DEMO_RATES = (2.0, 20.0, 100.0, 5.0)
 TRAINED_MODEL, RANDOM_MODEL = "efficientnet_lite0", "efficientnet_b0"
@@ -30,6 +46,10 @@ TRAINED_MODEL, RANDOM_MODEL = "efficientnet_lite0", "efficientnet_b0"
 
 @dataclass
 class DemoReport:
+    """What ``run_demo`` did: its output dir, the files it wrote, the plan's summary, the
+    simulated session, seconds per step and notes.
+    """
+
     out: Path
     files: dict[str, str] = field(default_factory=dict)
     plan_summary: dict[str, Any] = field(default_factory=dict)
@@ -41,22 +61,17 @@ class DemoReport:
     labels: list[dict[str, Any]] = field(default_factory=list)  # per photo: whole model's and per split
 
 
-def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", batch_sizes=(1, 2, 4, 8, 16),
+def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", *, batch_sizes=(1, 2, 4, 8, 16),
              slowdown: float = 4.0, repeats: int = 5, session_batches: int = 10, serve: bool = True,
              step: Callable[[str], None] = lambda s: None, log: Callable[[str], None] = lambda s: None,
              resolution: int | None = None) -> DemoReport:
     """Run the demo into ``out``; see the module docstring. Returns what was made and concluded.
 
     ``model`` None: the trained EfficientNet-Lite0 when its weights are installed, else B0 (random).
+
+    Raises:
+        UserError: an engine fails to build, or any step's user error (export, split, bench, plan).
     """
-    from dsc_export.artifacts import read_manifest, sha256_file, write_json_atomic
-    from dsc_export.engines import build_engines
-    from dsc_export.planning import best_static, make_plan
-    from dsc_export.plots import bottleneck_chart, choice_heatmap, gain_heatmap
-    from dsc_export.profiling import profile_split_dir
-    from dsc_export.splitting import analyze_file, split_model
-    from dsc_export.weights import has_pretrained
-    from dsc_export.zoo import lookup
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +92,6 @@ def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", 
 
     step(f"1/8 export {entry.name} ({'trained ImageNet weights' if trained else 'random weights, BatchNorm re-estimated'})")
     if not onnx_path.is_file() or _is_trained(onnx_path) != trained:
-        from dsc_export.export import export_model
 
         export_model(entry.name, onnx_path, resolution=resolution, log=log, pretrained=trained)
     else:
@@ -98,10 +112,9 @@ def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", 
     done("split")
 
     step(f"4/8 build onnxruntime engines for batch sizes {','.join(map(str, batch_sizes))}")
-    b = build_engines(split, "onnxruntime", list(batch_sizes), "all", log=log)
+    b = build_engines(split, "onnxruntime", batch_sizes=list(batch_sizes), parts="all", log=log)
     if b.failed:
         raise UserError(f"{len(b.failed)} engine(s) failed to build: {b.failed[0][1]}")
-    from dsc_export.bundle import describe_sizes, side_sizes_of_split
 
     for side, sizes in side_sizes_of_split(split).items():
         log(describe_sizes(side, sizes))
@@ -174,7 +187,6 @@ def _is_trained(onnx_path: Path) -> bool:
 
 def _photo_batch(split: Path, manifest, batch: int) -> tuple[list[str], Any]:
     """The sample photos preprocessed for the model, cycled into one batch, and their names."""
-    from dsc_export.images import Preprocess, batches, sample_photos
 
     photos = sample_photos()
     pre = Preprocess.for_onnx(split / manifest.model.path, int(manifest.model.input.shape[1]))
@@ -183,7 +195,6 @@ def _photo_batch(split: Path, manifest, batch: int) -> tuple[list[str], Any]:
 
 def _labels(names: list[str], whole, through: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     """Per photo: the whole model's top-1 and the top-1 through each split it ran on (pure but for timm's names)."""
-    from dsc_export.images import top_k
 
     rows = [{"photo": n, "whole": t[0].name} for n, t in zip(names, top_k(whole[:len(names)], 1))]
     for split, logits in through:
@@ -198,11 +209,6 @@ def _session(split: Path, plan, batches_per_rate: int, log, slowdown: float = 1.
 
     import numpy as np
 
-    from dsc_export.errors import lazy_import
-    from dsc_export.ort import random_array
-    from dsc_export.serving.bandwidth import SimulatedLink
-    from dsc_export.serving.client import DynamicSplitClient
-    from dsc_export.serving.server import TailServer
 
     lazy_import("pytriton", "serve")
     ports = []
@@ -241,7 +247,6 @@ def _session(split: Path, plan, batches_per_rate: int, log, slowdown: float = 1.
                     log(f"{rate:g} MB/s: batch of {b.batch} -> {b.split} ({b.measured_ms:.0f} ms)")
     if not photos:
         return rows, []
-    from dsc_export.backends.onnxruntime import make_session
 
     whole = make_session(split / "model.onnx").run(None, {client.manifest.model.input.name: x})[0]
     return rows, _labels(names, whole, list(through.items()))

@@ -41,7 +41,15 @@ from dsc_export.artifacts import (
     write_json_atomic,
 )
 from dsc_export.backends import Backend, BuildOptions, Runner, get_backend
+from dsc_export.compare import compare, tolerance
 from dsc_export.errors import UserError, VerificationError
+from dsc_export.graph.model import load_model
+from dsc_export.graph.precision import to_float16_for_build
+from dsc_export.graph.shapes import input_signature
+from dsc_export.inputs import SampleInputs
+from dsc_export.ort import make_session
+from dsc_export.serving.protocol import fixed_batch, served_outputs
+from dsc_export.weight_store import check_blobs, prune, referenced
 
 PARTS = ("heads", "tails", "all")
 ENGINES_DIR = "engines"
@@ -76,6 +84,10 @@ class Job:
 
 @dataclass
 class BuildReport:
+    """Outcome of :func:`build_engines`: engines built, kept (up to date), dropped (not
+    faster than the ONNX by the margin), failed (with the reason), and the seconds taken.
+    """
+
     built: list[Engine] = field(default_factory=list)
     kept: list[Engine] = field(default_factory=list)
     dropped: list[Engine] = field(default_factory=list)  # built, not faster than the ONNX by the margin
@@ -126,7 +138,6 @@ def engine_batch_sizes(manifest: Manifest, requested: list[int]) -> tuple[list[i
     Returns:
         (sizes, note): the sizes to use, and None or one sentence saying what was left out.
     """
-    from dsc_export.serving.protocol import fixed_batch
 
     fb = fixed_batch(manifest)
     requested = sorted(set(requested))
@@ -154,12 +165,15 @@ def engine_path(backend: Backend, source: str, batch: int | None, precision: str
     return f"{ENGINES_DIR}/{backend.name}/{stem}{sized}-{precision}{backend.suffix}"
 
 
-def plan_jobs(manifest: Manifest, backend: Backend, parts: str, batch_sizes: list[int], precision: str) -> list[Job]:
+def plan_jobs(manifest: Manifest, backend: Backend, *, parts: str, batch_sizes: list[int], precision: str) -> list[Job]:
     """The engine files a build of ``parts`` needs, grouped by source ONNX then batch size.
 
     A backend with ``profiles`` (TensorRT) gets one file per source serving every batch size,
     one optimisation profile each: the sizes asked for and those already recorded for that file
     (a rebuild must not drop a profile that another record names), in ascending order.
+
+    Raises:
+        UserError: ``parts`` is not one of ``PARTS``.
     """
     if parts not in PARTS:
         raise UserError(f"--parts must be one of {', '.join(PARTS)}")
@@ -183,7 +197,6 @@ def plan_jobs(manifest: Manifest, backend: Backend, parts: str, batch_sizes: lis
 def _prepare(split_dir, backend_name: str, parts: str, batch_sizes, precision: str, options: BuildOptions | None,
              log: Callable[[str], None] = lambda s: None):
     """Read and check everything a build or an import needs, before anything is written."""
-    from dsc_export.serving.protocol import served_outputs
 
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be fp32 or fp16, not '{precision}'")
@@ -196,7 +209,7 @@ def _prepare(split_dir, backend_name: str, parts: str, batch_sizes, precision: s
     batch_sizes, note = engine_batch_sizes(manifest, list(batch_sizes))
     if note:
         log(f"note: {note}")
-    jobs = plan_jobs(manifest, backend, parts, batch_sizes, precision)
+    jobs = plan_jobs(manifest, backend, parts=parts, batch_sizes=batch_sizes, precision=precision)
     verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))  # refuse, naming the file
     return root, manifest, backend, options, options.for_backend(backend.name), jobs
 
@@ -242,8 +255,6 @@ def engine_data(root: Path, rel: str) -> list[str]:
     """The weights files an engine reads, relative to the split dir (an opaque engine: none)."""
     if not rel.endswith(".onnx"):
         return []
-    from dsc_export.graph.model import load_model
-    from dsc_export.weight_store import referenced
 
     folder = Path(rel).parent
     return [(folder / loc).as_posix() for loc in referenced(load_model(root / rel, load_data=False))]
@@ -252,7 +263,6 @@ def engine_data(root: Path, rel: str) -> list[str]:
 def _prune_weights(root: Path, manifest: Manifest) -> None:
     """Remove the blobs of the split dir's store that no file of the dir reads: not the model,
     a part (``manifest.data``) or a kept engine of any backend (``Engine.data``)."""
-    from dsc_export.weight_store import prune
 
     keep = {d for ds in manifest.data.values() for d in ds} | {d for e in manifest.engines for d in e.data}
     prune(root, keep)
@@ -261,6 +271,7 @@ def _prune_weights(root: Path, manifest: Manifest) -> None:
 def build_engines(
     split_dir: str | os.PathLike,
     backend_name: str = "onnxruntime",
+    *,
     batch_sizes: list[int] = (1,),
     parts: str = "all",
     precision: str = "fp32",
@@ -307,8 +318,6 @@ def build_engines(
     if inputs is not None and not verify:
         log(f"--inputs {inputs} is not used: --no-verify skips the engine checks")
     elif inputs is not None:  # a bad --inputs is refused before anything is built
-        from dsc_export.graph.model import load_model
-        from dsc_export.inputs import SampleInputs
 
         samples = SampleInputs.from_path(inputs, load_model(root / manifest.model.path, load_data=False))
     target = backend.target()
@@ -334,15 +343,15 @@ def build_engines(
         t0 = time.perf_counter()
         try:
             notes: list[str] = []
-            backend.build(root / job.source, root / job.path, job.batches if backend.profiles else job.batch,
-                          precision, options, cache_dir=root / ENGINES_DIR / backend.name, log=notes.append)
+            backend.build(root / job.source, root / job.path, batch=job.batches if backend.profiles else job.batch,
+                          precision=precision, options=options, cache_dir=root / ENGINES_DIR / backend.name,
+                          log=notes.append)
             for note in dict.fromkeys(notes):
                 log(f"{Path(job.path).name}: {note}")
             diffs = {b: (None, None) for b in job.batches}
             if verify:
                 if job.source not in reference:
                     reference.clear()  # one reference session at a time
-                    from dsc_export.ort import make_session
 
                     check_inputs = _check_inputs(root, manifest, job, samples)  # before the session's memory
                     reference[job.source] = (make_session(root / job.source, optimization="extended", arena=False),
@@ -386,8 +395,11 @@ def build_engines(
                 key = (sid, part, backend.name, b, precision)
                 manifest.engines = [e for e in manifest.engines if _key(e) != key]
                 manifest.dropped = [e for e in manifest.dropped if _key(e) != key]
-                rec = Engine(sid, part, backend.name, b, precision, job.path, sha, dict(target), job.source,
-                             source_sha, dict(opts), round(seconds, 3), *diffs[b], data=data, speed=speed,
+                abs_diff, rel_diff = diffs[b]
+                rec = Engine(split=sid, part=part, backend=backend.name, batch=b, precision=precision,
+                             path=job.path, sha256=sha, target=dict(target), source=job.source,
+                             source_sha256=source_sha, options=dict(opts), seconds=round(seconds, 3),
+                             max_abs_diff=abs_diff, max_rel_diff=rel_diff, data=data, speed=speed,
                              profile=job.profile(backend, b))
                 (manifest.engines if keep else manifest.dropped).append(rec)
                 (report.built if keep else report.dropped).append(rec)
@@ -415,8 +427,6 @@ def _speed_feeds(root: Path, manifest: Manifest, job: Job, samples, reference: d
 def _check_inputs(root: Path, manifest: Manifest, job: Job, samples):
     """The SampleInputs an engine of ``job.source`` is checked on: the user's samples for the whole
     model and the heads (their input is the model's), else random within the source's ranges."""
-    from dsc_export.graph.model import load_model
-    from dsc_export.inputs import SampleInputs
 
     reads_model_input = job.source == manifest.model.path or all(part == "head" for _, part in job.records)
     if samples is not None and reads_model_input:
@@ -432,7 +442,6 @@ def _check_engine(backend: Backend, engine: Path, reference, inputs, job: Job, p
     The tolerance follows the dtypes compared (:func:`dsc_export.compare.tolerance`): the
     outputs' dtypes, and float16 for an fp16 engine; a NaN or inf is a failure of its own.
     """
-    from dsc_export.compare import compare, tolerance
 
     wanted = {i.name for i in reference.get_inputs()}
     feeds = {name: x for name, x in inputs.feeds(batch).items() if name in wanted}
@@ -463,7 +472,6 @@ def load_engine(split_dir: str | os.PathLike, rec: Engine, threads: int | None =
     if sha256_file(path) != rec.sha256:
         raise UserError(f"engine '{path}' does not match its sha256 in the manifest; refusing to load it "
                         "(rebuild with dsc-export build)")
-    from dsc_export.weight_store import check_blobs
 
     check_blobs(split_dir, rec.data)
     backend = get_backend(rec.backend)
@@ -494,7 +502,7 @@ def load_part(split_dir: str | os.PathLike, manifest: Manifest, split_id: str, p
     return None if gone is None else get_backend(backend).load_onnx(Path(split_dir) / gone.source, threads)
 
 
-def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batch_sizes: list[int],
+def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, *, batch_sizes: list[int],
                  parts: str = "all", precision: str = "fp32", options: BuildOptions | None = None,
                  log: Callable[[str], None] = lambda s: None) -> int:
     """Write the ``trtexec`` commands that build this split dir's engines on another machine.
@@ -517,7 +525,6 @@ def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batc
     import shlex
 
     from dsc_export.backends.tensorrt import TIMING_CACHE, TensorrtBackend, shape_spec
-    from dsc_export.serving.protocol import served_outputs
 
     root = Path(split_dir)
     manifest = read_manifest(root)
@@ -527,7 +534,7 @@ def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batc
     batch_sizes, note = engine_batch_sizes(manifest, list(batch_sizes))
     if note:
         log(f"note: {note}")
-    jobs = plan_jobs(manifest, backend, parts, batch_sizes, precision)
+    jobs = plan_jobs(manifest, backend, parts=parts, batch_sizes=batch_sizes, precision=precision)
     verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))
     import_cmd = shlex.join(["dsc-export", "build", ".", "--backend", "tensorrt", "--import", "--batch-sizes",
                              ",".join(map(str, batch_sizes)), "--parts", parts, "--precision", precision])
@@ -553,8 +560,8 @@ def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batc
             if job.source not in converted:
                 converted[job.source] = _fp16_copy(root, job.source)
             onnx_path = converted[job.source]
-        lines.append(backend.trtexec_command(onnx_path, job.path, name, shapes, precision, options,
-                                             f"{ENGINES_DIR}/tensorrt/{TIMING_CACHE}"))
+        lines.append(backend.trtexec_command(onnx_path, job.path, input_name=name, input_shapes=shapes,
+                                             precision=precision, options=options, cache_path=f"{ENGINES_DIR}/tensorrt/{TIMING_CACHE}"))
     text = "\n".join(lines) + "\n"
     out_file = Path(out_file)
     write_json_atomic(out_file, text)
@@ -564,8 +571,6 @@ def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, batc
 
 def _onnx_input(path: Path) -> tuple[str, list]:
     """Name and shape (ints, symbolic dims as strings) of an ONNX file's one data input."""
-    from dsc_export.graph.model import load_model
-    from dsc_export.graph.shapes import input_signature
 
     name, dims, _ = input_signature(load_model(path, load_data=False))[0]
     return name, dims
@@ -574,8 +579,6 @@ def _onnx_input(path: Path) -> tuple[str, list]:
 def _fp16_copy(root: Path, source: str) -> str:
     import onnx
 
-    from dsc_export.graph.model import load_model
-    from dsc_export.graph.precision import to_float16_for_build
 
     rel = f"{ENGINES_DIR}/tensorrt/onnx-fp16/{source.replace('/', '-')}"
     dst = root / rel
@@ -586,7 +589,7 @@ def _fp16_copy(root: Path, source: str) -> str:
     return rel
 
 
-def import_engines(split_dir: str | os.PathLike, backend_name: str, batch_sizes: list[int], parts: str = "all",
+def import_engines(split_dir: str | os.PathLike, backend_name: str, *, batch_sizes: list[int], parts: str = "all",
                    precision: str = "fp32", options: BuildOptions | None = None,
                    log: Callable[[str], None] = lambda s: None) -> BuildReport:
     """Record engines built outside dsc-export (e.g. by the ``--emit-trtexec`` commands).
@@ -611,9 +614,10 @@ def import_engines(split_dir: str | os.PathLike, backend_name: str, batch_sizes:
         for b in job.batches:
             for sid, part in job.records:
                 manifest.engines = [e for e in manifest.engines if _key(e) != (sid, part, backend.name, b, precision)]
-                rec = Engine(sid, part, backend.name, b, precision, job.path, sha, dict(target), job.source,
-                             manifest.files[job.source], dict(opts), None, data=engine_data(root, job.path),
-                             profile=job.profile(backend, b))
+                rec = Engine(split=sid, part=part, backend=backend.name, batch=b, precision=precision,
+                             path=job.path, sha256=sha, target=dict(target), source=job.source,
+                             source_sha256=manifest.files[job.source], options=dict(opts), seconds=None,
+                             data=engine_data(root, job.path), profile=job.profile(backend, b))
                 manifest.engines.append(rec)
                 report.built.append(rec)
         log(f"imported {job.path}")
@@ -632,6 +636,7 @@ class PartRunner:
     """
 
     def __init__(self, split_dir: str | os.PathLike, manifest: Manifest, split: str, part: str,
+                 *,
                  backend: str = "onnxruntime", precision: str = "fp32", threads: int | None = None):
         self.root, self.manifest, self.split, self.part = Path(split_dir), manifest, split, part
         self.backend, self.precision, self.threads = backend, precision, threads
@@ -642,14 +647,12 @@ class PartRunner:
         self._engines: dict[int, Runner] = {}
         self._onnx = None
         self.input_name: str | None = None
-        from dsc_export.serving.protocol import fixed_batch
 
         self.fixed_batch = fixed_batch(manifest)
 
     def onnx_session(self):
         """The part's ONNX session (created on first use)."""
         if self._onnx is None:
-            from dsc_export.ort import make_session
 
             self._onnx = make_session(self.root / self.source, self.threads)
         return self._onnx
@@ -678,6 +681,7 @@ class PartRunner:
         return self.onnx_session().run(outputs, feeds)
 
     def close(self) -> None:
+        """Deactivate every runner this part opened."""
         for r in self._engines.values():
             r.deactivate()
         self._engines.clear()

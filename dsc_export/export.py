@@ -25,7 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsc_export.compare import compare
 from dsc_export.errors import UserError, lazy_import
+from dsc_export.ort import make_session
 from dsc_export.weights import load_weights, pretrained_file
 from dsc_export.zoo import ZooEntry, lookup
 
@@ -77,7 +79,7 @@ def _random_images(torch, gen, batch: int, res: int):
     return torch.randint(0, 256, (batch, res, res, 3), dtype=torch.uint8, generator=gen)
 
 
-def recalibrate_batchnorm(torch, model, make_batch: Callable[[], object], batches: int = 3) -> None:
+def recalibrate_batchnorm(torch, model, make_batch: Callable[[], object], *, batches: int = 3) -> None:
     """Re-estimate every BatchNorm's running statistics on ``batches`` batches of random data.
 
     A randomly initialised network keeps mean 0 / var 1 running statistics, which do not match
@@ -97,7 +99,11 @@ def recalibrate_batchnorm(torch, model, make_batch: Callable[[], object], batche
 
 
 def check_writable(output: Path) -> None:
-    """Create the parent folder of ``output`` and check that a file can be written there."""
+    """Create the parent folder of ``output`` and check that a file can be written there.
+
+    Raises:
+        UserError: ``output`` is a directory, or its folder cannot be written.
+    """
     if output.exists() and output.is_dir():
         raise UserError(f"output '{output}' is a directory; give a file name ending in .onnx")
     try:
@@ -111,6 +117,7 @@ def check_writable(output: Path) -> None:
 def export_model(
     name: str,
     output: str | os.PathLike,
+    *,
     resolution: int | None = None,
     weights: str | None = None,
     opset: int = DEFAULT_OPSET,
@@ -118,7 +125,6 @@ def export_model(
     verify: bool = True,
     seed: int = 0,
     log: Callable[[str], None] = lambda s: None,
-    *,
     pretrained: bool = False,
 ) -> ExportReport:
     """Build ``name`` from the catalogue with timm, export it to ONNX and verify it.
@@ -247,9 +253,6 @@ def _stamp_metadata(path: str, entry: ZooEntry, res: int, float_input: bool, wei
 
 
 def _verify(torch, model, path: str, float_input: bool, res: int, seed: int) -> dict[int, tuple[float, float]]:
-    from dsc_export.compare import compare
-    from dsc_export.ort import make_session
-
     sess = make_session(path)
     gen = torch.Generator().manual_seed(seed + 1)
     diffs = {}

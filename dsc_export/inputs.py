@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from dsc_export.errors import UserError
+from dsc_export.errors import UserError, lazy_import
 from dsc_export.images import IMAGE_SUFFIXES, read_image
+from dsc_export.ort import random_array
 from dsc_export.zoo import IMAGENET_MEAN, IMAGENET_STD
 
 # Ops whose output holds the values of their first input (rearranged or a subset): an index read
@@ -208,8 +209,6 @@ def _scalar(t: onnx.TensorProto | None) -> int | None:
 
 
 def _random_array(shape, dtype: np.dtype, rng: np.random.Generator, rng_range=None) -> np.ndarray:
-    from dsc_export.ort import random_array
-
     if rng_range is None:
         return random_array(shape, dtype, rng)
     info = np.iinfo(dtype)
@@ -369,7 +368,6 @@ def _load_images(folder: Path, specs: list[InputSpec]) -> tuple[dict[str, np.nda
         raise UserError(f"--inputs '{folder}': input '{s.name}' is {s.dtype} [N, {', '.join(map(str, per))}], not "
                         "an image ([N, H, W, 3] or [N, 3, H, W], uint8 or float); give a .npz instead")
     h, w = (per[0], per[1]) if layout == "NHWC" else (per[1], per[2])
-    from dsc_export.errors import lazy_import
 
     Image = lazy_import("PIL.Image", "export")
     images = [np.asarray(Image.fromarray(read_image(f)).resize((w, h), Image.BILINEAR), dtype=np.uint8)

@@ -83,6 +83,9 @@ def make_session(model: str | os.PathLike | bytes, threads: int | None = None, *
 
     Returns:
         An ``onnxruntime.InferenceSession``.
+
+    Raises:
+        UserError: onnxruntime cannot load the model, or did not load the requested provider.
     """
     import onnxruntime as ort
 
@@ -130,6 +133,9 @@ def random_inputs(session, batch: int, rng: np.random.Generator) -> dict[str, An
 
     Integer inputs (raw uint8 images) get the full range of their type, float inputs a
     standard normal; no input is ever all zeros. Symbolic non-batch dimensions are an error.
+
+    Raises:
+        UserError: an input of an unsupported type, or a symbolic dimension other than the batch.
     """
     feeds = {}
     for inp in session.get_inputs():

@@ -1,17 +1,18 @@
-"""Planning: the split lookup table, its gains, and scenarios (paper Eq. 4-7). Pure functions.
+"""Planning: the split lookup table, its gains, and scenarios. Pure functions.
 
-Predicted end-to-end time of candidate l for a batch of B samples at data rate r (Eq. 4, with
-bytes on the wire and a round-trip time as two honest extras, and the server's state as two
-more: q, the expected wait at the server, and s >= 1, the server's slowdown against its profile)::
+Each of the paper's equations is written once, in a function that cites it:
 
-    T_l(B, r) = T_head_l(B) + B * bytes_l / r + rtt + q + s * T_tail_l(B)
+- :func:`eq4_ms`: T_l, the predicted end-to-end time of one candidate, with bytes on the wire, a
+  round-trip time and the server's state (q, its expected wait; s >= 1, its slowdown against its
+  profile) as extras; the grid, :meth:`Plan.latencies` and :func:`simulate` all call it;
+- :func:`full_offload_ms`: T_0, full offloading (:func:`eq4_ms` with no head, sending the input);
+- :func:`eq6_index`: the argmin over the candidates, ties (and with a margin every candidate within
+  the margin of the fastest) to the candidate that keeps more of the model on the device; the
+  lookup table (:func:`choose_index`) and :meth:`Plan.choose` both call it;
+- :func:`gain`: the relative gain over a baseline, used by :func:`make_plan` and :func:`simulate`.
 
 ``offload`` has no head (the input is sent), ``local`` no tail and nothing to send (so no rtt and
-no q). An idle server (q = 0, s = 1) gives the paper's Eq. 4. :func:`eq4_ms` is the one place the
-formula is written; the grid, :meth:`Plan.choose` and :func:`simulate` all call it.
-The lookup table is the argmin over the candidates per (B, r) cell (Eq. 5-6); ties, and with a
-margin every candidate within the margin of the fastest, go to the candidate that keeps more of
-the model on the device. The gain over a baseline is Eq. 7: the mean of |T_dsc - T_base| / T_base.
+no q).
 
 Head and tail times for batch sizes between profiled ones are interpolated linearly in the batch
 size (time per batch grows close to linearly between neighbouring sizes); a batch size outside
@@ -26,6 +27,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,11 +61,16 @@ class Candidate:
 
     @property
     def sends(self) -> bool:
+        """True when the candidate sends something to the server (every candidate but ``local``)."""
         return self.bytes > 0
 
 
 def interpolate(xs: list[int], ys: list[float], x: float, what: str = "") -> float:
-    """Piecewise-linear y(x) on sorted ``xs``; outside [xs[0], xs[-1]] is an error."""
+    """Piecewise-linear y(x) on sorted ``xs``; outside [xs[0], xs[-1]] is an error.
+
+    Raises:
+        UserError: ``x`` outside the profiled range.
+    """
     if not xs[0] <= x <= xs[-1]:
         raise UserError(f"batch size {x:g} is outside the profiled range {xs[0]}-{xs[-1]}"
                         + (f" for {what}" if what else "") + "; profile those batch sizes (bench --batch-sizes)")
@@ -74,7 +81,7 @@ def interpolate(xs: list[int], ys: list[float], x: float, what: str = "") -> flo
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def candidates(manifest: Manifest, device: Profile, server: Profile, privacy: bool = False) -> list[Candidate]:
+def candidates(manifest: Manifest, device: Profile, server: Profile, *, privacy: bool = False) -> list[Candidate]:
     """The planner's candidates in device order (offload, splits in graph order, local).
 
     Raises:
@@ -84,7 +91,7 @@ def candidates(manifest: Manifest, device: Profile, server: Profile, privacy: bo
     check_pair(device, server)
     if device.model_sha256 != manifest.model.sha256:
         raise UserError("the profiles were taken on another model than this split dir's (model sha256 differs)")
-    out = []
+    out = []  # offload: no head, the input's bytes (T_0, full_offload_ms); local: no tail, nothing sent
     for s in manifest.splits:
         if privacy and s.kind == "offload":
             continue
@@ -106,13 +113,15 @@ def _series(p: Profile, split: str, part: str) -> dict[int, float]:
 
 
 def eq4_ms(head_ms, tail_ms, bytes_per_sample, batch, rate_MBps, *, rtt_ms=0.0, q_ms=0.0, s=1.0):
-    """End-to-end time of one candidate (paper Eq. 4, extended with the server's state), in ms.
+    """End-to-end time of one candidate l, in ms: the paper's Eq. 4, T_l = T_head + D c_l / r +
+    T_tail, with D c_l as B * bytes_l on the wire, plus a round-trip time and the server's state::
 
-        T = T_head + B * bytes / r + [rtt + q if it sends] + s * T_tail
+        T_l(B, r) = T_head_l(B) + B * bytes_l / r + [rtt + q if it sends] + s * T_tail_l(B)
 
-    Works on Python floats (:meth:`Plan.choose`, per candidate) and on numpy arrays that
-    broadcast (:func:`latency_grid`: candidates x batches x rates) alike; this is the only place
-    the formula is written.
+    An idle server (q = 0, s = 1) and no rtt give the paper's formula. Works on Python floats
+    (:meth:`Plan.latencies`, per candidate) and on numpy arrays that broadcast
+    (:func:`latency_grid`: candidates x batches x rates) alike; this is the only place the
+    formula is written.
 
     Args:
         head_ms, tail_ms: T_head_l(B) on the device, T_tail_l(B) as profiled on the server (ms;
@@ -128,13 +137,29 @@ def eq4_ms(head_ms, tail_ms, bytes_per_sample, batch, rate_MBps, *, rtt_ms=0.0, 
     return head_ms + batch * bytes_per_sample / (rate_MBps * 1e3) + sends * (rtt_ms + q_ms) + s * tail_ms
 
 
+def full_offload_ms(tail_ms, input_bytes, batch, rate_MBps, *, rtt_ms=0.0, q_ms=0.0, s=1.0):
+    """T_0, the time of full offloading (the paper's Eq. 5, T_0 = D / r + T_tail_{1,L}), in ms.
+
+    It is :func:`eq4_ms` at l = 0: no head, the raw input's bytes on the wire, the whole model
+    on the server. The ``offload`` candidate of :func:`candidates` has exactly that form (zero
+    head times, the input's bytes), so the grid and :meth:`Plan.choose` compute T_0 through
+    :func:`eq4_ms` like any candidate; this function names it.
+
+    Args:
+        tail_ms: the whole model's time on the server at batch B (ms).
+        input_bytes: bytes of one input sample (D / B).
+        batch, rate_MBps, rtt_ms, q_ms, s: as :func:`eq4_ms`.
+    """
+    return eq4_ms(0.0, tail_ms, input_bytes, batch, rate_MBps, rtt_ms=rtt_ms, q_ms=q_ms, s=s)
+
+
 def check_server_state(q_ms: float, s: float) -> None:
     """Raises UserError unless q >= 0 ms and s > 0 (a server's wait and slowdown)."""
     if not (q_ms >= 0 and s > 0):
         raise UserError(f"the server's wait q must be >= 0 ms and its slowdown s positive; got q={q_ms}, s={s}")
 
 
-def latency_grid(cands: list[Candidate], batch_sizes: list[int], rates: list[float], rtt_ms: float = 0.0, *,
+def latency_grid(cands: list[Candidate], batch_sizes: list[int], rates: list[float], *, rtt_ms: float = 0.0,
                  q_ms: float = 0.0, s: float = 1.0) -> np.ndarray:
     """T_l(B, r) in ms for every candidate and cell, shape [candidates, batches, rates]
     (:func:`eq4_ms` on the whole grid at once).
@@ -155,22 +180,39 @@ def latency_grid(cands: list[Candidate], batch_sizes: list[int], rates: list[flo
     return eq4_ms(parts[..., 0:1], parts[..., 1:2], per_byte, b, r, rtt_ms=rtt_ms, q_ms=q_ms, s=s)
 
 
+def eq6_index(times_ms: Sequence[float], margin: float = 0.0) -> int:
+    """The paper's Eq. 6, s_opt = argmin_l T_l, over ``times_ms`` (one per candidate, in device
+    order: offload, splits, local), with our tie-break: among the candidates within ``margin``
+    (relative, 0.05 = 5 %) of the fastest, and exact ties, the one with the highest index — the
+    one that keeps the most of the model on the device — wins. An excluded candidate is given
+    ``inf``. Pure Python on purpose: :meth:`Plan.choose` calls it per batch at run time.
+    """
+    limit = min(times_ms) * (1.0 + margin) + 1e-12
+    for i in range(len(times_ms) - 1, -1, -1):
+        if times_ms[i] <= limit:
+            return i
+    return 0  # only when every time is nan
+
+
 def choose_index(times: np.ndarray, margin: float = 0.0) -> np.ndarray:
-    """Argmin over axis 0; among the candidates within ``margin`` of the fastest (and exact ties),
-    the one with the highest index — the most kept on the device — wins."""
-    best = times.min(axis=0)
-    ok = times <= best * (1.0 + margin) + 1e-12
-    n = times.shape[0]
-    return (n - 1) - np.argmax(ok[::-1], axis=0)
+    """:func:`eq6_index` in every cell of ``times`` (shape [candidates, ...]); the result has
+    shape ``times.shape[1:]``."""
+    cells = times.reshape(times.shape[0], -1).T.tolist()
+    return np.array([eq6_index(c, margin) for c in cells], dtype=np.int64).reshape(times.shape[1:])
 
 
 def gain(t_dsc: np.ndarray, t_base: np.ndarray) -> np.ndarray:
-    """Eq. 7 per cell: |T_dsc - T_base| / T_base."""
+    """The paper's Eq. 7 term per state, |T_dsc - T_base| / T_base (arrays broadcast); the gain
+    G over a scenario or grid is its mean."""
     return np.abs(t_dsc - t_base) / t_base
 
 
 def rate_grid(text: str, steps: int = 64) -> list[float]:
-    """``"1:128"`` -> ``steps`` rates on a log scale; ``"1,5,20"`` -> those rates."""
+    """``"1:128"`` -> ``steps`` rates on a log scale; ``"1,5,20"`` -> those rates.
+
+    Raises:
+        UserError: not positive rates in either form.
+    """
     try:
         if ":" in text:
             lo, hi = (float(x) for x in text.split(":"))
@@ -270,8 +312,8 @@ class Plan:
                exclude: set[str] | frozenset[str] = frozenset(), *, q_ms: float = 0.0, s: float = 1.0) -> tuple[str, float]:
         """The split for this batch size, data rate and server state, and its predicted time in ms.
 
-        Computed from the stored per-candidate times (:meth:`latencies`, Eq. 4), not from the nearest
-        grid cell; the argmin is Eq. 6. With ``current`` (the split in use) and a margin, stay with
+        Computed from the stored per-candidate times (:meth:`latencies`), not from the nearest
+        grid cell; the choice is :func:`eq6_index`. With ``current`` (the split in use) and a margin, stay with
         it unless another candidate is faster by more than the margin. ``exclude``: candidates not
         to consider (privacy mode excludes ``offload``; a client whose server is down excludes all
         but ``local``). ``q_ms``, ``s``: the server's expected wait and slowdown (a busy server
@@ -284,12 +326,7 @@ class Plan:
         ids = self._fast["ids"]
         if exclude:
             times = [math.inf if c in exclude else t for c, t in zip(ids, times)]
-        best_i, best_t = 0, min(times)
-        limit = best_t * (1.0 + self.margin) + 1e-12
-        for i in range(len(times) - 1, -1, -1):  # ties (within the margin) to the most on the device
-            if times[i] <= limit:
-                best_i = i
-                break
+        best_i = eq6_index(times, self.margin)
         if current is not None and current in ids and current not in exclude:
             j = ids.index(current)
             if times[j] <= times[best_i] * (1.0 + self.margin):
@@ -299,12 +336,19 @@ class Plan:
     # --- JSON -------------------------------------------------------------------------------
 
     def to_json(self) -> str:
+        """The plan as ``dsc-export.plan/1`` JSON text, ``schema`` first."""
         d = asdict(self)
         d.pop("_fast")
         return json.dumps({"schema": d.pop("schema"), **d}, indent=1) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """The plan from its parsed JSON.
+
+        Raises:
+            UserError: another schema.
+            TypeError: a missing or unknown field (:func:`read_plan` turns it into one line).
+        """
         if d.get("schema") != PLAN_SCHEMA:
             raise UserError(f"not a {PLAN_SCHEMA} file (schema: {d.get('schema')!r})")
         d = dict(d)
@@ -319,12 +363,10 @@ def read_plan(path: str | os.PathLike) -> Plan:
         UserError: the file is missing, is not JSON, or is not a plan of this schema (one line).
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"plan '{path}' does not exist; make one with dsc-export plan")
-    return read_json(path, Plan.from_dict, "plan")
+    return read_json(path, Plan.from_dict, "plan", missing=f"plan '{path}' does not exist; make one with dsc-export plan")
 
 
-def make_plan(manifest: Manifest, device: Profile, server: Profile, batch_sizes: list[int] | None = None,
+def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_sizes: list[int] | None = None,
               rates: list[float] | None = None, rtt_ms: float = 0.0, privacy: bool = False,
               static: list[str] | None = None, margin: float = 0.0,
               profile_hashes: tuple[str, str] = ("", "")) -> Plan:
@@ -341,10 +383,14 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, batch_sizes:
         margin: relative margin (0.05 = 5 %) a split must win by over one that keeps more on
             the device.
         profile_hashes: sha256 of the device and server profile files, recorded in the plan.
+
+    Raises:
+        UserError: a negative ``rtt_ms`` or ``margin``, an unknown static split, or as
+            :func:`candidates` and :func:`latency_grid`.
     """
     if rtt_ms < 0 or margin < 0:
         raise UserError("--rtt-ms and --margin must not be negative")
-    cands = candidates(manifest, device, server, privacy)
+    cands = candidates(manifest, device, server, privacy=privacy)
     lo = max(c.batches[0] for c in cands)
     hi = min(c.batches[-1] for c in cands)
     batch_sizes = batch_sizes or list(range(max(1, lo), min(64, hi) + 1))
@@ -352,7 +398,7 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, batch_sizes:
     for c in cands:
         for b in (min(batch_sizes), max(batch_sizes)):
             c.parts_ms(b)  # out of range: a one-line error naming the candidate
-    grid = latency_grid(cands, batch_sizes, rates, rtt_ms)
+    grid = latency_grid(cands, batch_sizes, rates, rtt_ms=rtt_ms)
     idx = choose_index(grid, margin)
     ids = [c.id for c in cands]
     t_dsc = np.take_along_axis(grid, idx[None], axis=0)[0]
@@ -367,8 +413,8 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, batch_sizes:
         if base in ids:
             t_base = grid[ids.index(base)]
         else:  # offload under privacy: still a baseline worth comparing with
-            bc = candidates(manifest, device, server, False)[[s.id for s in manifest.splits].index(base)]
-            t_base = latency_grid([bc], batch_sizes, rates, rtt_ms)[0]
+            bc = candidates(manifest, device, server, privacy=False)[[s.id for s in manifest.splits].index(base)]
+            t_base = latency_grid([bc], batch_sizes, rates, rtt_ms=rtt_ms)[0]
         g = gain(t_dsc, t_base)
         gains[base] = {"grid": np.round(g, 5).tolist(), "mean": float(g.mean())}
     return Plan(
@@ -438,10 +484,13 @@ def parse_scenario(text: str, source: str = "scenario") -> list[Step]:
 
 
 def simulate(plan: Plan, steps: list[Step], baselines: list[str] | None = None) -> dict[str, Any]:
-    """Run a scenario through the plan: the per-step choice and Eq. 7's gain against each baseline.
+    """Run a scenario through the plan: the per-step choice and the :func:`gain` against each baseline.
 
     The dynamic choice keeps the split in use unless another wins by more than the plan's margin.
     Each step's server state (``q_ms``, ``s``) enters every candidate's time (:meth:`Plan.latencies`).
+
+    Raises:
+        UserError: an unknown baseline, or a step the plan cannot answer (as :meth:`Plan.latencies`).
     """
     baselines = baselines or (["local"] + ([] if plan.privacy else ["offload"])
                               + [c for c in plan.candidates if c not in ("local", "offload")])
@@ -459,8 +508,8 @@ def simulate(plan: Plan, steps: list[Step], baselines: list[str] | None = None) 
         times = dict(zip(ids, plan.latencies(s.batch, s.rate_MBps, q_ms=s.q_ms, s=s.s)))
         per_step.append({"step": k, "batch": s.batch, "rate_MBps": s.rate_MBps, "q_ms": s.q_ms, "s": s.s,
                          "choice": choice, "predicted_ms": t, "baseline_ms": {b: times[b] for b in baselines}})
-    gains = {b: float(np.mean([abs(p["predicted_ms"] - p["baseline_ms"][b]) / p["baseline_ms"][b] for p in per_step]))
-             for b in baselines}
+    t_dsc = np.array([p["predicted_ms"] for p in per_step])
+    gains = {b: float(gain(t_dsc, np.array([p["baseline_ms"][b] for p in per_step])).mean()) for b in baselines}
     return {"steps": per_step, "gain": gains,
             "total_ms": {"dynamic": sum(p["predicted_ms"] for p in per_step),
                          **{b: sum(p["baseline_ms"][b] for p in per_step) for b in baselines}}}

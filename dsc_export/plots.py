@@ -17,7 +17,7 @@ def _pyplot():
 
 def bottleneck_chart(analysis, path: str | os.PathLike, title: str | None = None) -> Path:
     """Compression ratio (bytes on the wire / input bytes) of every cut point along the network,
-    with ratio 1 (natural bottleneck line) and the compressive bottlenecks (Eq. 3) marked."""
+    with ratio 1 (natural bottleneck line) and the compressive bottlenecks (``compressive_mask``) marked."""
     plt = _pyplot()
     pts = analysis.cut_points
     fig, ax = plt.subplots(figsize=(11, 4.5), dpi=110)
@@ -76,7 +76,7 @@ def choice_heatmap(plan, path: str | os.PathLike, title: str = "") -> Path:
     return _save(fig, plt, path)
 
 
-def gain_heatmap(plan, baseline: str, path: str | os.PathLike, title: str = "") -> Path:
+def gain_heatmap(plan, baseline: str, path: str | os.PathLike, *, title: str = "") -> Path:
     """The paper's Fig. 3: relative gain |T_dsc - T_base| / T_base of dynamic splitting per cell."""
     import numpy as np
 

@@ -28,24 +28,30 @@ from typing import Any
 import numpy as np
 
 from dsc_export.artifacts import ROLES, Profile, Timing, read_manifest, verify_files
+from dsc_export.engines import dropped_engine, load_part
 from dsc_export.errors import UserError
+from dsc_export.ort import cpu_isa, cpu_name, random_array
 
 NOISY_SPREAD = 1.5  # p90 / p10 above this: the median is not to be trusted
 
 
 @dataclass
 class Measurement:
+    """The times of repeated runs of one thing, in ms."""
+
     samples_ms: list[float]
 
     @property
     def median(self) -> float:
+        """The median time, ms."""
         return statistics.median(self.samples_ms)
 
     def quantile(self, q: float) -> float:
+        """The ``q`` quantile (0-1) of the times, ms."""
         return float(np.quantile(self.samples_ms, q))
 
 
-def measure(run_once_ms: Callable[[], float], warmup: int = 3, repeats: int | None = 20,
+def measure(run_once_ms: Callable[[], float], *, warmup: int = 3, repeats: int | None = 20,
             min_time_s: float | None = None, max_runs: int = 10_000) -> Measurement:
     """Time a workload: ``warmup`` untimed runs, then ``repeats`` timed runs, or as many as fit
     in ``min_time_s`` seconds of measured time (at least 5).
@@ -75,7 +81,11 @@ def measure(run_once_ms: Callable[[], float], warmup: int = 3, repeats: int | No
 # --- what runs where -------------------------------------------------------------------------
 
 def role_parts(manifest, role: str) -> list[tuple[str, str]]:
-    """(split id, part) pairs a role times: device -> heads (local = whole model), server -> tails."""
+    """(split id, part) pairs a role times: device -> heads (local = whole model), server -> tails.
+
+    Raises:
+        UserError: ``role`` is not ``device`` or ``server``.
+    """
     if role not in ROLES:
         raise UserError(f"--role must be device or server, not '{role}'")
     part = "head" if role == "device" else "tail"
@@ -86,7 +96,6 @@ def role_parts(manifest, role: str) -> list[tuple[str, str]]:
 
 def host_info(threads: int | None, backend: str) -> dict[str, Any]:
     """CPU model, cores, threads used and, where there is a GPU, its name and current clocks."""
-    from dsc_export.ort import cpu_isa, cpu_name
 
     host: dict[str, Any] = {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(),
                             "threads": threads or os.cpu_count(), "hostname": platform.node(),
@@ -175,6 +184,10 @@ def locked_gpu_clocks(mhz: int, index: int = 0, nvml=None) -> Iterator[dict[str,
 
     Yields:
         The emulation record: ``{"gpu_clock_mhz": mhz, "gpu": name}``.
+
+    Raises:
+        UserError: on Jetson, without root, without NVML bindings, or NVML refuses the clocks.
+        KeyboardInterrupt: on SIGTERM while the clocks are locked (the clocks are reset as it propagates).
     """
     if _is_jetson():
         raise UserError("--lock-gpu-clocks does not apply to Jetson: set the clocks with nvpmodel and "
@@ -253,9 +266,11 @@ def profile_split_dir(
 
     Returns:
         The profile (not yet written).
+
+    Raises:
+        UserError: a non-positive slowdown, fewer than 1 thread, or an engine missing for a
+            part and batch size to time.
     """
-    from dsc_export.engines import dropped_engine, load_part
-    from dsc_export.ort import random_array
 
     if slowdown is not None and not slowdown > 0:
         raise UserError("--slowdown must be a positive factor, e.g. 4 for a device 4x slower")
@@ -318,13 +333,14 @@ def profile_split_dir(
                         feeds = {name: random_array([b] + shape, dtype, rng)}  # fresh, never zeros
                         return runner.time_ms(feeds)
 
-                    m = measure(once, warmup if rnd == 0 else min(warmup, 1), per_repeats, per_time)
+                    m = measure(once, warmup=warmup if rnd == 0 else min(warmup, 1), repeats=per_repeats,
+                                min_time_s=per_time)
                 samples[(sid, part, b)].extend(m.samples_ms)
         scale = float(slowdown) if slowdown else 1.0
         for (sid, part, b), xs in samples.items():
             m = Measurement(xs)
-            timings.append(Timing(sid, part, b, m.median * scale, m.quantile(0.1) * scale, m.quantile(0.9) * scale,
-                                  len(xs)))
+            timings.append(Timing(split=sid, part=part, batch=b, median_ms=m.median * scale,
+                                  p10_ms=m.quantile(0.1) * scale, p90_ms=m.quantile(0.9) * scale, runs=len(xs)))
         progress(rounds * len(jobs), rounds * len(jobs), "done")
     return Profile(
         role=role, backend=backend_name, host=host_info(threads, backend_name), emulation=emulation or None,

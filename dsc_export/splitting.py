@@ -31,7 +31,7 @@ from dsc_export.artifacts import (
     sha256_file,
     write_json_atomic,
 )
-from dsc_export.compare import Comparison, compare
+from dsc_export.compare import Comparison, compare, fits, tolerance
 from dsc_export.errors import ModelRunError, UserError, VerificationError
 from dsc_export.graph.cuts import (
     WIRE_DTYPES,
@@ -65,6 +65,9 @@ from dsc_export.graph.surgery import (
     extract_tail,
     save_part,
 )
+from dsc_export.inputs import SampleInputs
+from dsc_export.ort import make_session
+from dsc_export.serving.protocol import constant_outputs, output_contract
 from dsc_export.weight_store import externalize, referenced, save_shared, write_blobs
 
 VERIFY_BATCHES = (1, 3)  # the largest is also run sample by sample (batch independence)
@@ -97,13 +100,16 @@ class Analysis:
 
     @property
     def natural(self) -> list[CutPoint]:
+        """The natural bottlenecks (c_l < 1), in graph order."""
         return [c for c in self.cut_points if c.natural]
 
     @property
     def compressive(self) -> list[CutPoint]:
+        """The compressive bottlenecks (:func:`compressive_mask`), in graph order."""
         return [c for c in self.cut_points if c.compressive]
 
     def summary(self) -> str:
+        """One line: how many cut points, natural and compressive bottlenecks."""
         return (f"{len(self.cut_points)} cut points, {len(self.natural)} natural bottlenecks, "
                 f"{len(self.compressive)} compressive")
 
@@ -133,7 +139,7 @@ def _output_sigs(model: onnx.ModelProto) -> list[TensorSig]:
     for o in model.graph.output:
         tt = o.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in tt.shape.dim]
-        sigs.append(TensorSig(o.name, dims, np_dtype_name(tt.elem_type) if tt.elem_type else "unknown"))
+        sigs.append(TensorSig(name=o.name, shape=dims, dtype=np_dtype_name(tt.elem_type) if tt.elem_type else "unknown"))
     return sigs
 
 
@@ -278,7 +284,7 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source
         notes += _check_wire_range(folded, points, inputs, fixed)
     batch = fixed or batch_dim(model)
     analysis = Analysis(
-        source=source, input=TensorSig(name, [batch, *per_sample], dtype), outputs=outputs,
+        source=source, input=TensorSig(name=name, shape=[batch, *per_sample], dtype=dtype), outputs=outputs,
         input_bytes=in_bytes, input_elements=in_elements, wire_dtype=wire_dtype,
         cut_points=points, fold=fold, notes=notes, fixed_batch=fixed, unbatched=unbatched,
     )
@@ -323,8 +329,7 @@ def _batch_candidates(model: onnx.ModelProto, exc: ModelRunError) -> list[int]:
 
 def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, fixed: int | None) -> list[str]:
     """float16 wire: record each cut point's largest |activation| on the sample inputs, mark
-    those beyond float16's range (or non-finite) as not fitting, and re-apply Eq. 3 to the rest."""
-    from dsc_export.compare import fits
+    those beyond float16's range (or non-finite) as not fitting, and re-apply ``compressive_mask`` to the rest."""
 
     if not points:
         return []
@@ -365,7 +370,6 @@ def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", *, log: L
 def _samples(inputs, model: onnx.ModelProto, seed: int = 0):
     """Sample inputs for ``model``: a path made into :class:`dsc_export.inputs.SampleInputs`, an
     object with ``feeds`` as it is, None as random inputs within the ranges the graph implies."""
-    from dsc_export.inputs import SampleInputs
 
     if hasattr(inputs, "feeds"):
         return inputs
@@ -496,8 +500,9 @@ def split_model(
         _release_freed_memory()
         model_file, model_blobs = _copy_model(src, tmp)
         data = {"model.onnx": model_blobs}
-        splits = [Split("offload", "offload", None, None, "model.onnx", analysis.input_bytes, 0.0, 0.0,
-                        analysis.input.name, 1.0)]
+        splits = [Split(id="offload", kind="offload", tensor=None, head=None, tail="model.onnx",
+                        bytes=analysis.input_bytes, max_abs_diff=0.0, max_rel_diff=0.0,
+                        wire_tensor=analysis.input.name, ratio=1.0)]
         for k, cp in enumerate(chosen, 1):
             sid = f"cut{cp.index:03d}"
             spec = CutSpec(cp.tensor, tuple(cp.shape), cp.dtype, wire_dtype)
@@ -506,9 +511,11 @@ def split_model(
             for rel, part in ((head_rel, extract_head(folded, spec)), (tail_rel, extract_tail(folded, spec))):
                 save_part(part, tmp / rel)
                 data[rel] = referenced(part.to_model())
-            splits.append(Split(sid, "split", cp.tensor, head_rel, tail_rel, cp.bytes, None, None,
-                                spec.wire_tensor, cp.ratio))
-        splits.append(Split("local", "local", None, "model.onnx", None, 0, 0.0, 0.0, None, 0.0))
+            splits.append(Split(id=sid, kind="split", tensor=cp.tensor, head=head_rel, tail=tail_rel,
+                                bytes=cp.bytes, max_abs_diff=None, max_rel_diff=None,
+                                wire_tensor=spec.wire_tensor, ratio=cp.ratio))
+        splits.append(Split(id="local", kind="local", tensor=None, head="model.onnx", tail=None, bytes=0,
+                            max_abs_diff=0.0, max_rel_diff=0.0, wire_tensor=None, ratio=0.0))
         del folded
         _release_freed_memory()  # the weights' protobuf is gone: hand its pages back before onnxruntime loads
         verification = None
@@ -579,7 +586,7 @@ def _observed_outputs(analysis: Analysis, ref: _Reference) -> list[TensorSig]:
                 dims.append(col[0])  # declared unknown, the same size in every run
 
         dtype = sig.dtype if sig.dtype != "unknown" else ref.outputs[0][k].dtype.name  # undeclared: as it ran
-        sigs.append(TensorSig(sig.name, dims, dtype))
+        sigs.append(TensorSig(name=sig.name, shape=dims, dtype=dtype))
     return sigs
 
 
@@ -587,7 +594,6 @@ def _check_output_contract(analysis: Analysis, outputs: list[TensorSig], folded:
     """Refuse, before anything is written, a model whose outputs no server can answer
     (:func:`dsc_export.serving.protocol.output_contract`): the same rule build, serve and bundle
     apply later."""
-    from dsc_export.serving.protocol import constant_outputs, output_contract
 
     probe = Manifest(model=ModelRef(path="model.onnx", sha256="", input=analysis.input, output=outputs[0],
                                     input_bytes=analysis.input_bytes, outputs=outputs,
@@ -637,8 +643,6 @@ def _reference(model_file: Path, seed: int, samples) -> _Reference:
     Raises:
         UserError: the model does not run at all (names the node and what to try).
     """
-    from dsc_export.compare import tolerance
-    from dsc_export.ort import make_session
 
     whole = make_session(model_file, optimization=ONE_OFF, arena=False)
     names = [o.name for o in whole.get_outputs()]
@@ -741,8 +745,6 @@ def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, s
     Raises:
         VerificationError: a split that does not reproduce the model (names it and why).
     """
-    from dsc_export.compare import tolerance
-    from dsc_export.ort import make_session
 
     batches, feeds, refs = ref.batches, ref.feeds, ref.outputs
     out_dtypes = [o.dtype for o in refs[0]]

@@ -28,7 +28,9 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
+from dsc_export.artifacts import sha256_file
 from dsc_export.errors import UserError
+from dsc_export.graph.model import all_initializers
 
 WEIGHTS_DIR = "weights"
 SUFFIX = ".bin"
@@ -52,7 +54,6 @@ def externalize(model: onnx.ModelProto, *, min_bytes: int = MIN_BYTES) -> dict[s
         The blobs: relative location (``weights/<sha256>.bin``) -> raw bytes. Tensors of equal
         bytes share one location.
     """
-    from dsc_export.graph.model import all_initializers
 
     blobs: dict[str, bytes] = {}
     for t in all_initializers(model.graph):
@@ -69,7 +70,6 @@ def externalize(model: onnx.ModelProto, *, min_bytes: int = MIN_BYTES) -> dict[s
 
 def referenced(model: onnx.ModelProto) -> list[str]:
     """The external data locations ``model`` reads (relative to its folder), sorted."""
-    from dsc_export.graph.model import all_initializers
 
     return sorted({external_data_helper.ExternalDataInfo(t).location for t in all_initializers(model.graph)
                    if external_data_helper.uses_external_data(t)})
@@ -121,7 +121,6 @@ def check_blobs(root: str | os.PathLike, rels: list[str], *, seen: dict | None =
     Raises:
         UserError: a missing or changed blob.
     """
-    from dsc_export.artifacts import sha256_file
 
     root = Path(root)
     for rel in rels:

@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 
 from dsc_export.errors import UserError, lazy_import
-from dsc_export.zoo import ZooEntry
+from dsc_export.zoo import CATALOGUE, ZooEntry
 
 WEIGHTS_EXTRA = "weights"
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
@@ -161,6 +161,4 @@ def _module(entry: ZooEntry) -> str:
 
 
 def _with_weights() -> list[str]:
-    from dsc_export.zoo import CATALOGUE
-
     return [e.name for e in CATALOGUE.values() if e.weights_package]

@@ -97,7 +97,11 @@ CATALOGUE: dict[str, ZooEntry] = {
 
 
 def lookup(name: str) -> ZooEntry:
-    """Return the catalogue entry for ``name`` (ours or timm's), or a one-line error listing the valid names."""
+    """Return the catalogue entry for ``name`` (ours or timm's), or a one-line error listing the valid names.
+
+    Raises:
+        UserError: an unknown name (listing the valid names).
+    """
     key = name.strip().lower()
     if key in CATALOGUE:
         return CATALOGUE[key]

@@ -41,8 +41,8 @@ ROOT = Path(__file__).parents[1]
 
 
 def manifest(outputs, input_shape=("N", 3, 8, 8), fixed=None, independent=None) -> Manifest:
-    sigs = [TensorSig(n, list(s), d) for n, s, d in outputs]
-    model = ModelRef("model.onnx", "0" * 64, TensorSig("x", list(input_shape), "float32"), sigs[0], 768, sigs,
+    sigs = [TensorSig(name=n, shape=list(s), dtype=d) for n, s, d in outputs]
+    model = ModelRef(path="model.onnx", sha256="0" * 64, input=TensorSig(name="x", shape=list(input_shape), dtype="float32"), output=sigs[0], input_bytes=768, outputs=sigs,
                      fixed_batch=fixed, batch_independent=independent)
     return Manifest(model=model, wire_dtype="float32", cut_points=[], splits=[])
 
@@ -130,7 +130,7 @@ def test_engines_of_every_output_kind_match_the_whole_model(split_dirs):
     """Case 06/08/LR-ASPP kinds: build at 1 and 2 builds every engine (no 'fixed batch size 16' or
     '10' from a constant or batch-last output), and each engine returns what the model returns."""
     root = split_dirs["kinds"]
-    rep = build_engines(root, "onnxruntime", [1, 2], "all", keep_all=True)
+    rep = build_engines(root, "onnxruntime", batch_sizes=[1, 2], parts="all", keep_all=True)
     assert not rep.failed, rep.failed
     man = read_manifest(root)
     whole = make_session(root / man.model.path)
@@ -158,8 +158,8 @@ def test_an_output_no_server_can_answer_is_refused_alike_everywhere(split_dirs, 
     with pytest.raises(UserError) as at_split:  # split itself refuses it up front when it verifies
         split_model(root.parent / "batch_mean.onnx", tmp_path / "s")
     assert str(at_split.value) == msg + "; nothing was written" and not (tmp_path / "s").exists()
-    for call in (lambda: build_engines(root, "onnxruntime", [1]),
-                 lambda: emit_trtexec(root, tmp_path / "t.sh", [1]),
+    for call in (lambda: build_engines(root, "onnxruntime", batch_sizes=[1]),
+                 lambda: emit_trtexec(root, tmp_path / "t.sh", batch_sizes=[1]),
                  lambda: make_bundle(root, "server", tmp_path / "s.tar")):
         with pytest.raises(UserError) as other:
             call()
@@ -171,7 +171,7 @@ def test_an_output_no_server_can_answer_is_refused_alike_everywhere(split_dirs, 
 def test_fixed_batch_models_get_engines_at_their_batch_only(split_dirs):
     root = split_dirs["fixed"]  # input [2, 3, 16, 16]: runs at batch 2 only
     notes = []
-    rep = build_engines(root, "onnxruntime", [1, 2, 4], "all", log=notes.append, keep_all=True)
+    rep = build_engines(root, "onnxruntime", batch_sizes=[1, 2, 4], parts="all", log=notes.append, keep_all=True)
     assert not rep.failed and {e.batch for e in rep.built} == {2}
     assert notes == ["note: the model runs at batch size 2 only: using batch 2, not 1, 4"]
     man = read_manifest(root)
@@ -224,7 +224,7 @@ def test_float16_wire_head_engines_pass_within_the_float16_tolerance(tmp_path):
     onnx.save(conv_net(outputs=("logits",), batch_norm=True, channels=(16, 32), hw=32, seed=3), tmp_path / "m.onnx")
     root = tmp_path / "split"
     split_model(tmp_path / "m.onnx", root, wire_dtype="float16", at=["r1", "r2"])
-    rep = build_engines(root, "onnxruntime", [1, 2], "heads", keep_all=True)
+    rep = build_engines(root, "onnxruntime", batch_sizes=[1, 2], parts="heads", keep_all=True)
     assert not rep.failed, rep.failed
     heads = [e for e in rep.built if e.split.startswith("cut")]
     assert heads and all(e.max_rel_diff <= tolerance("float16", engine=True) for e in heads)
@@ -270,7 +270,7 @@ def harsh_split(tmp_path_factory):
 def test_emitted_trtexec_script_passes_every_name_exactly(harsh_split, tmp_path):
     man = read_manifest(harsh_split)
     script = tmp_path / "build.sh"
-    n = emit_trtexec(harsh_split, script, [1, 2], "all")
+    n = emit_trtexec(harsh_split, script, batch_sizes=[1, 2], parts="all")
     bin_dir, log = stub_trtexec(tmp_path)
     r = run_script(script, harsh_split, bin_dir)
     assert r.returncode == 0, r.stderr
@@ -297,12 +297,12 @@ def test_trtexec_script_for_a_static_input_has_no_shapes(split_dirs, tmp_path):
     root = split_dirs["fixed"]
     script = tmp_path / "build.sh"
     notes = []
-    emit_trtexec(root, script, [1, 2], "all", log=notes.append)
+    emit_trtexec(root, script, batch_sizes=[1, 2], parts="all", log=notes.append)
     cmds = [shlex.split(ln) for ln in script.read_text().splitlines() if ln.startswith("trtexec")]
     assert cmds and all(not any(a.startswith(("--shapes", "--minShapes", "--profile")) for a in c) for c in cmds)
     assert all(c[2].endswith("-fp32.plan") for c in cmds) and notes  # batch 2 only, with the note
     assert "--batch-sizes 2 " in script.read_text()  # the import line: the one size built
-    emit_trtexec(root, script, [2], "heads", precision="fp16")
+    emit_trtexec(root, script, batch_sizes=[2], parts="heads", precision="fp16")
     cmds = [shlex.split(ln) for ln in script.read_text().splitlines() if ln.startswith("trtexec")]
     assert cmds and all("--noTF32" not in c for c in cmds)  # fp16 engines: the ONNX types decide
 
@@ -312,5 +312,5 @@ def test_names_trtexec_cannot_express_are_refused(tmp_path, bad):
     onnx.save(conv_net(input_name=bad), tmp_path / "m.onnx")
     split_model(tmp_path / "m.onnx", tmp_path / "split")
     with pytest.raises(UserError, match="trtexec's --shapes cannot express"):
-        emit_trtexec(tmp_path / "split", tmp_path / "t.sh", [1])
+        emit_trtexec(tmp_path / "split", tmp_path / "t.sh", batch_sizes=[1])
     assert not (tmp_path / "t.sh").exists()

@@ -24,7 +24,7 @@ def b0_engines(exported, tmp_path_factory):
     rep = exported("efficientnet_b0")
     out = tmp_path_factory.mktemp("b0") / "split"
     split_model(rep.path, out)
-    report = build_engines(out, "onnxruntime", BATCHES, "all", keep_all=True)  # the engines themselves are tested
+    report = build_engines(out, "onnxruntime", batch_sizes=BATCHES, parts="all", keep_all=True)  # the engines themselves are tested
     return out, report
 
 
@@ -76,12 +76,12 @@ def test_engines_are_recorded_with_target_and_hash(b0_engines):
 
 def test_rebuild_is_idempotent_and_follows_options(b0_engines):
     root, _ = b0_engines
-    again = build_engines(root, "onnxruntime", [1], "heads")
+    again = build_engines(root, "onnxruntime", batch_sizes=[1], parts="heads")
     assert not again.built and again.kept
-    changed = build_engines(root, "onnxruntime", [1], "heads", options=BuildOptions(optimization="basic"),
+    changed = build_engines(root, "onnxruntime", batch_sizes=[1], parts="heads", options=BuildOptions(optimization="basic"),
                             keep_all=True)
     assert changed.built and not changed.kept
-    back = build_engines(root, "onnxruntime", [1], "heads", keep_all=True)  # default options: rebuilt again
+    back = build_engines(root, "onnxruntime", batch_sizes=[1], parts="heads", keep_all=True)  # default options: rebuilt again
     assert back.built
 
 
@@ -95,7 +95,7 @@ def test_tampered_engine_is_refused(b0_engines, tmp_path):
     with pytest.raises(UserError, match="sha256"):
         load_engine(root, rec)
     # build notices and rebuilds it
-    rep = build_engines(root, "onnxruntime", [1], "tails", keep_all=True)
+    rep = build_engines(root, "onnxruntime", batch_sizes=[1], parts="tails", keep_all=True)
     assert any(e.path == rec.path for e in rep.built)
     load_engine(root, read_manifest(root).engine("cut050", "tail", "onnxruntime", 1))
 
@@ -109,17 +109,17 @@ def test_tampered_onnx_or_manifest_is_refused(b0_engines, tmp_path):
     head = copy / "head-cut033.onnx"
     head.write_bytes(head.read_bytes() + b"\0")
     with pytest.raises(UserError, match="head-cut033.onnx.*sha256"):
-        build_engines(copy, "onnxruntime", [2], "heads")
+        build_engines(copy, "onnxruntime", batch_sizes=[2], parts="heads")
     m = json.loads((copy / "manifest.json").read_text())
     m["schema"] = "dsc-export.split/99"
     (copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(UserError, match="manifest"):
-        build_engines(copy, "onnxruntime", [2], "heads")
+        build_engines(copy, "onnxruntime", batch_sizes=[2], parts="heads")
 
 
 def test_float16_engines_verify(b0_engines):
     root, _ = b0_engines
-    rep = build_engines(root, "onnxruntime", [2], "heads", precision="fp16", keep_all=True)
+    rep = build_engines(root, "onnxruntime", batch_sizes=[2], parts="heads", precision="fp16", keep_all=True)
     assert rep.built and not rep.failed
     assert all(0 < e.max_rel_diff < 3e-2 for e in rep.built)
 
@@ -204,7 +204,7 @@ def test_import_and_help_work_without_optional_extras():
 @pytest.mark.gpu
 def test_tensorrt_engines_match_onnxruntime(b0_engines):
     root, _ = b0_engines
-    rep = build_engines(root, "tensorrt", [2], "all")
+    rep = build_engines(root, "tensorrt", batch_sizes=[2], parts="all")
     assert not rep.failed
     man = read_manifest(root)
     x = np.random.default_rng(3).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
@@ -238,6 +238,6 @@ def test_backend_errors_say_which_step_failed(tmp_path):
     model.graph.node[-1].op_type = "NoSuchOp"  # loads as ONNX; onnxruntime has no kernel for it
     path.write_bytes(model.SerializeToString())
     with pytest.raises(BuildError, match="cannot build") as e:
-        backend.build(path, tmp_path / "m.b1.onnx", 1, "fp32", BuildOptions())
+        backend.build(path, tmp_path / "m.b1.onnx", batch=1, precision="fp32", options=BuildOptions())
     assert isinstance(e.value, BackendError) and isinstance(e.value, UserError)
     assert not (tmp_path / "m.b1.onnx").exists()

@@ -12,6 +12,7 @@ from dsc_export.errors import UserError
 from dsc_export.planning import (
     Candidate,
     choose_index,
+    full_offload_ms,
     interpolate,
     latency_grid,
     make_plan,
@@ -25,20 +26,20 @@ SHA = "ab" * 32
 
 def manifest(splits):
     """splits: list of (id, kind, bytes)."""
-    sig = TensorSig("image", ["N", 8, 8, 3], "uint8")
-    return Manifest(model=ModelRef("model.onnx", SHA, sig, TensorSig("y", ["N", 10], "float32"), 192),
+    sig = TensorSig(name="image", shape=["N", 8, 8, 3], dtype="uint8")
+    return Manifest(model=ModelRef(path="model.onnx", sha256=SHA, input=sig, output=TensorSig(name="y", shape=["N", 10], dtype="float32"), input_bytes=192),
                     wire_dtype="float32", cut_points=[],
-                    splits=[Split(i, k, None if k != "split" else f"t_{i}",
-                                  None if k == "offload" else "h.onnx", None if k == "local" else "t.onnx", b, 0.0)
+                    splits=[Split(id=i, kind=k, tensor=None if k != "split" else f"t_{i}",
+                                  head=None if k == "offload" else "h.onnx", tail=None if k == "local" else "t.onnx", bytes=b, max_abs_diff=0.0)
                             for i, k, b in splits])
 
 
 def profiles(head: dict, tail: dict):
     """head/tail: {split: {batch: ms}} -> (device, server) profiles."""
     dev = Profile("device", "onnxruntime", {}, None, SHA,
-                  [Timing(s, "head", b, ms, ms, ms, 5) for s, d in head.items() for b, ms in d.items()])
+                  [Timing(split=s, part="head", batch=b, median_ms=ms, p10_ms=ms, p90_ms=ms, runs=5) for s, d in head.items() for b, ms in d.items()])
     srv = Profile("server", "onnxruntime", {}, None, SHA,
-                  [Timing(s, "tail", b, ms, ms, ms, 5) for s, d in tail.items() for b, ms in d.items()])
+                  [Timing(split=s, part="tail", batch=b, median_ms=ms, p10_ms=ms, p90_ms=ms, runs=5) for s, d in tail.items() for b, ms in d.items()])
     return dev, srv
 
 
@@ -78,7 +79,7 @@ def test_table_matches_brute_force(seed, privacy):
     man, dev, srv = random_setup(rng)
     rates = [0.5, 1, 3, 10, 30, 100, 300]
     rtt = float(rng.choice([0.0, 15.0]))
-    plan = make_plan(man, dev, srv, [1, 2, 4, 8, 16], rates, rtt_ms=rtt, privacy=privacy)
+    plan = make_plan(man, dev, srv, batch_sizes=[1, 2, 4, 8, 16], rates=rates, rtt_ms=rtt, privacy=privacy)
     assert ("offload" in plan.candidates) is not privacy
     for i, b in enumerate(plan.batch_sizes):
         for j, r in enumerate(rates):
@@ -94,11 +95,11 @@ def test_server_wait_and_slowdown_against_brute_force(seed):
     rng = np.random.default_rng(100 + seed)
     man, dev, srv = random_setup(rng)
     rates, batches = [0.5, 3, 30, 300], [1, 2, 4, 8, 16]
-    plan = make_plan(man, dev, srv, batches, rates, rtt_ms=2.0)
+    plan = make_plan(man, dev, srv, batch_sizes=batches, rates=rates, rtt_ms=2.0)
     cands = [Candidate(c, t["batches"], t["head_ms"], t["tail_ms"], t["bytes"]) for c, t in plan.times.items()]
     for q, slow in [(0.0, 1.0), (float(rng.uniform(1, 50)), 1.0), (0.0, float(rng.uniform(1, 4))),
                     (float(rng.uniform(1, 200)), float(rng.uniform(1, 8)))]:
-        grid = latency_grid(cands, batches, rates, 2.0, q_ms=q, s=slow)
+        grid = latency_grid(cands, batches, rates, rtt_ms=2.0, q_ms=q, s=slow)
         for i, b in enumerate(batches):
             for j, r in enumerate(rates):
                 want, t = brute_force(man, dev, srv, b, r, 2.0, False, q, slow)
@@ -111,7 +112,7 @@ def test_server_wait_and_slowdown_against_brute_force(seed):
 def test_choice_moves_to_the_device_as_the_server_waits_and_back():
     rng = np.random.default_rng(7)
     man, dev, srv = random_setup(rng)
-    plan = make_plan(man, dev, srv, [1, 2, 4, 8, 16], [1, 1000])
+    plan = make_plan(man, dev, srv, batch_sizes=[1, 2, 4, 8, 16], rates=[1, 1000])
     order = plan.candidates  # offload ... local: the index is how much stays on the device
     for b in (1, 4, 16):
         r = 1000.0  # a fast link: the idle server gets the work
@@ -133,7 +134,7 @@ def test_choice_moves_to_the_device_as_the_server_waits_and_back():
 def test_choose_between_grid_cells_is_exact_not_nearest():
     rng = np.random.default_rng(11)
     man, dev, srv = random_setup(rng)
-    plan = make_plan(man, dev, srv, [1, 2, 4, 8, 16], [1, 100])
+    plan = make_plan(man, dev, srv, batch_sizes=[1, 2, 4, 8, 16], rates=[1, 100])
     for r in np.geomspace(1, 100, 37):
         for b in (1, 2, 4, 8, 16):
             want, t = brute_force(man, dev, srv, b, r, 0.0, False)
@@ -145,7 +146,7 @@ def test_ties_go_to_the_split_that_keeps_more_on_the_device():
     man = manifest([("offload", "offload", 1000), ("cut001", "split", 500), ("local", "local", 0)])
     dev, srv = profiles({"cut001": {1: 5.0}, "local": {1: 10.0}}, {"offload": {1: 9.5}, "cut001": {1: 4.5}})
     # at 1 MB/s: offload 9.5 + 1 = 10.5 ms, cut001 5 + 0.5 + 4.5 = 10 ms, local 10 ms: a tie
-    plan = make_plan(man, dev, srv, [1], [1.0, 4.0])
+    plan = make_plan(man, dev, srv, batch_sizes=[1], rates=[1.0, 4.0])
     assert plan.latency_ms["cut001"][0][0] == pytest.approx(plan.latency_ms["local"][0][0])
     assert plan.choice[0][0] == "local"
     assert plan.choice[0][1] == "cut001"  # 4 MB/s: cut001 9.625 beats local 10 and offload 9.75
@@ -155,12 +156,20 @@ def test_ties_go_to_the_split_that_keeps_more_on_the_device():
     assert choose_index(np.array([[[2.0]], [[3.0]], [[3.05]]]), margin=0.05)[0, 0] == 0
 
 
+def test_full_offloading_is_eq4_with_no_head_sending_the_input():
+    man = manifest([("offload", "offload", 1000), ("local", "local", 0)])
+    dev, srv = profiles({"local": {1: 10.0}}, {"offload": {1: 9.5}})
+    plan = make_plan(man, dev, srv, batch_sizes=[1], rates=[1.0, 4.0], rtt_ms=0.5)
+    assert full_offload_ms(9.5, 1000, 1, 1.0, rtt_ms=0.5) == pytest.approx(11.0)  # 9.5 + 1000 B / 1 MB/s + 0.5
+    assert plan.latency_ms["offload"][0] == pytest.approx([full_offload_ms(9.5, 1000, 1, r, rtt_ms=0.5) for r in (1.0, 4.0)])
+
+
 def test_margin_keeps_the_current_split_at_run_time():
     man = manifest([("offload", "offload", 1000), ("local", "local", 0)])
     dev, srv = profiles({"local": {1: 10.0}}, {"offload": {1: 9.0}})
-    plan = make_plan(man, dev, srv, [1], [1000.0], margin=0.2)
+    plan = make_plan(man, dev, srv, batch_sizes=[1], rates=[1000.0], margin=0.2)
     assert plan.choose(1, 1000.0)[0] == "local"  # offload 9.001 is not 20 % faster than local 10
-    plan0 = make_plan(man, dev, srv, [1], [1000.0])
+    plan0 = make_plan(man, dev, srv, batch_sizes=[1], rates=[1000.0])
     assert plan0.choose(1, 1000.0)[0] == "offload"
     assert plan0.choose(1, 1000.0, current="local")[0] == "offload"  # no margin: switch
 
@@ -172,11 +181,11 @@ def test_interpolation_is_linear_and_never_extrapolates():
         interpolate([1, 4, 8], [2.0, 8.0, 10.0], 9)
     man = manifest([("offload", "offload", 100), ("local", "local", 0)])
     dev, srv = profiles({"local": {1: 10.0, 4: 40.0}}, {"offload": {1: 1.0, 4: 4.0}})
-    plan = make_plan(man, dev, srv, None, [1.0])
+    plan = make_plan(man, dev, srv, batch_sizes=None, rates=[1.0])
     assert plan.batch_sizes == [1, 2, 3, 4]
     assert plan.latency_ms["local"][2][0] == pytest.approx(30.0)
     with pytest.raises(UserError, match="outside"):
-        make_plan(man, dev, srv, [1, 8], [1.0])
+        make_plan(man, dev, srv, batch_sizes=[1, 8], rates=[1.0])
     with pytest.raises(UserError, match="outside"):
         plan.choose(5, 1.0)
 
@@ -185,7 +194,7 @@ def test_eq7_gain_on_a_scenario_computed_by_hand():
     # offload: 1 ms server + 1000 B per sample; local: 10 ms per sample on the device
     man = manifest([("offload", "offload", 1000), ("local", "local", 0)])
     dev, srv = profiles({"local": {1: 10.0, 2: 20.0}}, {"offload": {1: 1.0, 2: 2.0}})
-    plan = make_plan(man, dev, srv, [1, 2], [0.1, 1.0])
+    plan = make_plan(man, dev, srv, batch_sizes=[1, 2], rates=[0.1, 1.0])
     steps = parse_scenario("batch,rate_MBps\n1,1.0\n2,0.1\n")
     # step 1: offload 1 + 1 = 2, local 10 -> dsc 2. step 2: offload 2 + 20 = 22, local 20 -> dsc 20
     res = simulate(plan, steps)
@@ -202,7 +211,7 @@ def test_eq7_gain_on_a_scenario_computed_by_hand():
 
 def test_plan_round_trips_and_gains_are_recorded(tmp_path):
     man, dev, srv = random_setup(np.random.default_rng(3))
-    plan = make_plan(man, dev, srv, [1, 2, 4], [1, 10, 100], rtt_ms=5.0)
+    plan = make_plan(man, dev, srv, batch_sizes=[1, 2, 4], rates=[1, 10, 100], rtt_ms=5.0)
     path = tmp_path / "plan.json"
     path.write_text(plan.to_json())
     d = json.loads(path.read_text())
@@ -240,9 +249,9 @@ def test_bad_scenarios_name_the_line(text, match):
 def test_bad_plan_inputs():
     man, dev, srv = random_setup(np.random.default_rng(4))
     with pytest.raises(UserError, match="unknown static split 'cut999'"):
-        make_plan(man, dev, srv, [1], [1.0], static=["cut999"])
+        make_plan(man, dev, srv, batch_sizes=[1], rates=[1.0], static=["cut999"])
     with pytest.raises(UserError, match="positive"):
-        make_plan(man, dev, srv, [1], [0.0])
+        make_plan(man, dev, srv, batch_sizes=[1], rates=[0.0])
     other = Profile("server", "onnxruntime", {}, None, "cd" * 32, srv.timings)
     with pytest.raises(UserError, match="different models"):
         make_plan(man, dev, other)

@@ -23,14 +23,14 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     onnx.save(ALL["residual"]()[0], d / "m.onnx")
     split_model(d / "m.onnx", d / "split", at=None)
-    build_engines(d / "split", "onnxruntime", [1, 2], "all")
+    build_engines(d / "split", "onnxruntime", batch_sizes=[1, 2], parts="all")
     return d / "split"
 
 
 def _profile(**kw):
     base = dict(role="device", backend="onnxruntime", host={"cpu": "x", "cores": 2, "threads": 1},
                 emulation=None, model_sha256="ab" * 32,
-                timings=[Timing("local", "head", 1, 2.0, 1.5, 2.5, 20), Timing("cut001", "head", 4, 1.0, 0.9, 1.2, 20)])
+                timings=[Timing(split="local", part="head", batch=1, median_ms=2.0, p10_ms=1.5, p90_ms=2.5, runs=20), Timing(split="cut001", part="head", batch=4, median_ms=1.0, p10_ms=0.9, p90_ms=1.2, runs=20)])
     base.update(kw)
     return Profile(**base)
 

@@ -47,13 +47,13 @@ def b0(exported, tmp_path_factory):
     rep = exported("efficientnet_b0")
     root = tmp_path_factory.mktemp("serve") / "split"
     split_model(rep.path, root)
-    build_engines(root, "onnxruntime", [1, 2, 4], "all")
+    build_engines(root, "onnxruntime", batch_sizes=[1, 2, 4], parts="all")
     dev = profile_split_dir(root, "device", batch_sizes=[1, 2, 4], repeats=3, warmup=1, threads=1)
     srv = profile_split_dir(root, "server", batch_sizes=[1, 2, 4], repeats=3, warmup=1)
-    plan = make_plan(read_manifest(root), dev, srv, [1, 2, 3, 4], [1, 10, 100])
+    plan = make_plan(read_manifest(root), dev, srv, batch_sizes=[1, 2, 3, 4], rates=[1, 10, 100])
     (root / "plan.json").write_text(plan.to_json())
     slow = profile_split_dir(root, "device", batch_sizes=[1, 2, 4], repeats=3, warmup=1, threads=1, slowdown=50)
-    slow_plan = make_plan(read_manifest(root), slow, srv, [1, 2, 3, 4], [1, 10, 100])
+    slow_plan = make_plan(read_manifest(root), slow, srv, batch_sizes=[1, 2, 3, 4], rates=[1, 10, 100])
     (root.parent / "plan-slow-device.json").write_text(slow_plan.to_json())  # offloading always wins
     return root
 

@@ -44,10 +44,10 @@ def _split_with_plan(model, root: Path, batches, **fields) -> Path:
     split_model(root.with_suffix(".onnx"), root)
     if fields:
         set_batch_fields(root, **fields)
-    build_engines(root, "onnxruntime", batches, "all", keep_all=True)
+    build_engines(root, "onnxruntime", batch_sizes=batches, parts="all", keep_all=True)
     dev = profile_split_dir(root, "device", batch_sizes=batches, repeats=2, warmup=1, threads=1)
     srv = profile_split_dir(root, "server", batch_sizes=batches, repeats=2, warmup=1)
-    (root / "plan.json").write_text(make_plan(read_manifest(root), dev, srv, batches, [1, 10, 100]).to_json())
+    (root / "plan.json").write_text(make_plan(read_manifest(root), dev, srv, batch_sizes=batches, rates=[1, 10, 100]).to_json())
     return root
 
 

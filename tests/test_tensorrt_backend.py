@@ -42,7 +42,7 @@ def onnx_file(tmp_path):
 
 def build(trt, onnx_file, tmp_path, *, batch=4, precision="fp32", options=None, name="m.plan", **kw):
     out = tmp_path / "engines" / name
-    tensorrt.TensorrtBackend().build(onnx_file, out, batch, precision, options or BuildOptions(workspace_mb=64),
+    tensorrt.TensorrtBackend().build(onnx_file, out, batch=batch, precision=precision, options=options or BuildOptions(workspace_mb=64),
                                      cache_dir=tmp_path / "engines", **kw)
     return out
 
@@ -258,8 +258,8 @@ def test_backend_compatible_compares_with_this_gpu(trt):
 def test_trtexec_command(precision):
     opts = BuildOptions(workspace_mb=512, version_compatible=True, hardware_compatible=True)
     be = tensorrt.TensorrtBackend()
-    dyn = shlex.split(be.trtexec_command("h.onnx", "h.plan", "in put", [[1, 3], [8, 3]], precision, opts, "c.cache"))
-    static = shlex.split(be.trtexec_command("h.onnx", "h.plan", None, [[8, 3]], precision, BuildOptions(), "c.cache"))
+    dyn = shlex.split(be.trtexec_command("h.onnx", "h.plan", input_name="in put", input_shapes=[[1, 3], [8, 3]], precision=precision, options=opts, cache_path="c.cache"))
+    static = shlex.split(be.trtexec_command("h.onnx", "h.plan", input_name=None, input_shapes=[[8, 3]], precision=precision, options=BuildOptions(), cache_path="c.cache"))
     # one profile per batch size, in order: --profile=K, then its min = opt = max
     for k, b in enumerate([1, 8]):
         at = dyn.index(f"--profile={k}")
@@ -344,13 +344,13 @@ def test_build_records_which_profile_serves_which_batch(trt, tmp_path):
     onnx.save(model, src)
     root = tmp_path / "s"
     split_model(src, root, at=cuts[2:])
-    build_engines(root, "tensorrt", [4, 1], "all", verify=False)
+    build_engines(root, "tensorrt", batch_sizes=[4, 1], parts="all", verify=False)
     man = read_manifest(root)
     sources = {e.source for e in man.engines}
     assert len({e.path for e in man.engines}) == len(sources) == 3  # model, head, tail: one engine each
     for e in man.engines:
         assert e.profile == [1, 4].index(e.batch) and e.path.startswith("engines/tensorrt/")
-    build_engines(root, "tensorrt", [2], "heads", verify=False)  # the head's engine: profiles 1, 2, 4
+    build_engines(root, "tensorrt", batch_sizes=[2], parts="heads", verify=False)  # the head's engine: profiles 1, 2, 4
     man = read_manifest(root)
     head = man.splits[1].head
     recs = sorted((e for e in man.engines if e.source == head), key=lambda e: e.batch)
@@ -370,7 +370,7 @@ def test_build_records_which_profile_serves_which_batch(trt, tmp_path):
         load_engine(root, wrong).activate()
     (root / "manifest.json").write_text(man.to_json())
     out = tmp_path / "build.sh"
-    assert emit_trtexec(root, out, [1, 2, 4], parts="heads") == 2  # the head and the whole model
+    assert emit_trtexec(root, out, batch_sizes=[1, 2, 4], parts="heads") == 2  # the head and the whole model
     (cmd,) = [shlex.split(ln) for ln in out.read_text().splitlines() if f"--onnx={head}" in ln]
     assert f"--saveEngine={recs[0].path}" in cmd
     name = onnx.load(root / head).graph.input[0].name

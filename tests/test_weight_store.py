@@ -51,7 +51,7 @@ def one_cut(exported, tmp_path_factory):
     tensor = full.split("cut033").tensor
     root = base / "split"
     split_model(rep.path, root, at=[tensor])
-    build_engines(root, "onnxruntime", [1], "all", keep_all=True)
+    build_engines(root, "onnxruntime", batch_sizes=[1], parts="all", keep_all=True)
     return rep.path, root
 
 
@@ -83,7 +83,7 @@ def test_another_batch_size_adds_kilobytes(one_cut):
     store = root / "weights"
     before = {p.name for p in store.iterdir()}
     weights = tree_bytes(list(store.iterdir()))
-    rep = build_engines(root, "onnxruntime", [2], "all", keep_all=True)
+    rep = build_engines(root, "onnxruntime", batch_sizes=[2], parts="all", keep_all=True)
     assert len({e.path for e in rep.built}) == 3 and not rep.failed
     new_blobs = [p for p in store.iterdir() if p.name not in before]
     assert (tree_bytes(new_blobs) if new_blobs else 0) <= 0.01 * weights
@@ -132,7 +132,7 @@ def test_a_changed_shared_weights_file_is_refused_by_name(one_cut, tmp_path):
     blob = man.data[man.split("cut033").head][-1]
     _flip(root / blob)
     with pytest.raises(UserError, match=blob.split("/")[-1] + ".*sha256"):
-        build_engines(root, "onnxruntime", [1], "heads")
+        build_engines(root, "onnxruntime", batch_sizes=[1], parts="heads")
     rec = man.engine("cut033", "tail", "onnxruntime", 1)
     eblob = rec.data[0]
     _flip(root / eblob)
@@ -195,14 +195,14 @@ def test_dropped_engines_are_recorded_and_the_runner_uses_the_onnx(exported, tmp
     tail_input = read_manifest(root).split("cut033").wire_tensor
     monkeypatch.setattr(engines_mod, "time_pair",
                         lambda e, o, feeds, rounds=5: (10.0, 10.2) if tail_input in feeds else (5.0, 10.0))
-    report = build_engines(root, "onnxruntime", [1], "all")
+    report = build_engines(root, "onnxruntime", batch_sizes=[1], parts="all")
     man = read_manifest(root)
     assert [(e.split, e.part) for e in man.dropped] == [("cut033", "tail")]
     gone = man.dropped[0]
     assert gone.speed == {"engine_ms": 10.0, "onnx_ms": 10.2, "margin": 0.05, "threads": None, "kept": False}
     assert not (root / gone.path).exists() and man.engine("cut033", "tail", "onnxruntime", 1) is None
     assert all(e.speed["kept"] for e in man.engines) and man.engine("cut033", "head", "onnxruntime", 1)
-    assert report.dropped and not build_engines(root, "onnxruntime", [1], "all").built  # decision kept
+    assert report.dropped and not build_engines(root, "onnxruntime", batch_sizes=[1], parts="all").built  # decision kept
     x = np.random.default_rng(5).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
     want = make_session(rep.path).run(None, {"image": x})[0]
     head, tail = PartRunner(root, man, "cut033", "head"), PartRunner(root, man, "cut033", "tail")

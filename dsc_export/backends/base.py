@@ -45,6 +45,7 @@ class BuildOptions:
     optimization: str = "all"
 
     def for_backend(self, backend: str) -> dict[str, Any]:
+        """The options that change an engine of ``backend``, as recorded in the manifest."""
         if backend.startswith("onnxruntime"):
             return {"optimization": self.optimization}
         return {"workspace_mb": self.workspace_mb, "version_compatible": self.version_compatible,
@@ -73,17 +74,27 @@ class Runner:
         self.deactivate()
 
     def activate(self) -> None:
+        """Load the engine (``activate_impl``) unless active already.
+
+        Raises:
+            EngineLoadError: the backend cannot load it.
+        """
         if not self.active:
             self.activate_impl()
             self.active = True
 
     def deactivate(self) -> None:
+        """Release the engine (``deactivate_impl``) if active."""
         if self.active:
             self.deactivate_impl()
             self.active = False
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the engine on host arrays; returns every output by name."""
+        """Run the engine on host arrays; returns every output by name.
+
+        Raises:
+            InferenceError: the runner is not active, or the backend fails to run it.
+        """
         if not self.active:
             raise InferenceError(f"the runner of '{self.path}' is not active; use it in a 'with' block")
         return self.infer_impl(feeds)
@@ -99,12 +110,15 @@ class Runner:
         return (time.perf_counter() - t0) * 1e3
 
     def activate_impl(self) -> None:
+        """Load the engine and set ``inputs`` and ``outputs``; each backend implements it."""
         raise NotImplementedError
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the active engine on host arrays, by input name; returns every output by name."""
         raise NotImplementedError
 
     def deactivate_impl(self) -> None:
+        """Release what ``activate_impl`` acquired; the default has nothing to release."""
         pass
 
 
@@ -137,7 +151,7 @@ class Backend:
         """None when an engine built for ``target`` with ``options`` runs here, else what differs."""
         return None
 
-    def build(self, onnx_path: str | os.PathLike, engine_path: str | os.PathLike, batch: int | list[int],
+    def build(self, onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, batch: int | list[int],
               precision: str, options: BuildOptions, cache_dir: str | os.PathLike | None = None,
               log=lambda s: None) -> None:
         """Build the engine for ``onnx_path`` at a fixed ``batch`` and write it to ``engine_path``.
@@ -163,10 +177,14 @@ class Backend:
         raise NotImplementedError
 
     def load_onnx(self, onnx_path: str | os.PathLike, threads: int | None = None) -> Runner:
-        """A runner for an ONNX file as it is (no build step), where the backend can do that."""
+        """A runner for an ONNX file as it is (no build step), where the backend can do that.
+
+        Raises:
+            EngineLoadError: the backend runs built engines only (the default).
+        """
         raise EngineLoadError(f"the {self.name} backend runs built engines only")
 
-    def trtexec_command(self, onnx_path: str, engine_path: str, input_name: str | None,
+    def trtexec_command(self, onnx_path: str, engine_path: str, *, input_name: str | None,
                         input_shapes: list[list[int]], precision: str, options: BuildOptions,
                         cache_path: str) -> str | None:
         """The equivalent ``trtexec`` command line, where there is one."""

@@ -19,7 +19,11 @@ CU12_HINT = ("no NVIDIA driver, or one older than this CUDA runtime: the 'tensor
 
 
 def cudart():
-    """The CUDA runtime bindings (``cuda.bindings.runtime``; ``cuda.cudart`` before cuda-python 12.6)."""
+    """The CUDA runtime bindings (``cuda.bindings.runtime``; ``cuda.cudart`` before cuda-python 12.6).
+
+    Raises:
+        BackendUnavailable: cuda-python is not installed.
+    """
     try:
         from cuda.bindings import runtime
     except ImportError:
@@ -32,7 +36,12 @@ def cudart():
 
 
 def check(result: Any, what: str = "CUDA call") -> Any:
-    """Unpack a cuda-python ``(error, *values)`` result; a CUDA error becomes a one-line BackendError."""
+    """Unpack a cuda-python ``(error, *values)`` result; a CUDA error becomes a one-line BackendError.
+
+    Raises:
+        OutOfDeviceMemory: a CUDA allocation failed.
+        BackendError: any other CUDA error.
+    """
     rt = cudart()
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
@@ -103,10 +112,16 @@ class Stream:
         self._in_flight.append(obj)
 
     def synchronize(self) -> None:
+        """Wait until every operation queued on the stream is done, then drop the kept host arrays.
+
+        Raises:
+            BackendError: a CUDA error.
+        """
         check(cudart().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
         self._in_flight.clear()
 
     def close(self) -> None:
+        """Destroy the stream (idempotent)."""
         if self.handle is not None:
             cudart().cudaStreamDestroy(self.handle)
             self.handle = None
@@ -126,6 +141,12 @@ class DeviceBuffer:
         self.ptr = check(cudart().cudaMalloc(max(self.nbytes, 1)), f"cudaMalloc({self.nbytes} bytes)")
 
     def upload(self, host: np.ndarray, stream: Stream) -> None:
+        """Queue a copy of ``host`` (exactly the buffer's size) to the device on ``stream``.
+
+        Raises:
+            ValueError: ``host`` has another size in bytes.
+            BackendError: a CUDA error.
+        """
         host = np.ascontiguousarray(host)
         if host.nbytes != self.nbytes:
             raise ValueError(f"host array has {host.nbytes} bytes, buffer {self.nbytes}")
@@ -135,6 +156,13 @@ class DeviceBuffer:
         stream.keep(host)  # may be a temporary copy: it must live until the copy has run
 
     def download(self, host: np.ndarray, stream: Stream) -> np.ndarray:
+        """Queue a copy of the buffer into ``host`` (C-contiguous, the buffer's size) on ``stream``;
+        returns ``host``, valid after the stream's next :meth:`Stream.synchronize`.
+
+        Raises:
+            ValueError: ``host`` has another size or is not C-contiguous.
+            BackendError: a CUDA error.
+        """
         if host.nbytes != self.nbytes or not host.flags.c_contiguous:
             raise ValueError("host array must be C-contiguous and the buffer's size")
         rt = cudart()
@@ -144,6 +172,7 @@ class DeviceBuffer:
         return host
 
     def free(self) -> None:
+        """Free the device memory (idempotent)."""
         if self.ptr is not None:
             cudart().cudaFree(self.ptr)
             self.ptr = None
@@ -171,6 +200,7 @@ class PinnedArray:
         self.array = np.frombuffer(raw, np.uint8, count=nbytes).view(dtype).reshape(shape)
 
     def free(self) -> None:
+        """Drop the array and free its page-locked host memory (idempotent)."""
         if self.ptr is not None:
             self.array = None
             cudart().cudaFreeHost(self.ptr)
@@ -190,17 +220,33 @@ class EventTimer:
             raise
 
     def record_start(self, stream: Stream) -> None:
+        """Record the start event on ``stream``.
+
+        Raises:
+            BackendError: a CUDA error.
+        """
         check(cudart().cudaEventRecord(self.start, stream.handle), "cudaEventRecord")
 
     def record_end(self, stream: Stream) -> None:
+        """Record the end event on ``stream``.
+
+        Raises:
+            BackendError: a CUDA error.
+        """
         check(cudart().cudaEventRecord(self.end, stream.handle), "cudaEventRecord")
 
     def elapsed_ms(self) -> float:
+        """Milliseconds between the start and end events, waiting for the end event.
+
+        Raises:
+            BackendError: a CUDA error.
+        """
         rt = cudart()
         check(rt.cudaEventSynchronize(self.end), "cudaEventSynchronize")
         return float(check(rt.cudaEventElapsedTime(self.start, self.end), "cudaEventElapsedTime"))
 
     def close(self) -> None:
+        """Destroy both events (idempotent)."""
         rt = cudart()
         for ev in (self.start, self.end):
             if ev is not None:

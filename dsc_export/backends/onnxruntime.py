@@ -21,6 +21,8 @@ import numpy as np
 
 from dsc_export.backends.base import Backend, BuildOptions, Runner, TensorSpec
 from dsc_export.errors import BuildError, UserError, first_line
+from dsc_export.graph.model import load_model
+from dsc_export.graph.precision import to_float16_for_build
 from dsc_export.ort import (  # noqa: F401  (re-exported: the backend's public names)
     OPTIMIZATION_LEVELS,
     ORT_DTYPES,
@@ -31,6 +33,7 @@ from dsc_export.ort import (  # noqa: F401  (re-exported: the backend's public n
     random_inputs,
     session_options,
 )
+from dsc_export.weight_store import externalize, write_blobs
 
 PROVIDERS = {
     "onnxruntime": ["CPUExecutionProvider"],
@@ -78,6 +81,7 @@ class OnnxruntimeRunner(Runner):
     optimization: str = "none"
 
     def activate_impl(self) -> None:
+        """Open the onnxruntime session and read its input and output signatures."""
         self.session = make_session(self.path, self.threads, optimization=self.optimization, providers=self.providers)
         self.inputs = [TensorSpec(i.name, tuple(i.shape), np.dtype(ORT_DTYPES.get(i.type, np.float32)))
                        for i in self.session.get_inputs()]
@@ -86,9 +90,11 @@ class OnnxruntimeRunner(Runner):
         self._names = [o.name for o in self.session.get_outputs()]
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the session on ``feeds``; every output by name."""
         return dict(zip(self._names, self.session.run(None, feeds)))
 
     def deactivate_impl(self) -> None:
+        """Drop the session."""
         del self.session
 
 
@@ -106,6 +112,7 @@ class OnnxruntimeBackend(Backend):
         self.providers = PROVIDERS[name]
 
     def available(self) -> str | None:
+        """None when onnxruntime has this backend's execution provider, else the one-line reason."""
         import onnxruntime as ort
 
         if self.providers[0] not in ort.get_available_providers():
@@ -115,6 +122,9 @@ class OnnxruntimeBackend(Backend):
         return None
 
     def target(self) -> dict[str, Any]:
+        """Backend, onnxruntime version and execution provider, plus the CPU (name, ISA) or GPU
+        the engines are optimised for.
+        """
         import onnxruntime as ort
 
         t = {"backend": self.name, "version": ort.__version__, "provider": self.providers[0]}
@@ -132,12 +142,17 @@ class OnnxruntimeBackend(Backend):
                 return f"{key} {target.get(key)} (built) != {now.get(key)} (here)"
         return None
 
-    def build(self, onnx_path, engine_path, batch, precision, options: BuildOptions, cache_dir=None,
+    def build(self, onnx_path, engine_path, *, batch, precision, options: BuildOptions, cache_dir=None,
               log=lambda s: None) -> None:
+        """Save onnxruntime's optimised model of ``onnx_path`` at ``batch`` as the engine (see
+        :meth:`Backend.build`); its weights go to the shared store of the engine's folder.
+
+        Raises:
+            BackendUnavailable: the execution provider is missing.
+            BuildError: onnxruntime rejects the model.
+        """
         import onnx
 
-        from dsc_export.graph.model import load_model
-        from dsc_export.graph.precision import to_float16_for_build
 
         self.check()
         model = fix_batch(load_model(onnx_path), batch)
@@ -166,7 +181,6 @@ class OnnxruntimeBackend(Backend):
                 raise BuildError(f"onnxruntime cannot build {onnx_path} at batch {batch}: {first_line(exc)}") from exc
             # The weights go to the shared store of the engine's folder (dsc_export.weight_store): engines of
             # other batch sizes and parts hold the same optimised tensors and share them.
-            from dsc_export.weight_store import externalize, write_blobs
 
             engine = onnx.load_model(os.fspath(out))
             write_blobs(engine_path.parent, externalize(engine))
@@ -176,12 +190,22 @@ class OnnxruntimeBackend(Backend):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def load(self, engine_path, threads=None, *, profile=None) -> Runner:
+        """A runner for an engine built by :meth:`build` (not yet active).
+
+        Raises:
+            BackendUnavailable: the execution provider is missing.
+        """
         self.check()  # batch-fixed engines: no profiles (``profile`` is None)
         r = OnnxruntimeRunner(os.fspath(engine_path), threads)
         r.providers, r.optimization = self.providers, "none"  # optimised when built
         return r
 
     def load_onnx(self, onnx_path, threads=None) -> Runner:
+        """A runner for an ONNX file as it is, fully optimised when activated.
+
+        Raises:
+            BackendUnavailable: the execution provider is missing.
+        """
         self.check()
         r = OnnxruntimeRunner(os.fspath(onnx_path), threads)
         r.providers, r.optimization = self.providers, "all"

@@ -38,6 +38,8 @@ import numpy as np
 
 from dsc_export.backends.base import Backend, BuildOptions, Runner, TensorSpec
 from dsc_export.errors import BuildError, EngineLoadError, InferenceError, UserError, lazy_import
+from dsc_export.graph.model import load_model
+from dsc_export.graph.precision import to_float16_for_build
 
 TIMING_CACHE = "tensorrt.timing-cache"
 
@@ -47,6 +49,7 @@ def _trt():
 
 
 def trt_major(trt) -> int:
+    """The major version of the ``tensorrt`` module ``trt``."""
     return version_tuple(trt.__version__)[0]
 
 
@@ -156,6 +159,12 @@ class TensorrtRunner(Runner):
     profile: int | None = None
 
     def activate_impl(self) -> None:
+        """Deserialise the engine, select its profile, and allocate device buffers and pinned
+        host arrays for every input and output.
+
+        Raises:
+            EngineLoadError: TensorRT cannot load the engine or refuses the profile or a shape.
+        """
         from dsc_export.backends import cuda
 
         self._buffers: dict[str, Any] = {}
@@ -229,6 +238,11 @@ class TensorrtRunner(Runner):
             raise InferenceError(f"TensorRT execution failed for '{self.path}': {log.reason(mark)}")
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Copy ``feeds`` to the device, execute, copy every output back; outputs by name.
+
+        Raises:
+            InferenceError: an input of the wrong dtype or shape, or a failed execution.
+        """
         self._upload(feeds)
         self._execute()
         for spec in self.outputs:
@@ -293,12 +307,15 @@ def engine_compatibility(built: dict[str, Any], here: dict[str, Any], options: d
 
 
 class TensorrtBackend(Backend):
+    """TensorRT engines (``.plan``): one per part, one optimisation profile per batch size."""
+
     name = "tensorrt"
     suffix = ".plan"
     extra = "tensorrt"
     profiles = True  # one engine per part, one optimisation profile per batch size
 
     def available(self) -> str | None:
+        """None when TensorRT, cuda-python and a CUDA device are usable here, else the one-line reason."""
         try:
             _trt()
             from dsc_export.backends import cuda
@@ -311,15 +328,19 @@ class TensorrtBackend(Backend):
         return None
 
     def target(self) -> dict[str, Any]:
+        """Backend, TensorRT version and the CUDA device (name, compute capability, memory)."""
         from dsc_export.backends.cuda import device_info
 
         trt = _trt()
         return {"backend": self.name, "version": str(trt.__version__), **device_info()}
 
     def compatible(self, target: dict[str, Any], options: dict[str, Any]) -> str | None:
+        """None when an engine built for ``target`` with ``options`` runs on this device and
+        TensorRT version, else what differs.
+        """
         return engine_compatibility(target, self.target(), options)
 
-    def build(self, onnx_path, engine_path, batch, precision, options: BuildOptions, cache_dir=None,
+    def build(self, onnx_path, engine_path, *, batch, precision, options: BuildOptions, cache_dir=None,
               log=lambda s: None) -> None:
         """Build one engine of ``onnx_path`` with one optimisation profile per batch size.
 
@@ -348,8 +369,6 @@ class TensorrtBackend(Backend):
             if precision == "fp16":  # TensorRT 11 has no FP16 flag: precision is in the ONNX types
                 import onnx
 
-                from dsc_export.graph.model import load_model
-                from dsc_export.graph.precision import to_float16_for_build
 
                 model = to_float16_for_build(load_model(src), log=log)
                 src = tmpdir / "fp16.onnx"
@@ -421,7 +440,7 @@ class TensorrtBackend(Backend):
         runner.profile = profile
         return runner
 
-    def trtexec_command(self, onnx_path, engine_path, input_name, input_shapes, precision, options,
+    def trtexec_command(self, onnx_path, engine_path, *, input_name, input_shapes, precision, options,
                         cache_path) -> str:
         """One ``trtexec`` command line, every argument quoted for ``sh`` (:func:`shlex.join`).
 

@@ -6,7 +6,7 @@ run: shape probes and float16 activation ranges. Never on ``backends``, ``servin
 
 - :mod:`.model`   loading with clear errors, the data-flow view, constant folding of shape arithmetic
 - :mod:`.shapes`  exact per-sample sizes of tensors (static inference, else one recorded run)
-- :mod:`.cuts`    cut points by dominance, bytes and ratios, natural and compressive bottlenecks (Eq. 3)
+- :mod:`.cuts`    cut points by dominance, bytes and ratios, natural and compressive bottlenecks (``compressive_mask``)
 - :mod:`.surgery` head/tail extraction, wire casts, numerical verification
 - :mod:`.precision` float16 conversion under the ONNX type constraints
 """

@@ -135,7 +135,11 @@ def nearest_cut_points(df: Dataflow, tensor: str, cuts: list[str]) -> tuple[str 
 
 def wire_itemsize(dtype: str, wire_dtype: str) -> int:
     """Bytes per element of a tensor of ``dtype`` on the wire: ``wire_dtype`` applies to
-    floating tensors (float16 casts them down), other tensors travel as they are."""
+    floating tensors (float16 casts them down), other tensors travel as they are.
+
+    Raises:
+        ValueError: ``wire_dtype`` is not one of ``WIRE_DTYPES``.
+    """
     if wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"wire dtype must be one of {WIRE_DTYPES}")
     if dtype in FLOAT_DTYPES and wire_dtype == "float16":
@@ -159,7 +163,10 @@ def compression_ratio(cut_bytes: int, input_bytes: int) -> float:
 
 
 def compressive_mask(ratios: list[float]) -> list[bool]:
-    """Eq. 3: C = { j | c_j < 1 and c_j < c_i for all i < j } (strictly below every earlier ratio)."""
+    """The compressive bottlenecks among cut points in graph order, given their ratios c_l
+    (:func:`compression_ratio`): the paper's Eq. 3, C = { j | c_j < 1 and c_j < c_i for all i < j }
+    (strictly below every earlier ratio). Its Eq. 1-2 are the argument: of two cut points with the
+    same ratio the earlier is never slower, as it sends as much and runs less on the device."""
     mask, best = [], 1.0
     for c in ratios:
         is_c = c < best  # best starts at 1, so this also requires c < 1

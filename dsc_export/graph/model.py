@@ -40,7 +40,12 @@ def load_model(path: str | os.PathLike, load_data: bool = True) -> onnx.ModelPro
 
 
 def load_model_and_data_files(path: str | os.PathLike, load_data: bool = True) -> tuple[onnx.ModelProto, list[str]]:
-    """:func:`load_model`, also returning the external data files (relative to the model's folder)."""
+    """:func:`load_model`, also returning the external data files (relative to the model's folder).
+
+    Raises:
+        UserError: the file is missing, a directory, not a readable ONNX model, or its external
+            data files are missing or unreadable (one line).
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"'{path}' does not exist")
@@ -109,6 +114,7 @@ def without_data(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def all_initializers(graph: onnx.GraphProto):
+    """Every initializer of ``graph`` and of its subgraphs (If/Loop/Scan bodies), recursively."""
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
@@ -178,9 +184,11 @@ class Dataflow:
     constants: set[str]
 
     def producers(self) -> dict[str, OpNode]:
+        """Tensor name -> the node that produces it."""
         return {o: n for n in self.nodes for o in n.outputs if o}
 
     def consumers(self) -> dict[str, list[OpNode]]:
+        """Tensor name -> the nodes that read it (each node once)."""
         cons: dict[str, list[OpNode]] = {}
         for n in self.nodes:
             for i in dict.fromkeys(n.inputs):

@@ -46,7 +46,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dsc_export.errors import UserError
-from dsc_export.graph.model import _attr_graphs, data_dependent, dataflow, without_data
+from dsc_export.graph.model import (
+    _attr_graphs,
+    data_dependent,
+    dataflow,
+    outer_scope_inputs,
+    without_data,
+)
+from dsc_export.inputs import SampleInputs
+from dsc_export.ort import make_session
 
 FP16_MAX = float(np.finfo(np.float16).max)
 # Activations beyond this on the sample inputs keep float32 compute: float16's range with two
@@ -131,7 +139,6 @@ def to_float16_for_build(model: onnx.ModelProto, samples=None, log=lambda s: Non
     Returns:
         The converted model.
     """
-    from dsc_export.inputs import SampleInputs
 
     samples = samples or SampleInputs.random(model)
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[:1]] if model.graph.input else []
@@ -155,7 +162,6 @@ def activation_peaks(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]
     Returns:
         Tensor name -> max |value| over the samples (NaN counts as infinite).
     """
-    from dsc_export.ort import make_session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -510,8 +516,6 @@ def _schema(op: str, opset: int | None, domain: str):
 
 
 def _outer_refs(n: onnx.NodeProto) -> list[str]:
-    from dsc_export.graph.model import outer_scope_inputs
-
     if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
         return []
     return outer_scope_inputs(n)

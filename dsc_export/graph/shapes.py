@@ -39,12 +39,14 @@ from dsc_export.graph.model import (
     topological_nodes,
     without_data,
 )
+from dsc_export.ort import make_session, random_inputs
 
 PROBE_BATCHES = (1, 2)
 TWO_GB = 2**31 - 2**20  # protobuf's limit, with a margin
 
 
 def np_dtype_name(elem_type: int) -> str:
+    """The numpy dtype name of an ONNX ``TensorProto`` element type (``1`` -> ``float32``)."""
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
 
 
@@ -74,6 +76,9 @@ def batch_dim(model: onnx.ModelProto) -> int | str:
 
 
 def probe_batches(model: onnx.ModelProto) -> tuple[int, ...]:
+    """The batch sizes to run the model at when probing sizes: its fixed batch size if it has
+    one, else ``PROBE_BATCHES``.
+    """
     fb = fixed_batch(model)
     return (fb,) if fb else PROBE_BATCHES
 
@@ -97,7 +102,6 @@ def run_with_outputs(
     Raises:
         ModelRunError: onnxruntime fails at one of the batch sizes (its ``batch`` says which).
     """
-    from dsc_export.ort import make_session, random_inputs
 
     graph_outputs = model.graph.output
     n_before = len(graph_outputs)

@@ -49,6 +49,7 @@ class CutSpec:
 
     @property
     def wire_elem_dtype(self) -> str:
+        """The cut tensor's dtype on the wire: ``float16`` with a wire cast, else its own."""
         return "float16" if self.cast else self.dtype
 
 
@@ -101,6 +102,7 @@ class Part:
     initializers: list[onnx.TensorProto]
 
     def byte_size(self) -> int:
+        """Serialised size of the part in bytes, graph and initializers together."""
         return self.model.ByteSize() + sum(t.ByteSize() for t in self.initializers)
 
     def to_model(self) -> onnx.ModelProto:
@@ -217,7 +219,11 @@ def _write_streaming(part: Part, path: Path) -> None:
 def check_structure(part: Part, name: str) -> None:
     """``onnx.checker`` on the part with each initializer replaced by a one-element stand-in of
     its dtype and rank: nodes, opsets, types and topology are checked without a copy of the
-    weights (which are the source model's, byte for byte)."""
+    weights (which are the source model's, byte for byte).
+
+    Raises:
+        UserError: the graph fails ``onnx.checker``.
+    """
     probe = onnx.ModelProto()
     probe.CopyFrom(part.model)
     for t in part.initializers:

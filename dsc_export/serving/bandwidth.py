@@ -93,11 +93,10 @@ class ShapedLink:
         self.stop()
 
     def start(self) -> None:
-        """Create the namespace, the veth pair and the shaping; on any failure, remove what was
-        made (:meth:`stop`) before raising.
+        """Create the namespace pair and shape its link to ``rate_MBps`` and ``delay_ms``.
 
         Raises:
-            UserError: network namespaces or tc are not permitted here (the reason, one line).
+            UserError: not permitted here (no root or no ``ip``/``tc``), or a command fails (what was made is removed first).
         """
         why = permitted()
         if why:
@@ -138,7 +137,11 @@ class ShapedLink:
                   f"{self.delay_ms}ms", "limit", "100000"])
 
     def set_rate(self, rate_MBps: float) -> None:
-        """Change the data rate now (transfers in flight continue at the new rate)."""
+        """Change the data rate now (transfers in flight continue at the new rate).
+
+        Raises:
+            UserError: the rate is not positive, or ``tc`` fails.
+        """
         if not rate_MBps > 0:
             raise UserError("the rate must be positive")
         self.rate_MBps = rate_MBps
@@ -200,7 +203,7 @@ class SimulatedLink:
         self.rate_MBps = rate_MBps
 
     def attach(self, remote) -> None:
-        """Make ``remote.infer`` take as long as sending its input at this link's rate would."""
+        """Wrap ``remote.infer`` so that each request first waits its bytes / ``rate_MBps``."""
         import time
 
         real = remote.infer

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from dsc_export.artifacts import Manifest
+from dsc_export.engines import PartRunner
+from dsc_export.graph.model import load_model
 from dsc_export.serving import triton_python_model
 from dsc_export.weight_store import save_linked
 
@@ -43,8 +45,6 @@ def write_python_model(root: Path, man: Manifest, split: str, model_dir: Path, c
         The engine files written, relative to ``model_dir/1``.
     """
 
-    from dsc_export.engines import PartRunner
-    from dsc_export.graph.model import load_model
 
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,9 @@ class TritonPythonModel:
     """One tail: sessions per batch size, created on first use."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        """Read the model config's parameters and open the onnxruntime sessions (Triton calls
+        it once per model instance).
+        """
         import onnxruntime as ort
         import triton_python_backend_utils as pb_utils
 
@@ -103,6 +106,9 @@ class TritonPythonModel:
         return dict(zip(self.outputs, self._session(len(x)).run(self.outputs, {INPUT: x})))
 
     def execute(self, requests):
+        """Run the requests Triton hands over (one batch when dynamic batching merges them);
+        one response per request, an error response for each when the run fails.
+        """
         import triton_python_backend_utils as pb_utils
 
         inputs = [pb_utils.get_input_tensor_by_name(r, INPUT).as_numpy() for r in requests]
@@ -115,4 +121,5 @@ class TritonPythonModel:
                                                            for n in self.outputs]) for a in answers]
 
     def finalize(self) -> None:
+        """Drop the sessions (Triton calls it when the model is unloaded)."""
         self.sessions.clear()
