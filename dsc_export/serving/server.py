@@ -416,6 +416,8 @@ class TailServer:
                         config=ModelConfig(batching=False))
             with _into(self.log_file):
                 triton.run()
+            if self.log_file is not None:
+                _quiet_echo(triton)
             self._triton = triton
             self._wait_ready([s.id for s in tails] + [META, LOAD])
         except BaseException:
@@ -438,8 +440,12 @@ class TailServer:
     def stop(self) -> None:
         """Stop Triton (its last words, "Signal (2) received." and the stubs', go to the log file)."""
         if self._triton is not None:
+            echo = getattr(self._triton, "_triton_server", None)
             with _into(self.log_file):
                 self._triton.stop()
+            if self.log_file is not None and echo is not None and hasattr(echo, "logs"):
+                with open(self.log_file, "a") as f:  # what tritonserver printed (see _quiet_echo)
+                    f.write(echo.logs())
             self._triton = None
 
     def batching(self) -> str:
@@ -455,6 +461,21 @@ class TailServer:
     def urls(self) -> dict[str, str]:
         """``host:port`` of the HTTP and gRPC endpoints (what ``run --server`` takes)."""
         return {"http": f"{self.host}:{self.http_port}", "grpc": f"{self.host}:{self.grpc_port}"}
+
+
+def _quiet_echo(triton) -> None:
+    """Stop PyTriton echoing tritonserver's output to this process's stdout once it runs.
+
+    PyTriton 0.7 reads tritonserver's stdout in a thread and ``print``s every line
+    (``TritonServer(verbose=True)``, its default, not settable through ``Triton``). On Ctrl-C the
+    terminal signals tritonserver too, which says "Signal (2) received." before this process has
+    redirected its output for the stop: the line reached the terminal now and then. PyTriton
+    still keeps the lines; :meth:`TailServer.stop` appends them to the log file. Where PyTriton
+    has no such attribute (another version) this does nothing.
+    """
+    server = getattr(triton, "_triton_server", None)
+    if server is not None and hasattr(server, "_verbose"):
+        server._verbose = False
 
 
 @contextlib.contextmanager
