@@ -9,7 +9,7 @@ Per batch (paper Section 3, with the run-time details the paper leaves open):
    and the plan's per-request overhead ``rtt``), and the server's expected wait q and slowdown s
    (from the same answers, and from the load query when it has sent nothing for a while), each
    smoothed with an exponential moving average. A busy server so never reads as a slow link;
-2. the plan gives the split for (batch size, rate, q, s) — Eq. 4 computed from the profiled
+2. the plan gives the split for (batch size, rate, q, s) — :func:`~dsc_export.planning.eq4_ms` on the profiled
    times, not the nearest grid cell — keeping the split in use unless another wins by the plan's
    margin;
 3. the head runs here; the cut tensor goes to the server with ``tritonclient`` as binary tensor
@@ -56,19 +56,7 @@ import numpy as np
 from dsc_export.artifacts import read_manifest, verify_files
 from dsc_export.errors import UserError, lazy_import
 from dsc_export.planning import Plan, read_plan
-from dsc_export.serving.protocol import (
-    INPUT,
-    LOAD,
-    LOAD_OUTPUT,
-    META,
-    PING,
-    QUEUE_MS,
-    SERVER_MS,
-    ServerLoad,
-    fixed_batch,
-    served_outputs,
-    wait_ready,
-)
+from dsc_export.serving import protocol as proto  # "protocol" is the http/grpc parameter
 
 
 @dataclass
@@ -118,7 +106,7 @@ class RateEstimator:
 
 class ServerEstimate:
     """What a client knows of one server: the link's data rate, the server's expected wait q and
-    its slowdown s against its profile (the state Eq. 4 needs), each exponentially smoothed.
+    its slowdown s against its profile (the state :func:`~dsc_export.planning.eq4_ms` needs), each exponentially smoothed.
 
     One object per server, so a client of several servers keeps one per URL.
 
@@ -152,7 +140,7 @@ class ServerEstimate:
         self._server(queue_ms, slow)
         return measured
 
-    def observe_load(self, load: ServerLoad) -> None:
+    def observe_load(self, load: proto.ServerLoad) -> None:
         """Take a load query's answer in: its recent wait and slowdown (an idle server: 0 and 1)."""
         if load.requests == 0:
             self._server(0.0, 1.0)
@@ -194,8 +182,8 @@ class _Remote:
         """
         from tritonclient.utils import np_to_triton_dtype
 
-        inp = self.mod.InferInput(INPUT, list(x.shape), np_to_triton_dtype(x.dtype))
-        names = outputs + ([SERVER_MS, QUEUE_MS] if self.has_server_ms else [])
+        inp = self.mod.InferInput(proto.INPUT, list(x.shape), np_to_triton_dtype(x.dtype))
+        names = outputs + ([proto.SERVER_MS, proto.QUEUE_MS] if self.has_server_ms else [])
         if self.protocol == "http":
             inp.set_data_from_numpy(x, binary_data=True)
             req = [self.mod.InferRequestedOutput(o, binary_data=True) for o in names]
@@ -207,26 +195,26 @@ class _Remote:
         out = {o: res.as_numpy(o) for o in names}
         if not self.has_server_ms:  # a stock Triton: its statistics' recent means for this model (0 before any)
             q_ms, compute_ms = self.per_model.get(model, (0.0, 0.0))
-            out[SERVER_MS] = np.full((x.shape[0], 1), compute_ms, np.float32)
-            out[QUEUE_MS] = np.full((x.shape[0], 1), q_ms, np.float32)
+            out[proto.SERVER_MS] = np.full((x.shape[0], 1), compute_ms, np.float32)
+            out[proto.QUEUE_MS] = np.full((x.shape[0], 1), q_ms, np.float32)
         return out
 
-    def load(self) -> ServerLoad | None:
-        """The server's load: its load query (:data:`LOAD`) on ``dsc-export serve``; on a stock
+    def load(self) -> proto.ServerLoad | None:
+        """The server's load: its load query (:data:`proto.LOAD`) on ``dsc-export serve``; on a stock
         Triton, estimated from its statistics since the previous call
         (:func:`~dsc_export.serving.tritonserver.stats_load`; None on the first call, which only
         reads them)."""
         if not self.has_server_ms:
             return self._stats_load()
-        ping = self.mod.InferInput(PING, [1], "INT32")
+        ping = self.mod.InferInput(proto.PING, [1], "INT32")
         ping.set_data_from_numpy(np.zeros((1,), np.int32))
         if self.protocol == "http":
-            res = self.client.infer(LOAD, [ping], timeout=int(self.timeout_s * 1e6))
+            res = self.client.infer(proto.LOAD, [ping], timeout=int(self.timeout_s * 1e6))
         else:
-            res = self.client.infer(LOAD, [ping], client_timeout=self.timeout_s)
-        return ServerLoad.from_array(res.as_numpy(LOAD_OUTPUT))
+            res = self.client.infer(proto.LOAD, [ping], client_timeout=self.timeout_s)
+        return proto.ServerLoad.from_array(res.as_numpy(proto.LOAD_OUTPUT))
 
-    def _stats_load(self) -> ServerLoad | None:
+    def _stats_load(self) -> proto.ServerLoad | None:
         from dsc_export.serving.tritonserver import model_stats, stats_load
 
         now = time.monotonic()
@@ -248,13 +236,13 @@ class _Remote:
         """
         t0 = time.monotonic()
         self.models = list(models)
-        wait_ready(self.client, models, timeout_s, self.url, on_wait)
+        proto.wait_ready(self.client, models, timeout_s, self.url, on_wait)
         try:
-            if self.client.is_model_ready(META) or self._config(models[0]).get("parameters", {}).get("dsc_model_sha256"):
+            if self.client.is_model_ready(proto.META) or self._config(models[0]).get("parameters", {}).get("dsc_model_sha256"):
                 return
         except Exception:
             pass
-        wait_ready(self.client, [META], max(0.0, timeout_s - (time.monotonic() - t0)), self.url, on_wait)
+        proto.wait_ready(self.client, [proto.META], max(0.0, timeout_s - (time.monotonic() - t0)), self.url, on_wait)
 
     def _config(self, model: str) -> dict:
         if self.protocol == "http":
@@ -268,9 +256,9 @@ class _Remote:
         ping.set_data_from_numpy(np.zeros((1, 1), np.int32))
         try:
             if self.protocol == "http":
-                res = self.client.infer(META, [ping], timeout=int(self.timeout_s * 1e6))
+                res = self.client.infer(proto.META, [ping], timeout=int(self.timeout_s * 1e6))
             else:
-                res = self.client.infer(META, [ping], client_timeout=self.timeout_s)
+                res = self.client.infer(proto.META, [ping], client_timeout=self.timeout_s)
         except Exception as exc:
             if "unknown model" not in str(exc).lower() and "not found" not in str(exc).lower():
                 raise
@@ -333,7 +321,7 @@ def best_server(plan: Plan, batch: int, states: list[tuple[float, float, float] 
                 current: tuple[int | None, str] | None = None,
                 exclude: set[str] | frozenset[str] = frozenset()) -> tuple[int | None, str, float]:
     """Choose split and server together (pure): per server that is up, the plan's best split for
-    its (rate, q, s) (:meth:`Plan.choose`, Eq. 4 via :func:`~dsc_export.planning.eq4_ms`); the pair
+    its (rate, q, s) (:meth:`Plan.choose`, through :func:`~dsc_export.planning.eq4_ms`); the pair
     with the lowest predicted time wins. The split in use on the server in use (``current``) is
     kept unless another pair is faster by more than the plan's margin.
 
@@ -443,10 +431,10 @@ class DynamicSplitClient:
         self._heads = {s.id: PartRunner(self.root, self.manifest, s.id, "head", threads=threads)
                        for s in heads if s.kind == "split"}
         self._whole = PartRunner(self.root, self.manifest, "local", "head", threads=threads)
-        self.contract = served_outputs(self.root, self.manifest)
+        self.contract = proto.served_outputs(self.root, self.manifest)
         self._sent = [c.wire_name for c in self.contract if c.kind != "constant"]
         self._constants: dict[str, np.ndarray] | None = None
-        self.fixed_batch = fixed_batch(self.manifest)
+        self.fixed_batch = proto.fixed_batch(self.manifest)
         self.say = say
         self._in = self.manifest.model.input.name
         lo, hi = min(plan.rates_MBps), max(plan.rates_MBps)
@@ -664,13 +652,13 @@ class DynamicSplitClient:
                 t1 = time.perf_counter()
                 res = ep.remote.infer(split, z, self._sent)
                 round_trip_ms = (time.perf_counter() - t1) * 1e3
-                server_ms = float(res.pop(SERVER_MS).ravel()[0])
-                queue_ms = float(res.pop(QUEUE_MS).ravel()[0])
+                server_ms = float(res.pop(proto.SERVER_MS).ravel()[0])
+                queue_ms = float(res.pop(proto.QUEUE_MS).ravel()[0])
                 sent = int(z.nbytes)
                 if not self.load_aware:  # today's client: the wait counts as time on the wire
                     queue_ms = 0.0
                 wire_ms = max(round_trip_ms - queue_ms - server_ms, 1e-3)
-                # the plan's rtt is the per-request overhead (Eq. 4's extra term): not bytes on the wire
+                # the plan's rtt is the per-request overhead (an extra term of eq4_ms): not bytes on the wire
                 measured_rate = ep.estimate.observe(
                     sent, round_trip_ms=round_trip_ms, queue_ms=queue_ms, server_ms=server_ms,
                     rtt_ms=self.plan.rtt_ms, tail_ms=self.plan.parts_ms(split, batch)[1],
