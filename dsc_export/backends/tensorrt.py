@@ -119,6 +119,11 @@ class _Engines:
         self.held: dict[tuple, list] = {}
 
     def acquire(self, trt, path: str, log: ErrorLog) -> tuple[tuple, Any]:
+        """The deserialised engine of ``path`` (loaded on first use) and the key to release it.
+
+        Raises:
+            EngineLoadError: TensorRT cannot deserialise the file (its first error, one line).
+        """
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, id(trt))
         with self.lock:
@@ -135,6 +140,7 @@ class _Engines:
             return key, self.held[key][1]
 
     def release(self, key: tuple) -> None:
+        """One user fewer of ``key``'s engine; the last one frees the engine, then its runtime."""
         with self.lock:
             held = self.held.get(key)
             if held is not None:

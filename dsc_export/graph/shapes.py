@@ -636,6 +636,8 @@ class _ShapeView:
         self.types = types
 
     def get(self, name: str, default=None):
+        """``(dims, dtype name)`` of tensor ``name`` (unknown dims None, symbolic ones by name),
+        or ``default`` when it has no type."""
         tp = self.types.get(name)
         if tp is None:
             return default
