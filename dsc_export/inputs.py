@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from dsc_export.errors import UserError, lazy_import
+from dsc_export.errors import UserError, first_line, lazy_import
 from dsc_export.images import IMAGE_SUFFIXES, read_image
 from dsc_export.ort import random_array
 from dsc_export.zoo import IMAGENET_MEAN, IMAGENET_STD
@@ -318,7 +318,7 @@ def _load_npz(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray]
             arrays = {name: data[name] for name in data.files}
     except Exception as exc:
         raise UserError(f"--inputs '{path}' is not a readable .npz file: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                        f"{first_line(exc)}") from exc
     by_name = {s.name: s for s in specs}
     names = ", ".join(f"'{s.name}'" for s in specs)
     for name in arrays:

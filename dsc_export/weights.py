@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from dsc_export.errors import UserError, lazy_import
+from dsc_export.errors import UserError, first_line, lazy_import
 from dsc_export.zoo import CATALOGUE, ZooEntry
 
 WEIGHTS_EXTRA = "weights"
@@ -83,7 +83,9 @@ def read_state_dict(torch, path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"cannot read checkpoint '{path}': {str(exc).splitlines()[0]}") from exc
+        # torch's own first line can be a bare number (an unpickling key): say what kind of error
+        raise UserError(f"cannot read checkpoint '{path}': not a torch checkpoint torch.load can read "
+                        f"({type(exc).__name__}: {first_line(exc)})") from exc
     if isinstance(state, dict):
         for key in CHECKPOINT_KEYS:
             if isinstance(state.get(key), dict):

@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dsc_export.errors import UserError
+from dsc_export.errors import UserError, first_line
 from dsc_export.graph.model import (
     _attr_graphs,
     data_dependent,
@@ -614,7 +614,7 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
         # check_type=True also infers through ops defined by a function body (GroupNormalization-21)
         inferred = onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=False)
     except Exception as exc:  # an invalid graph: say so in one line
-        raise UserError(f"cannot infer tensor types for the float16 conversion: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"cannot infer tensor types for the float16 conversion: {first_line(exc)}") from exc
     g = inferred.graph
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.value_info) + list(g.output)
              if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from dsc_export.errors import UserError
+from dsc_export.errors import UserError, first_line
 from dsc_export.graph.cuts import FLOAT_DTYPES
 from dsc_export.graph.model import empty_like, is_batch_read, outer_scope_inputs
 from dsc_export.graph.shapes import TWO_GB, batch_dim
@@ -236,8 +236,7 @@ def check_structure(part: Part, name: str) -> None:
     try:
         onnx.checker.check_model(probe)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UserError(f"the extracted graph {name} fails onnx.checker: {first}") from exc
+        raise UserError(f"the extracted graph {name} fails onnx.checker: {first_line(exc)}") from exc
 
 
 def save_part(part: Part, path: str | os.PathLike, check: bool = True) -> None:

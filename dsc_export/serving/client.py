@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from dsc_export.artifacts import read_manifest, verify_files
-from dsc_export.errors import UserError, lazy_import
+from dsc_export.errors import UserError, first_line, lazy_import
 from dsc_export.planning import Plan, read_plan
 from dsc_export.serving import protocol as proto  # "protocol" is the http/grpc parameter
 
@@ -705,8 +705,7 @@ def _slow_down(runner, factor: float) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"{type(exc).__name__}: {text[:160]}"
+    return f"{type(exc).__name__}: {first_line(exc)[:160]}"
 
 
 def batch_log_dict(b: BatchLog) -> dict[str, Any]:
