@@ -110,29 +110,35 @@ def save_shared(model: onnx.ModelProto, path: str | os.PathLike, *, min_bytes: i
     return referenced(model)
 
 
-def check_blobs(root: str | os.PathLike, rels: list[str], *, seen: dict | None = None) -> None:
+def check_blobs(root: str | os.PathLike, rels: list[str]) -> None:
     """Refuse (one line, naming the file) a blob that is missing or whose sha256 is not its name.
+
+    A blob read and found right is not read again in this process while its size and
+    modification time stay the same: the engines of a split dir share most blobs, and loading
+    each of them (``serve``, ``run``, ``bench``) would otherwise hash the same weights again.
 
     Args:
         root: the folder ``rels`` are relative to.
         rels: blob paths (``.../weights/<sha256>.bin``).
-        seen: a cache of files already checked in this pass (by path), or None.
 
     Raises:
         UserError: a missing or changed blob.
     """
-
     root = Path(root)
     for rel in rels:
         p = root / rel
-        if seen is not None and p in seen:
-            continue
         if not p.is_file():
             raise UserError(f"weights file '{p}' is missing; run the verb that wrote it again")
+        st = p.stat()
+        key = (os.path.realpath(p), st.st_size, st.st_mtime_ns)
+        if key in _CHECKED:
+            continue
         if sha256_file(p) != p.name.removesuffix(SUFFIX):
             raise UserError(f"weights file '{p}' does not match its sha256 (its name): it was changed; refusing it")
-        if seen is not None:
-            seen[p] = True
+        _CHECKED.add(key)
+
+
+_CHECKED: set[tuple[str, int, int]] = set()  # blobs found right: (real path, size, mtime ns)
 
 
 def prune(folder: str | os.PathLike, keep: set[str]) -> int:
