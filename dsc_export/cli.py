@@ -26,6 +26,8 @@ from dsc_export.artifacts import (
     write_json_atomic,
 )
 from dsc_export.backends import BACKENDS, BuildOptions, get_backend
+from dsc_export.backends.tensorrt_tools import emit_trtexec as write_trtexec
+from dsc_export.backends.tensorrt_tools import import_engines
 from dsc_export.bundle import (
     PLATFORMS,
     TRITON_BACKENDS,
@@ -38,10 +40,8 @@ from dsc_export.engines import (
     PARTS,
     build_engines,
     engine_batch_sizes,
-    import_engines,
     parse_batch_sizes,
 )
-from dsc_export.engines import emit_trtexec as write_trtexec
 from dsc_export.errors import UserError
 
 ENGINES_ROOT = Path("engines")
