@@ -24,7 +24,7 @@ from typing import Any
 
 from dsc_export.artifacts import read_manifest, sha256_file, write_json_atomic
 from dsc_export.bundle import describe_sizes, side_sizes_of_split
-from dsc_export.engines import build_engines
+from dsc_export.engines.build import build_engines
 from dsc_export.errors import UserError, lazy_import
 from dsc_export.export import export_model
 from dsc_export.images import Preprocess, batches, sample_photos, top_k

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from dsc_export.artifacts import ROLES, Profile, Timing, read_manifest, verify_files
-from dsc_export.engines import load_part
+from dsc_export.engines.runtime import load_part
 from dsc_export.errors import UserError
 from dsc_export.ort import cpu_isa, cpu_name, random_array
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsc_export.artifacts import MANIFEST_NAME, Engine, Manifest, sha256_file, write_json_atomic
-from dsc_export.backends import Backend, Runner
-from dsc_export.backends.base import BackendOptions, BuildOptions
+from dsc_export.backends.base import Backend, BackendOptions, BuildOptions, Runner
 from dsc_export.compare import compare, tolerance
 from dsc_export.engines.jobs import ENGINES_DIR, Job, engine_data, engine_key, prepare_build
 from dsc_export.engines.timing import MARGIN, speed_record, time_pair

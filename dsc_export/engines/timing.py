@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dsc_export.backends import Runner
+from dsc_export.backends.base import Runner
 
 MARGIN = 0.05  # an engine is kept when its median is below (1 - MARGIN) x its ONNX's
 SPEED_ROUNDS = 5  # interleaved (engine, ONNX) pairs of timed runs per decision
