@@ -39,7 +39,8 @@ from dsc_export.graph.model import load_model
 from dsc_export.graph.surgery import serve_form
 from dsc_export.weight_store import save_linked
 
-# Triton's Python backend runs this file (shipped as data: the pipeline does not import the run time)
+# Triton's Python backend runs this file (shipped as data: the pipeline does not import the run
+# time)
 PYTHON_MODEL_FILE = Path(__file__).parent / "serving" / "triton_python_model.py"
 
 
@@ -139,8 +140,10 @@ def _tensorrt_files(root: Path, man: Manifest, split, model, d: Path, in_dims, *
     elif fixed:
         profiles = [([fixed] + per_sample,) * 3]
     else:
-        profiles = [([1] + per_sample, [max(1, max_batch_size // 2)] + per_sample, [max_batch_size] + per_sample)]
-    # the repository's ONNX is the tail as it is (no conversion): its types decide, float32 without TF32
+        profiles = [([1] + per_sample, [max(1, max_batch_size // 2)] + per_sample,
+                     [max_batch_size] + per_sample)]
+    # the repository's ONNX is the tail as it is (no conversion): its types decide, float32
+    # without TF32
     line = trtexec_line(f"{sid}/model.onnx", f"{sid}/1/model.plan", precision="fp32",
                         input_name=INPUT if profiles else None, profiles=profiles, numbered=False)
     return [shlex.join(["mkdir", "-p", f"{sid}/1"]), line]  # a tar keeps no empty folder

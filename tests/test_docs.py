@@ -76,8 +76,8 @@ def _verb_flags() -> dict[str, set[str]]:
         command = group.get_command(ctx, verb)
         names = {"--help"}
         for p in command.params:
-            names.update(o for o in list(getattr(p, "opts", [])) + list(getattr(p, "secondary_opts", []))
-                         if o.startswith("--"))
+            opts = list(getattr(p, "opts", [])) + list(getattr(p, "secondary_opts", []))
+            names.update(o for o in opts if o.startswith("--"))
         flags[verb] = names
     return flags
 
@@ -106,10 +106,12 @@ def test_contracts_name_only_flags_the_verbs_have():
 
 
 def test_the_flags_check_catches_a_wrong_flag():
-    flags = {"analyze": {"--json", "--plot", "--help"}, "bundle": {"--device", "--server", "--help"}}
+    flags = {"analyze": {"--json", "--plot", "--help"},
+             "bundle": {"--device", "--server", "--help"}}
     text = ("| `analyze MODEL` | an ONNX model | a table (`--json`, `--chart`) |\n"
             "| `bundle DIR --side device\\|server` | a split dir | a tar |\n"
             "Then `dsc-export analyze m.onnx --plot x.png`.\n")
     named = _named_flags(text, set(flags))
     assert ("analyze", "--plot") in named
-    assert sorted({f"{v} {f}" for v, f in named if f not in flags[v]}) == ["analyze --chart", "bundle --side"]
+    wrong = sorted({f"{v} {f}" for v, f in named if f not in flags[v]})
+    assert wrong == ["analyze --chart", "bundle --side"]

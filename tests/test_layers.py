@@ -16,15 +16,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dsc_export"
 # Bottom to top: a module may import its own layer and the layers below it, never one above.
 # A name ending in "*" is the package and everything in it.
 LAYERS = [
-    ("leaves", ["dsc_export", "dsc_export.errors", "dsc_export.compare", "dsc_export.ort", "dsc_export.zoo",
-                "dsc_export.plots", "dsc_export.codecs"]),
+    ("leaves", ["dsc_export", "dsc_export.errors", "dsc_export.compare", "dsc_export.ort",
+                "dsc_export.zoo", "dsc_export.plots", "dsc_export.codecs"]),
     ("records", ["dsc_export.artifacts"]),
     ("graph", ["dsc_export.graph*"]),
     ("contract", ["dsc_export.contract", "dsc_export.weight_store", "dsc_export.fidelity"]),
     ("backends", ["dsc_export.backends", "dsc_export.backends.base", "dsc_export.backends.cuda",
                   "dsc_export.backends.onnxruntime", "dsc_export.backends.tensorrt"]),
-    ("pipeline", ["dsc_export.images", "dsc_export.weights", "dsc_export.inputs", "dsc_export.export",
-                  "dsc_export.splitting", "dsc_export.split_check", "dsc_export.calibration",
+    ("pipeline", ["dsc_export.images", "dsc_export.weights", "dsc_export.inputs",
+                  "dsc_export.export", "dsc_export.splitting", "dsc_export.split_check", "dsc_export.calibration",
                   "dsc_export.offload", "dsc_export.engines*", "dsc_export.backends.tensorrt_tools",
                   "dsc_export.profiling", "dsc_export.planning", "dsc_export.bundle",
                   "dsc_export.triton_repository", "dsc_export.session"]),
@@ -87,7 +87,8 @@ def layer_of(module: str, layers=LAYERS) -> int | None:
     best = None
     for k, (_, names) in enumerate(layers):
         for n in names:
-            hit = module == n or (n.endswith("*") and (module == n[:-1] or module.startswith(n[:-1] + ".")))
+            stem = n[:-1] if n.endswith("*") else None
+            hit = module == n or (stem is not None and (module == stem or module.startswith(stem + ".")))
             if hit and (best is None or len(n.rstrip("*")) > best[1]):
                 best = (k, len(n.rstrip("*")))
     return None if best is None else best[0]
@@ -120,20 +121,23 @@ def floors(graph: dict[str, set[str]]) -> int:
 def test_the_walk_sees_imports_inside_functions():
     graph = package_imports()
     assert "dsc_export.errors" in graph["dsc_export.cli"]
-    assert "dsc_export.backends.tensorrt" in graph["dsc_export.triton_repository"]  # inside a function only
+    # imported inside a function only
+    assert "dsc_export.backends.tensorrt" in graph["dsc_export.triton_repository"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert floors({"a": {"b"}, "b": {"c"}, "c": set(), "d": {"c"}}) == 3
 
 
 def test_the_layer_check_catches_an_import_up():
-    assert layer_of("dsc_export.graph.model") < layer_of("dsc_export.splitting") < layer_of("dsc_export.serving.client")
+    assert (layer_of("dsc_export.graph.model") < layer_of("dsc_export.splitting")
+            < layer_of("dsc_export.serving.client"))
     assert layer_of("dsc_export.backends.tensorrt_tools") > layer_of("dsc_export.backends.tensorrt")
     assert upward({"dsc_export.graph.model": {"dsc_export.splitting"}}) == [
         "dsc_export.graph.model (graph) imports dsc_export.splitting (pipeline)"]
     assert upward({"dsc_export.splitting": {"dsc_export.serving.protocol"}}) == [
         "dsc_export.splitting (pipeline) imports dsc_export.serving.protocol (serving)"]
-    assert upward({"dsc_export.serving.client": {"dsc_export.splitting", "dsc_export.contract"}}) == []
+    assert upward({"dsc_export.serving.client": {"dsc_export.splitting", "dsc_export.contract"}}) \
+        == []
 
 
 def test_no_import_cycle():
@@ -143,7 +147,7 @@ def test_no_import_cycle():
 
 def test_every_module_has_a_layer():
     unplaced = sorted(m for m in package_imports() if layer_of(m) is None)
-    assert unplaced == [], f"place these modules in tests/test_layers.py LAYERS: {', '.join(unplaced)}"
+    assert unplaced == [], f"place these modules in LAYERS: {', '.join(unplaced)}"
 
 
 def test_imports_run_down_the_layers():

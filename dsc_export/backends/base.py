@@ -46,7 +46,8 @@ class BackendOptions:
             return given
         if given is None:
             return cls()
-        return cls(**{f.name: getattr(given, f.name) for f in fields(cls) if hasattr(given, f.name)})
+        return cls(**{f.name: getattr(given, f.name) for f in fields(cls)
+                      if hasattr(given, f.name)})
 
 
 @dataclass(kw_only=True)
@@ -172,7 +173,8 @@ class Backend:
         return None
 
     def build(self, onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, batch: int | list[int],
-              precision: str, options: BackendOptions | BuildOptions, cache_dir: str | os.PathLike | None = None,
+              precision: str, options: BackendOptions | BuildOptions,
+              cache_dir: str | os.PathLike | None = None,
               log=lambda s: None) -> None:
         """Build the engine for ``onnx_path`` at a fixed ``batch`` and write it to ``engine_path``.
 

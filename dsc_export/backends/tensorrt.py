@@ -364,7 +364,8 @@ class TensorrtBackend(Backend):
         return engine_compatibility(target, self.target(), options)
 
     def build(self, onnx_path, engine_path, *, batch, precision,
-              options: TensorrtOptions | BuildOptions | None, cache_dir=None, log=lambda s: None) -> None:
+              options: TensorrtOptions | BuildOptions | None, cache_dir=None,
+              log=lambda s: None) -> None:
         """Build one engine of ``onnx_path`` with one optimisation profile per batch size.
 
         Args:

@@ -91,21 +91,22 @@ class _Build:
         """
         root, backend = self.root, self.backend
         notes: list[str] = []
-        backend.build(root / job.source, root / job.path, batch=job.batches if backend.profiles else job.batch,
-                      precision=self.precision, options=self.options, cache_dir=root / ENGINES_DIR / backend.name,
-                      log=notes.append)
+        backend.build(root / job.source, root / job.path,
+                      batch=job.batches if backend.profiles else job.batch, precision=self.precision,
+                      options=self.options, cache_dir=root / ENGINES_DIR / backend.name, log=notes.append)
         for note in dict.fromkeys(notes):
             self.log(f"{Path(job.path).name}: {note}")
         diffs = {b: (None, None) for b in job.batches}
         if self.verify:
             if job.source not in self.reference:
                 self.reference.clear()  # one reference session at a time
-                check_inputs = _check_inputs(root, self.manifest, job, self.samples)  # before the session's memory
-                self.reference[job.source] = (make_session(root / job.source, optimization="extended", arena=False),
-                                              check_inputs)
+                # the inputs before the session's memory
+                check_inputs = _check_inputs(root, self.manifest, job, self.samples)
+                session = make_session(root / job.source, optimization="extended", arena=False)
+                self.reference[job.source] = (session, check_inputs)
             for b in job.batches:  # every profile of the engine, at its batch size
-                diffs[b] = _check_engine(backend, root / job.path, *self.reference[job.source], job, self.precision,
-                                         batch=b, profile=job.profile(backend, b))
+                diffs[b] = _check_engine(backend, root / job.path, *self.reference[job.source], job,
+                                         self.precision, batch=b, profile=job.profile(backend, b))
         if not self.measure:
             return diffs, None
         onnx = self._onnx_runner(job.source)
@@ -114,7 +115,8 @@ class _Build:
             e_ms, o_ms = time_pair(runner, onnx, feeds)
         return diffs, speed_record(e_ms, o_ms, self.margin)
 
-    def record(self, job: Job, diffs: dict, speed: dict | None, seconds: float, report: BuildReport) -> None:
+    def record(self, job: Job, diffs: dict, speed: dict | None, seconds: float,
+               report: BuildReport) -> None:
         """Record the engine of ``job`` for each (split, part) and batch size it serves: kept in
         ``manifest.engines``, or dropped (its file removed) in ``manifest.dropped``."""
         root, backend, precision = self.root, self.backend, self.precision
@@ -123,8 +125,9 @@ class _Build:
         data = engine_data(root, job.path) if keep else []
         if not keep:
             (root / job.path).unlink(missing_ok=True)
-            self.log(f"{Path(job.path).name}: dropped, {speed['engine_ms']:.1f} ms against {speed['onnx_ms']:.1f} "
-                     f"ms for the ONNX (not {self.margin:.0%} faster); the ONNX runs at batch {job.batch}")
+            self.log(f"{Path(job.path).name}: dropped, {speed['engine_ms']:.1f} ms against "
+                     f"{speed['onnx_ms']:.1f} ms for the ONNX (not {self.margin:.0%} faster); the ONNX "
+                     f"runs at batch {job.batch}")
         manifest = self.manifest
         for b in job.batches:
             for sid, part in job.records:
@@ -132,11 +135,12 @@ class _Build:
                 manifest.engines = [e for e in manifest.engines if engine_key(e) != key]
                 manifest.dropped = [e for e in manifest.dropped if engine_key(e) != key]
                 abs_diff, rel_diff = diffs[b]
-                rec = Engine(split=sid, part=part, backend=backend.name, batch=b, precision=precision,
-                             path=job.path, sha256=sha, target=dict(self.target), source=job.source,
-                             source_sha256=manifest.files[job.source], options=dict(self.opts),
-                             seconds=round(seconds, 3), max_abs_diff=abs_diff, max_rel_diff=rel_diff, data=data,
-                             speed=speed, profile=job.profile(backend, b))
+                rec = Engine(split=sid, part=part, backend=backend.name, batch=b,
+                             precision=precision, path=job.path, sha256=sha, target=dict(self.target),
+                             source=job.source, source_sha256=manifest.files[job.source],
+                             options=dict(self.opts), seconds=round(seconds, 3), max_abs_diff=abs_diff,
+                             max_rel_diff=rel_diff, data=data, speed=speed,
+                             profile=job.profile(backend, b))
                 (manifest.engines if keep else manifest.dropped).append(rec)
                 (report.built if keep else report.dropped).append(rec)
 
@@ -208,13 +212,14 @@ def build_engines(
     Raises:
         UserError: a bad split dir, backend or ``inputs`` (before anything is built).
     """
-    root, manifest, backend, options, opts, jobs = prepare_build(split_dir, backend_name, parts, batch_sizes,
-                                                                 precision, options, log)
+    root, manifest, backend, options, opts, jobs = prepare_build(
+        split_dir, backend_name, parts, batch_sizes, precision, options, log)
     samples = None
     if inputs is not None and not verify:
         log(f"--inputs {inputs} is not used: --no-verify skips the engine checks")
     elif inputs is not None:  # a bad --inputs is refused before anything is built
-        samples = SampleInputs.from_path(inputs, load_model(root / manifest.model.path, load_data=False))
+        model = load_model(root / manifest.model.path, load_data=False)
+        samples = SampleInputs.from_path(inputs, model)
     target = backend.target()
     report = BuildReport()
     t_all = time.perf_counter()
@@ -230,8 +235,10 @@ def build_engines(
                for r, prof in recs):
             report.kept.extend(r for r, _ in recs)
             continue
-        gone = [dropped.get((sid, part, backend.name, job.batch, precision)) for sid, part in job.records]
-        if run.measure and all(_dropped_up_to_date(r, job, source_sha, opts, target["version"]) for r in gone):
+        gone = [dropped.get((sid, part, backend.name, job.batch, precision))
+                for sid, part in job.records]
+        if run.measure and all(_dropped_up_to_date(r, job, source_sha, opts, target["version"])
+                               for r in gone):
             report.dropped.extend(gone)
             continue
         t0 = time.perf_counter()

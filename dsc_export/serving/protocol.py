@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from dsc_export.contract import (  # noqa: F401  (the run time's names, one import for client and server)
+# the contract's names, for the run time: one import for client and server
+from dsc_export.contract import (  # noqa: F401
     INPUT,
     LOAD,
     LOAD_OUTPUT,
