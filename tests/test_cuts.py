@@ -12,8 +12,8 @@ from dsc_export.graph.cuts import (
     find_cut_points,
     why_not_cut,
 )
+from dsc_export.graph.folding import fold_shape_arithmetic
 from dsc_export.graph.model import data_dependent, dataflow
-from dsc_export.graph.shapes import fold_shape_arithmetic
 
 
 def cuts_of(model):
