@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from dsc_export.export import export_model
 from dsc_export.images import top_k
 from dsc_export.planning import best_static, make_plan
 from dsc_export.plots import bottleneck_chart, choice_heatmap, gain_heatmap
-from dsc_export.profiling import profile_split_dir
+from dsc_export.profiling import BenchOptions, profile_split_dir
 from dsc_export.serving.bandwidth import SimulatedLink
 from dsc_export.serving.client import DynamicSplitClient
 from dsc_export.serving.server import TailServer
@@ -124,9 +124,9 @@ def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", 
          "and the server side (every core); the slowest step")
     prof = split / "profiles"
     prof.mkdir(exist_ok=True)
-    dev = profile_split_dir(split, "device", batch_sizes=list(batch_sizes), repeats=repeats, warmup=1, threads=1,
-                            slowdown=slowdown)
-    srv = profile_split_dir(split, "server", batch_sizes=list(batch_sizes), repeats=repeats, warmup=1)
+    timing = BenchOptions(batch_sizes=list(batch_sizes), repeats=repeats, warmup=1)
+    dev = profile_split_dir(split, "device", replace(timing, threads=1, slowdown=slowdown))
+    srv = profile_split_dir(split, "server", timing)
     write_json_atomic(prof / "device.json", dev.to_json())
     write_json_atomic(prof / "server.json", srv.to_json())
     rep.files["device profile"], rep.files["server profile"] = str(prof / "device.json"), str(prof / "server.json")

@@ -342,7 +342,7 @@ def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats,
       dsc-export bench engines/efficientnet_b0/split --role server -o server.json
       dsc-export bench DIR --role device --backend tensorrt --lock-gpu-clocks 300   # as root
     """
-    from dsc_export.profiling import noisy, profile_split_dir
+    from dsc_export.profiling import BenchOptions, noisy, profile_split_dir
 
     if batch_sizes:
         batch_sizes, note = engine_batch_sizes(read_manifest(split_dir), batch_sizes)
@@ -350,10 +350,11 @@ def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats,
             log_note(f"note: {note}")
     output = output or split_dir / "profiles" / f"{role}-{backend}.json"
     with progress_bar(f"timing the {role} side") as progress:
-        prof = profile_split_dir(split_dir, role, backend_name=backend, batch_sizes=batch_sizes,
-                                 precision=precision, warmup=warmup, repeats=None if min_time else repeats,
-                                 min_time_s=min_time, threads=threads, slowdown=slowdown,
-                                 lock_gpu_clocks_mhz=lock_mhz, rounds=rounds, progress=progress)
+        options = BenchOptions(backend_name=backend, batch_sizes=batch_sizes, precision=precision,
+                               warmup=warmup, repeats=None if min_time else repeats,
+                               min_time_s=min_time, threads=threads, slowdown=slowdown,
+                               lock_gpu_clocks_mhz=lock_mhz, rounds=rounds)
+        prof = profile_split_dir(split_dir, role, options, progress=progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output, prof.to_json())
     print_profile(prof)
