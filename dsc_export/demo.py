@@ -219,7 +219,8 @@ def _session(split: Path, plan, batches_per_rate: int, log, slowdown: float = 1.
             def set_rate(k: int) -> None:
                 link.rate_MBps = DEMO_RATES[k // batches_per_rate]
 
-            for k, y in run_batches(client, feed, len(DEMO_RATES) * batches_per_rate, before=set_rate):
+            count = len(DEMO_RATES) * batches_per_rate
+            for k, y in run_batches(client, feed, count, before=set_rate):
                 b, rate = logs[-1], DEMO_RATES[k // batches_per_rate]
                 if photos:
                     labels.add(k, b.split, y)
@@ -233,7 +234,8 @@ def _session(split: Path, plan, batches_per_rate: int, log, slowdown: float = 1.
 
     x = feed.batch(0)
     whole = make_session(split / "model.onnx").run(None, {client.manifest.model.input.name: x})[0]
-    out = [{"photo": n, "whole": t[0].name} for n, t in zip(feed.names, top_k(whole[:len(feed.names)], 1))]
+    tops = top_k(whole[:len(feed.names)], 1)
+    out = [{"photo": n, "whole": t[0].name} for n, t in zip(feed.names, tops)]
     for j, row in enumerate(out):
         row["splits"] = {s: top[0].name for s, top in labels.by_image.get(j, {}).items()}
     return rows, out

@@ -291,7 +291,8 @@ def profile_split_dir(
     per_repeats = None if repeats is None else max(1, -(-repeats // rounds))
     per_time = None if min_time_s is None else min_time_s / rounds
     samples: dict[tuple[str, str, int], list[float]] = {j: [] for j in jobs}
-    lock = locked_gpu_clocks(o.lock_gpu_clocks_mhz) if o.lock_gpu_clocks_mhz else contextlib.nullcontext(None)
+    mhz = o.lock_gpu_clocks_mhz
+    lock = locked_gpu_clocks(mhz) if mhz else contextlib.nullcontext(None)
     with lock as locked:
         if locked:
             emulation.update(locked)
@@ -318,7 +319,8 @@ def profile_split_dir(
         model_sha256=manifest.model.sha256, timings=timings, precision=precision,
         settings={"warmup": warmup, "repeats": None if min_time_s else repeats, "min_time_s": min_time_s,
                   "rounds": rounds,
-                  "seed": o.seed, "inputs": "fresh random per run (full range for integers, N(0,1) for floats)",
+                  "seed": o.seed,
+                  "inputs": "fresh random per run (full range for integers, N(0,1) for floats)",
                   "timer": "device events" if backend_name == "tensorrt" else "wall clock around the run"},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )

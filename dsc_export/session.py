@@ -73,17 +73,18 @@ def image_feed(model_path: str | Path, shape: list[int], dtype, folder: str | Pa
     """
     dtype = np.dtype(dtype)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[1] != shape[2]:
-        raise UserError(f"{what} needs a model that takes square uint8 NHWC images (dsc-export export's "
-                        "default)")
+        raise UserError(f"{what} needs a model that takes square uint8 NHWC images "
+                        "(dsc-export export's default)")
     pre = Preprocess.for_onnx(model_path, int(shape[1]))
     named = sample_photos() if folder is None else read_folder(folder)
     stacked = batches([pre(a) for _, a in named], shape[0])
     return Feed(list(shape), dtype, [n for n, _ in named], stacked[:max_batches])
 
 
-def run_batches(client, feed: Feed, count: int, *,
-                before: Callable[[int], None] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Run ``count`` batches of ``feed`` through a :class:`dsc_export.serving.client.DynamicSplitClient`.
+def run_batches(client, feed: Feed, count: int, *, before: Callable[[int], None] | None = None,
+                ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Run ``count`` batches of ``feed`` through a client
+    (:class:`dsc_export.serving.client.DynamicSplitClient`).
 
     Args:
         client: the client (its ``log`` records each batch: split, bytes, times).

@@ -32,7 +32,8 @@ def main() -> None:
         sys.exit(130)
     except click.UsageError as exc:  # bad flag or argument: one line, with where to look
         where = exc.ctx.command_path if exc.ctx else "dsc-export"
-        click.secho(f"error: {one_line(exc.format_message())} (see '{where} --help')", err=True, fg="red")
+        click.secho(f"error: {one_line(exc.format_message())} (see '{where} --help')", err=True,
+                    fg="red")
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         click.secho(f"error: {one_line(exc.format_message())}", err=True, fg="red")

@@ -239,7 +239,8 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
                                 "weights].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines/demo"),
               show_default=True, help="Where everything goes.")
-@click.option("--batch-sizes", "batch_sizes", default="1,2,4,8,16", show_default=True, callback=batch_sizes_option,
+@click.option("--batch-sizes", "batch_sizes", default="1,2,4,8,16", show_default=True,
+              callback=batch_sizes_option,
               help="Engines and profiles at these batch sizes (the plan interpolates between them).")
 @click.option("--slowdown", type=click.FloatRange(min=1), default=4.0, show_default=True,
               help="The device stands for a K-times slower device than this machine on 1 thread (labelled).")
@@ -262,7 +263,8 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
 
     t0 = time.perf_counter()
     rep = run_demo(model, out, batch_sizes=batch_sizes, slowdown=slowdown, repeats=repeats, serve=serve,
-                   step=lambda s: click.secho(f"== {s}", bold=True, err=True), log=log_line, resolution=resolution)
+                   step=lambda s: click.secho(f"== {s}", bold=True, err=True), log=log_line,
+                   resolution=resolution)
     ps = rep.plan_summary
     click.echo("")
     click.secho(f"dsc-export demo: {rep.model} ({rep.weights} weights), {time.perf_counter() - t0:.0f} s", bold=True)

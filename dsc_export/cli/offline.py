@@ -101,8 +101,10 @@ def export_cmd(name, output, resolution, weights, pretrained, opset, float_input
 
     entry = lookup(name)
     output = output or ENGINES_ROOT / entry.name / f"{entry.name}.onnx"
-    rep = export_model(entry.name, output, resolution=resolution, weights=str(weights) if weights else None, opset=opset,
-                       float_input=float_input, verify=not no_verify, log=log_line, pretrained=pretrained)
+    rep = export_model(entry.name, output, resolution=resolution,
+                       weights=str(weights) if weights else None, opset=opset,
+                       float_input=float_input, verify=not no_verify, log=log_line,
+                       pretrained=pretrained)
     click.echo(f"wrote {rep.path}  ({rep.file_bytes / 1e6:.1f} MB, {rep.seconds:.1f} s)")
     click.echo(f"  model   {rep.entry.name} ({rep.entry.timm_name}), weights: {rep.weights}")
     click.echo(f"  input   image  {rep.input_dtype} {rep.input_shape}")
@@ -135,7 +137,8 @@ def analyze_cmd(model, wire_dtype, inputs, as_json, plot, show_all) -> None:
     """
     from dsc_export.splitting import analyze_file
 
-    an = analyze_file(model, wire_dtype=wire_dtype, log=log_line if not as_json else (lambda s: None), inputs=inputs)
+    an = analyze_file(model, wire_dtype=wire_dtype, inputs=inputs,
+                      log=log_line if not as_json else (lambda s: None))
     if plot:
         from dsc_export.plots import bottleneck_chart
 
@@ -196,7 +199,8 @@ def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
     from dsc_export.splitting import split_model
 
     out = out or ENGINES_ROOT / model.stem / "split"
-    man = split_model(model, out, wire_dtype=wire_dtype, at=list(at) or None, verify=verify, log=log_line, inputs=inputs)
+    man = split_model(model, out, wire_dtype=wire_dtype, at=list(at) or None, verify=verify,
+                      log=log_line, inputs=inputs)
     rows = [("split", "kind", "bytes/sample", "ratio", "max abs diff", "head", "tail")]
     for s in man.splits:
         rows.append((s.id, s.kind, f"{s.bytes:,}", f"{s.ratio:.4f}" if s.ratio is not None else "",
@@ -217,7 +221,8 @@ def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
 @click.option("--backend", default="onnxruntime", show_default=True,
               type=click.Choice(BACKENDS),
               help="Engine backend.")
-@click.option("--batch-sizes", "batch_sizes", default="1,2,4,8,16,32,64", show_default=True, callback=batch_sizes_option,
+@click.option("--batch-sizes", "batch_sizes", default="1,2,4,8,16,32,64", show_default=True,
+              callback=batch_sizes_option,
               help="Batch sizes: a list (1,2,4), a range (1-16) or powers of two (1:64).")
 @click.option("--parts", type=click.Choice(PARTS), default="all", show_default=True,
               help="heads + whole model (device side), tails + whole model (server side), or all.")
@@ -277,9 +282,12 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
         rep = import_engines(split_dir, backend, batch_sizes=batch_sizes, parts=parts, precision=precision,
                              options=options, log=log_note)
     else:
-        with progress_bar("building") as progress:  # the bar appears after the checks (a bad --inputs: one line)
-            rep = build_engines(split_dir, backend, batch_sizes=batch_sizes, parts=parts, precision=precision,
-                                options=options, verify=verify, progress=progress, log=log_note, inputs=None if inputs is None else str(inputs),
+        # the bar appears after the checks (a bad --inputs: one line)
+        with progress_bar("building") as progress:
+            rep = build_engines(split_dir, backend, batch_sizes=batch_sizes, parts=parts,
+                                precision=precision, options=options, verify=verify,
+                                progress=progress, log=log_note,
+                                inputs=None if inputs is None else str(inputs),
                                 keep_all=keep_all, margin=margin)
     rows = [("engine", "batch", "for", "build s", "max rel diff")]
     seen = {}  # a TensorRT engine serves several batch sizes (one profile each)

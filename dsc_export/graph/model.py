@@ -125,7 +125,8 @@ def all_initializers(graph: onnx.GraphProto):
 
 def has_subgraph(node: onnx.NodeProto) -> bool:
     """True when ``node`` holds a graph attribute (If/Loop/Scan bodies: control flow)."""
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+    graph_kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(a.type in graph_kinds for a in node.attribute)
 
 
 def _attr_graphs(attr: onnx.AttributeProto):
@@ -257,8 +258,8 @@ def topological_nodes(df: Dataflow) -> list[OpNode]:
                 raise UserError(f"node '{n.name}' reads tensor '{i}', which nothing in the graph defines")
     order, stuck = topological_order([n.inputs for n in df.nodes], [n.outputs for n in df.nodes])
     if stuck is not None:
-        raise UserError(f"the graph has a cycle through node '{df.nodes[stuck].name}'; it is not a valid "
-                        "ONNX model")
+        raise UserError(f"the graph has a cycle through node '{df.nodes[stuck].name}'; it is not a "
+                        "valid ONNX model")
     return [df.nodes[k] for k in order]
 
 

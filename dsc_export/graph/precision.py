@@ -568,7 +568,8 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
 
     try:
         # check_type=True also infers through ops defined by a function body (GroupNormalization-21)
-        inferred = infer_types(without_data(model), check_type=True, data_prop=False, errors="raise")
+        inferred = infer_types(without_data(model), check_type=True, data_prop=False,
+                               errors="raise")
     except Exception as exc:  # an invalid graph: say so in one line
         raise UserError(f"cannot infer tensor types for the float16 conversion: {first_line(exc)}") from exc
     types = {name: tp.tensor_type.elem_type for name, tp in inferred.items()}

@@ -70,8 +70,8 @@ def infer_types(model: onnx.ModelProto, *, check_type: bool = False, data_prop: 
         Exception: onnx's inference error, with ``errors="raise"`` only.
     """
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=check_type, strict_mode=False,
-                                                     data_prop=data_prop)
+        inferred = onnx.shape_inference.infer_shapes(
+            model, check_type=check_type, strict_mode=False, data_prop=data_prop)
     except Exception:
         if errors == "raise":
             raise
