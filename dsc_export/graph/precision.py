@@ -465,8 +465,8 @@ def _infer(schema, n: onnx.NodeProto, wants: list[int | None], types: dict[str, 
     graph = helper.make_graph([n], "one", [helper.make_value_info(k, v) for k, v in in_types.items()],
                               [helper.make_value_info(o, onnx.TypeProto()) for o in n.output if o])
     one = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    got = onnx.shape_inference.infer_shapes(one, check_type=True, strict_mode=True)
-    return {v.name: v.type.tensor_type.elem_type for v in got.graph.output if v.type.HasField("tensor_type")}
+    got = infer_types(one, check_type=True, data_prop=False, strict=True, errors="raise")
+    return {o: got[o].tensor_type.elem_type for o in n.output if o in got}
 
 
 def _default_opset(ir_version: int) -> int:

@@ -52,7 +52,7 @@ def probe_batches(model: onnx.ModelProto) -> tuple[int, ...]:
 
 
 def infer_types(model: onnx.ModelProto, *, check_type: bool = False, data_prop: bool = True,
-                errors: str = "ignore") -> dict[str, onnx.TypeProto]:
+                strict: bool = False, errors: str = "ignore") -> dict[str, onnx.TypeProto]:
     """Tensor types of ``model`` after onnx's static inference, initializers included.
 
     Args:
@@ -60,6 +60,7 @@ def infer_types(model: onnx.ModelProto, *, check_type: bool = False, data_prop: 
         check_type: onnx's ``check_type`` (True also infers through ops defined by a function
             body, e.g. GroupNormalization-21).
         data_prop: onnx's ``data_prop`` (propagates shape values through shape arithmetic).
+        strict: onnx's ``strict_mode`` (an inference error of any node is an error).
         errors: ``"ignore"``: when inference fails, the types the graph declares;
             ``"raise"``: onnx's error goes to the caller.
 
@@ -71,7 +72,7 @@ def infer_types(model: onnx.ModelProto, *, check_type: bool = False, data_prop: 
     """
     try:
         inferred = onnx.shape_inference.infer_shapes(
-            model, check_type=check_type, strict_mode=False, data_prop=data_prop)
+            model, check_type=check_type, strict_mode=strict, data_prop=data_prop)
     except Exception:
         if errors == "raise":
             raise
