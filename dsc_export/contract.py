@@ -37,6 +37,7 @@ import numpy as np
 
 from dsc_export.artifacts import Manifest, TensorSig
 from dsc_export.errors import UserError
+from dsc_export.graph.model import has_subgraph
 
 INPUT = "input"
 # Per request, beside the model's outputs, both measured in the server process with one clock:
@@ -235,8 +236,7 @@ def constant_outputs(model) -> set[str]:
     consumers: dict[str, list] = {}
     stack = list(reached)
     for n in g.node:
-        has_body = any(a.type in (a.GRAPH, a.GRAPHS) for a in n.attribute)
-        if has_body:
+        if has_subgraph(n):
             stack.extend(o for o in n.output if o)
             reached.update(o for o in n.output if o)
         for x in n.input:
