@@ -75,13 +75,17 @@ def shaped_setup(model: str):
 
 
 def stop(proc, timeout: float = 60) -> None:
-    """Terminate a server process (it shuts down cleanly on SIGTERM); kill it if it hangs."""
+    """Terminate a server process (it shuts down cleanly on SIGTERM); kill it if it hangs; then
+    kill any Python-backend stub it left (they ignore SIGTERM and outlive a killed server)."""
+    from dsc_export.serving.processes import kill_stubs
+
     proc.terminate()
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    kill_stubs(proc.pid)
 
 
 def median_ms(samples: list[float]) -> float:

@@ -2,6 +2,7 @@
 back-off with the batch retried elsewhere, a server of another model refused, a stock Triton's
 load read from its statistics."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from dsc_export.ort import make_session
 from dsc_export.serving import client as client_mod
 from dsc_export.serving.client import ClientOptions, DynamicSplitClient
 from dsc_export.serving.policy import best_server, server_urls
+from dsc_export.serving.processes import kill_stubs
 from dsc_export.serving.server import free_ports
 from dsc_export.serving.tritonserver import ModelStats, stats_load
 
@@ -187,10 +189,11 @@ def test_killing_one_of_two_servers_loses_no_batch(tiny, tmp_path):  # noqa: F81
         assert logs[4].fallback.startswith(dead) and logs[4].server == alive  # retried on the other at once
         assert all(b.server == alive for b in logs[4:])
     finally:
-        for p, _ in procs:
-            if p.poll() is None:
+        for p, _ in procs:  # the killed one's stubs too: they outlive it (tests/test_processes.py)
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
+            p.wait(timeout=30)
+            kill_stubs(p.pid)
 
 
 def test_run_cli_takes_several_servers_and_refuses_in_one_line(tiny):  # noqa: F811

@@ -52,6 +52,7 @@ import numpy as np
 
 from dsc_export.artifacts import Profile, read_manifest, verify_files
 from dsc_export.errors import UserError, lazy_import
+from dsc_export.serving.processes import kill_stubs
 from dsc_export.serving.protocol import (
     INPUT,
     LOAD,
@@ -455,10 +456,11 @@ class TailServer:
                 _quiet_echo(triton)
             self._triton = triton
             self._wait_ready([s.id for s in tails] + [META, LOAD])
-        except BaseException:
+        except BaseException:  # also a Ctrl-C or SIGTERM during start-up: nothing left running
             self._triton = None
             with _into(self.log_file):
                 triton.stop()
+            kill_stubs()
             raise
 
     def _wait_ready(self, models: list[str]) -> None:
@@ -473,7 +475,9 @@ class TailServer:
             client.close()
 
     def stop(self) -> None:
-        """Stop Triton (its last words, "Signal (2) received." and the stubs', go to the log file)."""
+        """Stop Triton (its last words, "Signal (2) received." and the stubs', go to the log
+        file), then kill any of its Python-backend stubs still alive
+        (:func:`~dsc_export.serving.processes.kill_stubs`)."""
         if self._triton is not None:
             echo = getattr(self._triton, "_triton_server", None)
             with _into(self.log_file):
@@ -482,6 +486,7 @@ class TailServer:
                 with open(self.log_file, "a") as f:  # what tritonserver printed (see _quiet_echo)
                     f.write(echo.logs())
             self._triton = None
+        kill_stubs()  # the Python-backend stubs tritonserver did not stop (they ignore SIGTERM)
 
     def batching(self) -> str:
         """How requests are batched, in words (for the ready message)."""
