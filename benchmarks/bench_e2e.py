@@ -78,7 +78,7 @@ def main() -> None:
     from dsc_export.ort import random_array
     from dsc_export.planning import make_plan
     from dsc_export.serving.bandwidth import ShapedLink
-    from dsc_export.serving.client import DynamicSplitClient
+    from dsc_export.serving.client import ClientOptions, DynamicSplitClient
 
     setup = shaped_setup(args.model)
     if setup is None:
@@ -113,13 +113,11 @@ def main() -> None:
             dtype = np.dtype(man.model.input.dtype)
             statics = [s.id for s in man.splits]
             logs: list = []
-            dynamic = DynamicSplitClient(root, url, plan, threads=1, log=logs.append, deadline_s=30,
-                                         initial_rate_MBps=rates[0], device_slowdown=k)
+            dynamic = DynamicSplitClient(root, url, plan, options=ClientOptions(threads=1, deadline_s=30, initial_rate_MBps=rates[0], device_slowdown=k), log=logs.append)
             dynamic.warm_up(args.batch)
             static_clients = {}
             for s in statics:
-                static_clients[s] = DynamicSplitClient(root, url, plan, threads=1, deadline_s=30, static=s,
-                                                       device_slowdown=k)
+                static_clients[s] = DynamicSplitClient(root, url, plan, options=ClientOptions(threads=1, deadline_s=30, static=s, device_slowdown=k))
                 static_clients[s].warm_up(args.batch)
             phases = []
             for rate in rates:

@@ -51,10 +51,10 @@ IMAGES = HERE.parent / "docs" / "images"
 SERVER = r"""
 import sys
 from dsc_export.artifacts import read_profile
-from dsc_export.serving.server import TailServer, serve_forever
+from dsc_export.serving.server import ServeOptions, TailServer, serve_forever
 root, host, profile, log = sys.argv[1:5]
-srv = TailServer(root, host=host, threads=2, instances=int(sys.argv[5]), profile=read_profile(profile),
-                 log_file=log, load_window_s=2.0)
+srv = TailServer(root, ServeOptions(host=host, threads=2, instances=int(sys.argv[5]), log_file=log,
+                                    load_window_s=2.0), profile=read_profile(profile))
 serve_forever(srv, on_ready=lambda: print("ready", flush=True))
 """
 

@@ -68,7 +68,7 @@ def main() -> None:
 
     from dsc_export.artifacts import read_manifest
     from dsc_export.ort import make_session, random_array
-    from dsc_export.serving.server import TailServer
+    from dsc_export.serving.server import ServeOptions, TailServer
 
     root = split_dir(args.model)
     man = read_manifest(root)
@@ -77,7 +77,7 @@ def main() -> None:
     x = img if s.kind == "offload" else make_session(root / s.head).run([s.wire_tensor], {man.model.input.name: img})[0]
     results = {}
     for dyn in (True, False):
-        srv = TailServer(root, threads=2, dynamic_batching=dyn, log_file=root.parent / "triton-load.log")
+        srv = TailServer(root, ServeOptions(threads=2, dynamic_batching=dyn, log_file=root.parent / "triton-load.log"))
         with srv:
             run_load(srv.urls()["http"], args.split, x, args.clients, 2.0)  # warm-up
             srv.stats = type(srv.stats)()

@@ -65,16 +65,11 @@ def start_servers(root: Path, n: int, instances: int, log_dir: Path,
 
 
 def _start_one(root: Path, instances: int, log_dir: Path, k: int) -> tuple[subprocess.Popen | None, str]:
-    import socket
-
     import tritonclient.http as th
 
-    socks = [socket.socket() for _ in range(3)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    http, grpc, metrics = (s.getsockname()[1] for s in socks)
-    for s in socks:
-        s.close()
+    from dsc_export.serving.server import free_ports
+
+    http, grpc, metrics = free_ports(3)
     proc = subprocess.Popen(
         [sys.executable, "-m", "dsc_export", "serve", str(root), "--threads", "1", "--instances", str(instances),
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),

@@ -75,13 +75,17 @@ def shaped_setup(model: str):
 
 
 def stop(proc, timeout: float = 60) -> None:
-    """Terminate a server process (it shuts down cleanly on SIGTERM); kill it if it hangs."""
+    """Terminate a server process (it shuts down cleanly on SIGTERM); kill it if it hangs; then
+    kill any Python-backend stub it left (they ignore SIGTERM and outlive a killed server)."""
+    from dsc_export.serving.processes import kill_stubs
+
     proc.terminate()
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    kill_stubs(proc.pid)
 
 
 def median_ms(samples: list[float]) -> float:
@@ -107,8 +111,10 @@ def write(name: str, payload: dict) -> Path:
 def worker(cfg_path: str) -> None:
     """One device: a DynamicSplitClient with replayed device compute, closed loop, between the
     given wall-clock times; writes one JSON line per batch."""
+    from dataclasses import asdict
+
     from dsc_export.planning import Plan
-    from dsc_export.serving.client import DynamicSplitClient, batch_log_dict
+    from dsc_export.serving.client import ClientOptions, DynamicSplitClient
 
     cfg = json.loads(Path(cfg_path).read_text())
     plan = Plan.from_dict(json.loads(Path(cfg["plan"]).read_text()))
@@ -121,8 +127,9 @@ def worker(cfg_path: str) -> None:
     if cfg.get("pin"):
         kw["static"] = cfg["pin"]
     logs = []
-    client = DynamicSplitClient(cfg["root"], cfg["url"], plan, threads=1, deadline_s=30, log=logs.append,
-                                initial_rate_MBps=cfg["initial_rate"], ready_timeout_s=120, **kw)
+    options = ClientOptions(threads=1, deadline_s=30, initial_rate_MBps=cfg["initial_rate"],
+                            ready_timeout_s=120, **kw)
+    client = DynamicSplitClient(cfg["root"], cfg["url"], plan, options=options, log=logs.append)
     in_name = client.manifest.model.input.name
 
     def replay(split):  # the plan's head times are the device profile x the slowdown already
@@ -146,7 +153,7 @@ def worker(cfg_path: str) -> None:
             ref = cache[f"local_{i}"]
             y = got[client.contract[0].name]
             diff = float(np.abs(y - ref).max())
-            rec = batch_log_dict(logs[-1])
+            rec = asdict(logs[-1])
             rec.update(t=time.time(), diff=diff, same_top1=bool((y.argmax(-1) == ref.argmax(-1)).all()))
             out.write(json.dumps(rec) + "\n")
             n += 1
@@ -219,9 +226,9 @@ def run_devices(base: dict, tmp: Path, tag: str, policies: list[str], windows: l
 
 
 def server_load(url: str):
-    from dsc_export.serving.client import _Remote
+    from dsc_export.serving.transport import connect
 
-    r = _Remote(url, "http", 5.0)
+    r = connect(url, "http", 5.0)
     try:
         return r.load()
     finally:

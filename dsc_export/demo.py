@@ -33,8 +33,8 @@ from dsc_export.planning import best_static, make_plan
 from dsc_export.plots import bottleneck_chart, choice_heatmap, gain_heatmap
 from dsc_export.profiling import BenchOptions, profile_split_dir
 from dsc_export.serving.bandwidth import SimulatedLink
-from dsc_export.serving.client import DynamicSplitClient
-from dsc_export.serving.server import TailServer
+from dsc_export.serving.client import ClientOptions, DynamicSplitClient
+from dsc_export.serving.server import ServeOptions, TailServer, free_ports
 from dsc_export.session import Labels, image_feed, random_feed, run_batches
 from dsc_export.splitting import analyze_file, split_model
 from dsc_export.weights import has_pretrained
@@ -187,28 +187,24 @@ def _is_trained(onnx_path: Path) -> bool:
 
 def _session(split: Path, plan, batches_per_rate: int, log, slowdown: float = 1.0,
              photos: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    import socket
 
     import numpy as np
 
 
     lazy_import("pytriton", "serve")
-    ports = []
-    for _ in range(3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    ports = free_ports(3)
     rows: list[dict[str, Any]] = []
-    with TailServer(split, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
-                    log_file=split.parent / "triton.log") as srv:
+    with TailServer(split, ServeOptions(http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
+                                        log_file=split.parent / "triton.log")) as srv:
         link = SimulatedLink(DEMO_RATES[0])
         batch = 8 if 8 in plan.batch_sizes else plan.batch_sizes[len(plan.batch_sizes) // 2]
         logs = []
-        with DynamicSplitClient(split, srv.urls()["http"], plan, threads=1, log=logs.append,
-                                initial_rate_MBps=DEMO_RATES[0], device_slowdown=slowdown) as client:
-            if client.remote is None:
+        options = ClientOptions(threads=1, initial_rate_MBps=DEMO_RATES[0], device_slowdown=slowdown)
+        with DynamicSplitClient(split, srv.urls()["http"], plan, options=options,
+                                log=logs.append) as client:
+            if not client.endpoints:
                 raise UserError("the client could not reach the demo server")
-            link.attach(client.remote)
+            link.attach(client.endpoints[0].remote)
             client.warm_up(batch)
             shape = [batch] + list(client.manifest.model.input.shape[1:])
             dtype = np.dtype(client.manifest.model.input.dtype)

@@ -194,6 +194,19 @@ def eq6_index(times_ms: Sequence[float], margin: float = 0.0) -> int:
     return 0  # only when every time is nan
 
 
+def margin_choice(times_ms: Sequence[float], margin: float = 0.0, current: int | None = None) -> int:
+    """The run-time choice among ``times_ms``: :func:`eq6_index` (its tie-break toward the
+    highest index within ``margin``), then the one in use (``current``, an index) is kept unless
+    the winner is faster by more than ``margin`` (relative). The one home of this rule:
+    :meth:`Plan.choose` (candidates) and :func:`dsc_export.serving.policy.best_server` (server
+    and candidate pairs) both call it.
+    """
+    best = eq6_index(times_ms, margin)
+    if current is not None and times_ms[current] <= times_ms[best] * (1.0 + margin):
+        return current
+    return best
+
+
 def choose_index(times: np.ndarray, margin: float = 0.0) -> np.ndarray:
     """:func:`eq6_index` in every cell of ``times`` (shape [candidates, ...]); the result has
     shape ``times.shape[1:]``."""
@@ -326,12 +339,9 @@ class Plan:
         ids = self._fast["ids"]
         if exclude:
             times = [math.inf if c in exclude else t for c, t in zip(ids, times)]
-        best_i = eq6_index(times, self.margin)
-        if current is not None and current in ids and current not in exclude:
-            j = ids.index(current)
-            if times[j] <= times[best_i] * (1.0 + self.margin):
-                return current, times[j]
-        return ids[best_i], times[best_i]
+        keep = ids.index(current) if current in ids and current not in exclude else None
+        i = margin_choice(times, self.margin, keep)
+        return ids[i], times[i]
 
     # --- JSON -------------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from dsc_export.serving.client import RateEstimator, _Remote
+from dsc_export.serving.estimation import RateEstimator
+from dsc_export.serving.transport import HttpTransport
 
 
 def test_rate_estimator_smooths_and_ignores_latency_bound_transfers():
@@ -53,8 +54,8 @@ class StockTriton:
 
 
 def test_client_talks_to_a_stock_triton_repository():
-    remote = _Remote.__new__(_Remote)
-    remote.url, remote.protocol, remote.timeout_s, remote.has_server_ms = "x:8000", "http", 1.0, True
+    remote = HttpTransport.__new__(HttpTransport)
+    remote.url, remote.timeout_s, remote.has_server_ms = "x:8000", 1.0, True
     remote.mod, remote.client, remote.per_model = FakeMod, StockTriton(), {}
     assert remote.model_sha256("offload") == "ab" * 32
     assert remote.has_server_ms is False
@@ -108,8 +109,8 @@ class LoadingServer:
 
 
 def _remote(client):
-    remote = _Remote.__new__(_Remote)
-    remote.url, remote.protocol, remote.timeout_s, remote.has_server_ms = "x:8000", "http", 1.0, True
+    remote = HttpTransport.__new__(HttpTransport)
+    remote.url, remote.timeout_s, remote.has_server_ms = "x:8000", 1.0, True
     remote.mod, remote.client = FakeMod, client
     return remote
 

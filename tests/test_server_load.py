@@ -11,7 +11,7 @@ from served_models import conv_net
 from dsc_export.artifacts import Profile, Timing, read_manifest
 from dsc_export.ort import make_session
 from dsc_export.planning import make_plan
-from dsc_export.serving.client import RateEstimator, ServerEstimate
+from dsc_export.serving.estimation import RateEstimator, ServerEstimate
 from dsc_export.serving.protocol import QUEUE_MS, SERVER_MS, ServerLoad
 
 # --- the estimate alone -----------------------------------------------------------------------
@@ -87,11 +87,12 @@ class FakeServer:
 
 
 def _client(root, plan, server, **kw):
-    from dsc_export.serving.client import DynamicSplitClient
+    from dsc_export.serving.client import ClientOptions, DynamicSplitClient
 
-    client = DynamicSplitClient(root, None, plan, load_probe_s=0.0, **kw)
-    client.remote = server
-    client.rate.min_bytes = 1000  # the tiny model's tensors are small
+    log = kw.pop("log", lambda b: None)
+    client = DynamicSplitClient(root, None, plan, options=ClientOptions(load_probe_s=0.0, **kw), log=log)
+    client.endpoints = [client._endpoint(getattr(server, "url", "remote"), server)]
+    client.endpoints[0].estimate.rate.min_bytes = 1000  # the tiny model's tensors are small
     return client
 
 
@@ -142,18 +143,16 @@ def test_a_load_blind_client_reads_a_busy_server_as_a_slow_link(tiny):
 def test_server_reports_wait_and_compute_apart(tiny):
     pytest.importorskip("pytriton", reason="the 'serve' extra (nvidia-pytriton) is not installed")
     import tritonclient.http as th
-    from test_serving import free_ports
     from tritonclient.utils import np_to_triton_dtype
 
-    from dsc_export.serving.client import _Remote
-    from dsc_export.serving.server import TailServer
+    from dsc_export.serving.server import ServeOptions, TailServer, free_ports
+    from dsc_export.serving.transport import connect
 
     root, _ = tiny
     man = read_manifest(root)
     split = next(s for s in man.splits if s.kind == "offload")
     http, grpc, metrics = free_ports(3)
-    srv = TailServer(root, http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1, instances=4, load_window_s=60,
-                     max_queue_delay_us=100, log_file=root.parent / "triton-load.log")
+    srv = TailServer(root, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1, instances=4, load_window_s=60, max_queue_delay_us=100, log_file=root.parent / "triton-load.log"))
     with srv:
         runner = srv._sessions[split.id]
         real = runner.run
@@ -186,7 +185,7 @@ def test_server_reports_wait_and_compute_apart(tiny):
         for t in threads:
             t.join()
         wall_ms = (time.perf_counter() - t0) * 1e3
-        remote = _Remote(srv.urls()["http"], "http", 5.0)
+        remote = connect(srv.urls()["http"], "http", 5.0)
         load = remote.load()
         remote.close()
     assert len(answers) == 20

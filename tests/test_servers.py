@@ -2,6 +2,7 @@
 back-off with the batch retried elsewhere, a server of another model refused, a stock Triton's
 load read from its statistics."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,7 +18,10 @@ from dsc_export.artifacts import read_manifest
 from dsc_export.errors import UserError
 from dsc_export.ort import make_session
 from dsc_export.serving import client as client_mod
-from dsc_export.serving.client import DynamicSplitClient, best_server, server_urls
+from dsc_export.serving.client import ClientOptions, DynamicSplitClient
+from dsc_export.serving.policy import best_server, server_urls
+from dsc_export.serving.processes import kill_stubs
+from dsc_export.serving.server import free_ports
 from dsc_export.serving.tritonserver import ModelStats, stats_load
 
 ROOT = Path(__file__).parents[1]
@@ -95,8 +99,7 @@ def test_batches_go_to_the_idle_server_and_survive_a_failed_one(tiny):  # noqa: 
     busy, idle = FakeServer(root, 50.0), FakeServer(root, 50.0)
     busy.url, idle.url, busy.queue_ms, busy.recent_q = "busy:1", "idle:2", 300.0, 300.0
     logs = []
-    client = DynamicSplitClient(root, None, plan, log=logs.append, load_probe_s=0.0, initial_rate_MBps=50.0,
-                                backoff_s=0.2, max_backoff_s=0.5)
+    client = DynamicSplitClient(root, None, plan, options=ClientOptions(load_probe_s=0.0, initial_rate_MBps=50.0, backoff_s=0.2, max_backoff_s=0.5), log=logs.append)
     with client:
         client.endpoints = [client._endpoint(s.url, s) for s in (busy, idle)]
         for _ in range(6):
@@ -139,7 +142,7 @@ def test_a_server_of_another_model_is_refused_by_url(tiny, monkeypatch):  # noqa
         def close(self):
             pass
 
-    monkeypatch.setattr(client_mod, "_Remote", Remote)
+    monkeypatch.setattr(client_mod, "connect", Remote)
     with pytest.raises(UserError, match=r"^the server at b:2 serves another model \(sha256 000000000000…"):
         DynamicSplitClient(root, "a:1,b:2", plan)
     with DynamicSplitClient(root, ["a:1"], plan) as c:
@@ -147,7 +150,6 @@ def test_a_server_of_another_model_is_refused_by_url(tiny, monkeypatch):  # noqa
 
 
 def _serve(root: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    from test_serving import free_ports
 
     http, grpc, metrics = free_ports(3)
     proc = subprocess.Popen([sys.executable, "-m", "dsc_export", "serve", str(root), "--http-port", str(http),
@@ -168,8 +170,7 @@ def test_killing_one_of_two_servers_loses_no_batch(tiny, tmp_path):  # noqa: F81
     try:
         logs = []
         rng = np.random.default_rng(3)
-        with DynamicSplitClient(root, [u for _, u in procs], plan, log=logs.append, initial_rate_MBps=100.0,
-                                deadline_s=3.0, backoff_s=0.2, max_backoff_s=0.5, ready_timeout_s=180) as client:
+        with DynamicSplitClient(root, [u for _, u in procs], plan, options=ClientOptions(initial_rate_MBps=100.0, deadline_s=3.0, backoff_s=0.2, max_backoff_s=0.5, ready_timeout_s=180), log=logs.append) as client:
             killed = None
             for k in range(12):
                 if k == 4:
@@ -188,14 +189,14 @@ def test_killing_one_of_two_servers_loses_no_batch(tiny, tmp_path):  # noqa: F81
         assert logs[4].fallback.startswith(dead) and logs[4].server == alive  # retried on the other at once
         assert all(b.server == alive for b in logs[4:])
     finally:
-        for p, _ in procs:
-            if p.poll() is None:
+        for p, _ in procs:  # the killed one's stubs too: they outlive it (tests/test_processes.py)
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
+            p.wait(timeout=30)
+            kill_stubs(p.pid)
 
 
 def test_run_cli_takes_several_servers_and_refuses_in_one_line(tiny):  # noqa: F811
-    from test_serving import free_ports
 
     root, _ = tiny
     (port,) = free_ports(1)

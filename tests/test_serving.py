@@ -4,7 +4,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -24,21 +23,10 @@ from dsc_export.errors import UserError  # noqa: E402
 from dsc_export.ort import make_session  # noqa: E402
 from dsc_export.planning import make_plan  # noqa: E402
 from dsc_export.profiling import profile_split_dir  # noqa: E402
+from dsc_export.serving.server import free_ports  # noqa: E402
 from dsc_export.splitting import split_model  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
-
-
-def free_ports(n):
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +48,10 @@ def b0(exported, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(b0):
-    from dsc_export.serving.server import TailServer
+    from dsc_export.serving.server import ServeOptions, TailServer
 
     http, grpc, metrics = free_ports(3)
-    with TailServer(b0, http_port=http, grpc_port=grpc, metrics_port=metrics, threads=2,
-                    log_file=b0.parent / "triton.log") as srv:
+    with TailServer(b0, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=2, log_file=b0.parent / "triton.log")) as srv:
         yield srv
 
 
@@ -114,13 +101,13 @@ def test_wrong_tensors_get_the_protocol_error_and_the_server_lives_on(server):
 
 
 def test_client_runs_batches_against_the_server(b0, server):
-    from dsc_export.serving.client import DynamicSplitClient
+    from dsc_export.serving.client import ClientOptions, DynamicSplitClient
 
     logs = []
     man = read_manifest(b0)
     whole = make_session(b0 / man.model.path)
     rng = np.random.default_rng(1)
-    with DynamicSplitClient(b0, server.urls()["http"], log=logs.append, initial_rate_MBps=100.0) as c:
+    with DynamicSplitClient(b0, server.urls()["http"], options=ClientOptions(initial_rate_MBps=100.0), log=logs.append) as c:
         for _ in range(4):
             x = rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
             got = c.infer(x)["logits"]
@@ -132,11 +119,10 @@ def test_client_runs_batches_against_the_server(b0, server):
 
 
 def test_privacy_never_sends_the_raw_input(b0, server):
-    from dsc_export.serving.client import DynamicSplitClient
+    from dsc_export.serving.client import ClientOptions, DynamicSplitClient
 
     logs = []
-    with DynamicSplitClient(b0, server.urls()["grpc"], protocol="grpc", privacy=True, log=logs.append,
-                            initial_rate_MBps=1000.0) as c:  # a fast link: offload would win without privacy
+    with DynamicSplitClient(b0, server.urls()["grpc"], options=ClientOptions(protocol="grpc", privacy=True, initial_rate_MBps=1000.0), log=logs.append) as c:  # a fast link: offload would win without privacy
         for _ in range(3):
             c.infer(np.random.default_rng(2).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8))
     assert logs and all(b.planned != "offload" and b.split != "offload" for b in logs)
@@ -229,7 +215,7 @@ def test_tampered_and_unsafe_bundles_are_refused(b0, tmp_path):
 def test_client_finishes_every_batch_when_the_server_is_killed(b0, tmp_path):
     """The server runs in its own process group and is killed (SIGKILL) in the middle of a run."""
     from dsc_export.planning import Plan
-    from dsc_export.serving.client import DynamicSplitClient
+    from dsc_export.serving.client import ClientOptions, DynamicSplitClient
 
     plan = Plan.from_dict(json.loads((b0.parent / "plan-slow-device.json").read_text()))
     http, grpc, metrics = free_ports(3)
@@ -257,8 +243,7 @@ def test_client_finishes_every_batch_when_the_server_is_killed(b0, tmp_path):
         man = read_manifest(b0)
         whole = make_session(b0 / man.model.path)
         rng = np.random.default_rng(3)
-        with DynamicSplitClient(b0, f"127.0.0.1:{http}", plan, log=logs.append, initial_rate_MBps=100.0, deadline_s=3.0,
-                                backoff_s=0.2, max_backoff_s=0.5) as client:
+        with DynamicSplitClient(b0, f"127.0.0.1:{http}", plan, options=ClientOptions(initial_rate_MBps=100.0, deadline_s=3.0, backoff_s=0.2, max_backoff_s=0.5), log=logs.append) as client:
             for k in range(10):
                 if k == 4:
                     os.killpg(proc.pid, signal.SIGKILL)

@@ -20,7 +20,6 @@ pytest.importorskip("pytriton", reason="the 'serve' extra (nvidia-pytriton) is n
 pytest.importorskip("tritonclient.grpc", reason="the 'serve' extra (tritonclient) is not installed")
 
 from google.protobuf import json_format, text_format  # noqa: E402
-from test_serving import free_ports  # noqa: E402
 from test_serving_contract import _split_with_plan  # noqa: E402
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 from tritonclient.utils import np_to_triton_dtype  # noqa: E402
@@ -28,7 +27,8 @@ from tritonclient.utils import np_to_triton_dtype  # noqa: E402
 from dsc_export.artifacts import read_manifest  # noqa: E402
 from dsc_export.bundle import make_bundle, open_bundle  # noqa: E402
 from dsc_export.ort import make_session  # noqa: E402
-from dsc_export.serving.client import DynamicSplitClient  # noqa: E402
+from dsc_export.serving.client import ClientOptions, DynamicSplitClient  # noqa: E402
+from dsc_export.serving.server import free_ports  # noqa: E402
 from dsc_export.serving.tritonserver import TritonServer, model_stats  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -167,12 +167,12 @@ def test_client_reads_a_stock_servers_load_from_its_statistics(dirs, kinds_stock
     between two reads, the same figures a reader of the statistics API computes."""
     import tritonclient.http as th
 
-    from dsc_export.serving.client import _Remote
     from dsc_export.serving.protocol import QUEUE_MS, SERVER_MS
+    from dsc_export.serving.transport import connect
 
     root = dirs["kinds"]
     models = kinds_stock.models()
-    remote = _Remote(kinds_stock.url(), "http", 10.0)
+    remote = connect(kinds_stock.url(), "http", 10.0)
     http = th.InferenceServerClient(kinds_stock.url())
     try:
         remote.wait_ready(models, 5, lambda pending: None)
@@ -203,8 +203,7 @@ def test_client_and_run_work_against_the_stock_server_unchanged(dirs, kinds_stoc
     want = _whole(root, x)
     for split in [s.id for s in read_manifest(root).splits if s.tail]:
         logs = []
-        with DynamicSplitClient(root, kinds_stock.url(protocol), protocol=protocol, static=split, log=logs.append,
-                                ready_timeout_s=5) as client:
+        with DynamicSplitClient(root, kinds_stock.url(protocol), options=ClientOptions(protocol=protocol, static=split, ready_timeout_s=5), log=logs.append) as client:
             got = client.infer(x)
         assert logs[0].split == split and logs[0].fallback is None  # answered by the stock server
         assert set(got) == set(want) and all(_close(got[n], w) for n, w in want.items()), split

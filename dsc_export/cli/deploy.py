@@ -110,14 +110,15 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
     """
     import tempfile
 
-    from dsc_export.serving.server import TailServer, serve_forever
+    from dsc_export.serving.server import ServeOptions, TailServer, serve_forever
 
     root, tmp = _open_dir_or_bundle(source, "server")
     triton_log = triton_log or Path(tempfile.gettempdir()) / f"dsc-export-triton-{http_port}.log"
     try:
-        server = TailServer(root, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                            threads=threads, max_batch_size=max_batch_size, dynamic_batching=dynamic_batching,
-                            instances=instances, log=log_line, log_file=triton_log)
+        server = TailServer(root, ServeOptions(
+            host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+            threads=threads, max_batch_size=max_batch_size, dynamic_batching=dynamic_batching,
+            instances=instances, log_file=triton_log), log=log_line)
         serve_forever(server, on_ready=lambda: click.echo(
             f"serving {len([s for s in server.manifest.splits if s.tail])} model(s), all ready, on "
             f"http://{host}:{http_port} and grpc {host}:{grpc_port} ({server.batching()}); Triton's log: "
@@ -174,7 +175,7 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
     import numpy as np
 
     from dsc_export.planning import read_plan
-    from dsc_export.serving.client import DynamicSplitClient
+    from dsc_export.serving.client import ClientOptions, DynamicSplitClient
     from dsc_export.session import Labels, image_feed, random_feed, run_batches
 
     root, tmp = _open_dir_or_bundle(source, "device")
@@ -202,9 +203,10 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
             raise UserError(f"the model runs at batch size {fixed} only; run it with --batch-size {fixed} "
                             "(or leave --batch-size out)")
         batch_size = batch_size or fixed or 4
-        with DynamicSplitClient(root, list(server_url), plan, protocol=protocol, privacy=privacy, threads=threads,
-                                deadline_s=deadline, log=log,
-                                static=static, ready_timeout_s=wait_ready, say=log_line) as client:
+        options = ClientOptions(protocol=protocol, privacy=privacy, threads=threads,
+                                deadline_s=deadline, static=static, ready_timeout_s=wait_ready)
+        with DynamicSplitClient(root, list(server_url), plan, options=options, log=log,
+                                say=log_line) as client:
             shape = [batch_size] + list(client.manifest.model.input.shape[1:])
             dtype = np.dtype(client.manifest.model.input.dtype)
             if input_kind != "images":

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sys
 import sysconfig
 import threading
@@ -51,13 +52,13 @@ import numpy as np
 
 from dsc_export.artifacts import Profile, read_manifest, verify_files
 from dsc_export.errors import UserError, lazy_import
-
-# INPUT, META, SERVER_MS and output_names live in protocol (both ends use them); importable from here too
-from dsc_export.serving.protocol import (  # noqa: F401
+from dsc_export.serving.processes import kill_stubs
+from dsc_export.serving.protocol import (
     INPUT,
     LOAD,
     LOAD_OUTPUT,
     META,
+    MODEL_SHA256,
     PING,
     QUEUE_MS,
     SERVER_MS,
@@ -65,7 +66,6 @@ from dsc_export.serving.protocol import (  # noqa: F401
     ServerLoad,
     fixed_batch,
     mergeable,
-    output_names,
     served_outputs,
     wait_ready,
     why_not_mergeable,
@@ -235,25 +235,60 @@ def _pytriton_env() -> None:
         os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{cur}" if cur else libdir
 
 
-class TailServer:
-    """The tails of a split dir behind PyTriton. Use :meth:`start` / :meth:`stop` or ``with``."""
+@dataclass(frozen=True, kw_only=True)
+class ServeOptions:
+    """The server's settings (keyword-only, in the style of PyTriton's ``TritonConfig``).
 
-    def __init__(self, split_dir: str | os.PathLike, *, host: str = "127.0.0.1", http_port: int = 8000,
-                 grpc_port: int = 8001, metrics_port: int = 8002, threads: int | None = None,
-                 max_batch_size: int = 64, dynamic_batching: bool | None = None, max_queue_delay_us: int = 2000,
-                 instances: int = 1, log: Callable[[str], None] = lambda s: None,
-                 log_file: str | os.PathLike | None = None, ready_timeout_s: float = 120.0,
-                 profile: Profile | None = None, load_window_s: float = 2.0):
+    Attributes:
+        host: the address to listen on.
+        http_port, grpc_port, metrics_port: Triton's ports.
+        threads: CPU threads per tail (None: onnxruntime's default).
+        max_batch_size: the largest batch a model takes (merged requests included).
+        dynamic_batching: merge requests of several devices (None: where the model may).
+        max_queue_delay_us: how long Triton's batcher waits for requests to merge, microseconds.
+        instances: request handlers per model: at least the number of devices, so that every
+            request's wait is measured (``queue_ms``) rather than spent in Triton's queue.
+        log_file: Triton's own log (None: on stderr).
+        ready_timeout_s: how long :meth:`TailServer.start` waits for every model to be ready.
+        load_window_s: how far back the load answer's "recent" reaches, seconds.
+    """
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    threads: int | None = None
+    max_batch_size: int = 64
+    dynamic_batching: bool | None = None
+    max_queue_delay_us: int = 2000
+    instances: int = 1
+    log_file: str | os.PathLike | None = None
+    ready_timeout_s: float = 120.0
+    load_window_s: float = 2.0
+
+
+class TailServer:
+    """The tails of a split dir behind PyTriton. Use :meth:`start` / :meth:`stop` or ``with``.
+
+    Args:
+        split_dir: the split dir (or an unpacked server bundle).
+        options: the settings (:class:`ServeOptions`; default: its defaults).
+        profile: the server profile; with it each answer reports the tail's slowdown s.
+        log: one-line progress messages.
+    """
+
+    def __init__(self, split_dir: str | os.PathLike, options: ServeOptions | None = None, *,
+                 profile: Profile | None = None, log: Callable[[str], None] = lambda s: None):
+        opt = self.options = options or ServeOptions()
         self.root = Path(split_dir)
         self.manifest = read_manifest(self.root)
-        self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
-        self.threads, self.max_batch_size = threads, max_batch_size
-        self.dynamic_batching, self.max_queue_delay_us, self.instances = dynamic_batching, max_queue_delay_us, instances
+        self.host, self.http_port, self.grpc_port = opt.host, opt.http_port, opt.grpc_port
+        self.threads, self.max_batch_size = opt.threads, opt.max_batch_size
+        self.dynamic_batching, self.instances = opt.dynamic_batching, opt.instances
         self.log = log
-        self.log_file = Path(log_file) if log_file else None  # Triton's own log (None: on stderr)
-        self.ready_timeout_s = ready_timeout_s
+        self.log_file = Path(opt.log_file) if opt.log_file else None  # None: on stderr
         self.stats = Stats()
-        self.meter = LoadMeter(load_window_s)
+        self.meter = LoadMeter(opt.load_window_s)
         self._gate = Gate(self.meter)
         # the server profile's tail times, for each request's slowdown s (none: s is not reported)
         self._profiled: dict[str, tuple[list[int], list[float]]] = {}
@@ -368,7 +403,8 @@ class TailServer:
         tails = [s for s in man.splits if s.tail]
         verify_files(man, self.root, [s.tail for s in tails])
         cfg = TritonConfig(http_address=self.host, http_port=self.http_port, grpc_address=self.host,
-                           grpc_port=self.grpc_port, metrics_address=self.host, metrics_port=self.metrics_port,
+                           grpc_port=self.grpc_port, metrics_address=self.host,
+                           metrics_port=self.options.metrics_port,
                            allow_metrics=False, exit_on_error=True, log_verbose=0, exit_timeout_secs=5,
                            log_file=self.log_file)
         triton = Triton(config=cfg)
@@ -391,7 +427,8 @@ class TailServer:
                 else:
                     inputs = [Tensor(name=INPUT, dtype=in_dtype, shape=tuple(in_dims[1:]))]
                     # batcher None: no dynamic_batching block, each request runs as it came
-                    batcher = DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us) if dynamic else None
+                    delay = self.options.max_queue_delay_us
+                    batcher = DynamicBatcher(max_queue_delay_microseconds=delay) if dynamic else None
                     config = ModelConfig(max_batch_size=self.max_batch_size, batching=True, batcher=batcher)
                 triton.bind(model_name=s.id, infer_func=[self._infer_fn(s.id, runner, inp.name, contract, dynamic)]
                             * self.instances, inputs=inputs, outputs=outs, config=config, strict=True)
@@ -399,13 +436,13 @@ class TailServer:
 
             def meta(**inputs):
                 n = len(next(iter(inputs.values())))
-                return {"model_sha256": np.array([[sha]] * n, dtype=np.object_)}
+                return {MODEL_SHA256: np.array([[sha]] * n, dtype=np.object_)}
 
             from pytriton.decorators import batch
 
             triton.bind(model_name=META, infer_func=batch(meta),
                         inputs=[Tensor(name=PING, dtype=np.int32, shape=(1,))],
-                        outputs=[Tensor(name="model_sha256", dtype=np.bytes_, shape=(1,))],
+                        outputs=[Tensor(name=MODEL_SHA256, dtype=np.bytes_, shape=(1,))],
                         config=ModelConfig(max_batch_size=8))
 
             def load(requests):
@@ -420,10 +457,11 @@ class TailServer:
                 _quiet_echo(triton)
             self._triton = triton
             self._wait_ready([s.id for s in tails] + [META, LOAD])
-        except BaseException:
+        except BaseException:  # also a Ctrl-C or SIGTERM during start-up: nothing left running
             self._triton = None
             with _into(self.log_file):
                 triton.stop()
+            kill_stubs()
             raise
 
     def _wait_ready(self, models: list[str]) -> None:
@@ -433,12 +471,14 @@ class TailServer:
         url = f"{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.http_port}"
         client = th.InferenceServerClient(url)
         try:
-            wait_ready(client, models, self.ready_timeout_s, url)
+            wait_ready(client, models, self.options.ready_timeout_s, url)
         finally:
             client.close()
 
     def stop(self) -> None:
-        """Stop Triton (its last words, "Signal (2) received." and the stubs', go to the log file)."""
+        """Stop Triton (its last words, "Signal (2) received." and the stubs', go to the log
+        file), then kill any of its Python-backend stubs still alive
+        (:func:`~dsc_export.serving.processes.kill_stubs`)."""
         if self._triton is not None:
             echo = getattr(self._triton, "_triton_server", None)
             with _into(self.log_file):
@@ -447,6 +487,7 @@ class TailServer:
                 with open(self.log_file, "a") as f:  # what tritonserver printed (see _quiet_echo)
                     f.write(echo.logs())
             self._triton = None
+        kill_stubs()  # the Python-backend stubs tritonserver did not stop (they ignore SIGTERM)
 
     def batching(self) -> str:
         """How requests are batched, in words (for the ready message)."""
@@ -521,3 +562,20 @@ def serve_forever(server: TailServer, on_ready: Callable[[], None] = lambda: Non
         for s, h in old.items():
             signal.signal(s, h)
         sys.stdout.flush()
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports free on ``host`` now (bound together, then released), for a
+    server's HTTP, gRPC and metrics ports. Another process may take one before it is used: the
+    server's start then fails on it and says so."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind((host, 0))
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports

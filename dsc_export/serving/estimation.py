@@ -1,0 +1,88 @@
+"""What a client knows of a server: the link's data rate and the server's expected wait q and
+slowdown s, smoothed from the client's own answered requests and the server's load answers.
+
+The rate is bytes sent over the time on the wire: the request's round trip minus the server's
+reported wait ``queue_ms``, its compute ``server_ms`` and the plan's per-request overhead ``rtt``,
+so a busy server never reads as a slow link. Pure state, no I/O: the client
+(:mod:`dsc_export.serving.client`) feeds it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from dsc_export.serving import protocol as proto
+
+
+class RateEstimator:
+    """Exponentially smoothed data rate from (bytes, seconds on the wire) observations."""
+
+    def __init__(self, initial_MBps: float, alpha: float = 0.5, min_bytes: int = 65536):
+        self.value, self.alpha, self.min_bytes = float(initial_MBps), alpha, min_bytes
+        self.observations = 0
+
+    def observe(self, nbytes: int, seconds: float, stale: bool = False) -> float | None:
+        """Add one transfer; tiny ones (latency-bound) are not counted. Returns its rate.
+
+        ``stale``: the estimate is old (no measurement for a while): the new one replaces it.
+        """
+        if nbytes < self.min_bytes or seconds <= 0:
+            return None
+        rate = nbytes / seconds / 1e6
+        fresh = self.observations == 0 or stale
+        self.value = rate if fresh else self.alpha * rate + (1 - self.alpha) * self.value
+        self.observations += 1
+        return rate
+
+
+class ServerEstimate:
+    """What a client knows of one server: the link's data rate, the server's expected wait q and
+    its slowdown s against its profile (the state :func:`~dsc_export.planning.eq4_ms` needs),
+    each exponentially smoothed.
+
+    One object per server, so a client of several servers keeps one per URL.
+
+    Args:
+        initial_MBps: the rate assumed before the first transfer, MB/s.
+        alpha: weight of a new observation (0-1).
+        min_bytes: transfers smaller than this say nothing of the rate (latency-bound).
+    """
+
+    def __init__(self, initial_MBps: float, *, alpha: float = 0.5, min_bytes: int = 65536):
+        self.rate = RateEstimator(initial_MBps, alpha, min_bytes)
+        self.alpha = alpha
+        self.q_ms, self.s = 0.0, 1.0
+        self.heard = -math.inf  # time.monotonic() of the last news of the server
+
+    def observe(self, nbytes: int, *, round_trip_ms: float, queue_ms: float, server_ms: float,
+                rtt_ms: float, tail_ms: float, stale: bool = False) -> float | None:
+        """Take one answered request in. Returns the rate it measured (MB/s), or None.
+
+        Args:
+            nbytes: bytes sent.
+            round_trip_ms: from sending the request to having the answer (ms).
+            queue_ms, server_ms: the server's wait and compute for it (ms, as it reported).
+            rtt_ms: the plan's per-request overhead (ms), not time on the wire.
+            tail_ms: the profiled T_tail for this request's own batch size (ms; 0 leaves s as is).
+            stale: the estimate is old: the new rate replaces it.
+        """
+        wire_ms = round_trip_ms - queue_ms - server_ms - rtt_ms
+        measured = self.rate.observe(nbytes, wire_ms / 1e3, stale=stale)
+        slow = max(1.0, server_ms / tail_ms) if tail_ms > 0 else None
+        self._server(queue_ms, slow)
+        return measured
+
+    def observe_load(self, load: proto.ServerLoad) -> None:
+        """Take a load query's answer in: its recent wait and slowdown (an idle server: 0 and 1)."""
+        if load.requests == 0:
+            self._server(0.0, 1.0)
+        else:
+            self._server(load.q_ms, max(1.0, load.s) if load.s == load.s else None)
+
+    def _server(self, q_ms: float, s: float | None) -> None:
+        a = self.alpha
+        self.q_ms = a * max(0.0, q_ms) + (1 - a) * self.q_ms
+        if s is not None:
+            self.s = a * s + (1 - a) * self.s
+        self.heard = time.monotonic()
