@@ -47,7 +47,14 @@ from dsc_export.backends import get_backend
 from dsc_export.errors import UserError, lazy_import
 from dsc_export.graph.model import load_model
 from dsc_export.planning import read_plan
-from dsc_export.serving.protocol import INPUT, TRITON_TYPES, fixed_batch, mergeable, served_outputs
+from dsc_export.serving.protocol import (
+    INPUT,
+    TRITON_TYPES,
+    fixed_batch,
+    mergeable,
+    served_outputs,
+    tail_contract,
+)
 from dsc_export.serving.triton_python import write_python_model
 from dsc_export.weight_store import check_blobs, link_or_copy, save_linked, tree_bytes
 
@@ -274,7 +281,7 @@ def write_triton_repository(root: Path, man: Manifest, *, repo: Path, platform: 
             config.input.add(name=INPUT, data_type=pb.DataType.Value(in_type), dims=[fixed] + in_dims[1:])
         else:
             config.input.add(name=INPUT, data_type=pb.DataType.Value(in_type), dims=in_dims[1:])
-        for c in contract:
+        for c in tail_contract(contract, man, s):
             if c.kind != "constant":
                 config.output.add(name=c.wire_name, data_type=pb.DataType.Value(TRITON_TYPES[c.dtype]), dims=c.dims)
         if merge:

@@ -33,6 +33,7 @@ from dsc_export.artifacts import (
 )
 from dsc_export.compare import Comparison, compare, fits, tolerance
 from dsc_export.errors import ModelRunError, UserError, VerificationError
+from dsc_export.graph.batch_axis import batchless_image
 from dsc_export.graph.cuts import (
     WIRE_DTYPES,
     compressive_mask,
@@ -125,6 +126,9 @@ def _check_inputs(model: onnx.ModelProto) -> tuple[str, list, str]:
     name, dims, dtype = sig[0]
     if not dims:
         raise UserError(f"input '{name}' has no shape; dsc-export needs a batched tensor input")
+    batchless = batchless_image(name, dims)  # never read an image's colour planes as a batch
+    if batchless:
+        raise UserError(batchless)
     bad = [d for d in dims[1:] if not (isinstance(d, int) and d > 0)]
     if bad:
         raise UserError(
@@ -755,13 +759,20 @@ def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, s
             f"at batch sizes {list(batches)}")
         # one session at a time: the head's outputs are small, its weights need not wait for the tail's
         head = make_session(root / s.head, optimization=ONE_OFF, arena=False)
-        sent = [_run_part(head, f, f"the head of {s.id}", b) for f, b in zip(feeds, batches)]
+        head_names = [o.name for o in head.get_outputs()]  # the wire tensor first
+        ran = [dict(zip(head_names, _run_part(head, f, f"the head of {s.id}", b, all_outputs=True)))
+               for f, b in zip(feeds, batches)]
+        sent = [r[s.wire_tensor] for r in ran]
         del head
         _release_freed_memory()
         tail = make_session(root / s.tail, optimization=ONE_OFF, arena=False)
+        tail_names = [o.name for o in tail.get_outputs()]
         result = Comparison()
-        for h, want, b in zip(sent, refs, batches):
-            got = _run_part(tail, {s.wire_tensor: h}, f"the tail of {s.id}", b, all_outputs=True)
+        for h, kept, want, b in zip(sent, ran, refs, batches):
+            got = dict(zip(tail_names, _run_part(tail, {s.wire_tensor: h}, f"the tail of {s.id}", b,
+                                                 all_outputs=True)))
+            # the outputs by name: the tail's, and the one the head returns (a cut at a graph output)
+            got = [got[n] if n in got else kept[n] for n in ref.output_names]
             result = result.merge(compare(want, got, ref.output_names, what=f"the tail of {s.id}"))
         tol = tolerance(wire_dtype, sent[0].dtype, *out_dtypes)
         tols.append(tol)
