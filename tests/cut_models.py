@@ -80,14 +80,19 @@ def embedding_model() -> onnx.ModelProto:
     return m
 
 
-def batchless_model(c: int = 3, hw=(32, 32), layout: str = "CHW") -> onnx.ModelProto:
+def batchless_model(c: int = 3, hw=(32, 32), layout: str = "CHW", batched: bool = False) -> onnx.ModelProto:
     """images ``[c, H, W]`` (``layout`` HWC: ``[H, W, c]``), unsqueezed to a batch of one inside
     the graph -> conv -> ``boxes`` [-1, 4] (data-dependent: the positions above a threshold) and
-    ``scores`` [-1]."""
+    ``scores`` [-1]. ``batched``: re-exported with a batch axis, images ``[1, c, H, W]`` squeezed
+    first (a fixed batch of 1)."""
     rng = np.random.default_rng(0)
     dims = [c, *hw] if layout == "CHW" else [*hw, c]
     nodes = []
     x = "images"
+    if batched:
+        dims = [1, *dims]
+        nodes.append(helper.make_node("Squeeze", [x, "axis0"], ["one"]))
+        x = "one"
     if layout == "HWC":
         nodes.append(helper.make_node("Transpose", [x], ["chw"], perm=[2, 0, 1]))
         x = "chw"
