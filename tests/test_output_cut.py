@@ -89,3 +89,45 @@ def test_client_assembles_the_kept_output_by_name(emb):
     want = _whole(emb / "emb.onnx", x)
     got = client._from_server({"logits": want["logits"]}, {"emb": want["emb"]})
     assert list(got) == ["emb", "logits"] and got["emb"] is want["emb"]
+
+
+def test_served_split_at_an_output_returns_every_output_exactly(emb, tmp_path):
+    """serve + the client, and the server bundle's Triton config: the server sends the rest only."""
+    pytest.importorskip("pytriton", reason="the 'serve' extra (nvidia-pytriton) is not installed")
+    from google.protobuf import text_format
+    from test_serving import free_ports
+    from tritonclient.grpc import model_config_pb2
+
+    from dsc_export.bundle import make_bundle, open_bundle
+    from dsc_export.engines import build_engines
+    from dsc_export.planning import make_plan
+    from dsc_export.profiling import profile_split_dir
+    from dsc_export.serving.client import DynamicSplitClient
+    from dsc_export.serving.server import TailServer
+
+    root = tmp_path / "s"
+    man = split_model(emb / "emb.onnx", root, at=["emb"])
+    sid = next(s.id for s in man.splits if s.tensor == "emb")
+    build_engines(root, "onnxruntime", batch_sizes=[1, 2], parts="all", keep_all=True)
+    dev = profile_split_dir(root, "device", batch_sizes=[1, 2], repeats=2, warmup=1, threads=1)
+    srv = profile_split_dir(root, "server", batch_sizes=[1, 2], repeats=2, warmup=1)
+    (root / "plan.json").write_text(make_plan(read_manifest(root), dev, srv, batch_sizes=[1, 2],
+                                              rates=[1, 10, 100]).to_json())
+    make_bundle(root, "server", tmp_path / "srv.tar")
+    open_bundle(tmp_path / "srv.tar", tmp_path / "srv", expect_side="server")
+    cfg = text_format.Parse((tmp_path / "srv" / "triton" / sid / "config.pbtxt").read_text(),
+                            model_config_pb2.ModelConfig())
+    assert [o.name for o in cfg.output] == ["logits"]
+    x = np.random.default_rng(8).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    want = _whole(emb / "emb.onnx", x)
+    http, grpc, metrics = free_ports(3)
+    with TailServer(root, http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1,
+                    log_file=tmp_path / "triton.log") as server:
+        for split in (sid, "offload"):
+            logs = []
+            with DynamicSplitClient(root, server.urls()["http"], static=split, log=logs.append,
+                                    ready_timeout_s=30) as client:
+                got = client.infer(x)
+            assert logs[0].split == split and logs[0].fallback is None
+            assert list(got) == ["emb", "logits"]
+            assert all(np.array_equal(got[n], want[n]) for n in want), split
