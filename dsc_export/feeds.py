@@ -83,11 +83,11 @@ class PartFeeds:
             UserError: the head fails on the sample inputs (one line naming the node), or the
                 sample inputs cannot be drawn (a symbolic non-batch dimension).
         """
-        x = self.samples.feeds(batch, index)
         if self.model_input:
-            return x
+            return self.samples.feeds(batch, index)
         key = (batch, index)
         if key not in self._made:
+            x = self.samples.feeds(batch, index)
             if self._head is None:
                 self._head = make_session(self.root / self.split.head, optimization="extended", arena=False)
             try:
@@ -100,7 +100,10 @@ class PartFeeds:
 
     def prepare(self, batches, count: int = 1) -> PartFeeds:
         """Compute batches ``0 .. count - 1`` at each of ``batches`` now, then :meth:`release` the
-        head (so no head session is alive while the caller loads its own). Returns ``self``."""
+        head (so no head session is alive while the caller loads its own); nothing to do for a
+        part that reads the model's input. Returns ``self``."""
+        if self.model_input:
+            return self
         for b in batches:
             for k in range(count):
                 self.feeds(b, k)
