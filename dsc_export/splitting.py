@@ -74,6 +74,12 @@ from dsc_export.weight_store import externalize, referenced, save_shared, write_
 VERIFY_BATCHES = (1, 3)  # the largest is also run sample by sample (batch independence)
 # verification sessions are used once: skip the layout transform that copies the weights again
 ONE_OFF = "extended"
+# QDQ models: at "extended" onnxruntime fuses each DequantizeLinear -> op -> QuantizeLinear group
+# into an integer kernel (and turns int8 Q/DQ pairs into uint8 ones), which rounds otherwise than
+# the graph as written; a cut between a Q and its DQ leaves that group unfused. "basic" runs the
+# graph as written, so the whole model and tail(head(x)) are compared on the same arithmetic.
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+QDQ_CHECK = "basic"
 
 Log = Callable[[str], None]
 
@@ -474,11 +480,12 @@ def split_model(
     structure = load_model(src, load_data=False)  # one-line errors before onnxruntime sees the file
     _check_inputs(structure)
     samples = _samples(inputs, structure, seed)
+    optimization = verification_level(structure)
     del structure
     _release_freed_memory()
     if verify:  # before the weights are in this process: that session's load is the peak
         log("running the whole model for reference outputs")
-        reference = _reference(src, seed, samples)
+        reference = _reference(src, seed, samples, optimization)
         _release_freed_memory()  # the whole model's session is gone: hand its pages back
     model = load_model(src)
     if reference:
@@ -635,9 +642,18 @@ class _Reference:
     batch_independent: bool | None = None
     notes: list[str] = field(default_factory=list)
     inputs: str = "random"
+    optimization: str = ONE_OFF  # onnxruntime's level for the whole model and the parts
 
 
-def _reference(model_file: Path, seed: int, samples) -> _Reference:
+def verification_level(model: onnx.ModelProto) -> str:
+    """onnxruntime's optimisation level for verifying splits of ``model`` (its structure is
+    enough): :data:`QDQ_CHECK` for a model with QuantizeLinear / DequantizeLinear nodes (QDQ
+    quantization, whose fused integer kernels round otherwise than the graph as written and
+    cannot fuse across a cut), else :data:`ONE_OFF`."""
+    return QDQ_CHECK if any(n.op_type in QDQ_OPS for n in model.graph.node) else ONE_OFF
+
+
+def _reference(model_file: Path, seed: int, samples, optimization: str = ONE_OFF) -> _Reference:
     """Run the whole model at the verification batch sizes (1 and 3; a fixed batch as it is).
 
     Finds the batch sizes the model runs at: when it fails above batch 1 and runs at 1, it is a
@@ -648,7 +664,7 @@ def _reference(model_file: Path, seed: int, samples) -> _Reference:
         UserError: the model does not run at all (names the node and what to try).
     """
 
-    whole = make_session(model_file, optimization=ONE_OFF, arena=False)
+    whole = make_session(model_file, optimization=optimization, arena=False)
     names = [o.name for o in whole.get_outputs()]
     dim0 = whole.get_inputs()[0].shape[0]
     declared = dim0 if isinstance(dim0, int) and dim0 > 0 else None
@@ -659,7 +675,13 @@ def _reference(model_file: Path, seed: int, samples) -> _Reference:
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise ModelRunError("the whole model", b, exc) from exc
 
-    ref = _Reference((), [], [], names, inputs=samples.description)
+    ref = _Reference((), [], [], names, inputs=samples.description, optimization=optimization)
+    if optimization != ONE_OFF:
+        ref.notes.append("the model is quantized (QuantizeLinear / DequantizeLinear nodes): its splits are "
+                         "verified with onnxruntime's "
+                         f"'{optimization}' optimisation level, where QuantizeLinear / DequantizeLinear run as "
+                         "written (at higher levels onnxruntime fuses them into integer kernels that round "
+                         "otherwise, the whole model as much as its parts, and no fusion spans a cut)")
     big = declared or max(VERIFY_BATCHES)
     f = samples.feeds(big)
     try:
@@ -758,14 +780,14 @@ def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, s
         log(f"[{k}/{len(cut_splits)}] verifying {s.id}: tail(head(x)) against the whole model "
             f"at batch sizes {list(batches)}")
         # one session at a time: the head's outputs are small, its weights need not wait for the tail's
-        head = make_session(root / s.head, optimization=ONE_OFF, arena=False)
+        head = make_session(root / s.head, optimization=ref.optimization, arena=False)
         head_names = [o.name for o in head.get_outputs()]  # the wire tensor first
         ran = [dict(zip(head_names, _run_part(head, f, f"the head of {s.id}", b, all_outputs=True)))
                for f, b in zip(feeds, batches)]
         sent = [r[s.wire_tensor] for r in ran]
         del head
         _release_freed_memory()
-        tail = make_session(root / s.tail, optimization=ONE_OFF, arena=False)
+        tail = make_session(root / s.tail, optimization=ref.optimization, arena=False)
         tail_names = [o.name for o in tail.get_outputs()]
         result = Comparison()
         for h, kept, want, b in zip(sent, ran, refs, batches):
@@ -785,4 +807,5 @@ def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, s
                 "nothing was written"
             )
     return {"batch_sizes": list(batches), "tolerance_rel": max(tols, default=tolerance(wire_dtype, *out_dtypes)),
-            "seed": seed, "inputs": ref.inputs, "batch_independent": ref.batch_independent}
+            "seed": seed, "inputs": ref.inputs, "batch_independent": ref.batch_independent,
+            "optimization": ref.optimization}

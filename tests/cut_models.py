@@ -54,20 +54,26 @@ class _Calibration:
         return next(self.batches, None)
 
 
-def quantized(folder: Path, fmt: str, model: onnx.ModelProto | None = None) -> Path:
-    """``model`` (default: a small CNN, image [N, 3, 16, 16] -> logits [N, 10]) quantized
-    statically (uint8 activations, int8 weights) in ``fmt`` ``QDQ`` or ``QOperator``; returns the
-    file."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+def quantized(folder: Path, fmt: str, model: onnx.ModelProto | None = None, *, per_channel: bool = False,
+              activations: str = "QUInt8") -> Path:
+    """``model`` (default: a small CNN, image [N, 3, 16, 16] -> logits [N, 10]) quantized by
+    onnxruntime: statically (``activations`` QUInt8 or QInt8, int8 weights, per tensor or
+    ``per_channel``) in ``fmt`` ``QDQ`` or ``QOperator``, or ``fmt`` ``dynamic``
+    (``quantize_dynamic``); returns the file."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     model = model or conv_net(channels=(8, 16), hw=16)
-    src, dst = folder / f"float-{fmt}.onnx", folder / f"int8-{fmt}.onnx"
+    tag = f"{fmt}-{'pc' if per_channel else 'pt'}-{activations}"
+    src, dst = folder / f"float-{tag}.onnx", folder / f"int8-{tag}.onnx"
     onnx.save(model, src)
+    if fmt == "dynamic":
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        return dst
     inp = model.graph.input[0]
     shape = [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]]
     quantize_static(str(src), str(dst), _Calibration(inp.name, shape),
-                    quant_format=getattr(QuantFormat, fmt), activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+                    quant_format=getattr(QuantFormat, fmt), per_channel=per_channel,
+                    activation_type=getattr(QuantType, activations), weight_type=QuantType.QInt8)
     return dst
 
 
