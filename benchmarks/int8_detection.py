@@ -15,9 +15,11 @@ with a batch axis (a wrapper taking ``[1, 3, H, W]``), which runs at batch 1 wit
 data-dependent ``boxes [-1, 4]`` outputs returned whole.
 
 Writes the table between the markers in ``docs/models.md`` (``benchmarks/model_zoo.py`` keeps
-that block) and ``benchmarks/out/int8_detection.json``.
+that block), ``benchmarks/out/int8_detection.json`` and
+``benchmarks/results/int8_detection-cpu-<n>core-<date>.json``.
 
 Usage: python benchmarks/int8_detection.py [--out DIR] [--no-docs] [--model mobilenet_v3_large]
+       [--render-only]
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ def detection_rows(work: Path) -> list[dict]:
         outs = ", ".join(f"{o.name} {o.shape}" for o in man.model.outputs)
         row.update(cut_points=len(man.cut_points), natural=sum(c.natural for c in man.cut_points),
                    compressive=sum(c.compressive for c in man.cut_points), split_s=round(split_s, 1),
-                   status="ok", note=f"fixed batch {man.model.fixed_batch}; input {man.model.input_bytes:,} bytes "
+                   status="ok", note=f"split and verified by split; fixed batch {man.model.fixed_batch}; input {man.model.input_bytes:,} bytes "
                                      f"per sample; outputs {outs} returned whole")
         rows.append(row)
     return rows
@@ -232,7 +234,7 @@ def render(rows: list[dict], info: dict) -> str:
              "onnxruntime, batch 1 and 2, other inputs than the split's own); *build* and *bench server* run the "
              "verbs at batch 1 (every tail fed its head's real outputs, so uint8 / int8 cuts are timed on their "
              "own dtype and values).", "",
-             "| kind | model | form | cut points | natural | compressive | int8 cuts | split s | exact | build | "
+             "| kind | model | form | cut points | natural | compressive | 8-bit cuts | split s | exact | build | "
              "bench server | notes |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -273,7 +275,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "out" / "int8_detection")
     ap.add_argument("--model", default="mobilenet_v3_large")
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the docs from the last run's JSON")
     args = ap.parse_args()
+    if args.render_only:
+        last = json.loads((args.out.parent / "int8_detection.json").read_text())
+        write_docs(render(last["rows"], last["info"]))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     import onnxruntime
     import torch
@@ -288,6 +295,8 @@ def main() -> None:
         print(json.dumps(r))
     if not args.no_docs:
         write_docs(render(rows, info))
+        res = HERE / "results" / f"int8_detection-cpu-{info['cores']}core-{info['date']}.json"
+        res.write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

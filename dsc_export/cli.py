@@ -775,12 +775,14 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
             dtype = np.dtype(client.manifest.model.input.dtype)
             names, images = _images(image_dir, root / client.manifest.model.path, shape, dtype) \
                 if input_kind == "images" else ([], None)
-            rng = np.random.default_rng(0)
-            from dsc_export.ort import random_array
+            from dsc_export.feeds import part_feeds
 
+            # random: the model's sample inputs (within the ranges the graph implies), fresh per batch
+            samples = part_feeds(root, client.manifest, "local", "head")
             labels = {}  # image index -> (split it ran on, top-5), the first time it ran
             for k in range(batches):
-                x = images[k % len(images)] if images is not None else random_array(shape, dtype, rng)
+                x = images[k % len(images)] if images is not None else \
+                    samples.feeds(batch_size, k)[client.manifest.model.input.name]
                 out = client.infer(x)
                 if images is not None:
                     from dsc_export.images import top_k
