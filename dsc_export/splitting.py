@@ -411,7 +411,8 @@ def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None) -
                                 f"{cp.max_abs:.3g} > 65504); split there with --wire-dtype float32")
             chosen.append(cp)
             continue
-        if t in outputs:
+        df = df or dataflow(folded.graph)
+        if t in outputs and not df.consumers().get(t):  # one that feeds more and dominates is a cut point
             raise UserError(f"--at '{t}' is a graph output: cutting there is the 'local' candidate (everything "
                             "on the device), which every split dir has already")
         if t == analysis.input.name:

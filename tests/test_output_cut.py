@@ -131,3 +131,23 @@ def test_served_split_at_an_output_returns_every_output_exactly(emb, tmp_path):
             assert logs[0].split == split and logs[0].fallback is None
             assert list(got) == ["emb", "logits"]
             assert all(np.array_equal(got[n], want[n]) for n in want), split
+
+
+def test_an_output_that_feeds_more_but_is_bypassed_is_not_a_cut_point(tmp_path):
+    """logits also read an earlier tensor than emb: emb is an output that feeds more, yet not a cut
+    point; --at says why (not that it is the 'local' candidate)."""
+    from onnx import TensorProto, helper
+
+    m = cut_models.embedding_model()
+    # y = logits + mean(r2): r2 bypasses emb on the way to y
+    m.graph.node.extend([helper.make_node("ReduceMean", ["r2"], ["r2m"], axes=[1, 2, 3], keepdims=0),
+                         helper.make_node("Unsqueeze", ["r2m", "one"], ["r2u"]),
+                         helper.make_node("Add", ["logits", "r2u"], ["y"])])
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "one"))
+    m.graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10]))
+    m.opset_import[0].version = 17
+    onnx.save(m, tmp_path / "m.onnx")
+    a = analyze_file(tmp_path / "m.onnx")
+    assert "emb" not in [c.tensor for c in a.cut_points]
+    with pytest.raises(UserError, match=r"--at 'emb' is not a cut point \(.*r2"):
+        split_model(tmp_path / "m.onnx", tmp_path / "s", at=["emb"])
