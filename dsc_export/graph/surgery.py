@@ -1,4 +1,5 @@
-"""Head/tail extraction at a cut point, wire casts, and numerical verification.
+"""Head/tail extraction at a cut point, wire casts, and structure checks (numerical
+verification of the parts is :mod:`dsc_export.splitting`'s).
 
 The head is every node the cut tensor depends on (inputs -> cut tensor); the tail is every
 node the outputs depend on, walking back until the cut tensor (cut tensor -> outputs).
@@ -25,7 +26,7 @@ from onnx import TensorProto, helper
 from dsc_export.errors import UserError, first_line
 from dsc_export.graph.cuts import FLOAT_DTYPES
 from dsc_export.graph.model import empty_like, is_batch_read, outer_scope_inputs
-from dsc_export.graph.shapes import TWO_GB, batch_dim
+from dsc_export.graph.signature import TWO_GB, batch_dim
 
 
 @dataclass(frozen=True)
