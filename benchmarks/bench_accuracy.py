@@ -51,9 +51,9 @@ def metrics(ref: np.ndarray, got: np.ndarray) -> dict:
 
 
 def measure(name: str, pretrained: bool, photos, views) -> dict:
-    from dsc_export.backends.onnxruntime import make_session
     from dsc_export.export import export_model
     from dsc_export.images import Preprocess, top_k
+    from dsc_export.ort import make_session
     from dsc_export.splitting import split_model
     from dsc_export.zoo import lookup
 

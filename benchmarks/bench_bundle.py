@@ -29,7 +29,7 @@ from common import split_dir, write
 
 
 def _load_ms(path: Path, loads: int) -> float:
-    from dsc_export.backends.onnxruntime import make_session
+    from dsc_export.ort import make_session
 
     times = []
     for _ in range(loads):

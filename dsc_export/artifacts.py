@@ -246,6 +246,15 @@ class Manifest:
                 return e
         return None
 
+    def dropped_engine(self, split_id: str, part: str, backend: str, batch: int,
+                       precision: str = "fp32") -> Engine | None:
+        """The record of the engine build made and dropped for this split, part, backend, batch
+        size and precision (not faster than its ONNX by the margin; its ONNX runs there), or
+        None."""
+        want = (split_id, part, backend, batch, precision)
+        return next((e for e in self.dropped if (e.split, e.part, e.backend, e.batch, e.precision) == want),
+                    None)
+
 
 def hash_files(root: str | os.PathLike, skip: tuple[str, ...] = (MANIFEST_NAME,)) -> dict[str, str]:
     """sha256 of every file under ``root`` (relative POSIX paths), except ``skip`` and hidden files."""

@@ -9,10 +9,10 @@ A bundle is a tar file holding a split dir's subset and ``bundle.json`` (schema
   Triton model repository under ``triton/`` that a stock Triton Inference Server serves
   unchanged: one model per split (``onnxruntime_onnx``; ``tensorrt_plan`` with the commands
   that build the plans on the server's GPU; or the Python backend, ``model.py`` running the tail
-  with onnxruntime, :mod:`dsc_export.serving.triton_python`), with instance groups, and dynamic
-  batching only for a model that may merge requests. The repository's ONNX copies name their input ``input`` and
-  serve their outputs as ``dsc-export serve`` does (the output contract of
-  :mod:`dsc_export.serving.protocol`), so the device client talks to either server the same way.
+  with onnxruntime), with instance groups, and dynamic batching only for a model that may merge
+  requests (:mod:`dsc_export.triton_repository`). The repository's ONNX copies name their input
+  ``input`` and serve their outputs as ``dsc-export serve`` does (the output contract of
+  :mod:`dsc_export.contract`), so the device client talks to either server the same way.
 
 Weights are stored once per bundle (:mod:`dsc_export.weight_store`): the split dir's one store
 (``weights/``), shared by the model, the parts and the onnxruntime engines beside them, so a
@@ -44,19 +44,11 @@ from typing import Any
 from dsc_export import __version__
 from dsc_export.artifacts import MANIFEST_NAME, Manifest, read_manifest, sha256_file, verify_files
 from dsc_export.backends import get_backend
-from dsc_export.errors import UserError, lazy_import
-from dsc_export.graph.model import load_model
+from dsc_export.contract import served_outputs
+from dsc_export.errors import UserError
 from dsc_export.planning import read_plan
-from dsc_export.serving.protocol import (
-    INPUT,
-    TRITON_TYPES,
-    fixed_batch,
-    mergeable,
-    served_outputs,
-    tail_contract,
-)
-from dsc_export.serving.triton_python import write_python_model
-from dsc_export.weight_store import check_blobs, link_or_copy, save_linked, tree_bytes
+from dsc_export.triton_repository import write_triton_repository
+from dsc_export.weight_store import check_blobs, link_or_copy, tree_bytes
 
 BUNDLE_SCHEMA = "dsc-export.bundle/2"  # 2: weights stored once (shared stores, hard links in triton/)
 OLD_BUNDLE_SCHEMAS = ("dsc-export.bundle/1",)
@@ -64,7 +56,7 @@ BUNDLE_INDEX = "bundle.json"
 SIDES = ("device", "server")
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")  # Triton platforms (model_config.proto ``platform``)
 # bundle --triton-backend -> the repository's kind: a Triton platform, or ``python`` (the Python
-# backend, ``backend: "python"``: :mod:`dsc_export.serving.triton_python`)
+# backend, ``backend: "python"``: :mod:`dsc_export.triton_repository`)
 TRITON_BACKENDS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "python": "python"}
 
 
@@ -224,168 +216,6 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
-
-
-def write_triton_repository(root: Path, man: Manifest, *, repo: Path, platform: str = "onnxruntime_onnx",
-                            max_batch_size: int = 64, instances: int = 1) -> list[str]:
-    """One Triton model per split with a tail: ``repo/<split>/config.pbtxt`` and the model.
-
-    ``repo`` must be inside ``root`` (a bundle's staging folder): the model's weights files are
-    hard links to ``root``'s store (Triton model configuration: the model file sits in the version
-    folder, and onnxruntime reads external data only below the model file's folder), so the
-    repository adds graphs, not weights. What each platform writes is in :data:`TRITON_MODEL_FILES`.
-
-    Each repository model is the tail with its input named ``input`` and its outputs as the
-    output contract (:func:`dsc_export.serving.protocol.output_contract`) serves them: outputs
-    named as the client asks for them, an output whose batch is on another axis transposed to
-    batch first, constant outputs left out (the client has them). ``config.pbtxt`` is written
-    through Triton's own ``ModelConfig`` protobuf, so every string is escaped by protobuf. A model
-    that may merge requests gets ``dynamic_batching``; one that must not gets none (each request
-    runs as it came); one that runs at one batch size only gets ``max_batch_size: 0`` and full
-    shapes, so Triton refuses any other batch. ``build-plans.sh`` (``tensorrt_plan``) quotes
-    every argument.
-
-    Returns:
-        The model names written.
-
-    Raises:
-        UserError: an output no server can answer; tritonclient (the ``serve`` extra) missing.
-    """
-    import onnx
-
-
-    pb = lazy_import("tritonclient.grpc.model_config_pb2", "serve")
-    text_format = lazy_import("google.protobuf.text_format", "serve")
-    contract = served_outputs(root, man)
-    fixed, merge = fixed_batch(man), mergeable(man)
-    write_files = TRITON_MODEL_FILES[platform]
-    names = []
-    extra: list[str] = []  # lines of a script the platform needs beside the models
-    for s in man.splits:
-        if not s.tail:
-            continue
-        model = load_model(root / s.tail, load_data=False)  # the graph only: the weights are linked
-        _serve_form(model, INPUT, contract)
-        inp = model.graph.input[0].type.tensor_type
-        in_dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in inp.shape.dim]
-        in_type = TRITON_TYPES[onnx.helper.tensor_dtype_to_np_dtype(inp.elem_type).name]
-        d = repo / s.id
-        (d / "1").mkdir(parents=True, exist_ok=True)
-        extra += write_files(root, man, s, model, d, in_dims, fixed=fixed, max_batch_size=max_batch_size)
-        config = pb.ModelConfig(name=s.id, max_batch_size=0 if fixed else max_batch_size)
-        if platform == "python":  # a backend, not a platform (model_config.proto)
-            config.backend = platform
-        else:
-            config.platform = platform
-        if fixed:
-            config.input.add(name=INPUT, data_type=pb.DataType.Value(in_type), dims=[fixed] + in_dims[1:])
-        else:
-            config.input.add(name=INPUT, data_type=pb.DataType.Value(in_type), dims=in_dims[1:])
-        for c in tail_contract(contract, man, s):
-            if c.kind != "constant":
-                config.output.add(name=c.wire_name, data_type=pb.DataType.Value(TRITON_TYPES[c.dtype]), dims=c.dims)
-        if merge:
-            config.dynamic_batching.max_queue_delay_microseconds = 2000
-        kind = pb.ModelInstanceGroup.KIND_GPU if platform == "tensorrt_plan" else pb.ModelInstanceGroup.KIND_CPU
-        config.instance_group.add(count=instances, kind=kind)
-        config.parameters["dsc_model_sha256"].string_value = man.model.sha256
-        if platform == "python":  # model.py and the engines; their names go into the parameters
-
-            write_python_model(root, man, s.id, d, config, lambda m: _serve_form(m, INPUT, contract))
-        (d / "config.pbtxt").write_text(text_format.MessageToString(config))
-        names.append(s.id)
-    if extra:
-        (repo / "build-plans.sh").write_text("\n".join(
-            ["#!/bin/sh", "# Build the TensorRT plans of this Triton repository on the server's GPU.", "set -e",
-             'cd "$(dirname "$0")"'] + extra) + "\n")
-    return names
-
-
-def _onnxruntime_files(root: Path, man: Manifest, split, model, d: Path, in_dims, *, fixed, max_batch_size) -> list[str]:
-    """``onnxruntime_onnx``: the model in the version folder, served as it is."""
-    save_linked(model, root, d / "1")
-    return []
-
-
-def _tensorrt_files(root: Path, man: Manifest, split, model, d: Path, in_dims, *, fixed, max_batch_size) -> list[str]:
-    """``tensorrt_plan``: the ONNX beside the version folder and the trtexec lines (every
-    argument quoted) that build ``1/model.plan`` on the server's GPU."""
-    import shlex
-
-    from dsc_export.backends.tensorrt import shape_spec
-
-    save_linked(model, root, d)
-    sid = split.id
-    argv = ["trtexec", f"--onnx={sid}/model.onnx", f"--saveEngine={sid}/1/model.plan", "--stronglyTyped"]
-    per_sample = in_dims[1:]
-    if fixed and in_dims[0] > 0:
-        pass  # fully static input: trtexec takes no shapes
-    elif fixed:
-        argv.append(f"--shapes={shape_spec(INPUT, [fixed] + per_sample)}")
-    else:
-        argv += [f"--minShapes={shape_spec(INPUT, [1] + per_sample)}",
-                 f"--optShapes={shape_spec(INPUT, [max(1, max_batch_size // 2)] + per_sample)}",
-                 f"--maxShapes={shape_spec(INPUT, [max_batch_size] + per_sample)}"]
-    return [shlex.join(["mkdir", "-p", f"{sid}/1"]), shlex.join(argv)]  # a tar keeps no empty folder
-
-
-# Triton platform -> what a model of the repository holds beside its config.pbtxt (a later
-# backend, e.g. Triton's python backend, adds its writer here).
-# python: model.onnx as onnxruntime_onnx has it; model.py and the engines come from serving/triton_python.py
-TRITON_MODEL_FILES = {"onnxruntime_onnx": _onnxruntime_files, "tensorrt_plan": _tensorrt_files,
-                      "python": _onnxruntime_files}
-
-
-def _serve_form(model, input_name: str, contract) -> None:
-    """Give a tail the form the output contract serves, in place: its input named ``input``, its
-    outputs named as served, batch moved to axis 0 where it is elsewhere, constants dropped."""
-    from onnx import helper
-
-    by_name = {c.name: c for c in contract}
-    renames = {model.graph.input[0].name: input_name}
-    outputs, moves = [], []
-    for o in model.graph.output:
-        c = by_name.get(o.name)
-        if c is None or c.kind == "constant":
-            continue
-        tt = o.type.tensor_type
-        if c.kind == "batched" and c.batch_axis:
-            inner = f"{o.name}__batch_on_axis_{c.batch_axis}"
-            renames[o.name] = inner
-            perm = [c.batch_axis] + [k for k in range(len(tt.shape.dim)) if k != c.batch_axis]
-            dims = [tt.shape.dim[k].dim_param or tt.shape.dim[k].dim_value or None for k in perm]
-            moves.append(helper.make_node("Transpose", [inner], [c.wire_name], perm=perm,
-                                          name=f"{c.wire_name}__to_batch_first"))
-            outputs.append(helper.make_tensor_value_info(c.wire_name, tt.elem_type, dims))
-        else:
-            renames[o.name] = c.wire_name
-            outputs.append(o)
-    _rename_io(model, renames)
-    model.graph.node.extend(moves)
-    del model.graph.output[:]
-    model.graph.output.extend(outputs)
-
-
-def _rename_io(model, renames: dict[str, str]) -> None:
-    """Rename tensors in place: every reader, producer, graph input and output follows. An inner
-    tensor that already has one of the new names (older torch exports name one ``input``) is
-    renamed out of the way first."""
-    taken = {t for n in model.graph.node for t in list(n.input) + list(n.output)} | \
-        {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
-    targets = set(renames.values())
-    for name in sorted(taken & targets - set(renames)):
-        k = 1
-        while f"{name}__{k}" in taken:
-            k += 1
-        renames = {**renames, name: f"{name}__{k}"}
-        for t in model.graph.initializer:
-            if t.name == name:
-                t.name = f"{name}__{k}"
-    for n in model.graph.node:
-        n.input[:] = [renames.get(x, x) for x in n.input]
-        n.output[:] = [renames.get(x, x) for x in n.output]
-    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
-        vi.name = renames.get(vi.name, vi.name)
 
 
 def _safe_members(tar: tarfile.TarFile, source: str) -> list[tarfile.TarInfo]:

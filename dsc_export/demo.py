@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from dsc_export.artifacts import read_manifest, sha256_file, write_json_atomic
-from dsc_export.backends.onnxruntime import make_session
 from dsc_export.bundle import describe_sizes, side_sizes_of_split
-from dsc_export.engines import build_engines
+from dsc_export.engines.build import build_engines
 from dsc_export.errors import UserError, lazy_import
 from dsc_export.export import export_model
 from dsc_export.images import top_k
+from dsc_export.ort import make_session
 from dsc_export.planning import best_static, make_plan
 from dsc_export.plots import bottleneck_chart, choice_heatmap, gain_heatmap
 from dsc_export.profiling import BenchOptions, profile_split_dir

@@ -32,7 +32,7 @@ import numpy as np
 
 from dsc_export.artifacts import ROLES, Profile, Timing, read_manifest, verify_files
 from dsc_export.backends.cuda import gpu_facts, text
-from dsc_export.engines import dropped_engine, load_part
+from dsc_export.engines.runtime import load_part
 from dsc_export.errors import UserError
 from dsc_export.feeds import PartFeeds, model_samples
 from dsc_export.ort import cpu_isa, cpu_name
@@ -266,7 +266,7 @@ def profile_split_dir(
     batch_sizes = o.batch_sizes or built
     missing = [(sid, part, b) for b in batch_sizes for sid, part in pairs
                if manifest.engine(sid, part, backend_name, b, precision) is None
-               and dropped_engine(manifest, sid, part, backend_name, b, precision) is None]
+               and manifest.dropped_engine(sid, part, backend_name, b, precision) is None]
     if missing:
         sizes = ",".join(str(b) for b in sorted({m[2] for m in missing}))
         parts = "heads" if role == "device" else "tails"

@@ -17,17 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 from served_models import conv_net, outputs_model, run_script, set_batch_fields, stub_trtexec
 
 from dsc_export.artifacts import Manifest, ModelRef, TensorSig, read_manifest
+from dsc_export.backends.tensorrt_tools import emit_trtexec
 from dsc_export.compare import ENGINE_REL_TOLERANCE, tolerance
-from dsc_export.engines import (
-    PartRunner,
-    build_engines,
-    emit_trtexec,
-    engine_batch_sizes,
-    load_engine,
-)
-from dsc_export.errors import UserError
-from dsc_export.ort import make_session
-from dsc_export.serving.protocol import (
+from dsc_export.contract import (
     constant_outputs,
     fixed_batch,
     mergeable,
@@ -35,6 +27,14 @@ from dsc_export.serving.protocol import (
     output_names,
     served_outputs,
 )
+from dsc_export.engines import (
+    PartRunner,
+    build_engines,
+    engine_batch_sizes,
+    load_engine,
+)
+from dsc_export.errors import UserError
+from dsc_export.ort import make_session
 from dsc_export.splitting import split_model
 
 ROOT = Path(__file__).parents[1]

@@ -110,7 +110,7 @@ def test_int8_build_and_bench_server_run_every_tail(int8_dir):
 
 def test_build_checks_a_tail_on_its_heads_outputs(mask_dir, monkeypatch):
     """The engine check of a tail runs the tail on the head's outputs, not on random data."""
-    import dsc_export.engines as engines
+    import dsc_export.engines.build as engines
 
     seen = []
     real = engines._check_engine

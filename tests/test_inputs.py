@@ -370,7 +370,7 @@ def test_engine_checks_run_on_the_samples_and_on_ranged_random_inputs(token_spli
         return out
 
     monkeypatch.setattr(SampleInputs, "feeds", spy)
-    import dsc_export.engines as engines
+    import dsc_export.engines.build as engines
 
     tail_fed, check = [], engines._check_engine
 

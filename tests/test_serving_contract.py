@@ -4,6 +4,7 @@ a fixed-batch model, a batch-dependent one), and the files a stock Triton reads.
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -280,12 +281,38 @@ def test_tensorrt_repository_script_quotes_and_follows_the_batch(dirs, tmp_path)
         calls = {json.loads(ln)[0]: json.loads(ln) for ln in log.read_text().splitlines()}
         argv = calls["--onnx=cut004/model.onnx"]
         if name == "kinds":
-            assert argv == ["--onnx=cut004/model.onnx", "--saveEngine=cut004/1/model.plan", "--stronglyTyped",
+            assert argv == ["--onnx=cut004/model.onnx", "--saveEngine=cut004/1/model.plan",
                             "--minShapes='input':1x16x1x1", "--optShapes='input':4x16x1x1",
-                            "--maxShapes='input':8x16x1x1"]
+                            "--maxShapes='input':8x16x1x1", "--stronglyTyped", "--noTF32"]
         else:  # input [2, 16, 1, 1]: fully static, trtexec takes no shapes
-            assert argv == ["--onnx=cut004/model.onnx", "--saveEngine=cut004/1/model.plan", "--stronglyTyped"]
+            assert argv == ["--onnx=cut004/model.onnx", "--saveEngine=cut004/1/model.plan", "--stronglyTyped",
+                            "--noTF32"]
         assert (tmp_path / name / "triton" / "cut004" / "1" / "model.plan").is_file()
+
+
+def test_bundle_trtexec_lines_clear_tf32_as_build_does(dirs, tmp_path):
+    """The server bundle's build-plans.sh and build --emit-trtexec clear TF32 alike for a float32
+    model (one writer of trtexec lines): TensorRT would otherwise compute float32 convolutions and
+    matrix products in TF32 on Ampere and newer."""
+    from dsc_export.backends.tensorrt_tools import emit_trtexec
+
+    root = dirs["kinds"]
+    assert read_manifest(root).model.input.dtype == "float32"
+    make_bundle(root, "server", tmp_path / "s.tar", triton_platform="tensorrt_plan")
+    with tarfile.open(tmp_path / "s.tar") as t:
+        script = t.extractfile("triton/build-plans.sh").read().decode()
+    bundle_lines = [shlex.split(ln) for ln in script.splitlines() if ln.startswith("trtexec")]
+    emit_trtexec(root, tmp_path / "build.sh", batch_sizes=[1, 2], parts="tails", precision="fp32")
+    build_lines = [shlex.split(ln) for ln in (tmp_path / "build.sh").read_text().splitlines()
+                   if ln.startswith("trtexec")]
+    emit_trtexec(root, tmp_path / "fp16.sh", batch_sizes=[1], parts="tails", precision="fp16")
+    fp16_lines = [shlex.split(ln) for ln in (tmp_path / "fp16.sh").read_text().splitlines()
+                  if ln.startswith("trtexec")]
+    assert len(bundle_lines) == len([s for s in read_manifest(root).splits if s.tail]) > 0
+    assert build_lines and fp16_lines
+    for flag in ("--noTF32", "--stronglyTyped"):
+        assert all(flag in argv for argv in bundle_lines) and all(flag in argv for argv in build_lines)
+    assert all("--noTF32" not in argv for argv in fp16_lines)  # fp16: the ONNX's types decide, as build
 
 
 def test_device_bundle_needs_a_plan(dirs, tmp_path):

@@ -13,7 +13,7 @@ from dsc_export.artifacts import SPLIT_SCHEMA, read_manifest
 from dsc_export.errors import UserError, VerificationError
 from dsc_export.graph.model import load_model
 from dsc_export.ort import make_session
-from dsc_export.splitting import analyze_file, safe_name, split_model
+from dsc_export.splitting import analyze_file, split_model
 
 
 def save(model, path):
@@ -144,7 +144,6 @@ def test_odd_names_get_safe_files(tmp_path):
     for s in man.splits[1:-1]:
         assert "/" not in os.path.basename(s.head) and ":" not in s.head
         assert (tmp_path / "s" / s.head).is_file()
-    assert safe_name("/blocks/blocks.3:0") == "blocks_blocks.3_0"
 
 
 def test_old_opset_model(tmp_path):

@@ -26,8 +26,8 @@ from tritonclient.grpc import model_config_pb2  # noqa: E402
 from tritonclient.utils import np_to_triton_dtype  # noqa: E402
 
 from dsc_export.artifacts import read_manifest  # noqa: E402
-from dsc_export.backends.onnxruntime import make_session  # noqa: E402
 from dsc_export.bundle import make_bundle, open_bundle  # noqa: E402
+from dsc_export.ort import make_session  # noqa: E402
 from dsc_export.serving.client import DynamicSplitClient  # noqa: E402
 from dsc_export.serving.tritonserver import TritonServer, model_stats  # noqa: E402
 

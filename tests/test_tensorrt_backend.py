@@ -336,7 +336,8 @@ def test_build_records_which_profile_serves_which_batch(trt, tmp_path):
     import json
 
     from dsc_export.artifacts import read_manifest
-    from dsc_export.engines import build_engines, emit_trtexec, load_engine
+    from dsc_export.backends.tensorrt_tools import emit_trtexec
+    from dsc_export.engines import build_engines, load_engine
     from dsc_export.splitting import split_model
 
     model, cuts = chain()

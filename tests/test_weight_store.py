@@ -11,9 +11,9 @@ import pytest
 from onnx import numpy_helper
 
 from dsc_export.artifacts import read_manifest
-from dsc_export.backends.onnxruntime import make_session
 from dsc_export.engines import PartRunner, build_engines, load_engine, pays
 from dsc_export.errors import UserError
+from dsc_export.ort import make_session
 from dsc_export.splitting import split_model
 from dsc_export.weight_store import MIN_BYTES, externalize, save_shared, tree_bytes
 
@@ -184,7 +184,7 @@ def test_pays_needs_more_than_the_margin():
 
 
 def test_dropped_engines_are_recorded_and_the_runner_uses_the_onnx(exported, tmp_path, monkeypatch):
-    import dsc_export.engines as engines_mod
+    import dsc_export.engines.build as engines_mod  # where build_engines calls time_pair
     from dsc_export.profiling import profile_split_dir
 
     rep = exported("efficientnet_b0")

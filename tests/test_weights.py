@@ -121,8 +121,8 @@ def test_real_photos_are_labelled_through_a_split_as_by_the_whole_model(tmp_path
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
-    from dsc_export.backends.onnxruntime import make_session
     from dsc_export.images import Preprocess, sample_photos, top_k
+    from dsc_export.ort import make_session
     from dsc_export.splitting import split_model
 
     rep = exported("efficientnet_lite0", pretrained=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -28,9 +28,32 @@ class TensorSpec:
     dtype: np.dtype
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class BackendOptions:
+    """The build options of one backend: those that change what its engine is (recorded with
+    the engine; a change means a rebuild). Each backend subclasses it with its own fields
+    (:attr:`Backend.options_type`); this one has none."""
+
+    def recorded(self) -> dict[str, Any]:
+        """The options as the manifest records them with an engine (``Engine.options``)."""
+        return asdict(self)
+
+    @classmethod
+    def pick(cls, given: BackendOptions | BuildOptions | None) -> BackendOptions:
+        """These options from ``given``: itself when it is one, the fields of this class that
+        ``given`` has (a :class:`BuildOptions` of every backend's settings), or the defaults."""
+        if isinstance(given, cls):
+            return given
+        if given is None:
+            return cls()
+        return cls(**{f.name: getattr(given, f.name) for f in fields(cls)
+                      if hasattr(given, f.name)})
+
+
+@dataclass(kw_only=True)
 class BuildOptions:
-    """Options that change what an engine is (recorded with it; a change means a rebuild).
+    """Every backend's build settings as ``dsc-export build`` takes them; each backend picks
+    its own (:meth:`for_backend`).
 
     Attributes:
         workspace_mb: TensorRT workspace limit.
@@ -44,12 +67,9 @@ class BuildOptions:
     hardware_compatible: bool = False
     optimization: str = "all"
 
-    def for_backend(self, backend: str) -> dict[str, Any]:
-        """The options that change an engine of ``backend``, as recorded in the manifest."""
-        if backend.startswith("onnxruntime"):
-            return {"optimization": self.optimization}
-        return {"workspace_mb": self.workspace_mb, "version_compatible": self.version_compatible,
-                "hardware_compatible": self.hardware_compatible}
+    def for_backend(self, backend: Backend) -> BackendOptions:
+        """The options that change an engine of ``backend`` (its :attr:`Backend.options_type`)."""
+        return backend.options_type.pick(self)
 
 
 @dataclass
@@ -132,6 +152,7 @@ class Backend:
     # One engine serves several batch sizes, one optimisation profile each (TensorRT): ``build``
     # takes the list of batch sizes and ``load`` the profile to run.
     profiles = False
+    options_type: type[BackendOptions] = BackendOptions  # the build options it takes
 
     def available(self) -> str | None:
         """None when the backend can be used here, else a one-line reason."""
@@ -152,7 +173,8 @@ class Backend:
         return None
 
     def build(self, onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, batch: int | list[int],
-              precision: str, options: BuildOptions, cache_dir: str | os.PathLike | None = None,
+              precision: str, options: BackendOptions | BuildOptions,
+              cache_dir: str | os.PathLike | None = None,
               log=lambda s: None) -> None:
         """Build the engine for ``onnx_path`` at a fixed ``batch`` and write it to ``engine_path``.
 
@@ -163,7 +185,8 @@ class Backend:
                 list of batch sizes, one optimisation profile each (profile ``k``: ``batch[k]``).
             precision: ``fp32`` or ``fp16`` (``fp16``: converted with
                 :func:`dsc_export.graph.precision.to_float16_for_build` before the build).
-            options: build options.
+            options: build options (its :attr:`options_type`, or a :class:`BuildOptions` it
+                picks them from).
             cache_dir: where a backend keeps state shared by the builds of one model
                 (TensorRT's timing cache).
             log: receives notes (fp16: which nodes keep float32, and why).
@@ -183,9 +206,3 @@ class Backend:
             EngineLoadError: the backend runs built engines only (the default).
         """
         raise EngineLoadError(f"the {self.name} backend runs built engines only")
-
-    def trtexec_command(self, onnx_path: str, engine_path: str, *, input_name: str | None,
-                        input_shapes: list[list[int]], precision: str, options: BuildOptions,
-                        cache_path: str) -> str | None:
-        """The equivalent ``trtexec`` command line, where there is one."""
-        return None

@@ -14,26 +14,18 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dsc_export.backends.base import Backend, BuildOptions, Runner, TensorSpec
+from dsc_export.backends.base import Backend, BackendOptions, BuildOptions, Runner, TensorSpec
 from dsc_export.errors import BuildError, UserError, first_line
 from dsc_export.graph.model import load_model
 from dsc_export.graph.precision import to_float16_for_build
 from dsc_export.inputs import SampleInputs
-from dsc_export.ort import (  # noqa: F401  (re-exported: the backend's public names)
-    OPTIMIZATION_LEVELS,
-    ORT_DTYPES,
-    cpu_isa,
-    cpu_name,
-    make_session,
-    random_array,
-    random_inputs,
-    session_options,
-)
+from dsc_export.ort import ORT_DTYPES, cpu_isa, cpu_name, make_session, session_options
 from dsc_export.weight_store import externalize, write_blobs
 
 PROVIDERS = {
@@ -99,6 +91,18 @@ class OnnxruntimeRunner(Runner):
         del self.session
 
 
+@dataclass(frozen=True, kw_only=True)
+class OnnxruntimeOptions(BackendOptions):
+    """What changes an onnxruntime engine.
+
+    Attributes:
+        optimization: the graph optimisation level baked into the engine (CPU; the GPU
+            providers' engines are saved at ``basic``).
+    """
+
+    optimization: str = "all"
+
+
 class OnnxruntimeBackend(Backend):
     """onnxruntime engines: batch fixed, graph optimisations applied and saved; the weights in
     the shared store of the engine file's folder (``weights/<sha256>.bin``, ONNX external data;
@@ -107,6 +111,7 @@ class OnnxruntimeBackend(Backend):
     suffix = ".onnx"
     extra = ""
     runs_onnx = True
+    options_type = OnnxruntimeOptions
 
     def __init__(self, name: str = "onnxruntime"):
         self.name = name
@@ -143,7 +148,8 @@ class OnnxruntimeBackend(Backend):
                 return f"{key} {target.get(key)} (built) != {now.get(key)} (here)"
         return None
 
-    def build(self, onnx_path, engine_path, *, batch, precision, options: BuildOptions, cache_dir=None,
+    def build(self, onnx_path, engine_path, *, batch, precision,
+              options: OnnxruntimeOptions | BuildOptions | None, cache_dir=None,
               log=lambda s: None) -> None:
         """Save onnxruntime's optimised model of ``onnx_path`` at ``batch`` as the engine (see
         :meth:`Backend.build`); its weights go to the shared store of the engine's folder.
@@ -167,7 +173,8 @@ class OnnxruntimeBackend(Backend):
             large = model.ByteSize() > 1_500_000_000 if model.ByteSize() >= 0 else True
             onnx.save(model, os.fspath(src), save_as_external_data=large, location="src.onnx.data")
             del model
-            level = options.optimization if self.providers[0] == "CPUExecutionProvider" else "basic"
+            optimization = OnnxruntimeOptions.pick(options).optimization
+            level = optimization if self.providers[0] == "CPUExecutionProvider" else "basic"
             opts = session_options(optimization=level, arena=False)
             out = tmp / engine_path.name
             opts.optimized_model_filepath = os.fspath(out)

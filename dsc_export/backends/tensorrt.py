@@ -31,12 +31,13 @@ import re
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dsc_export.backends.base import Backend, BuildOptions, Runner, TensorSpec
+from dsc_export.backends.base import Backend, BackendOptions, BuildOptions, Runner, TensorSpec
 from dsc_export.errors import BuildError, EngineLoadError, InferenceError, UserError, lazy_import
 from dsc_export.graph.model import load_model
 from dsc_export.graph.precision import to_float16_for_build
@@ -313,6 +314,21 @@ def engine_compatibility(built: dict[str, Any], here: dict[str, Any], options: d
     return None
 
 
+@dataclass(frozen=True, kw_only=True)
+class TensorrtOptions(BackendOptions):
+    """What changes a TensorRT engine.
+
+    Attributes:
+        workspace_mb: the builder's workspace limit, MiB.
+        version_compatible: engines that run on later TensorRT versions (lean runtime).
+        hardware_compatible: engines that run on every Ampere or newer GPU.
+    """
+
+    workspace_mb: int = 4096
+    version_compatible: bool = False
+    hardware_compatible: bool = False
+
+
 class TensorrtBackend(Backend):
     """TensorRT engines (``.plan``): one per part, one optimisation profile per batch size."""
 
@@ -320,6 +336,7 @@ class TensorrtBackend(Backend):
     suffix = ".plan"
     extra = "tensorrt"
     profiles = True  # one engine per part, one optimisation profile per batch size
+    options_type = TensorrtOptions
 
     def available(self) -> str | None:
         """None when TensorRT, cuda-python and a CUDA device are usable here, else the one-line reason."""
@@ -347,7 +364,8 @@ class TensorrtBackend(Backend):
         """
         return engine_compatibility(target, self.target(), options)
 
-    def build(self, onnx_path, engine_path, *, batch, precision, options: BuildOptions, cache_dir=None,
+    def build(self, onnx_path, engine_path, *, batch, precision,
+              options: TensorrtOptions | BuildOptions | None, cache_dir=None,
               log=lambda s: None) -> None:
         """Build one engine of ``onnx_path`` with one optimisation profile per batch size.
 
@@ -364,6 +382,7 @@ class TensorrtBackend(Backend):
         """
         from dsc_export.backends.cuda import OutOfDeviceMemory
 
+        options = TensorrtOptions.pick(options)
         batches = [int(b) for b in ([batch] if isinstance(batch, int) else batch)]
         label = f"batch {batches[0]}" if len(batches) == 1 else f"batch sizes {', '.join(map(str, batches))}"
         self.check()
@@ -450,32 +469,57 @@ class TensorrtBackend(Backend):
 
     def trtexec_command(self, onnx_path, engine_path, *, input_name, input_shapes, precision, options,
                         cache_path) -> str:
-        """One ``trtexec`` command line, every argument quoted for ``sh`` (:func:`shlex.join`).
+        """The ``trtexec`` line of what :meth:`build` builds: ``input_shapes`` holds the input's
+        shape per optimisation profile, in profile order (profile K: min = opt = max = the K-th
+        shape); ``input_name`` None: the input is fully static (no shapes). See
+        :func:`trtexec_line`."""
+        profiles = [] if input_name is None else [(s, s, s) for s in input_shapes]
+        return trtexec_line(onnx_path, engine_path, precision=precision, input_name=input_name,
+                            profiles=profiles, options=TensorrtOptions.pick(options),
+                            cache_path=cache_path)
 
-        ``input_shapes``: the input's shape per optimisation profile, in profile order; each
-        becomes ``--profile=K`` followed by that profile's ``--minShapes`` = ``--optShapes`` =
-        ``--maxShapes`` (trtexec's build options, TensorRT 10 and 11: the shapes after
-        ``--profile=K`` belong to profile K), as :meth:`build` adds them. ``input_name`` None:
-        the input is fully static and the shapes are left out (trtexec refuses them then). fp32
-        engines get ``--noTF32``: TensorRT would otherwise compute float32 convolutions and
-        matrix products in TF32 (10 mantissa bits) on Ampere and newer.
-        """
-        import shlex
 
-        argv = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
-        if input_name is not None:
-            for k, shape in enumerate(input_shapes):
-                spec = shape_spec(input_name, shape)
-                argv += [f"--profile={k}", f"--minShapes={spec}", f"--optShapes={spec}", f"--maxShapes={spec}"]
-        argv += [f"--memPoolSize=workspace:{options.workspace_mb}M", f"--timingCacheFile={cache_path}",
-                 "--stronglyTyped"]
-        if precision == "fp32":
-            argv.append("--noTF32")
-        if options.version_compatible:
-            argv.append("--versionCompatible")
-        if options.hardware_compatible:
-            argv.append("--hardwareCompatibilityLevel=ampere+")
-        return shlex.join(argv)
+def trtexec_line(onnx_path: str, engine_path: str, *, precision: str, input_name: str | None = None,
+                 profiles: list[tuple[list[int], list[int], list[int]]] = (), numbered: bool = True,
+                 options: TensorrtOptions | None = None, cache_path: str | None = None) -> str:
+    """One ``trtexec`` command line, every argument quoted for ``sh`` (:func:`shlex.join`): the one
+    writer of trtexec lines (``build --emit-trtexec`` and a server bundle's ``build-plans.sh``).
+
+    Args:
+        onnx_path, engine_path: the ``--onnx`` and ``--saveEngine`` paths, as the script sees them.
+        precision: ``fp32`` engines get ``--noTF32``: TensorRT would otherwise compute float32
+            convolutions and matrix products in TF32 (10 mantissa bits) on Ampere and newer, as
+            :meth:`TensorrtBackend.build` clears it. ``fp16``: the ONNX's types decide.
+        input_name: the input the shapes are for; None: fully static, no shapes (trtexec refuses
+            them then).
+        profiles: (min, opt, max) shapes per optimisation profile, in profile order.
+        numbered: each profile after ``--profile=K`` (trtexec's build options, TensorRT 10 and
+            11: the shapes after ``--profile=K`` belong to profile K); False: one profile, unnamed.
+        options: the workspace and compatibility flags; None: trtexec's defaults.
+        cache_path: the ``--timingCacheFile``; None: no timing cache.
+
+    Raises:
+        UserError: an input name trtexec's shape specs cannot carry (:func:`shape_spec`).
+    """
+    import shlex
+
+    argv = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
+    if input_name is not None:
+        for k, shapes in enumerate(profiles):
+            argv += [f"--profile={k}"] if numbered else []
+            argv += [f"--{w}Shapes={shape_spec(input_name, s)}" for w, s in zip(("min", "opt", "max"), shapes)]
+    if options is not None:
+        argv.append(f"--memPoolSize=workspace:{options.workspace_mb}M")
+    if cache_path is not None:
+        argv.append(f"--timingCacheFile={cache_path}")
+    argv.append("--stronglyTyped")
+    if precision == "fp32":
+        argv.append("--noTF32")
+    if options is not None and options.version_compatible:
+        argv.append("--versionCompatible")
+    if options is not None and options.hardware_compatible:
+        argv.append("--hardwareCompatibilityLevel=ampere+")
+    return shlex.join(argv)
 
 
 def shape_spec(name: str, shape: list[int]) -> str:

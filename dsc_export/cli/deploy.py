@@ -195,7 +195,7 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
                              f"{b.predicted_ms:.1f}", f"{b.measured_ms:.1f}", b.fallback or ""))
 
         from dsc_export.artifacts import read_manifest
-        from dsc_export.serving.protocol import fixed_batch
+        from dsc_export.contract import fixed_batch
 
         fixed = fixed_batch(read_manifest(root))
         if fixed is not None and batch_size not in (None, fixed):

@@ -21,6 +21,8 @@ from dsc_export.artifacts import (
     write_json_atomic,
 )
 from dsc_export.backends import BACKENDS, BuildOptions, get_backend
+from dsc_export.backends.tensorrt_tools import emit_trtexec as write_trtexec
+from dsc_export.backends.tensorrt_tools import import_engines
 from dsc_export.bundle import (
     describe_sizes,
     side_sizes_of_split,
@@ -39,9 +41,7 @@ from dsc_export.engines import (
     PARTS,
     build_engines,
     engine_batch_sizes,
-    import_engines,
 )
-from dsc_export.engines import emit_trtexec as write_trtexec
 from dsc_export.errors import UserError
 
 

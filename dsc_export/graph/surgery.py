@@ -11,6 +11,9 @@ model each time (nothing is shared between head and tail). ``onnx.utils.extract_
 used because it does not follow outer-scope references of If/Loop bodies and re-infers shapes
 of the whole model on every call; onnx-graphsurgeon's ``cleanup()`` mutates tensors shared
 between graphs imported from one model.
+
+The serving form (:func:`serve_form`, :func:`rename_io`) renames a tail's input and outputs and
+moves an output's batch to axis 0, as a server bundle's Triton repository serves it.
 """
 
 from __future__ import annotations
@@ -259,3 +262,64 @@ def save_part(part: Part, path: str | os.PathLike, check: bool = True) -> None:
                   location=path.name + ".data", size_threshold=0)
     else:
         _write_streaming(part, path)
+
+
+# --- the serving form: a tail as a server answers it (bundle's Triton repository) ----------------
+
+def serve_form(model, input_name: str, contract) -> None:
+    """Give a tail the form the output contract serves, in place: its input named
+    ``input_name``, its outputs named as served, batch moved to axis 0 where it is elsewhere,
+    constants dropped.
+
+    Args:
+        model: the tail (graph only is enough), changed in place.
+        input_name: the served input name (:data:`dsc_export.contract.INPUT`).
+        contract: the output contract, one entry per model output, each with ``name``,
+            ``wire_name``, ``kind`` (``batched``, ``constant``, ``whole``) and ``batch_axis``
+            (:class:`dsc_export.contract.OutputContract`).
+    """
+    by_name = {c.name: c for c in contract}
+    renames = {model.graph.input[0].name: input_name}
+    outputs, moves = [], []
+    for o in model.graph.output:
+        c = by_name.get(o.name)
+        if c is None or c.kind == "constant":
+            continue
+        tt = o.type.tensor_type
+        if c.kind == "batched" and c.batch_axis:
+            inner = f"{o.name}__batch_on_axis_{c.batch_axis}"
+            renames[o.name] = inner
+            perm = [c.batch_axis] + [k for k in range(len(tt.shape.dim)) if k != c.batch_axis]
+            dims = [tt.shape.dim[k].dim_param or tt.shape.dim[k].dim_value or None for k in perm]
+            moves.append(helper.make_node("Transpose", [inner], [c.wire_name], perm=perm,
+                                          name=f"{c.wire_name}__to_batch_first"))
+            outputs.append(helper.make_tensor_value_info(c.wire_name, tt.elem_type, dims))
+        else:
+            renames[o.name] = c.wire_name
+            outputs.append(o)
+    rename_io(model, renames)
+    model.graph.node.extend(moves)
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
+
+
+def rename_io(model, renames: dict[str, str]) -> None:
+    """Rename tensors in place: every reader, producer, graph input and output follows. An inner
+    tensor that already has one of the new names (older torch exports name one ``input``) is
+    renamed out of the way first."""
+    taken = {t for n in model.graph.node for t in list(n.input) + list(n.output)} | \
+        {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    targets = set(renames.values())
+    for name in sorted(taken & targets - set(renames)):
+        k = 1
+        while f"{name}__{k}" in taken:
+            k += 1
+        renames = {**renames, name: f"{name}__{k}"}
+        for t in model.graph.initializer:
+            if t.name == name:
+                t.name = f"{name}__{k}"
+    for n in model.graph.node:
+        n.input[:] = [renames.get(x, x) for x in n.input]
+        n.output[:] = [renames.get(x, x) for x in n.output]
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        vi.name = renames.get(vi.name, vi.name)

@@ -407,7 +407,7 @@ class DynamicSplitClient:
                  probe_every: int = 3, alpha: float = 0.5, probe_budget: float = 0.05, log: Callable[[BatchLog], None] = lambda b: None,
                  static: str | None = None, device_slowdown: float = 1.0, ready_timeout_s: float = 60.0,
                  say: Callable[[str], None] = lambda s: None, load_aware: bool = True, load_probe_s: float = 1.0):
-        from dsc_export.engines import PartRunner
+        from dsc_export.engines.runtime import PartRunner
 
         self.root = Path(split_dir)
         self.manifest = read_manifest(self.root)

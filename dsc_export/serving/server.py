@@ -356,7 +356,7 @@ class TailServer:
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig
 
-        from dsc_export.engines import PartRunner
+        from dsc_export.engines.runtime import PartRunner
         from dsc_export.ort import ORT_DTYPES
 
         man = self.manifest

@@ -8,7 +8,7 @@ the Python-backend stub for this interpreter's version put into ``backends/pytho
 interpreter's ``libpython`` and PyTriton's bundled libraries on ``LD_LIBRARY_PATH``, and this
 environment's ``bin`` first on ``PATH`` (the stub runs ``model.py`` with this environment's
 packages: numpy, onnxruntime). It serves a repository written by ``bundle --server
---triton-backend python`` (:mod:`dsc_export.serving.triton_python`); the ``onnxruntime_onnx`` and
+--triton-backend python`` (:mod:`dsc_export.triton_repository`); the ``onnxruntime_onnx`` and
 ``tensorrt_plan`` backends are not in the wheel.
 
 :func:`model_stats` reads Triton's statistics extension (``GET v2/models/<name>/stats``): per
