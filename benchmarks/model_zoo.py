@@ -596,7 +596,13 @@ def main() -> None:
         res = HERE / "results" / f"zoo-cpu-{info['cores']}core-{date}.json"
         kept = [{**r, "notes": (r.get("notes") or [])[:3], "notes_count": len(r.get("notes") or [])} for r in rows]
         res.write_text(json.dumps({**payload, "rows": kept}) + "\n")  # the full rows: out/zoo.json
-        (ROOT / "docs" / "models.md").write_text(render(rows, info, date))
+        docs = ROOT / "docs" / "models.md"
+        text = render(rows, info, date)
+        old = docs.read_text() if docs.is_file() else ""
+        begin = "<!-- BEGIN int8-detection"  # benchmarks/int8_detection.py's rows: kept as they are
+        if begin in old:
+            text = text.rstrip("\n") + "\n\n" + begin + old.split(begin, 1)[1]
+        docs.write_text(text)
         print(f"wrote {res} and {ROOT / 'docs' / 'models.md'}")
     if args.compare:
         changed = compare_rows(json.loads(Path(args.compare).read_text())["rows"],

@@ -223,6 +223,20 @@ def output_contract(manifest: Manifest, constants: Iterable[str] | None = None) 
     return [_one(sig, wire, batch, fixed, consts) for sig, wire in zip(sigs, output_names(manifest))]
 
 
+def head_outputs(manifest: Manifest, split) -> list[str]:
+    """The model outputs the head of ``split`` returns itself: its cut tensor when that is also a
+    graph output (the device keeps it and sends it; the tail computes the other outputs)."""
+    names = {o.name for o in manifest.model.outputs or [manifest.model.output]}
+    return [split.tensor] if split.kind == "split" and split.tensor in names else []
+
+
+def tail_contract(contract: list[OutputContract], manifest: Manifest, split) -> list[OutputContract]:
+    """The outputs a server sends for ``split``: neither constants (the client has them) nor
+    those the head returns (:func:`head_outputs`)."""
+    kept = set(head_outputs(manifest, split))
+    return [c for c in contract if c.kind != "constant" and c.name not in kept]
+
+
 def constant_outputs(model) -> set[str]:
     """Names of the graph outputs of ``model`` (an ``onnx.ModelProto``) that no graph input
     reaches: initializers, Constant nodes and subgraphs computed from them only.

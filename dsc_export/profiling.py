@@ -3,8 +3,11 @@
 The device role times the heads (and the whole model, for ``local``), the server role the tails
 (and the whole model, for ``offload``), as the paper measures the head on a weak device and the
 tail on a strong server (Section 4: one GPU underclocked to 300 MHz, and at full speed). Each
-figure is the median of repeated runs after a warm-up, on fresh random inputs of the right dtype
-(never zeros). A GPU engine is timed with device events around its execution.
+figure is the median of repeated runs after a warm-up, on what the part really receives
+(:mod:`dsc_export.feeds`): the heads and the whole model the model's sample inputs, a tail its
+head's outputs on them (a quantized model's uint8 cut, an int64 mask: their own dtype and
+values), a few distinct batches cycled. A GPU engine is timed with device events around its
+execution.
 
 Standing in for a weak device is recorded in the profile's ``emulation`` field, so an emulated
 figure can never pass for a measured one: fewer threads than cores, GPU clocks locked through
@@ -31,9 +34,12 @@ from dsc_export.artifacts import ROLES, Profile, Timing, read_manifest, verify_f
 from dsc_export.backends.cuda import gpu_facts, text
 from dsc_export.engines.runtime import load_part
 from dsc_export.errors import UserError
-from dsc_export.ort import cpu_isa, cpu_name, random_array
+from dsc_export.feeds import PartFeeds, model_samples
+from dsc_export.ort import cpu_isa, cpu_name
 
 NOISY_SPREAD = 1.5  # p90 / p10 above this: the median is not to be trusted
+FEED_BATCHES = 4  # distinct input batches per part and batch size, cycled through the timed runs
+FEED_BYTES = 256 << 20  # ... fewer where they would hold more than this
 
 
 @dataclass
@@ -190,7 +196,11 @@ class BenchOptions:
         threads: intra-op threads for CPU engines (fewer than the cores: recorded as emulation).
         slowdown: multiply every measured time by this factor (a labelled what-if).
         lock_gpu_clocks_mhz: lock the GPU's SM clock while measuring (root, not Jetson).
-        seed: seed of the random inputs.
+        seed: seed of the random sample inputs.
+        inputs: the model's sample inputs (a ``.npz`` or a folder of images, see
+            :meth:`dsc_export.inputs.SampleInputs.from_path`) [default: random within the ranges
+            the graph implies]. Every part is timed on what it receives
+            (:mod:`dsc_export.feeds`): a tail on its head's outputs on them.
         rounds: measure every figure in this many interleaved rounds (repeats and min time split
             between them) so slow drift and bursts of noise on a shared machine spread over all
             figures instead of landing on a few.
@@ -210,6 +220,7 @@ class BenchOptions:
     lock_gpu_clocks_mhz: int | None = None
     seed: int = 0
     rounds: int = 1
+    inputs: str | os.PathLike | None = None
 
     def __post_init__(self):
         if self.slowdown is not None and not self.slowdown > 0:
@@ -274,16 +285,10 @@ def profile_split_dir(
     if slowdown is not None and slowdown != 1:
         emulation["slowdown"] = float(slowdown)
 
-    rng = np.random.default_rng(o.seed)
-    sig = {}  # split id -> (input name, per-sample shape, dtype) of what that part reads
-    cps = {c.tensor: c for c in manifest.cut_points}
-    wire = np.dtype(manifest.wire_dtype)
-    for sid, part in pairs:
-        s = manifest.split(sid)
-        if part == "head" or s.kind == "offload":
-            sig[sid] = (manifest.model.input.name, list(manifest.model.input.shape[1:]), np.dtype(manifest.model.input.dtype))
-        else:
-            sig[sid] = (s.wire_tensor, list(cps[s.tensor].shape), wire)
+    # what each part really receives (a tail: its head's outputs), a few batches each, cycled
+    sample_inputs = model_samples(root, manifest, o.inputs, o.seed)
+    batches_of = {(sid, part): feeds_for(root, manifest, sid, part, sample_inputs, batch_sizes)
+                  for sid, part in pairs}
 
     timings: list[Timing] = []
     jobs = [(sid, part, b) for b in batch_sizes for sid, part in pairs]
@@ -299,11 +304,12 @@ def profile_split_dir(
         for rnd in range(rounds):  # a burst of noise then touches one round of every figure, not one figure
             for k, (sid, part, b) in enumerate(jobs):
                 progress(rnd * len(jobs) + k, rounds * len(jobs), f"{sid}/{part} b{b}")
-                name, shape, dtype = sig[sid]  # an engine build dropped: its ONNX, as the runner does
+                ring = batches_of[(sid, part)][b]
+                turn = iter(range(1 << 62))
+                # an engine build dropped: its ONNX, as the runner does
                 with load_part(root, manifest, sid, part, backend_name, b, precision, threads) as runner:
-                    def once(runner=runner, name=name, shape=shape, dtype=dtype, b=b) -> float:
-                        feeds = {name: random_array([b] + shape, dtype, rng)}  # fresh, never zeros
-                        return runner.time_ms(feeds)
+                    def once(runner=runner, ring=ring, turn=turn) -> float:
+                        return runner.time_ms(ring[next(turn) % len(ring)])
 
                     m = measure(once, warmup=warmup if rnd == 0 else min(warmup, 1), repeats=per_repeats,
                                 min_time_s=per_time)
@@ -320,10 +326,28 @@ def profile_split_dir(
         settings={"warmup": warmup, "repeats": None if min_time_s else repeats, "min_time_s": min_time_s,
                   "rounds": rounds,
                   "seed": o.seed,
-                  "inputs": "fresh random per run (full range for integers, N(0,1) for floats)",
+                  "inputs": f"what each part receives: the model's sample inputs "
+                            f"({sample_inputs.description}) for the heads and the whole model, "
+                            f"the head's outputs on them for a tail; up to {FEED_BATCHES} "
+                            "batches per part and batch size, cycled",
                   "timer": "device events" if backend_name == "tensorrt" else "wall clock around the run"},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
+
+
+def feeds_for(root: Path, manifest, split_id: str, part: str, samples, batch_sizes: list[int],
+              limit_bytes: int = FEED_BYTES) -> dict[int, list[dict[str, np.ndarray]]]:
+    """Up to :data:`FEED_BATCHES` distinct batches per batch size of what ``part`` of
+    ``split_id`` receives (:class:`dsc_export.feeds.PartFeeds`), fewer where they would hold more
+    than ``limit_bytes`` (at least one). The head that feeds a tail is freed before returning."""
+    feeds = PartFeeds(root, manifest, split_id, part, samples)
+    out = {}
+    for b in batch_sizes:
+        first = feeds.feeds(b, 0)
+        size = sum(x.nbytes for x in first.values()) or 1
+        out[b] = [first] + [feeds.feeds(b, k) for k in range(1, max(1, min(FEED_BATCHES, limit_bytes // size)))]
+    feeds.release()
+    return out
 
 
 def noisy(profile: Profile, limit: float = NOISY_SPREAD) -> list[Timing]:

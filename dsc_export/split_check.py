@@ -24,6 +24,20 @@ from dsc_export.ort import make_session
 VERIFY_BATCHES = (1, 3)  # the largest is also run sample by sample (batch independence)
 # verification sessions are used once: skip the layout transform that copies the weights again
 ONE_OFF = "extended"
+# Quantized models: at "extended" onnxruntime fuses each DequantizeLinear -> op -> QuantizeLinear
+# group into an integer kernel (and turns int8 Q/DQ pairs into uint8 ones), which rounds otherwise
+# than the graph as written; a cut between a Q and its DQ leaves that group unfused. "basic" runs
+# the graph as written, so the whole model and tail(head(x)) are compared on the same arithmetic.
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+QDQ_CHECK = "basic"
+
+
+def verification_level(model: onnx.ModelProto) -> str:
+    """onnxruntime's optimisation level for verifying splits of ``model`` (its structure is
+    enough): :data:`QDQ_CHECK` for a model with QuantizeLinear / DequantizeLinear nodes (static
+    quantization, whose fused integer kernels round otherwise than the graph as written and
+    cannot fuse across a cut), else :data:`ONE_OFF`."""
+    return QDQ_CHECK if any(n.op_type in QDQ_OPS for n in model.graph.node) else ONE_OFF
 
 
 def fixed_batch_note(model: onnx.ModelProto, exc: ModelRunError, batch: int) -> str:
@@ -79,9 +93,10 @@ class Reference:
     batch_independent: bool | None = None
     notes: list[str] = field(default_factory=list)
     inputs: str = "random"
+    optimization: str = ONE_OFF  # onnxruntime's level for the whole model and the parts
 
 
-def whole_model_reference(model_file: Path, seed: int, samples) -> Reference:
+def whole_model_reference(model_file: Path, seed: int, samples, optimization: str = ONE_OFF) -> Reference:
     """Run the whole model at the verification batch sizes (1 and 3; a fixed batch as it is).
 
     Finds the batch sizes the model runs at: when it fails above batch 1 and runs at 1, it is a
@@ -92,7 +107,7 @@ def whole_model_reference(model_file: Path, seed: int, samples) -> Reference:
         UserError: the model does not run at all (names the node and what to try).
     """
 
-    whole = make_session(model_file, optimization=ONE_OFF, arena=False)
+    whole = make_session(model_file, optimization=optimization, arena=False)
     names = [o.name for o in whole.get_outputs()]
     dim0 = whole.get_inputs()[0].shape[0]
     declared = dim0 if isinstance(dim0, int) and dim0 > 0 else None
@@ -103,7 +118,13 @@ def whole_model_reference(model_file: Path, seed: int, samples) -> Reference:
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise ModelRunError("the whole model", b, exc) from exc
 
-    ref = Reference((), [], [], names, inputs=samples.description)
+    ref = Reference((), [], [], names, inputs=samples.description, optimization=optimization)
+    if optimization != ONE_OFF:
+        ref.notes.append("the model is quantized (QuantizeLinear / DequantizeLinear nodes): its splits are "
+                         f"verified with onnxruntime's '{optimization}' optimisation level, where "
+                         "QuantizeLinear / DequantizeLinear run as written (at higher levels onnxruntime fuses "
+                         "them into integer kernels that round otherwise, the whole model as much as its "
+                         "parts, and no fusion spans a cut)")
     big = declared or max(VERIFY_BATCHES)
     f = samples.feeds(big)
     try:
@@ -202,14 +223,21 @@ def verify_splits(root: Path, splits: list[Split], wire_dtype: str, ref: Referen
         log(f"[{k}/{len(cut_splits)}] verifying {s.id}: tail(head(x)) against the whole model "
             f"at batch sizes {list(batches)}")
         # one session at a time: the head's outputs are small, its weights need not wait for the tail's
-        head = make_session(root / s.head, optimization=ONE_OFF, arena=False)
-        sent = [_run_part(head, f, f"the head of {s.id}", b) for f, b in zip(feeds, batches)]
+        head = make_session(root / s.head, optimization=ref.optimization, arena=False)
+        head_names = [o.name for o in head.get_outputs()]  # the wire tensor first
+        ran = [dict(zip(head_names, _run_part(head, f, f"the head of {s.id}", b, all_outputs=True)))
+               for f, b in zip(feeds, batches)]
+        sent = [r[s.wire_tensor] for r in ran]
         del head
         release_freed_memory()
-        tail = make_session(root / s.tail, optimization=ONE_OFF, arena=False)
+        tail = make_session(root / s.tail, optimization=ref.optimization, arena=False)
+        tail_names = [o.name for o in tail.get_outputs()]
         result = Comparison()
-        for h, want, b in zip(sent, refs, batches):
-            got = _run_part(tail, {s.wire_tensor: h}, f"the tail of {s.id}", b, all_outputs=True)
+        for h, kept, want, b in zip(sent, ran, refs, batches):
+            got = dict(zip(tail_names, _run_part(tail, {s.wire_tensor: h}, f"the tail of {s.id}", b,
+                                                 all_outputs=True)))
+            # the outputs by name: the tail's, and the one the head returns (a cut at a graph output)
+            got = [got[n] if n in got else kept[n] for n in ref.output_names]
             result = result.merge(compare(want, got, ref.output_names, what=f"the tail of {s.id}"))
         tol = tolerance(wire_dtype, sent[0].dtype, *out_dtypes)
         tols.append(tol)
@@ -222,4 +250,5 @@ def verify_splits(root: Path, splits: list[Split], wire_dtype: str, ref: Referen
                 "nothing was written"
             )
     return {"batch_sizes": list(batches), "tolerance_rel": max(tols, default=tolerance(wire_dtype, *out_dtypes)),
-            "seed": seed, "inputs": ref.inputs, "batch_independent": ref.batch_independent}
+            "seed": seed, "inputs": ref.inputs, "batch_independent": ref.batch_independent,
+            "optimization": ref.optimization}

@@ -34,6 +34,7 @@ from dsc_export.artifacts import (
 from dsc_export.compare import fits
 from dsc_export.contract import constant_outputs, output_contract
 from dsc_export.errors import ModelRunError, UserError
+from dsc_export.graph.batch_axis import batchless_image
 from dsc_export.graph.cuts import (
     WIRE_DTYPES,
     compressive_mask,
@@ -66,6 +67,7 @@ from dsc_export.split_check import (
     cannot_run,
     fixed_batch_note,
     release_freed_memory,
+    verification_level,
     verify_splits,
     whole_model_reference,
 )
@@ -122,6 +124,9 @@ def _check_inputs(model: onnx.ModelProto) -> tuple[str, list, str]:
     name, dims, dtype = sig[0]
     if not dims:
         raise UserError(f"input '{name}' has no shape; dsc-export needs a batched tensor input")
+    batchless = batchless_image(name, dims)  # never read an image's colour planes as a batch
+    if batchless:
+        raise UserError(batchless)
     bad = [d for d in dims[1:] if not (isinstance(d, int) and d > 0)]
     if bad:
         raise UserError(
@@ -363,7 +368,8 @@ def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None) -
                                 f"{cp.max_abs:.3g} > 65504); split there with --wire-dtype float32")
             chosen.append(cp)
             continue
-        if t in outputs:
+        df = df or dataflow(folded.graph)
+        if t in outputs and not df.consumers().get(t):  # one that feeds more and dominates is a cut point
             raise UserError(f"--at '{t}' is a graph output: cutting there is the 'local' candidate (everything "
                             "on the device), which every split dir has already")
         if t == analysis.input.name:
@@ -432,11 +438,12 @@ def split_model(
     structure = load_model(src, load_data=False)  # one-line errors before onnxruntime sees the file
     _check_inputs(structure)
     samples = _samples(inputs, structure, seed)
+    optimization = verification_level(structure)
     del structure
     release_freed_memory()
     if verify:  # before the weights are in this process: that session's load is the peak
         log("running the whole model for reference outputs")
-        reference = whole_model_reference(src, seed, samples)
+        reference = whole_model_reference(src, seed, samples, optimization)
         release_freed_memory()  # the whole model's session is gone: hand its pages back
     model = load_model(src)
     if reference:

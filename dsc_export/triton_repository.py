@@ -32,6 +32,7 @@ from dsc_export.contract import (
     fixed_batch,
     mergeable,
     served_outputs,
+    tail_contract,
 )
 from dsc_export.engines.runtime import PartRunner
 from dsc_export.errors import lazy_import
@@ -98,7 +99,7 @@ def write_triton_repository(root: Path, man: Manifest, *, repo: Path, platform: 
             config.input.add(name=INPUT, data_type=pb.DataType.Value(in_type), dims=[fixed] + in_dims[1:])
         else:
             config.input.add(name=INPUT, data_type=pb.DataType.Value(in_type), dims=in_dims[1:])
-        for c in contract:
+        for c in tail_contract(contract, man, s):  # not what the head keeps (a cut at an output)
             if c.kind != "constant":
                 config.output.add(name=c.wire_name, data_type=pb.DataType.Value(TRITON_TYPES[c.dtype]), dims=c.dims)
         if merge:

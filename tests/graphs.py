@@ -152,13 +152,14 @@ def two_outputs():
 
 
 def early_output():
-    """An output taken from an early tensor: ``a`` dominates but is itself an output, and the
-    path x -> a -> output bypasses b, so there is no cut point at all."""
+    """An output taken from an early tensor: ``a`` is itself an output and dominates ``y``, so it
+    is a cut point (the head returns it, the tail computes ``y`` from it); the path x -> a ->
+    output bypasses b, so b is not one."""
     g = G()
     g.conv("a", "x", 4)
     g.conv("b", "a", 2, stride=2)
     g.relu("y", "b")
-    return g.model(["a", "y"]), []
+    return g.model(["a", "y"]), ["a"]
 
 
 def tf_same_pad():

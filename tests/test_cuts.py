@@ -49,7 +49,21 @@ def brute_force_cuts(df):
             stack.extend(succ.get(t, ()))
         return False
 
-    ends = set(df.inputs) | set(df.outputs)
+    def feeds_another_output(t):
+        seen, stack = set(), list(succ.get(t, ()))
+        while stack:
+            u = stack.pop()
+            if u in seen:
+                continue
+            seen.add(u)
+            if u in df.outputs:
+                return True
+            stack.extend(succ.get(u, ()))
+        return False
+
+    # a graph output is a cut point too when the other outputs are computed from it (the head
+    # returns it); one that feeds no other output is the 'local' candidate
+    ends = set(df.inputs) | {o for o in df.outputs if not feeds_another_output(o)}
     return {t for t in dep if t not in ends and reaches(None) and not reaches(t)
             and any(t in n.inputs for n in df.nodes)}
 

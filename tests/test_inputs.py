@@ -370,6 +370,16 @@ def test_engine_checks_run_on_the_samples_and_on_ranged_random_inputs(token_spli
         return out
 
     monkeypatch.setattr(SampleInputs, "feeds", spy)
+    import dsc_export.engines.build as engines
+
+    tail_fed, check = [], engines._check_engine
+
+    def check_spy(backend, engine, reference, inputs, job, precision, **kw):
+        if job.source.startswith("tail-"):
+            tail_fed.append(inputs.feeds(kw["batch"]))
+        return check(backend, engine, reference, inputs, job, precision, **kw)
+
+    monkeypatch.setattr(engines, "_check_engine", check_spy)
     root = tmp_path / "split"
     shutil.copytree(token_split / "split", root)
     ids = RNG.integers(0, 100, (5, 8))
@@ -377,10 +387,18 @@ def test_engine_checks_run_on_the_samples_and_on_ranged_random_inputs(token_spli
     rep = build_engines(root, "onnxruntime", batch_sizes=[1, 3], parts="all", inputs=os.fspath(tmp_path / "tok.npz"), keep_all=True)
     assert rep.failed == [] and len({e.path for e in rep.built}) == 6  # model, head, tail at 1 and 3
     assert all(e.max_rel_diff is not None and e.max_rel_diff <= 1e-4 for e in rep.built)
-    # the whole model and the head on the user's samples, the tail (input: the cut tensor) on random ones
-    assert [(who, b) for who, b, _ in used] == [("5", 1), ("5", 3), ("5", 1), ("5", 3), ("random", 1), ("random", 3)]
+    # the whole model and the head on the user's samples, the tail (input: the cut tensor) on the
+    # head's outputs on the same samples (issue 24: parts are fed what they really receive)
+    assert [(who, b) for who, b, _ in used] == [("5", 1), ("5", 3), ("5", 1), ("5", 3), ("5", 1), ("5", 3)]
     np.testing.assert_array_equal(used[1][2]["ids"], ids[:3])
-    assert "ids" not in used[4][2] and all(v.dtype == np.float32 for v in used[4][2].values())
+    np.testing.assert_array_equal(used[5][2]["ids"], ids[:3])
+    man = read_manifest(root)
+    cut = man.split("cut004")
+    whole = onnx.load(token_split / "tok.onnx")
+    whole.graph.output.append(onnx.ValueInfoProto(name=cut.tensor))
+    want = make_session(whole.SerializeToString()).run([cut.tensor], {"ids": ids[:3]})[0]
+    got = tail_fed[-1][cut.wire_tensor]
+    assert got.dtype == want.dtype and np.array_equal(got, want)
     used.clear()
     rep = build_engines(root, "onnxruntime", batch_sizes=[2], parts="all", keep_all=True)  # random: within the table, no index error
     assert rep.failed == [] and len({e.path for e in rep.built}) == 3

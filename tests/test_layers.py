@@ -21,7 +21,7 @@ LAYERS = [
     ("records", ["dsc_export.artifacts"]),
     ("graph", ["dsc_export.graph*"]),
     ("contract", ["dsc_export.contract", "dsc_export.weight_store", "dsc_export.fidelity"]),
-    ("samples", ["dsc_export.images", "dsc_export.inputs"]),
+    ("samples", ["dsc_export.images", "dsc_export.inputs", "dsc_export.feeds"]),
     ("backends", ["dsc_export.backends", "dsc_export.backends.base", "dsc_export.backends.cuda",
                   "dsc_export.backends.onnxruntime", "dsc_export.backends.tensorrt"]),
     ("pipeline", ["dsc_export.weights", "dsc_export.export", "dsc_export.splitting", "dsc_export.split_check", "dsc_export.calibration",

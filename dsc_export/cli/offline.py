@@ -238,7 +238,7 @@ def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
               help="Write the equivalent trtexec commands to this file instead of building.")
 @click.option("--import", "import_", is_flag=True,
               help="Record engines built elsewhere (by the --emit-trtexec commands) instead of building.")
-@inputs_option("the engine checks of the whole model and the heads (tails: random)")
+@inputs_option("the engine checks of the whole model and the heads (a tail: its head's outputs on them)")
 @click.option("--keep-all", is_flag=True,
               help="Keep every engine built, without timing it against its ONNX.")
 @click.option("--margin", type=click.FloatRange(0, 0.9), default=0.05, show_default=True,
@@ -336,8 +336,9 @@ def build_cmd(split_dir, backend, batch_sizes, parts, precision, workspace_mb, v
               help="Lock this GPU's SM clock while measuring (root, your own GPU, not Jetson); restored after.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Profile to write [default: DIR/profiles/ROLE-BACKEND.json].")
+@inputs_option("the model's input (a tail is fed its head's outputs on them)")
 def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats, min_time, rounds, threads, slowdown,
-              lock_mhz, output) -> None:
+              lock_mhz, output, inputs) -> None:
     """Time every engine of one role at every batch size and write a profile.
 
     The device profile (heads) and the server profile (tails) may be taken on different
@@ -361,7 +362,7 @@ def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats,
         options = BenchOptions(backend_name=backend, batch_sizes=batch_sizes, precision=precision,
                                warmup=warmup, repeats=None if min_time else repeats,
                                min_time_s=min_time, threads=threads, slowdown=slowdown,
-                               lock_gpu_clocks_mhz=lock_mhz, rounds=rounds)
+                               lock_gpu_clocks_mhz=lock_mhz, rounds=rounds, inputs=inputs)
         prof = profile_split_dir(split_dir, role, options, progress=progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output, prof.to_json())

@@ -20,6 +20,7 @@ from dsc_export.compare import compare, tolerance
 from dsc_export.engines.jobs import ENGINES_DIR, Job, engine_data, engine_key, prepare_build
 from dsc_export.engines.timing import MARGIN, speed_record, time_pair
 from dsc_export.errors import UserError, VerificationError
+from dsc_export.feeds import PartFeeds, model_samples
 from dsc_export.graph.model import load_model
 from dsc_export.inputs import SampleInputs
 from dsc_export.ort import make_session
@@ -196,9 +197,9 @@ def build_engines(
         progress: called as ``progress(done, total, label)`` before each engine.
         log: progress messages.
         inputs: a ``.npz`` or a folder of images (see
-            :meth:`dsc_export.inputs.SampleInputs.from_path`) that the checks of the whole model
-            and the heads run on; tails are checked on random inputs within the ranges of their
-            own graph. None: random inputs for every check.
+            :meth:`dsc_export.inputs.SampleInputs.from_path`) that the checks and timings of the
+            whole model and the heads run on; a tail is fed its head's outputs on them
+            (:mod:`dsc_export.feeds`). None: random model inputs within the graph's ranges.
         keep_all: keep every engine built, without timing it against its ONNX.
         margin: keep an engine only where its median time (ms, interleaved with the ONNX's, on
             this machine with onnxruntime's default threads) is below ``(1 - margin)`` x the
@@ -264,18 +265,18 @@ def build_engines(
 
 
 def _check_inputs(root: Path, manifest: Manifest, job: Job, samples):
-    """The SampleInputs an engine of ``job.source`` is checked on: the user's samples for the whole
-    model and the heads (their input is the model's), else random within the source's ranges."""
-    reads_model_input = job.source == manifest.model.path or all(part == "head" for _, part in job.records)
-    if samples is not None and reads_model_input:
-        return samples
-    return SampleInputs.random(load_model(root / job.source, load_data=False))
+    """What an engine of ``job.source`` is checked and timed on (:class:`dsc_export.feeds.PartFeeds`):
+    the model's sample inputs (the user's, else random) for the whole model and the heads, the
+    head's outputs on them for a tail (computed now, before the caller's sessions load)."""
+    sid, part = job.records[0]  # every record of one source reads the same input
+    feeds = PartFeeds(root, manifest, sid, part, model_samples(root, manifest, samples))
+    return feeds.prepare(job.batches)
 
 
 def _check_engine(backend: Backend, engine: Path, reference, inputs, job: Job, precision: str, *,
                   batch: int, profile: int | None = None) -> tuple[float, float]:
     """Run the engine (``profile``: the optimisation profile serving ``batch``, or None) and its
-    ONNX on one batch of ``batch`` from ``inputs`` (a SampleInputs); refuse a mismatch.
+    ONNX on one batch of ``batch`` from ``inputs`` (a PartFeeds); refuse a mismatch.
 
     The tolerance follows the dtypes compared (:func:`dsc_export.compare.tolerance`): the
     outputs' dtypes, and float16 for an fp16 engine; a NaN or inf is a failure of its own.

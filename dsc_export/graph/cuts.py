@@ -81,8 +81,10 @@ def _layout(df: Dataflow) -> _Layout:
 def find_cut_points(df: Dataflow) -> list[str]:
     """Every cut point of the graph, in topological order.
 
-    The graph inputs and outputs themselves are not listed: they are the ``offload`` and
-    ``local`` candidates.
+    The graph inputs are not listed (cutting there is the ``offload`` candidate), nor are the
+    graph outputs that feed nothing further (``local``). A graph output that also feeds the
+    nodes of the other outputs and dominates them is a cut point: the head returns it (the
+    device keeps it as an output and sends it), the tail computes the rest from it.
 
     Args:
         df: the data-flow view; static shape arithmetic should be folded first
@@ -99,7 +101,9 @@ def find_cut_points(df: Dataflow) -> list[str]:
             cover[a + 1] += 1
             cover[b] -= 1
     cover = np.cumsum(cover)
-    ends = set(df.inputs) | set(df.outputs)
+    sink = lay.size - 1
+    feeding = {a for a, b, _, _ in lay.edges if b != sink}  # positions read by a live node
+    ends = set(df.inputs) | {o for o in df.outputs if lay.position.get(o) not in feeding}
     return [t for t in lay.tensors if cover[lay.position[t]] == 0 and t not in ends]
 
 

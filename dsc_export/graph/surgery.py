@@ -137,7 +137,11 @@ def _initializer_inputs(model: onnx.ModelProto, part: Part) -> Part:
 
 
 def extract_head(model: onnx.ModelProto, cut: CutSpec) -> Part:
-    """The head: the model's inputs -> the cut tensor (cast to float16 when the wire says so)."""
+    """The head: the model's inputs -> the cut tensor (cast to float16 when the wire says so).
+
+    A cut tensor that is also a graph output is returned as the model has it as well (the
+    device keeps it): with a float16 wire the head has two outputs, the wire tensor first.
+    """
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     ids, reads = _backward(model.graph, [cut.tensor], set())
     head = _subgraph(model, ids, reads, "head")
@@ -150,16 +154,21 @@ def extract_head(model: onnx.ModelProto, cut: CutSpec) -> Part:
                              name="dsc_export/wire_cast")
         )
     hg.output.append(_value_info(cut.wire_tensor, cut.wire_elem_dtype, cut.shape, batch))
+    if cut.cast:
+        hg.output.extend(o for o in model.graph.output if o.name == cut.tensor)
     return _initializer_inputs(model, head)
 
 
 def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> Part:
     """The tail: the cut tensor (float16 on the wire, cast back first) -> the model's outputs.
 
+    A cut tensor that is also a graph output is not among the tail's outputs: the head returns
+    it (:func:`extract_head`), the tail computes the others from it.
+
     Raises:
         UserError: the outputs need a graph input other than through the cut tensor (not a cut point).
     """
-    outputs = [o.name for o in model.graph.output]
+    outputs = [o.name for o in model.graph.output if o.name != cut.tensor]
     ids, reads = _backward(model.graph, outputs, {cut.tensor}, skip_batch_reads=True)
     data_inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
     leaked = sorted(reads & data_inputs)
@@ -177,7 +186,7 @@ def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> Part:
             0, helper.make_node("Cast", [cut.wire_tensor], [cut.tensor], to=_elem(cut.dtype),
                                 name="dsc_export/wire_uncast")
         )
-    tg.output.extend(model.graph.output)
+    tg.output.extend(o for o in model.graph.output if o.name != cut.tensor)
     return _initializer_inputs(model, tail)
 
 

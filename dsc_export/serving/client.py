@@ -228,7 +228,8 @@ class DynamicSplitClient:
                        for s in heads if s.kind == "split"}
         self._whole = PartRunner(self.root, self.manifest, "local", "head", threads=opt.threads)
         self.contract = proto.served_outputs(self.root, self.manifest)
-        self._sent = [c.wire_name for c in self.contract if c.kind != "constant"]
+        self._sent = {s.id: [c.wire_name for c in proto.tail_contract(self.contract, self.manifest, s)]
+                      for s in self.manifest.splits if s.tail}  # per split: what its server sends
         self._constants: dict[str, np.ndarray] | None = None
         self.fixed_batch = proto.fixed_batch(self.manifest)
         self.say, self.log = say, log
@@ -289,13 +290,13 @@ class DynamicSplitClient:
             r.close()
 
     def warm_up(self, batch: int) -> None:
-        """Load and run every head and the whole model once at ``batch`` (first runs are slow)."""
-        from dsc_export.ort import random_array
+        """Load and run every head and the whole model once at ``batch`` (first runs are slow), on
+        the model's sample inputs (:mod:`dsc_export.feeds`: random within the graph's ranges)."""
+        from dsc_export.feeds import part_feeds
 
-        x = random_array([batch] + list(self.manifest.model.input.shape[1:]),
-                         np.dtype(self.manifest.model.input.dtype), np.random.default_rng(0))
+        feeds = part_feeds(self.root, self.manifest, "local", "head").feeds(batch)
         for r in [*self._heads.values(), self._whole]:
-            r.run({self._in: x})
+            r.run(feeds)
 
     def __enter__(self) -> DynamicSplitClient:
         return self
@@ -381,28 +382,37 @@ class DynamicSplitClient:
     def _constant_values(self) -> dict[str, np.ndarray]:
         """The constant outputs (served by no server), computed once with the whole model here."""
         if self._constants is None:
-            from dsc_export.ort import random_array
+            from dsc_export.feeds import part_feeds
 
             consts = [c for c in self.contract if c.kind == "constant"]
-            x = random_array([1] + list(self.manifest.model.input.shape[1:]),
-                             np.dtype(self.manifest.model.input.dtype), np.random.default_rng(0))
-            values = self._whole.onnx_session().run([c.name for c in consts], {self._in: x}) \
-                if consts else []
+            feeds = part_feeds(self.root, self.manifest, "local", "head").feeds(1) if consts else {}
+            values = self._whole.onnx_session().run([c.name for c in consts], feeds) if consts else []
             self._constants = {c.wire_name: v for c, v in zip(consts, values)}
         return self._constants
 
-    def _from_server(self, res: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _from_server(self, res: dict[str, np.ndarray], kept: dict[str, np.ndarray] | None = None
+                     ) -> dict[str, np.ndarray]:
         """The model's outputs from a server's answer: batch moved back where the model has it,
-        constants added."""
+        constants added, and ``kept``: the outputs the head returned (by the model's names)."""
         out = {}
         for c in self.contract:  # keyed by the model's own output names, as the local path
-            if c.kind == "constant":
+            if kept and c.name in kept:
+                out[c.name] = kept[c.name]
+            elif c.kind == "constant":
                 out[c.name] = self._constant_values()[c.wire_name]
             elif c.kind == "batched" and c.batch_axis:
                 out[c.name] = np.moveaxis(res[c.wire_name], 0, c.batch_axis)
             else:
                 out[c.name] = res[c.wire_name]
         return out
+
+    def _head(self, split, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run the head of ``split`` on ``x``: (the tensor it sends, the model outputs it returns
+        itself (:func:`protocol.head_outputs`), by name)."""
+        kept = proto.head_outputs(self.manifest, split)
+        names = list(dict.fromkeys([split.wire_tensor, *kept]))
+        got = dict(zip(names, self._heads[split.id].run({self._in: x}, names)))
+        return got[split.wire_tensor], {k: got[k] for k in kept}
 
     def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Run one batch (the model's input, batch first) and return the model's outputs by name.
@@ -429,14 +439,13 @@ class DynamicSplitClient:
         while i is not None:
             ep, s = self.endpoints[i], self.manifest.split(split)
             t1 = time.perf_counter()
-            if split not in cut:
-                cut[split] = x if s.kind == "offload" else \
-                    self._heads[split].run({self._in: x}, [s.wire_tensor])[0]
-            z = cut[split]
+            if split not in cut:  # (what is sent, the outputs the head keeps)
+                cut[split] = (x, {}) if s.kind == "offload" else self._head(s, x)
+            z, kept = cut[split]
             head_ms += (time.perf_counter() - t1) * 1e3
             try:
                 t1 = time.perf_counter()
-                res = ep.remote.infer(split, z, self._sent)
+                res = ep.remote.infer(split, z, self._sent[split])
                 round_trip_ms = (time.perf_counter() - t1) * 1e3
                 server_ms = float(res.pop(proto.SERVER_MS).ravel()[0])
                 queue_ms = float(res.pop(proto.QUEUE_MS).ravel()[0])
@@ -449,7 +458,7 @@ class DynamicSplitClient:
                     sent, round_trip_ms=round_trip_ms, queue_ms=queue_ms, server_ms=server_ms,
                     rtt_ms=self.plan.rtt_ms, tail_ms=self.plan.parts_ms(split, batch)[1],
                     stale=self._local_streak >= 2 * self.options.probe_every)
-                out = self._from_server(res)
+                out = self._from_server(res, kept)
                 ep.backoff_s = self.options.backoff_s
                 ran, url = split, ep.url
                 self._current = (i, split)

@@ -25,10 +25,12 @@ from dsc_export.contract import (  # noqa: F401
     ServerLoad,
     constant_outputs,
     fixed_batch,
+    head_outputs,
     mergeable,
     output_contract,
     output_names,
     served_outputs,
+    tail_contract,
     why_not_mergeable,
 )
 from dsc_export.errors import UserError

@@ -67,6 +67,7 @@ from dsc_export.serving.protocol import (
     fixed_batch,
     mergeable,
     served_outputs,
+    tail_contract,
     wait_ready,
     why_not_mergeable,
 )
@@ -417,8 +418,8 @@ class TailServer:
                 inp = sess.get_inputs()[0]
                 in_dims = [d if isinstance(d, int) and d > 0 else -1 for d in inp.shape]
                 in_dtype = ORT_DTYPES.get(inp.type, np.float32)
-                outs = [Tensor(name=c.wire_name, dtype=np.dtype(c.dtype).type, shape=c.dims)
-                        for c in contract if c.kind != "constant"]
+                sent = tail_contract(contract, man, s)  # not the constants, nor what the head keeps
+                outs = [Tensor(name=c.wire_name, dtype=np.dtype(c.dtype).type, shape=c.dims) for c in sent]
                 outs += [Tensor(name=SERVER_MS, dtype=np.float32, shape=(1,)),
                          Tensor(name=QUEUE_MS, dtype=np.float32, shape=(1,))]
                 if fixed is not None:  # one batch size: no batching, Triton checks the full shape
@@ -430,7 +431,7 @@ class TailServer:
                     delay = self.options.max_queue_delay_us
                     batcher = DynamicBatcher(max_queue_delay_microseconds=delay) if dynamic else None
                     config = ModelConfig(max_batch_size=self.max_batch_size, batching=True, batcher=batcher)
-                triton.bind(model_name=s.id, infer_func=[self._infer_fn(s.id, runner, inp.name, contract, dynamic)]
+                triton.bind(model_name=s.id, infer_func=[self._infer_fn(s.id, runner, inp.name, sent, dynamic)]
                             * self.instances, inputs=inputs, outputs=outs, config=config, strict=True)
             sha = man.model.sha256.encode()
 
