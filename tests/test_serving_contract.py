@@ -206,6 +206,7 @@ def test_pytriton_models_merge_requests_only_where_the_model_allows(dirs, monkey
 
     monkeypatch.setattr(pytriton.triton, "Triton", _FakeTriton)
     monkeypatch.setattr(TailServer, "_wait_ready", lambda self, models: None)
+    monkeypatch.setattr(TailServer, "_warm_up", lambda self, tails: None)  # nothing to answer it
     _FakeTriton.bound = []
     TailServer(dirs[name]).start()
     tails = [b for b in _FakeTriton.bound if b["model_name"] not in (META, LOAD)]

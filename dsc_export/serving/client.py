@@ -47,6 +47,11 @@ over staying local, cheap probes come often and expensive ones (a slow link) rar
 a server whose load alone keeps the batch here (not even a perfect link would win); at least
 ``probe_every`` batches lie between probes. Transfers under 64 KB are not used for the
 estimate: they are bound by latency and TCP's slow start, and read low.
+
+The rate estimate is robust to one outlier (a cold start, one slow request): it is the median
+of the last three measurements once there are three, and a first measurement more than 2x off
+the assumed rate is provisional: the next probe (after ``probe_every`` local batches, whatever
+the budget) replaces it.
 """
 
 from __future__ import annotations
@@ -349,7 +354,9 @@ class DynamicSplitClient:
         if self.static is None and self._local_streak >= self.options.probe_every \
                 and self._link_matters(batch, exclude, skip):
             probe = self._probe(batch, exclude, states)
-            if probe and probe[1] != split and self._budget >= probe[2] - t:
+            # a provisional estimate (one first reading far off the prior) is re-probed at once
+            unsure = probe is not None and self.endpoints[probe[0]].estimate.rate.provisional
+            if probe and probe[1] != split and (unsure or self._budget >= probe[2] - t):
                 self._budget = 0.0
                 i, split, t = probe
         return i, split, t
