@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ from dsc_export.errors import UserError, first_line
 from dsc_export.planning import Plan, read_plan
 from dsc_export.serving import protocol as proto  # "protocol" is the http/grpc parameter
 from dsc_export.serving.estimation import ServerEstimate
-from dsc_export.serving.policy import best_server, server_urls
+from dsc_export.serving.policy import best_server, damped, server_urls
 from dsc_export.serving.transport import connect
 
 
@@ -156,6 +157,10 @@ class ClientOptions:
             the compute counts as time on the wire, q = 0, s = 1), a baseline for comparisons.
         load_probe_s: ask a server's load when nothing was heard of it for this long (a stock
             Triton: read its statistics this often), seconds.
+        switch_p: move from the server and split in use to a better pair only with this
+            probability per batch (:func:`~dsc_export.serving.policy.damped`, against herding
+            when many devices share a server); 1: at once.
+        seed: the seed of that draw (None: fresh per client).
     """
 
     protocol: str = "http"
@@ -173,6 +178,8 @@ class ClientOptions:
     ready_timeout_s: float = 60.0
     load_aware: bool = True
     load_probe_s: float = 1.0
+    switch_p: float = 1.0
+    seed: int | None = None
 
 
 class DynamicSplitClient:
@@ -242,6 +249,9 @@ class DynamicSplitClient:
         self.initial_rate_MBps = opt.initial_rate_MBps or math.sqrt(lo * hi)
         self.load_aware = opt.load_aware
         self._budget = 0.0
+        self._rng = random.Random(opt.seed)
+        if not 0 < opt.switch_p <= 1:
+            raise UserError("switch_p must be in (0, 1]")
         if opt.device_slowdown < 1:
             raise UserError("device_slowdown must be at least 1")
         if opt.device_slowdown > 1:
@@ -351,6 +361,9 @@ class DynamicSplitClient:
             exclude = set(self.plan.candidates) - {self.static}
         states = self._states(skip)
         i, split, t = best_server(self.plan, batch, states, current=self._current, exclude=exclude)
+        if self.options.switch_p < 1 and self._current is not None and not skip:
+            i, split, t = damped((i, split, t), self._kept(batch, states, exclude),
+                                 self.options.switch_p, self._rng.random())
         if self.static is None and self._local_streak >= self.options.probe_every \
                 and self._link_matters(batch, exclude, skip):
             probe = self._probe(batch, exclude, states)
@@ -360,6 +373,16 @@ class DynamicSplitClient:
                 self._budget = 0.0
                 i, split, t = probe
         return i, split, t
+
+    def _kept(self, batch: int, states, exclude: set[str]) -> tuple[int | None, str, float] | None:
+        """The pair in use with its predicted time now (None: its server is down, or it is
+        excluded)."""
+        i, split = self._current
+        if split in exclude or (i is not None and (i >= len(states) or states[i] is None)):
+            return None
+        rate, q, s = states[i] if i is not None else (1.0, 0.0, 1.0)
+        others = set(self.plan.candidates) - {split}
+        return i, split, self.plan.choose(batch, rate, None, exclude=others, q_ms=q, s=s)[1]
 
     def _link_matters(self, batch: int, exclude: set[str], skip: set[int]) -> bool:
         """Whether a better rate estimate could move the choice: False while the servers' wait
