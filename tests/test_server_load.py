@@ -90,7 +90,8 @@ def _client(root, plan, server, **kw):
     from dsc_export.serving.client import ClientOptions, DynamicSplitClient
 
     log = kw.pop("log", lambda b: None)
-    client = DynamicSplitClient(root, None, plan, options=ClientOptions(load_probe_s=0.0, **kw), log=log)
+    client = DynamicSplitClient(root, None, plan, options=ClientOptions(
+        load_probe_s=0.0, **kw), log=log)
     client.endpoints = [client._endpoint(getattr(server, "url", "remote"), server)]
     client.endpoints[0].estimate.rate.min_bytes = 1000  # the tiny model's tensors are small
     return client
@@ -195,7 +196,10 @@ def test_server_reports_wait_and_compute_apart(tiny):
     man = read_manifest(root)
     split = next(s for s in man.splits if s.kind == "offload")
     http, grpc, metrics = free_ports(3)
-    srv = TailServer(root, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1, instances=4, load_window_s=60, max_queue_delay_us=100, log_file=root.parent / "triton-load.log"))
+    srv = TailServer(root, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics,
+                                        threads=1, instances=4, load_window_s=60,
+                                        max_queue_delay_us=100,
+                                        log_file=root.parent / "triton-load.log"))
     with srv:
         runner = srv._sessions[split.id]
         real = runner.run
@@ -262,7 +266,8 @@ def test_a_server_with_its_profile_reports_the_slowdown(tiny, tmp_path):
     with pytest.raises(UserError, match="another model"):
         TailServer(root, profile=Profile("server", "onnxruntime", {}, None, "0" * 64, prof.timings))
     http, grpc, metrics = free_ports(3)
-    opts = ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1, load_window_s=60,
+    opts = ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1,
+                        load_window_s=60,
                         log_file=tmp_path / "triton.log")
     x = np.random.default_rng(1).random((1, 3, 16, 16), dtype=np.float32)
     with TailServer(root, opts, profile=prof) as srv:
