@@ -200,6 +200,9 @@ def main() -> None:
                     summ["server_utilization"] = statistics.mean(ld.utilization for ld in during) if during else None
                     summ["server_q_ms"] = statistics.mean(ld.q_ms for ld in during) if during else None
                     results[str(n)][pol] = summ
+                    if not summ.get("batches"):  # a busy machine: the devices started too late
+                        print(f"N={n} {pol:8s}: no batch in the window", flush=True)
+                        continue
                     steady.append((n, pol, summ["error"]))
                     print(f"N={n} {pol:8s}: mean {summ['mean_ms']:7.1f} ms, p95 {summ['p95_ms']:7.1f} ms, "
                           f"{summ['samples_per_s']:6.1f} samples/s, predicted {summ['predicted_mean_ms']:7.1f} ms "
