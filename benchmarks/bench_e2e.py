@@ -113,11 +113,13 @@ def main() -> None:
             dtype = np.dtype(man.model.input.dtype)
             statics = [s.id for s in man.splits]
             logs: list = []
-            dynamic = DynamicSplitClient(root, url, plan, options=ClientOptions(threads=1, deadline_s=30, initial_rate_MBps=rates[0], device_slowdown=k), log=logs.append)
+            dynamic = DynamicSplitClient(root, url, plan, options=ClientOptions(
+                threads=1, deadline_s=30, initial_rate_MBps=rates[0], device_slowdown=k), log=logs.append)
             dynamic.warm_up(args.batch)
             static_clients = {}
             for s in statics:
-                static_clients[s] = DynamicSplitClient(root, url, plan, options=ClientOptions(threads=1, deadline_s=30, static=s, device_slowdown=k))
+                static_clients[s] = DynamicSplitClient(root, url, plan, options=ClientOptions(
+                    threads=1, deadline_s=30, static=s, device_slowdown=k))
                 static_clients[s].warm_up(args.batch)
             phases = []
             for rate in rates:

@@ -55,7 +55,8 @@ from dsc_export.serving.server import ServeOptions, TailServer, serve_forever
 root, host, profile, log = sys.argv[1:5]
 srv = TailServer(root, ServeOptions(host=host, threads=2, instances=int(sys.argv[5]), log_file=log,
                                     load_window_s=2.0), profile=read_profile(profile))
-serve_forever(srv, on_ready=lambda: print("ready", flush=True))
+# ready once every model is warmed up (after Triton says the models are ready)
+serve_forever(srv, on_ready=lambda: open(log + ".ready", "w").close())
 """
 
 LOADGEN = r"""
@@ -82,8 +83,10 @@ def start_server(link, root: Path, profile: Path, log_dir: Path, instances: int,
     a busy machine) is retried."""
     import tritonclient.http as th
 
+    ready = Path(str(log_dir / "triton.log") + ".ready")  # the server's own ready: warmed up
     for attempt in range(tries):
         err = log_dir / "server.err"
+        ready.unlink(missing_ok=True)
         proc = subprocess.Popen(link.exec_argv([sys.executable, "-c", SERVER, str(root), link.server_ip, str(profile),
                                                 str(log_dir / "triton.log"), str(instances)]),
                                 cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=open(err, "w"))
@@ -91,7 +94,7 @@ def start_server(link, root: Path, profile: Path, log_dir: Path, instances: int,
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline:
             try:
-                if c.is_server_ready() and c.is_model_ready("dsc_load"):
+                if ready.exists() and c.is_server_ready() and c.is_model_ready("dsc_load"):
                     return proc
             except Exception:
                 pass
@@ -197,6 +200,9 @@ def main() -> None:
                     summ["server_utilization"] = statistics.mean(ld.utilization for ld in during) if during else None
                     summ["server_q_ms"] = statistics.mean(ld.q_ms for ld in during) if during else None
                     results[str(n)][pol] = summ
+                    if not summ.get("batches"):  # a busy machine: the devices started too late
+                        print(f"N={n} {pol:8s}: no batch in the window", flush=True)
+                        continue
                     steady.append((n, pol, summ["error"]))
                     print(f"N={n} {pol:8s}: mean {summ['mean_ms']:7.1f} ms, p95 {summ['p95_ms']:7.1f} ms, "
                           f"{summ['samples_per_s']:6.1f} samples/s, predicted {summ['predicted_mean_ms']:7.1f} ms "

@@ -77,7 +77,8 @@ def main() -> None:
     x = img if s.kind == "offload" else make_session(root / s.head).run([s.wire_tensor], {man.model.input.name: img})[0]
     results = {}
     for dyn in (True, False):
-        srv = TailServer(root, ServeOptions(threads=2, dynamic_batching=dyn, log_file=root.parent / "triton-load.log"))
+        srv = TailServer(root, ServeOptions(threads=2, dynamic_batching=dyn,
+                                            log_file=root.parent / "triton-load.log"))
         with srv:
             run_load(srv.urls()["http"], args.split, x, args.clients, 2.0)  # warm-up
             srv.stats = type(srv.stats)()

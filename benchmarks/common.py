@@ -122,6 +122,8 @@ def worker(cfg_path: str) -> None:
     inputs = [cache[f"x{i}"] for i in range(cfg["inputs"])]
     policy = cfg["policy"]
     kw = {"load_aware": policy != "blind"}
+    if policy == "aware":  # against herding: move to a better pair with probability 0.3 per batch
+        kw["switch_p"] = float(os.environ.get("DSC_SWITCH_P", "0.3"))
     if policy not in ("aware", "blind"):
         kw["static"] = cfg["static"] if policy == "static" else policy
     if cfg.get("pin"):

@@ -90,7 +90,8 @@ def _client(root, plan, server, **kw):
     from dsc_export.serving.client import ClientOptions, DynamicSplitClient
 
     log = kw.pop("log", lambda b: None)
-    client = DynamicSplitClient(root, None, plan, options=ClientOptions(load_probe_s=0.0, **kw), log=log)
+    client = DynamicSplitClient(root, None, plan, options=ClientOptions(
+        load_probe_s=0.0, **kw), log=log)
     client.endpoints = [client._endpoint(getattr(server, "url", "remote"), server)]
     client.endpoints[0].estimate.rate.min_bytes = 1000  # the tiny model's tensors are small
     return client
@@ -123,6 +124,49 @@ def test_choice_moves_to_the_device_while_the_server_waits_and_back(tiny):
     assert min(b.rate_MBps for b in logs) > 0.5 * server.rate
 
 
+def test_client_recovers_from_a_slow_first_answer(tiny):
+    """A cold start: the first answer takes 400 ms more on the wire than the link would (the
+    20 ms link reads as 20x slower). The reading is provisional (far off the assumed rate): the
+    client runs here, re-probes after probe_every batches whatever the probe budget, and is back
+    on the server with the link's rate."""
+    root, plan = tiny
+    x = np.random.default_rng(0).integers(0, 255, (2, 3, 16, 16)).astype(np.float32)
+    server = FakeServer(root, rate_MBps=x.nbytes / 0.02 / 1e6)
+    real, calls = server.infer, []
+
+    def infer(model, z, outputs):
+        calls.append(model)
+        if len(calls) == 1:
+            time.sleep(0.4)
+        return real(model, z, outputs)
+
+    server.infer = infer
+    logs = []
+    with _client(root, plan, server, log=logs.append, initial_rate_MBps=server.rate) as client:
+        for _ in range(8):
+            client.infer(x)
+    assert logs[0].split == "offload" and logs[0].measured_rate_MBps < 0.1 * server.rate  # the slow one
+    assert logs[1].split != "offload"  # believed, at first
+    back = next(i for i, b in enumerate(logs[1:], 1) if b.split == "offload")
+    assert back <= 1 + client.options.probe_every  # re-measured at the first chance
+    assert all(b.split == "offload" for b in logs[back:])
+    assert logs[-1].rate_MBps == pytest.approx(server.rate, rel=0.35)
+
+
+def test_one_slow_answer_among_three_does_not_move_the_rate():
+    from dsc_export.serving.estimation import ServerEstimate
+
+    est = ServerEstimate(10.0, alpha=0.5)
+    for wire_ms in (100.0, 100.0, 1000.0, 100.0):  # 1 MB each: 10, 10, 1, 10 MB/s
+        est.observe(1_000_000, round_trip_ms=wire_ms, queue_ms=0.0, server_ms=0.0, rtt_ms=0.0, tail_ms=0.0)
+    assert est.rate.value == pytest.approx(10.0)  # the median of the last three: 1 is out
+    slow = ServerEstimate(10.0, alpha=0.5)
+    slow.observe(1_000_000, round_trip_ms=1000.0, queue_ms=0.0, server_ms=0.0, rtt_ms=0.0, tail_ms=0.0)
+    assert slow.rate.provisional and slow.rate.value == pytest.approx(1.0)
+    slow.observe(1_000_000, round_trip_ms=100.0, queue_ms=0.0, server_ms=0.0, rtt_ms=0.0, tail_ms=0.0)
+    assert not slow.rate.provisional and slow.rate.value == pytest.approx(10.0)  # replaced, not averaged
+
+
 def test_a_load_blind_client_reads_a_busy_server_as_a_slow_link(tiny):
     root, plan = tiny
     x = np.zeros((2, 3, 16, 16), np.float32)
@@ -152,7 +196,10 @@ def test_server_reports_wait_and_compute_apart(tiny):
     man = read_manifest(root)
     split = next(s for s in man.splits if s.kind == "offload")
     http, grpc, metrics = free_ports(3)
-    srv = TailServer(root, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1, instances=4, load_window_s=60, max_queue_delay_us=100, log_file=root.parent / "triton-load.log"))
+    srv = TailServer(root, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics,
+                                        threads=1, instances=4, load_window_s=60,
+                                        max_queue_delay_us=100,
+                                        log_file=root.parent / "triton-load.log"))
     with srv:
         runner = srv._sessions[split.id]
         real = runner.run
@@ -199,3 +246,36 @@ def test_server_reports_wait_and_compute_apart(tiny):
     assert load.requests == 20 and load.queue_depth == 0
     assert load.q_ms == pytest.approx(np.mean([q for _, q, _ in answers]), rel=1e-3, abs=0.01)
     assert 0 < load.utilization <= 1
+
+
+def test_a_server_with_its_profile_reports_the_slowdown(tiny, tmp_path):
+    """serve --profile: each request's s is its compute over the profiled tail time, and the load
+    answer's s is their mean (NaN without a profile: clients fall back on their own estimate)."""
+    pytest.importorskip("pytriton", reason="the 'serve' extra (nvidia-pytriton) is not installed")
+    from dsc_export.errors import UserError
+    from dsc_export.serving.server import ServeOptions, TailServer, free_ports
+    from dsc_export.serving.transport import connect
+
+    root, _ = tiny
+    man = read_manifest(root)
+    split = next(s for s in man.splits if s.kind == "offload")
+    profiled_ms = 0.05  # per batch of 1: any real run is slower, so s > 1
+    prof = Profile("server", "onnxruntime", {}, None, man.model.sha256,
+                   [Timing(split=s.id, part="tail", batch=b, median_ms=profiled_ms * b, p10_ms=0, p90_ms=0, runs=3)
+                    for s in man.splits if s.tail for b in (1, 2)])
+    with pytest.raises(UserError, match="another model"):
+        TailServer(root, profile=Profile("server", "onnxruntime", {}, None, "0" * 64, prof.timings))
+    http, grpc, metrics = free_ports(3)
+    opts = ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1,
+                        load_window_s=60,
+                        log_file=tmp_path / "triton.log")
+    x = np.random.default_rng(1).random((1, 3, 16, 16), dtype=np.float32)
+    with TailServer(root, opts, profile=prof) as srv:
+        remote = connect(srv.urls()["http"], "http", 5.0)
+        try:
+            ms = [float(remote.infer(split.id, x, ["logits"])[SERVER_MS].ravel()[0]) for _ in range(4)]
+            load = remote.load()
+        finally:
+            remote.close()
+    assert load.requests == 4  # the warm-up is not counted
+    assert load.s == pytest.approx(sum(m / profiled_ms for m in ms) / 4, rel=0.02)

@@ -99,7 +99,8 @@ def test_batches_go_to_the_idle_server_and_survive_a_failed_one(tiny):  # noqa: 
     busy, idle = FakeServer(root, 50.0), FakeServer(root, 50.0)
     busy.url, idle.url, busy.queue_ms, busy.recent_q = "busy:1", "idle:2", 300.0, 300.0
     logs = []
-    client = DynamicSplitClient(root, None, plan, options=ClientOptions(load_probe_s=0.0, initial_rate_MBps=50.0, backoff_s=0.2, max_backoff_s=0.5), log=logs.append)
+    client = DynamicSplitClient(root, None, plan, options=ClientOptions(
+        load_probe_s=0.0, initial_rate_MBps=50.0, backoff_s=0.2, max_backoff_s=0.5), log=logs.append)
     with client:
         client.endpoints = [client._endpoint(s.url, s) for s in (busy, idle)]
         for _ in range(6):
@@ -170,7 +171,9 @@ def test_killing_one_of_two_servers_loses_no_batch(tiny, tmp_path):  # noqa: F81
     try:
         logs = []
         rng = np.random.default_rng(3)
-        with DynamicSplitClient(root, [u for _, u in procs], plan, options=ClientOptions(initial_rate_MBps=100.0, deadline_s=3.0, backoff_s=0.2, max_backoff_s=0.5, ready_timeout_s=180), log=logs.append) as client:
+        with DynamicSplitClient(root, [u for _, u in procs], plan, options=ClientOptions(
+            initial_rate_MBps=100.0, deadline_s=3.0, backoff_s=0.2, max_backoff_s=0.5,
+            ready_timeout_s=180), log=logs.append) as client:
             killed = None
             for k in range(12):
                 if k == 4:

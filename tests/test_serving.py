@@ -51,7 +51,8 @@ def server(b0):
     from dsc_export.serving.server import ServeOptions, TailServer
 
     http, grpc, metrics = free_ports(3)
-    with TailServer(b0, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=2, log_file=b0.parent / "triton.log")) as srv:
+    with TailServer(b0, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics,
+                                     threads=2, log_file=b0.parent / "triton.log")) as srv:
         yield srv
 
 
@@ -107,7 +108,8 @@ def test_client_runs_batches_against_the_server(b0, server):
     man = read_manifest(b0)
     whole = make_session(b0 / man.model.path)
     rng = np.random.default_rng(1)
-    with DynamicSplitClient(b0, server.urls()["http"], options=ClientOptions(initial_rate_MBps=100.0), log=logs.append) as c:
+    with DynamicSplitClient(b0, server.urls()["http"], options=ClientOptions(
+        initial_rate_MBps=100.0), log=logs.append) as c:
         for _ in range(4):
             x = rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
             got = c.infer(x)["logits"]
@@ -122,7 +124,8 @@ def test_privacy_never_sends_the_raw_input(b0, server):
     from dsc_export.serving.client import ClientOptions, DynamicSplitClient
 
     logs = []
-    with DynamicSplitClient(b0, server.urls()["grpc"], options=ClientOptions(protocol="grpc", privacy=True, initial_rate_MBps=1000.0), log=logs.append) as c:  # a fast link: offload would win without privacy
+    with DynamicSplitClient(b0, server.urls()["grpc"], options=ClientOptions(
+        protocol="grpc", privacy=True, initial_rate_MBps=1000.0), log=logs.append) as c:  # a fast link: offload would win without privacy
         for _ in range(3):
             c.infer(np.random.default_rng(2).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8))
     assert logs and all(b.planned != "offload" and b.split != "offload" for b in logs)
@@ -243,7 +246,8 @@ def test_client_finishes_every_batch_when_the_server_is_killed(b0, tmp_path):
         man = read_manifest(b0)
         whole = make_session(b0 / man.model.path)
         rng = np.random.default_rng(3)
-        with DynamicSplitClient(b0, f"127.0.0.1:{http}", plan, options=ClientOptions(initial_rate_MBps=100.0, deadline_s=3.0, backoff_s=0.2, max_backoff_s=0.5), log=logs.append) as client:
+        with DynamicSplitClient(b0, f"127.0.0.1:{http}", plan, options=ClientOptions(
+            initial_rate_MBps=100.0, deadline_s=3.0, backoff_s=0.2, max_backoff_s=0.5), log=logs.append) as client:
             for k in range(10):
                 if k == 4:
                     os.killpg(proc.pid, signal.SIGKILL)

@@ -69,7 +69,9 @@ def dirs(tmp_path_factory):
 
 def _server(root: Path):
     http, grpc, metrics = free_ports(3)
-    return TailServer(root, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1, log_file=root.parent / f"triton-{root.name}.log"))
+    return TailServer(root, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics,
+                                         threads=1,
+                                         log_file=root.parent / f"triton-{root.name}.log"))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,8 @@ def test_every_output_kind_comes_back_as_the_model_returns_it(dirs, kinds_server
     assert want["scores_t"].shape == (10, 2) and want["prototypes"].shape == (16, 10)
     for split in ("offload", "cut004"):
         logs = []
-        with DynamicSplitClient(root, kinds_server.urls()[protocol], options=ClientOptions(protocol=protocol, static=split, ready_timeout_s=5), log=logs.append) as client:
+        with DynamicSplitClient(root, kinds_server.urls()[protocol], options=ClientOptions(
+            protocol=protocol, static=split, ready_timeout_s=5), log=logs.append) as client:
             got = client.infer(x)
         assert logs[0].split == split and logs[0].fallback is None  # answered by the server, not locally
         assert set(got) == set(want)
@@ -133,7 +136,8 @@ def test_fixed_batch_model_is_served_at_its_batch_only(dirs, fixed_server):
     want = _whole(root, x)
     for split in ("offload", "cut004"):
         logs = []
-        with DynamicSplitClient(root, fixed_server.urls()["http"], options=ClientOptions(static=split, ready_timeout_s=5), log=logs.append) as client:
+        with DynamicSplitClient(root, fixed_server.urls()["http"], options=ClientOptions(
+            static=split, ready_timeout_s=5), log=logs.append) as client:
             got = client.infer(x)
             with pytest.raises(UserError, match="runs at batch size 2 only; this batch has 3"):
                 client.infer(np.zeros((3, 3, 16, 16), np.float32))
@@ -207,6 +211,7 @@ def test_pytriton_models_merge_requests_only_where_the_model_allows(dirs, monkey
 
     monkeypatch.setattr(pytriton.triton, "Triton", _FakeTriton)
     monkeypatch.setattr(TailServer, "_wait_ready", lambda self, models: None)
+    monkeypatch.setattr(TailServer, "_warm_up", lambda self, tails: None)  # nothing to answer it
     _FakeTriton.bound = []
     TailServer(dirs[name]).start()
     tails = [b for b in _FakeTriton.bound if b["model_name"] not in (META, LOAD)]
@@ -222,14 +227,16 @@ def test_client_waits_then_refuses_a_server_that_is_not_there(dirs):
     t0 = time.monotonic()
     said = []
     with pytest.raises(UserError, match=f"127.0.0.1:{port} does not answer within 1.5 s"):
-        DynamicSplitClient(dirs["kinds"], f"127.0.0.1:{port}", options=ClientOptions(ready_timeout_s=1.5), say=said.append)
+        DynamicSplitClient(dirs["kinds"], f"127.0.0.1:{port}", options=ClientOptions(
+            ready_timeout_s=1.5), say=said.append)
     assert 1.5 <= time.monotonic() - t0 < 10
     assert said and "waiting up to 1.5 s" in said[0]
 
 
 def test_client_refuses_a_ready_server_of_another_model(dirs, kinds_server):
     with pytest.raises(UserError, match="serves another model"):
-        DynamicSplitClient(dirs["other"], kinds_server.urls()["http"], options=ClientOptions(ready_timeout_s=5))
+        DynamicSplitClient(dirs["other"], kinds_server.urls()["http"], options=ClientOptions(
+            ready_timeout_s=5))
     import tritonclient.http as th
 
     from dsc_export.serving.protocol import wait_ready
@@ -388,7 +395,8 @@ def test_serve_run_and_device_bundle_refuse_an_output_no_server_can_answer(dirs,
     (root / "plan.json").write_text(json.dumps(plan))
     msg = "output 'batch_mean' has shape [10]: no axis follows the batch size and it depends on the input"
     for call in (lambda: TailServer(root).start(),
-                 lambda: DynamicSplitClient(root, "127.0.0.1:1", options=ClientOptions(ready_timeout_s=0)),
+                 lambda: DynamicSplitClient(root, "127.0.0.1:1", options=ClientOptions(
+                     ready_timeout_s=0)),
                  lambda: make_bundle(root, "device", tmp_path / "dev.tar")):
         with pytest.raises(UserError) as exc:
             call()

@@ -203,7 +203,8 @@ def test_client_and_run_work_against_the_stock_server_unchanged(dirs, kinds_stoc
     want = _whole(root, x)
     for split in [s.id for s in read_manifest(root).splits if s.tail]:
         logs = []
-        with DynamicSplitClient(root, kinds_stock.url(protocol), options=ClientOptions(protocol=protocol, static=split, ready_timeout_s=5), log=logs.append) as client:
+        with DynamicSplitClient(root, kinds_stock.url(protocol), options=ClientOptions(
+            protocol=protocol, static=split, ready_timeout_s=5), log=logs.append) as client:
             got = client.infer(x)
         assert logs[0].split == split and logs[0].fallback is None  # answered by the stock server
         assert set(got) == set(want) and all(_close(got[n], w) for n, w in want.items()), split

@@ -95,8 +95,11 @@ def _open_dir_or_bundle(path: Path, side: str):
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Request handlers per model: at least the number of devices, so that every request's wait "
                    "is measured (queue_ms) rather than spent in Triton's queue.")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="This server's profile (dsc-export bench --role server): the load answer then reports "
+                   "the tails' slowdown s against it.")
 def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_batch_size, dynamic_batching,
-              triton_log, instances) -> None:
+              triton_log, instances, profile_path) -> None:
     """Serve every tail (and the whole model for offload) over Triton's protocol (HTTP + gRPC).
 
     One Triton model per split, named by its id. Says it is serving only once Triton reports
@@ -107,9 +110,11 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
     Example:
       dsc-export serve engines/efficientnet_b0/split
       dsc-export serve b0-server.tar --host 0.0.0.0 --threads 4
+      dsc-export serve engines/efficientnet_b0/split --profile profiles/server-onnxruntime.json
     """
     import tempfile
 
+    from dsc_export.artifacts import read_profile
     from dsc_export.serving.server import ServeOptions, TailServer, serve_forever
 
     root, tmp = _open_dir_or_bundle(source, "server")
@@ -118,7 +123,8 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
         server = TailServer(root, ServeOptions(
             host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
             threads=threads, max_batch_size=max_batch_size, dynamic_batching=dynamic_batching,
-            instances=instances, log_file=triton_log), log=log_line)
+            instances=instances, log_file=triton_log), log=log_line,
+            profile=read_profile(profile_path) if profile_path else None)
         serve_forever(server, on_ready=lambda: click.echo(
             f"serving {len([s for s in server.manifest.splits if s.tail])} model(s), all ready, on "
             f"http://{host}:{http_port} and grpc {host}:{grpc_port} ({server.batching()}); Triton's log: "

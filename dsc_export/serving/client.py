@@ -47,12 +47,18 @@ over staying local, cheap probes come often and expensive ones (a slow link) rar
 a server whose load alone keeps the batch here (not even a perfect link would win); at least
 ``probe_every`` batches lie between probes. Transfers under 64 KB are not used for the
 estimate: they are bound by latency and TCP's slow start, and read low.
+
+The rate estimate is robust to one outlier (a cold start, one slow request): it is the median
+of the last three measurements once there are three, and a first measurement more than 2x off
+the assumed rate is provisional: the next probe (after ``probe_every`` local batches, whatever
+the budget) replaces it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,7 +72,7 @@ from dsc_export.errors import UserError, first_line
 from dsc_export.planning import Plan, read_plan
 from dsc_export.serving import protocol as proto  # "protocol" is the http/grpc parameter
 from dsc_export.serving.estimation import ServerEstimate
-from dsc_export.serving.policy import best_server, server_urls
+from dsc_export.serving.policy import best_server, damped, server_urls
 from dsc_export.serving.transport import connect
 
 
@@ -151,6 +157,10 @@ class ClientOptions:
             the compute counts as time on the wire, q = 0, s = 1), a baseline for comparisons.
         load_probe_s: ask a server's load when nothing was heard of it for this long (a stock
             Triton: read its statistics this often), seconds.
+        switch_p: move from the server and split in use to a better pair only with this
+            probability per batch (:func:`~dsc_export.serving.policy.damped`, against herding
+            when many devices share a server); 1: at once.
+        seed: the seed of that draw (None: fresh per client).
     """
 
     protocol: str = "http"
@@ -168,6 +178,8 @@ class ClientOptions:
     ready_timeout_s: float = 60.0
     load_aware: bool = True
     load_probe_s: float = 1.0
+    switch_p: float = 1.0
+    seed: int | None = None
 
 
 class DynamicSplitClient:
@@ -238,6 +250,9 @@ class DynamicSplitClient:
         self.initial_rate_MBps = opt.initial_rate_MBps or math.sqrt(lo * hi)
         self.load_aware = opt.load_aware
         self._budget = 0.0
+        self._rng = random.Random(opt.seed)
+        if not 0 < opt.switch_p <= 1:
+            raise UserError("switch_p must be in (0, 1]")
         if opt.device_slowdown < 1:
             raise UserError("device_slowdown must be at least 1")
         if opt.device_slowdown > 1:
@@ -347,13 +362,28 @@ class DynamicSplitClient:
             exclude = set(self.plan.candidates) - {self.static}
         states = self._states(skip)
         i, split, t = best_server(self.plan, batch, states, current=self._current, exclude=exclude)
+        if self.options.switch_p < 1 and self._current is not None and not skip:
+            i, split, t = damped((i, split, t), self._kept(batch, states, exclude),
+                                 self.options.switch_p, self._rng.random())
         if self.static is None and self._local_streak >= self.options.probe_every \
                 and self._link_matters(batch, exclude, skip):
             probe = self._probe(batch, exclude, states)
-            if probe and probe[1] != split and self._budget >= probe[2] - t:
+            # a provisional estimate (one first reading far off the prior) is re-probed at once
+            unsure = probe is not None and self.endpoints[probe[0]].estimate.rate.provisional
+            if probe and probe[1] != split and (unsure or self._budget >= probe[2] - t):
                 self._budget = 0.0
                 i, split, t = probe
         return i, split, t
+
+    def _kept(self, batch: int, states, exclude: set[str]) -> tuple[int | None, str, float] | None:
+        """The pair in use with its predicted time now (None: its server is down, or it is
+        excluded)."""
+        i, split = self._current
+        if split in exclude or (i is not None and (i >= len(states) or states[i] is None)):
+            return None
+        rate, q, s = states[i] if i is not None else (1.0, 0.0, 1.0)
+        others = set(self.plan.candidates) - {split}
+        return i, split, self.plan.choose(batch, rate, None, exclude=others, q_ms=q, s=s)[1]
 
     def _link_matters(self, batch: int, exclude: set[str], skip: set[int]) -> bool:
         """Whether a better rate estimate could move the choice: False while the servers' wait

@@ -10,17 +10,35 @@ so a busy server never reads as a slow link. Pure state, no I/O: the client
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 
 from dsc_export.serving import protocol as proto
 
 
 class RateEstimator:
-    """Exponentially smoothed data rate from (bytes, seconds on the wire) observations."""
+    """Data rate from (bytes, seconds on the wire) observations: exponentially smoothed, and
+    optionally robust to one outlier (a cold start, one slow request).
 
-    def __init__(self, initial_MBps: float, alpha: float = 0.5, min_bytes: int = 65536):
+    Args:
+        initial_MBps: the rate assumed before the first transfer (the prior), MB/s.
+        alpha: weight of a new observation (0-1).
+        min_bytes: transfers smaller than this say nothing of the rate (latency-bound).
+        window: with ``window`` >= 3 observations in a row, the estimate is their median
+            (one slow request among them moves it not at all); 0: the smoothed value only.
+        settle: a first observation more than ``settle`` times off the prior (either way) is
+            provisional (:attr:`provisional`): the next observation replaces it instead of
+            being averaged with it, and a client re-probes at once (0: off).
+    """
+
+    def __init__(self, initial_MBps: float, alpha: float = 0.5, min_bytes: int = 65536, *,
+                 window: int = 0, settle: float = 0.0):
         self.value, self.alpha, self.min_bytes = float(initial_MBps), alpha, min_bytes
+        self.prior, self.window, self.settle = float(initial_MBps), window, settle
         self.observations = 0
+        self.provisional = False
+        self._recent: deque[float] = deque(maxlen=max(window, 1))
 
     def observe(self, nbytes: int, seconds: float, stale: bool = False) -> float | None:
         """Add one transfer; tiny ones (latency-bound) are not counted. Returns its rate.
@@ -30,8 +48,16 @@ class RateEstimator:
         if nbytes < self.min_bytes or seconds <= 0:
             return None
         rate = nbytes / seconds / 1e6
-        fresh = self.observations == 0 or stale
+        fresh = self.observations == 0 or stale or self.provisional
+        if fresh:
+            self._recent.clear()
+        self._recent.append(rate)
         self.value = rate if fresh else self.alpha * rate + (1 - self.alpha) * self.value
+        if self.window and len(self._recent) >= self.window:
+            self.value = statistics.median(self._recent)
+        first = self.observations == 0 or stale
+        self.provisional = bool(first and self.settle and
+                                not self.prior / self.settle <= rate <= self.prior * self.settle)
         self.observations += 1
         return rate
 
@@ -50,7 +76,9 @@ class ServerEstimate:
     """
 
     def __init__(self, initial_MBps: float, *, alpha: float = 0.5, min_bytes: int = 65536):
-        self.rate = RateEstimator(initial_MBps, alpha, min_bytes)
+        # robust: the median of the last 3 measurements; a first one far off the prior is
+        # provisional (issue 25: a cold first answer read a 40 MB/s link as 6 MB/s)
+        self.rate = RateEstimator(initial_MBps, alpha, min_bytes, window=3, settle=2.0)
         self.alpha = alpha
         self.q_ms, self.s = 0.0, 1.0
         self.heard = -math.inf  # time.monotonic() of the last news of the server

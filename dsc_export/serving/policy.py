@@ -68,3 +68,17 @@ def best_server(plan: Plan, batch: int, states: list[tuple[float, float, float] 
     keys = [(o[0], o[1]) for o in ranked]
     keep = keys.index(tuple(current)) if current is not None and tuple(current) in keys else None
     return ranked[margin_choice([o[2] for o in ranked], plan.margin, keep)]
+
+
+def damped(best: Choice, kept: Choice | None, switch_p: float, u: float) -> Choice:
+    """Against herding (pure): move from the pair in use (``kept``, with its predicted time now)
+    to a better one (``best``) only with probability ``switch_p``; ``u`` is a uniform draw in
+    [0, 1). Devices that share a server all see the same, delayed load signal; if all moved at
+    once they would crowd onto the server and all leave again. Moving with probability p, about
+    p of them move per round, so the fleet walks toward the share where moving no longer pays
+    instead of swinging past it (a damped best response). ``switch_p`` 1 moves at once.
+    A pair that is gone (``kept`` None: the server is down) is left at once.
+    """
+    if kept is None or (best[0], best[1]) == (kept[0], kept[1]) or u < switch_p:
+        return best
+    return kept

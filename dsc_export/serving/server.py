@@ -288,6 +288,12 @@ class TailServer:
         self.dynamic_batching, self.instances = opt.dynamic_batching, opt.instances
         self.log = log
         self.log_file = Path(opt.log_file) if opt.log_file else None  # None: on stderr
+        if profile is not None and profile.model_sha256 != self.manifest.model.sha256:
+            raise UserError("the server profile was taken for another model than this split dir's "
+                            "(model sha256 differs)")
+        if profile is not None and not any(t.part == "tail" for t in profile.timings):
+            raise UserError("the profile has no tail timings; take the server's with "
+                            "dsc-export bench --role server")
         self.stats = Stats()
         self.meter = LoadMeter(opt.load_window_s)
         self._gate = Gate(self.meter)
@@ -458,12 +464,45 @@ class TailServer:
                 _quiet_echo(triton)
             self._triton = triton
             self._wait_ready([s.id for s in tails] + [META, LOAD])
+            self._warm_up(tails)
         except BaseException:  # also a Ctrl-C or SIGTERM during start-up: nothing left running
             self._triton = None
             with _into(self.log_file):
                 triton.stop()
             kill_stubs()
             raise
+
+    def _warm_up(self, tails) -> None:
+        """Send each tail one request per batch size it has an engine for (or its one batch
+        size), through Triton, before :meth:`start` returns: a model's first run (and the Python
+        backend's first hand-over) is slow, and a client's first answer must not read as a slow
+        link or a slow server. The statistics and the load answer then start afresh."""
+        import tritonclient.http as th
+        from tritonclient.utils import np_to_triton_dtype
+
+        from dsc_export.ort import ORT_DTYPES, random_array
+
+        url = f"{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.http_port}"
+        client = th.InferenceServerClient(url, network_timeout=self.options.ready_timeout_s)
+        fixed, rng = fixed_batch(self.manifest), np.random.default_rng(0)
+        try:
+            for s in tails:
+                runner = self._sessions[s.id]
+                inp = runner.onnx_session().get_inputs()[0]
+                rest = list(inp.shape[1:])
+                if not all(isinstance(d, int) and d > 0 for d in rest):
+                    self.log(f"{s.id}: not warmed up (its input has free dimensions {rest})")
+                    continue
+                sizes = sorted({fixed} if fixed else set(runner.records) | {1})
+                for b in [x for x in sizes if x <= self.max_batch_size or fixed]:
+                    x = random_array([b, *rest], np.dtype(ORT_DTYPES.get(inp.type, np.float32)), rng)
+                    req = th.InferInput(INPUT, list(x.shape), np_to_triton_dtype(x.dtype))
+                    req.set_data_from_numpy(x, binary_data=True)
+                    client.infer(s.id, [req])
+        finally:
+            client.close()
+        self.stats = Stats()
+        self.meter = self._gate.meter = LoadMeter(self.options.load_window_s)
 
     def _wait_ready(self, models: list[str]) -> None:
         """Return once Triton says every model is ready (PyTriton's own wait only logs a warning)."""
