@@ -154,6 +154,10 @@ class Split:
     # held-out values outside the calibrated range}; None otherwise
     quant: dict[str, Any] | None = None
     fidelity: dict[str, Any] | None = None
+    # offload codec forms (dsc_export.offload): the encoded sizes per sample on the sample inputs
+    # {"statistic": "mean" (what bytes is), "mean", "median", "min", "max", "samples", "lossless",
+    # "layout", "encode_ms_per_sample"}; None otherwise
+    encoded: dict[str, Any] | None = None
 
 
 @dataclass(kw_only=True)

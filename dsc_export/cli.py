@@ -236,7 +236,12 @@ def _short(name: str, width: int = 60) -> str:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check tail(head(x)) against the whole model with onnxruntime.")
 @_inputs_option("sizing and verification")
-def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
+@click.option("--offload", "offload", metavar="FORMS",
+              help="Offload forms to race too, comma-separated: raw (always), png, webp (lossless), "
+                   "jpegNN (JPEG at quality NN, 1..100: lossy, its top-1 agreement is measured), "
+                   "e.g. --offload raw,jpeg95. Needs a uint8 image input (dsc-export export's "
+                   "default). [default: raw]")
+def split_cmd(model, out, wire_dtype, at, verify, inputs, offload) -> None:
     """Cut a model into head and tail ONNX models at each compressive bottleneck.
 
     Writes DIR/manifest.json (schema dsc-export.split/3), DIR/model.onnx (the whole model, for
@@ -254,11 +259,13 @@ def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
       dsc-export split model.onnx -o out/split --wire-dtype float16
       dsc-export split model.onnx --at /blocks/blocks.3/blocks.3.2/Add_output_0
       dsc-export split model.onnx --inputs photos/      # verify on your own images
+      dsc-export split model.onnx --inputs photos/ --offload raw,png,jpeg95
     """
     from dsc_export.splitting import split_model
 
     out = out or ENGINES_ROOT / model.stem / "split"
-    man = split_model(model, out, wire_dtype=wire_dtype, at=list(at) or None, verify=verify, log=_log, inputs=inputs)
+    man = split_model(model, out, wire_dtype=wire_dtype, at=list(at) or None, verify=verify, log=_log, inputs=inputs,
+                      offload=[offload] if offload else None)
     rows = [("split", "kind", "bytes/sample", "ratio", "max abs diff", "head", "tail")]
     for s in man.splits:
         rows.append((s.id, s.kind, f"{s.bytes:,}", f"{s.ratio:.4f}" if s.ratio is not None else "",

@@ -66,6 +66,7 @@ from dsc_export.graph.surgery import (
     save_part,
 )
 from dsc_export.inputs import SampleInputs
+from dsc_export.offload import input_layout, offload_splits, parse_forms
 from dsc_export.ort import make_session
 from dsc_export.serving.protocol import constant_outputs, output_contract
 from dsc_export.weight_store import externalize, referenced, save_shared, write_blobs
@@ -438,6 +439,7 @@ def split_model(
     seed: int = 0,
     log: Log = _quiet,
     inputs=None,
+    offload: list[str] | None = None,
 ) -> Manifest:
     """Cut ``path`` at each compressive bottleneck (or at each tensor of ``at``) and write a split dir.
 
@@ -453,6 +455,8 @@ def split_model(
         log: progress callback.
         inputs: a ``.npz`` file or a folder of images for sizing and verification (see
             :mod:`dsc_export.inputs`); None: random inputs within the ranges the graph implies.
+        offload: the offload forms to make (``raw``, ``png``, ``webp``, ``jpegNN``:
+            :mod:`dsc_export.offload`); ``raw`` (split id ``offload``) always.
 
     Returns:
         The manifest written to ``out_dir/manifest.json``.
@@ -463,12 +467,14 @@ def split_model(
     """
     src = Path(path)
     out = Path(out_dir)
+    offload_forms = parse_forms(offload)
     if out.exists() and not (out.is_dir() and ((out / MANIFEST_NAME).is_file() or not any(out.iterdir()))):
         raise UserError(f"'{out}' exists and is not a split dir; choose another -o")
     log(f"loading {src}")
     reference = None
     structure = load_model(src, load_data=False)  # one-line errors before onnxruntime sees the file
-    _check_inputs(structure)
+    in_name, in_dims, in_dtype = _check_inputs(structure)
+    input_layout(TensorSig(name=in_name, shape=in_dims, dtype=in_dtype), offload_forms)
     samples = _samples(inputs, structure, seed)
     del structure
     _release_freed_memory()
@@ -500,9 +506,9 @@ def split_model(
         _release_freed_memory()
         model_file, model_blobs = _copy_model(src, tmp)
         data = {"model.onnx": model_blobs}
-        splits = [Split(id="offload", kind="offload", tensor=None, head=None, tail="model.onnx",
-                        bytes=analysis.input_bytes, max_abs_diff=0.0, max_rel_diff=0.0,
-                        wire_tensor=analysis.input.name, ratio=1.0)]
+        splits, offload_notes = offload_splits(model_file, analysis.input, analysis.input_bytes, samples,
+                                               offload_forms, log=log)
+        notes += offload_notes
         for k, cp in enumerate(chosen, 1):
             sid = f"cut{cp.index:03d}"
             spec = CutSpec(cp.tensor, tuple(cp.shape), cp.dtype, wire_dtype)
