@@ -159,6 +159,12 @@ class Split:
     # "layout", "encode_ms_per_sample"}; None otherwise
     encoded: dict[str, Any] | None = None
 
+    @property
+    def encodes(self) -> bool:
+        """True for an offload codec form (png, webp, jpegNN): its head is the encoder on the
+        device (a profile time, no ONNX file), its tail decodes and runs the whole model."""
+        return self.kind == "offload" and self.wire not in (None, "raw")
+
 
 @dataclass(kw_only=True)
 class Engine:

@@ -163,9 +163,7 @@ def offload_splits(model_file: Path, sig: TensorSig, input_bytes: int, samples, 
 def form_of(split: Split) -> str | None:
     """The codec form an offload candidate needs (``png``, ``jpeg95``...), None for raw, a cut
     or local."""
-    if split.kind != "offload" or split.wire in (None, codecs.RAW):
-        return None
-    return split.wire
+    return split.wire if split.encodes else None
 
 
 def layout_of(manifest) -> str:
@@ -213,3 +211,61 @@ class DecodingRunner:
     def close(self) -> None:
         """Close the whole model's runner."""
         self.inner.close()
+
+
+# --- profiles: the encoder is the head on the device, the decoder part of the tail ----------
+
+CODEC_IMAGES = 48  # distinct photos (the packages' sample photos, crops and mirror images)
+
+
+def codec_images(sig: TensorSig, count: int = CODEC_IMAGES) -> tuple[np.ndarray, str]:
+    """Real photos at the input's resolution, channels and layout, to time a codec on (an
+    encoder's time and a JPEG's size depend on the picture; random pixels are the worst case of
+    both): :func:`dsc_export.images.sample_photos`, their crops and mirror images, each resized
+    (bilinear) to H x W. Returns ``(uint8 [count, ...], what they are)``.
+
+    Raises:
+        UserError: the input cannot carry an image codec.
+    """
+    from PIL import Image
+
+    from dsc_export.images import sample_photos, variants
+
+    layout = input_layout(sig, ["png"])
+    per = [int(d) for d in sig.shape[1:]]
+    h, w, c = (per[0], per[1], per[2]) if layout == "NHWC" else (per[1], per[2], per[0])
+    pool = [v for _, photo in sample_photos() for _, v in variants(photo)]
+    step = max(1, len(pool) // count)
+    out = []
+    for img in pool[::step][:count]:
+        im = Image.fromarray(np.ascontiguousarray(img)).convert("L" if c == 1 else "RGB")
+        a = np.asarray(im.resize((w, h), Image.BILINEAR), dtype=np.uint8)
+        a = a[..., None] if a.ndim == 2 else a
+        out.append(a if layout == "NHWC" else a.transpose(2, 0, 1))
+    return np.stack(out), f"{len(out)} sample photos (crops, mirror images) resized to {h}x{w}"
+
+
+def codec_timer(form: str, layout: str, images: np.ndarray, batch: int, rng: np.random.Generator, *,
+                side: str) -> Callable[[], float]:
+    """A ``run_once_ms`` for :func:`dsc_export.profiling.measure` of an offload form's codec at
+    ``batch``, on a fresh draw of ``images`` per run (wall clock): ``side="device"`` encodes the
+    batch (the form's head), ``side="server"`` decodes it (the tail adds the whole model's time:
+    :func:`dsc_export.profiling.profile_split_dir`).
+    """
+    shape = images.shape[1:]
+    encoded = [codecs.encode(im, form, layout) for im in images] if side == "server" else []
+
+    def once() -> float:
+        idx = rng.choice(len(images), batch)
+        if side == "device":
+            t = time.perf_counter()
+            codecs.encode_batch(images[idx], form, layout)
+            return (time.perf_counter() - t) * 1e3
+        z = np.empty((batch, 1), dtype=np.object_)
+        for k, i in enumerate(idx):
+            z[k, 0] = encoded[i]
+        t = time.perf_counter()
+        codecs.decode_batch(z, form, shape, layout)
+        return (time.perf_counter() - t) * 1e3
+
+    return once

@@ -95,7 +95,7 @@ def candidates(manifest: Manifest, device: Profile, server: Profile, *, privacy:
     for s in manifest.splits:
         if privacy and s.kind == "offload":
             continue
-        head = _series(device, s.id, "head") if s.head else None
+        head = _series(device, s.id, "head") if s.head or s.encodes else None  # a codec: the encoder
         tail = _series(server, s.id, "tail") if s.tail else None
         batches = sorted(set(head or {}) & set(tail or {})) if head and tail else sorted(head or tail)
         if len(batches) == 0:

@@ -4,7 +4,10 @@ The device role times the heads (and the whole model, for ``local``), the server
 (and the whole model, for ``offload``), as the paper measures the head on a weak device and the
 tail on a strong server (Section 4: one GPU underclocked to 300 MHz, and at full speed). Each
 figure is the median of repeated runs after a warm-up, on fresh random inputs of the right dtype
-(never zeros). A GPU engine is timed with device events around its execution.
+(never zeros). A GPU engine is timed with device events around its execution. An offload codec
+form (``offload-jpeg95``: :mod:`dsc_export.offload`) has its encoder as its head on the device
+and its decoder plus the whole model as its tail on the server, both timed on real photos (a
+codec's time depends on the picture).
 
 Standing in for a weak device is recorded in the profile's ``emulation`` field, so an emulated
 figure can never pass for a measured one: fewer threads than cores, GPU clocks locked through
@@ -30,6 +33,7 @@ import numpy as np
 from dsc_export.artifacts import ROLES, Profile, Timing, read_manifest, verify_files
 from dsc_export.engines import dropped_engine, load_part
 from dsc_export.errors import UserError
+from dsc_export.offload import codec_images, codec_timer, form_of, layout_of
 from dsc_export.ort import cpu_isa, cpu_name, random_array
 
 NOISY_SPREAD = 1.5  # p90 / p10 above this: the median is not to be trusted
@@ -314,6 +318,13 @@ def profile_split_dir(
         else:
             sig[sid] = (s.wire_tensor, list(cps[s.tensor].shape), wire)
 
+    # offload codec forms: the encoder is the head (no engine), decode + whole model the tail
+    codec = {s.id: form_of(s) for s in manifest.splits if form_of(s)}
+    if codec:
+        images, codec_what = codec_images(manifest.model.input)
+        layout = layout_of(manifest)
+    if role == "device":
+        pairs = pairs + [(sid, "head") for sid in codec]
     timings: list[Timing] = []
     jobs = [(sid, part, b) for b in batch_sizes for sid, part in pairs]
     rounds = max(1, int(rounds))
@@ -327,11 +338,16 @@ def profile_split_dir(
         for rnd in range(rounds):  # a burst of noise then touches one round of every figure, not one figure
             for k, (sid, part, b) in enumerate(jobs):
                 progress(rnd * len(jobs) + k, rounds * len(jobs), f"{sid}/{part} b{b}")
-                name, shape, dtype = sig[sid]  # an engine build dropped: its ONNX, as the runner does
-                with load_part(root, manifest, sid, part, backend_name, b, precision, threads) as runner:
+                # an engine build dropped: its ONNX, as the runner does; a codec's head reads the input
+                name, shape, dtype = sig.get(sid) or (manifest.model.input.name, [], None)
+                with (contextlib.nullcontext() if sid in codec else
+                      load_part(root, manifest, sid, part, backend_name, b, precision, threads)) as runner:
                     def once(runner=runner, name=name, shape=shape, dtype=dtype, b=b) -> float:
                         feeds = {name: random_array([b] + shape, dtype, rng)}  # fresh, never zeros
                         return runner.time_ms(feeds)
+
+                    if sid in codec:
+                        once = codec_timer(codec[sid], layout, images, b, rng, side=role)
 
                     m = measure(once, warmup=warmup if rnd == 0 else min(warmup, 1), repeats=per_repeats,
                                 min_time_s=per_time)
@@ -339,8 +355,13 @@ def profile_split_dir(
         scale = float(slowdown) if slowdown else 1.0
         for (sid, part, b), xs in samples.items():
             m = Measurement(xs)
-            timings.append(Timing(split=sid, part=part, batch=b, median_ms=m.median * scale,
-                                  p10_ms=m.quantile(0.1) * scale, p90_ms=m.quantile(0.9) * scale, runs=len(xs)))
+            # a codec's tail: its decode + the whole model as timed for offload (one figure for the
+            # engine every offload form shares, so noise cannot rank the forms by the model's time)
+            whole = Measurement(samples[("offload", part, b)]) if part == "tail" and sid in codec else None
+            add = (lambda q, whole=whole: whole.quantile(q)) if whole else (lambda q: 0.0)
+            timings.append(Timing(split=sid, part=part, batch=b, median_ms=(m.median + add(0.5)) * scale,
+                                  p10_ms=(m.quantile(0.1) + add(0.1)) * scale,
+                                  p90_ms=(m.quantile(0.9) + add(0.9)) * scale, runs=len(xs)))
         progress(rounds * len(jobs), rounds * len(jobs), "done")
     return Profile(
         role=role, backend=backend_name, host=host_info(threads, backend_name), emulation=emulation or None,
@@ -348,6 +369,8 @@ def profile_split_dir(
         settings={"warmup": warmup, "repeats": None if min_time_s else repeats, "min_time_s": min_time_s,
                   "rounds": rounds,
                   "seed": seed, "inputs": "fresh random per run (full range for integers, N(0,1) for floats)",
+                  **({"codec_inputs": f"offload forms {', '.join(codec.values())}: a fresh draw per run of "
+                      f"{codec_what}"} if codec else {}),
                   "timer": "device events" if backend_name == "tensorrt" else "wall clock around the run"},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )

@@ -65,9 +65,9 @@ def _pil_encode(hwc, form):
     if form.startswith("jpeg"):
         im.save(buf, "JPEG", quality=int(form[4:]))
     elif form == "png":
-        im.save(buf, "PNG")
+        im.save(buf, "PNG", compress_level=1)  # the settings codecs documents
     else:
-        im.save(buf, "WEBP", lossless=True)
+        im.save(buf, "WEBP", lossless=True, quality=0, method=0)
     return buf.getvalue()
 
 
@@ -187,3 +187,37 @@ def test_cli_refuses_a_codec_on_a_float_input(tmp_path):
     assert not (tmp_path / "out").exists()
     # raw alone needs no codec: the float model splits as before
     assert _cli("split", str(src), "-o", str(tmp_path / "out"), "--offload", "raw").returncode == 0
+
+
+def _split_built(tmp_path, forms=("raw", "png", "jpeg90"), batches=(1, 2)):
+    from dsc_export.engines import build_engines
+
+    src = tmp_path / "m.onnx"
+    onnx.save(image_model(), str(src))
+    np.savez(tmp_path / "in.npz", image=photos(6))
+    split = tmp_path / "split"
+    split_model(src, split, inputs=tmp_path / "in.npz", offload=list(forms))
+    build_engines(split, "onnxruntime", batch_sizes=list(batches), parts="all")
+    return split
+
+
+def test_profiles_time_the_encoder_as_head_and_decode_in_the_tail(tmp_path):
+    from dsc_export.artifacts import read_manifest
+    from dsc_export.planning import candidates
+    from dsc_export.profiling import profile_split_dir
+
+    split = _split_built(tmp_path)
+    dev = profile_split_dir(split, "device", repeats=3, warmup=1, threads=1, slowdown=2.0)
+    srv = profile_split_dir(split, "server", repeats=3, warmup=1)
+    t = {(x.split, x.part, x.batch): x for x in dev.timings + srv.timings}
+    for b in (1, 2):
+        for sid in ("offload-png", "offload-jpeg90"):
+            assert t[(sid, "head", b)].median_ms > 0  # the encoder, on the device
+            # the tail: decode on top of the whole model as timed for offload
+            assert t[(sid, "tail", b)].median_ms > t[("offload", "tail", b)].median_ms
+        assert ("offload", "head", b) not in t
+    assert "codec_inputs" in dev.settings and "photos" in dev.settings["codec_inputs"]
+    cands = {c.id: c for c in candidates(read_manifest(split), dev, srv)}
+    assert cands["offload"].head_ms == [0.0, 0.0]
+    assert cands["offload-jpeg90"].head_ms == [t[("offload-jpeg90", "head", b)].median_ms for b in (1, 2)]
+    assert cands["offload-jpeg90"].bytes == read_manifest(split).split("offload-jpeg90").bytes
