@@ -54,7 +54,9 @@ from typing import Any
 import numpy as np
 
 from dsc_export.artifacts import read_manifest, verify_files
+from dsc_export.codecs import payload_bytes
 from dsc_export.errors import UserError, first_line, lazy_import
+from dsc_export.offload import Encoder, layout_of
 from dsc_export.planning import Plan, read_plan
 from dsc_export.serving import protocol as proto  # "protocol" is the http/grpc parameter
 
@@ -422,8 +424,9 @@ class DynamicSplitClient:
         self.privacy = privacy or plan.privacy
         if static is not None and static not in plan.candidates:
             raise UserError(f"unknown split '{static}'; the plan's candidates: {', '.join(plan.candidates)}")
-        if static == "offload" and self.privacy:
-            raise UserError("privacy mode never sends the raw input: offload cannot be the static split")
+        offloads = {s.id for s in self.manifest.splits if s.kind == "offload"}  # an encoded image is the input
+        if static in offloads and self.privacy:
+            raise UserError(f"privacy mode never sends the raw input: {static} cannot be the static split")
         self.static = static
         urls = server_urls(server_url)
         heads = [s for s in self.manifest.splits if s.head]
@@ -431,6 +434,8 @@ class DynamicSplitClient:
         self._heads = {s.id: PartRunner(self.root, self.manifest, s.id, "head", threads=threads)
                        for s in heads if s.kind == "split"}
         self._whole = PartRunner(self.root, self.manifest, "local", "head", threads=threads)
+        self._encoders = {s.id: Encoder(s.wire, layout_of(self.manifest), self.manifest.model.input.name)
+                          for s in self.manifest.splits if s.encodes}
         self.contract = proto.served_outputs(self.root, self.manifest)
         self._sent = [c.wire_name for c in self.contract if c.kind != "constant"]
         self._constants: dict[str, np.ndarray] | None = None
@@ -447,7 +452,7 @@ class DynamicSplitClient:
             raise UserError("device_slowdown must be at least 1")
         self.device_slowdown = device_slowdown
         if device_slowdown > 1:
-            for r in [*self._heads.values(), self._whole]:
+            for r in [*self._heads.values(), self._whole, *self._encoders.values()]:
                 _slow_down(r, device_slowdown)
         self._current: tuple[int | None, str] | None = None
         self._local_streak = 0
@@ -518,7 +523,7 @@ class DynamicSplitClient:
 
         x = random_array([batch] + list(self.manifest.model.input.shape[1:]),
                          np.dtype(self.manifest.model.input.dtype), np.random.default_rng(0))
-        for r in [*self._heads.values(), self._whole]:
+        for r in [*self._heads.values(), self._whole, *self._encoders.values()]:
             r.run({self._in: x})
 
     def __enter__(self) -> DynamicSplitClient:
@@ -561,7 +566,7 @@ class DynamicSplitClient:
     def choose(self, batch: int, skip: set[int] = frozenset()) -> tuple[int | None, str, float]:
         """Server and split for a batch of this size now (:func:`best_server`): (server index or
         None for here, split, predicted ms). ``skip``: servers that failed this batch."""
-        exclude = {"offload"} if self.privacy else set()
+        exclude = {s.id for s in self.manifest.splits if s.kind == "offload"} if self.privacy else set()
         if self.static is not None:
             exclude = set(self.plan.candidates) - {self.static}
         states = self._states(skip)
@@ -645,7 +650,10 @@ class DynamicSplitClient:
             ep, s = self.endpoints[i], self.manifest.split(split)
             t1 = time.perf_counter()
             if split not in cut:
-                cut[split] = x if s.kind == "offload" else self._heads[split].run({self._in: x}, [s.wire_tensor])[0]
+                if s.kind == "offload":  # the raw pixels, or encoded by the form's codec
+                    cut[split] = self._encoders[split].run({self._in: x})[0] if s.encodes else x
+                else:
+                    cut[split] = self._heads[split].run({self._in: x}, [s.wire_tensor])[0]
             z = cut[split]
             head_ms += (time.perf_counter() - t1) * 1e3
             try:
@@ -654,7 +662,7 @@ class DynamicSplitClient:
                 round_trip_ms = (time.perf_counter() - t1) * 1e3
                 server_ms = float(res.pop(proto.SERVER_MS).ravel()[0])
                 queue_ms = float(res.pop(proto.QUEUE_MS).ravel()[0])
-                sent = int(z.nbytes)
+                sent = payload_bytes(z)  # a codec's: the encoded images' bytes
                 if not self.load_aware:  # today's client: the wait counts as time on the wire
                     queue_ms = 0.0
                 wire_ms = max(round_trip_ms - queue_ms - server_ms, 1e-3)

@@ -51,6 +51,7 @@ import numpy as np
 
 from dsc_export.artifacts import Profile, read_manifest, verify_files
 from dsc_export.errors import UserError, lazy_import
+from dsc_export.offload import DecodingRunner, form_of, layout_of
 
 # INPUT, META, SERVER_MS and output_names live in protocol (both ends use them); importable from here too
 from dsc_export.serving.protocol import (  # noqa: F401
@@ -381,6 +382,9 @@ class TailServer:
                 inp = sess.get_inputs()[0]
                 in_dims = [d if isinstance(d, int) and d > 0 else -1 for d in inp.shape]
                 in_dtype = ORT_DTYPES.get(inp.type, np.float32)
+                if form_of(s):  # an offload codec form: one encoded image per sample, decoded here
+                    runner = DecodingRunner(runner, form_of(s), layout_of(man), man.model.input.shape[1:])
+                    in_dims, in_dtype = [-1, 1], np.bytes_
                 outs = [Tensor(name=c.wire_name, dtype=np.dtype(c.dtype).type, shape=c.dims)
                         for c in contract if c.kind != "constant"]
                 outs += [Tensor(name=SERVER_MS, dtype=np.float32, shape=(1,)),

@@ -1,0 +1,84 @@
+"""Offload forms at run time: serve decodes, the client encodes, the bytes sent are the manifest's.
+
+Expected answers come from onnxruntime on the whole model, fed the pixels Pillow itself decodes.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton", reason="the 'serve' extra (nvidia-pytriton) is not installed")
+pytest.importorskip("tritonclient.http", reason="the 'serve' extra (tritonclient) is not installed")
+
+from test_offload import _pil_decode, _pil_encode, _split_built, photos  # noqa: E402
+from test_serving import free_ports  # noqa: E402
+
+from dsc_export.artifacts import read_manifest  # noqa: E402
+from dsc_export.ort import make_session  # noqa: E402
+from dsc_export.planning import make_plan  # noqa: E402
+from dsc_export.profiling import profile_split_dir  # noqa: E402
+
+FORMS = ("raw", "png", "webp", "jpeg90")
+
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory):
+    root = _split_built(tmp_path_factory.mktemp("offload-serve"), forms=FORMS, batches=(1, 2, 6))
+    dev = profile_split_dir(root, "device", repeats=3, warmup=1, threads=1)
+    srv = profile_split_dir(root, "server", repeats=3, warmup=1)
+    plan = make_plan(read_manifest(root), dev, srv, batch_sizes=[1, 2, 6], rates=[1, 10, 100])
+    (root / "plan.json").write_text(plan.to_json())
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(coded):
+    from dsc_export.serving.server import TailServer
+
+    http, grpc, metrics = free_ports(3)
+    with TailServer(coded, http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1,
+                    log_file=coded.parent / "triton.log") as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_each_offload_form_answers_and_sends_its_encoded_bytes(coded, server, protocol):
+    from dsc_export.serving.client import DynamicSplitClient
+
+    man = read_manifest(coded)
+    x = photos(6)  # the sample inputs split sized the forms on
+    whole = make_session(coded / "model.onnx")
+    for form in FORMS:
+        sid = "offload" if form == "raw" else f"offload-{form}"
+        logs = []
+        with DynamicSplitClient(coded, server.urls()[protocol], protocol=protocol, static=sid,
+                                log=logs.append) as client:
+            y = client.infer(x)["logits"]
+        assert logs[-1].split == sid and logs[-1].fallback is None
+        if form == "raw":
+            want_bytes, pixels = x.nbytes, x
+        else:
+            encoded = [_pil_encode(img, form) for img in x]
+            want_bytes = sum(len(b) for b in encoded)
+            pixels = np.stack([_pil_decode(b, 3) for b in encoded])
+        assert logs[-1].bytes == want_bytes
+        # the manifest's bytes per sample: the mean encoded size on these very samples
+        assert man.split(sid).bytes == math.ceil(want_bytes / len(x))
+        np.testing.assert_allclose(y, whole.run(None, {"image": pixels})[0], rtol=1e-4, atol=1e-4)
+        if form in ("raw", "png", "webp"):  # lossless: the whole model's answer on the raw pixels
+            assert np.array_equal(y.argmax(1), whole.run(None, {"image": x})[0].argmax(1))
+
+
+def test_privacy_never_sends_an_encoded_image(coded, server):
+    from dsc_export.errors import UserError
+    from dsc_export.serving.client import DynamicSplitClient
+
+    with pytest.raises(UserError, match="privacy"):
+        DynamicSplitClient(coded, server.urls()["http"], static="offload-jpeg90", privacy=True)
+    logs = []
+    with DynamicSplitClient(coded, server.urls()["http"], privacy=True, log=logs.append) as client:
+        for rate in (1, 100):
+            client.server.rate.value = rate
+            client.infer(photos(2))
+    assert not any(b.split.startswith("offload") for b in logs)
