@@ -46,9 +46,10 @@ from dsc_export.artifacts import MANIFEST_NAME, Manifest, read_manifest, sha256_
 from dsc_export.backends import get_backend
 from dsc_export.errors import UserError, lazy_import
 from dsc_export.graph.model import load_model
+from dsc_export.offload import layout_of
 from dsc_export.planning import read_plan
 from dsc_export.serving.protocol import INPUT, TRITON_TYPES, fixed_batch, mergeable, served_outputs
-from dsc_export.serving.triton_python import write_python_model
+from dsc_export.serving.triton_python import write_codec, write_python_model
 from dsc_export.weight_store import check_blobs, link_or_copy, save_linked, tree_bytes
 
 BUNDLE_SCHEMA = "dsc-export.bundle/2"  # 2: weights stored once (shared stores, hard links in triton/)
@@ -251,7 +252,6 @@ def write_triton_repository(root: Path, man: Manifest, *, repo: Path, platform: 
     text_format = lazy_import("google.protobuf.text_format", "serve")
     contract = served_outputs(root, man)
     fixed, merge = fixed_batch(man), mergeable(man)
-    write_files = TRITON_MODEL_FILES[platform]
     names = []
     extra: list[str] = []  # lines of a script the platform needs beside the models
     for s in man.splits:
@@ -262,14 +262,19 @@ def write_triton_repository(root: Path, man: Manifest, *, repo: Path, platform: 
         inp = model.graph.input[0].type.tensor_type
         in_dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in inp.shape.dim]
         in_type = TRITON_TYPES[onnx.helper.tensor_dtype_to_np_dtype(inp.elem_type).name]
+        # an offload codec form: Triton's own backends cannot decode images, the Python backend can
+        kind = "python" if s.encodes else platform
+        if s.encodes:
+            in_dims, in_type = [-1, 1], "TYPE_STRING"  # one encoded image (BYTES) per sample
         d = repo / s.id
         (d / "1").mkdir(parents=True, exist_ok=True)
-        extra += write_files(root, man, s, model, d, in_dims, fixed=fixed, max_batch_size=max_batch_size)
+        extra += TRITON_MODEL_FILES[kind](root, man, s, model, d, in_dims, fixed=fixed,
+                                          max_batch_size=max_batch_size)
         config = pb.ModelConfig(name=s.id, max_batch_size=0 if fixed else max_batch_size)
-        if platform == "python":  # a backend, not a platform (model_config.proto)
-            config.backend = platform
+        if kind == "python":  # a backend, not a platform (model_config.proto)
+            config.backend = kind
         else:
-            config.platform = platform
+            config.platform = kind
         if fixed:
             config.input.add(name=INPUT, data_type=pb.DataType.Value(in_type), dims=[fixed] + in_dims[1:])
         else:
@@ -279,12 +284,13 @@ def write_triton_repository(root: Path, man: Manifest, *, repo: Path, platform: 
                 config.output.add(name=c.wire_name, data_type=pb.DataType.Value(TRITON_TYPES[c.dtype]), dims=c.dims)
         if merge:
             config.dynamic_batching.max_queue_delay_microseconds = 2000
-        kind = pb.ModelInstanceGroup.KIND_GPU if platform == "tensorrt_plan" else pb.ModelInstanceGroup.KIND_CPU
-        config.instance_group.add(count=instances, kind=kind)
+        group = pb.ModelInstanceGroup.KIND_GPU if kind == "tensorrt_plan" else pb.ModelInstanceGroup.KIND_CPU
+        config.instance_group.add(count=instances, kind=group)
         config.parameters["dsc_model_sha256"].string_value = man.model.sha256
-        if platform == "python":  # model.py and the engines; their names go into the parameters
-
+        if kind == "python":  # model.py and the engines; their names go into the parameters
             write_python_model(root, man, s.id, d, config, lambda m: _serve_form(m, INPUT, contract))
+        if s.encodes:  # the codec beside model.py, and what it decodes
+            write_codec(d / "1", config, s.wire, layout_of(man), man.model.input.shape[1:])
         (d / "config.pbtxt").write_text(text_format.MessageToString(config))
         names.append(s.id)
     if extra:

@@ -82,3 +82,41 @@ def test_privacy_never_sends_an_encoded_image(coded, server):
             client.server.rate.value = rate
             client.infer(photos(2))
     assert not any(b.split.startswith("offload") for b in logs)
+
+
+@pytest.mark.parametrize("platform", ["python", "onnxruntime_onnx", "tensorrt_plan"])
+def test_stock_triton_decodes_the_offload_forms(coded, tmp_path, platform):
+    """A server bundle's repository: the codec forms are Python-backend models (Triton's own
+    backends cannot decode), whatever the repository's; the python one served by the tritonserver
+    in PyTriton's wheel (which has no onnxruntime or TensorRT backend to serve the others)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from dsc_export.bundle import make_bundle, open_bundle
+    from dsc_export.serving.client import DynamicSplitClient
+    from dsc_export.serving.tritonserver import TritonServer
+
+    make_bundle(coded, "server", tmp_path / "srv.tar", triton_platform=platform)
+    open_bundle(tmp_path / "srv.tar", tmp_path / "srv", expect_side="server")
+    repo = tmp_path / "srv" / "triton"
+    for sid in ("offload-png", "offload-jpeg90"):
+        cfg = text_format.Parse((repo / sid / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert cfg.backend == "python" and (repo / sid / "1" / "dsc_codecs.py").is_file()
+        assert model_config_pb2.DataType.Name(cfg.input[0].data_type) == "TYPE_STRING"
+    plain = text_format.Parse((repo / "offload" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (plain.backend or plain.platform) == platform
+    if platform != "python":
+        return
+    x = photos(3)
+    whole = make_session(coded / "model.onnx")
+    http, grpc, metrics = free_ports(3)
+    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                      log_file=tmp_path / "tritonserver.log") as srv:
+        for sid, form in (("offload-png", "png"), ("offload-jpeg90", "jpeg90")):
+            logs = []
+            with DynamicSplitClient(coded, srv.url("http"), static=sid, log=logs.append) as client:
+                y = client.infer(x)["logits"]
+            encoded = [_pil_encode(img, form) for img in x]
+            assert logs[-1].split == sid and logs[-1].bytes == sum(len(b) for b in encoded)
+            pixels = np.stack([_pil_decode(b, 3) for b in encoded])
+            np.testing.assert_allclose(y, whole.run(None, {"image": pixels})[0], rtol=1e-4, atol=1e-4)

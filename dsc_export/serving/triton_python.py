@@ -8,7 +8,11 @@ and instance group; ``backend: "python"``, ``KIND_CPU``), ``<split>/1/`` holds:
 - ``model.py``: :mod:`dsc_export.serving.triton_python_model`, copied as it is;
 - ``model.onnx``: the tail in its served form (written by ``write_triton_repository``);
 - ``model.b<N>.onnx``: each onnxruntime engine built for the tail (CPU, fp32: what
-  ``dsc-export serve`` runs), given the same served form.
+  ``dsc-export serve`` runs), given the same served form;
+- for an offload codec form (``offload-jpeg95``...), in every repository whatever its backend
+  (Triton's onnxruntime and TensorRT backends cannot decode an image): ``dsc_codecs.py``
+  (:mod:`dsc_export.codecs`, copied as it is) and the parameter ``dsc_codec`` (JSON ``form``,
+  ``layout``, ``shape``); the input is ``TYPE_STRING`` ``[1]``, one encoded image per sample.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dsc_export import codecs
 from dsc_export.artifacts import Manifest
 from dsc_export.engines import PartRunner
 from dsc_export.graph.model import load_model
@@ -59,3 +64,11 @@ def write_python_model(root: Path, man: Manifest, split: str, model_dir: Path, c
     config.parameters["dsc_engines"].string_value = json.dumps(engines, sort_keys=True)
     config.parameters["dsc_threads"].string_value = "0"
     return [e["file"] for e in engines.values()]
+
+
+def write_codec(version_dir: Path, config, form: str, layout: str, shape) -> None:
+    """Copy the codecs beside ``model.py`` (as ``dsc_codecs.py``: no package on the server) and
+    say in ``config``'s parameter ``dsc_codec`` what to decode: ``{"form", "layout", "shape"}``."""
+    shutil.copyfile(codecs.__file__, version_dir / "dsc_codecs.py")
+    config.parameters["dsc_codec"].string_value = json.dumps(
+        {"form": form, "layout": layout, "shape": [int(d) for d in shape]}, sort_keys=True)
