@@ -85,7 +85,7 @@ def _values(folded: onnx.ModelProto, tensors: list[str], part, count: int, fixed
 
 
 def calibrate(folded: onnx.ModelProto, points: list[CutPoint], parts: SampleParts, fixed: int | None, *,
-              per_channel: bool = False) -> tuple[dict[str, dict], list[str]]:
+              per_channel: bool = False, symmetric: bool = False) -> tuple[dict[str, dict], list[str]]:
     """The int8 map of each cut point, calibrated on the calibration part.
 
     Args:
@@ -112,10 +112,10 @@ def calibrate(folded: onnx.ModelProto, points: list[CutPoint], parts: SamplePart
     out, notes = {}, []
     for p in points:
         x_cal, x_held = cal[p.tensor], held[p.tensor]
-        q = wire.calibrate(x_cal)
+        q = wire.calibrate(x_cal, symmetric=symmetric)
         info = {}
         if per_channel and x_cal.ndim >= 2:
-            qc = wire.calibrate(x_cal, axis=1)
+            qc = wire.calibrate(x_cal, axis=1, symmetric=symmetric)
             e_t, e_c = _mse(x_held, q), _mse(x_held, qc)
             info = {"mse": e_t, "mse_per_tensor": e_t}
             if e_c < e_t:
@@ -125,7 +125,7 @@ def calibrate(folded: onnx.ModelProto, points: list[CutPoint], parts: SamplePart
             else:
                 notes.append(f"int8 at '{p.tensor}': per-channel scales lose on the held-out samples "
                              f"(error {e_c:.3g} >= per-tensor {e_t:.3g}); per-tensor kept")
-        out[p.tensor] = {**q.as_dict(), "clipped": wire.clipped_share(x_held, q),
+        out[p.tensor] = {**q.as_dict(), "symmetric": symmetric, "clipped": wire.clipped_share(x_held, q),
                          "calibration_samples": int(len(x_cal)), **info}
     return out, notes
 

@@ -251,12 +251,14 @@ def _short(name: str, width: int = 60) -> str:
 @_wires_option
 @click.option("--per-channel", is_flag=True,
               help="int8: one scale per channel (axis 1) where it beats per-tensor on the held-out inputs.")
+@click.option("--int8-symmetric", "symmetric", is_flag=True,
+              help="int8: zero point 0 (what TensorRT's QuantizeLinear takes) instead of affine.")
 @click.option("--at", "at", multiple=True, metavar="TENSOR",
               help="Cut at this cut point instead of the compressive bottlenecks (repeatable).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check tail(head(x)) against the whole model with onnxruntime.")
 @_inputs_option("sizing and verification")
-def split_cmd(model, out, wire_dtype, wires, per_channel, at, verify, inputs) -> None:
+def split_cmd(model, out, wire_dtype, wires, per_channel, symmetric, at, verify, inputs) -> None:
     """Cut a model into head and tail ONNX models at each compressive bottleneck.
 
     Writes DIR/manifest.json (schema dsc-export.split/3), DIR/model.onnx (the whole model, for
@@ -285,8 +287,8 @@ def split_cmd(model, out, wire_dtype, wires, per_channel, at, verify, inputs) ->
 
     out = out or ENGINES_ROOT / model.stem / "split"
     forms = _parse_wires(wires, wire_dtype)
-    man = split_model(model, out, wire_dtype=forms[0], wires=forms, per_channel=per_channel, at=list(at) or None,
-                      verify=verify, log=_log, inputs=inputs)
+    man = split_model(model, out, wire_dtype=forms[0], wires=forms, per_channel=per_channel, symmetric=symmetric,
+                      at=list(at) or None, verify=verify, log=_log, inputs=inputs)
     rows = [("split", "kind", "wire", "bytes/sample", "ratio", "max abs diff", "agreement", "head", "tail")]
     for s in man.splits:
         agree = (s.fidelity or {}).get("top1_agreement")
@@ -574,8 +576,9 @@ def plan_cmd(split_dir, device_path, server_path, batch_sizes, rates, rate_steps
     _choice_map(plan)
     _candidate_table(plan, man)
     click.echo("mean gain of dynamic splitting (Eq. 7) over:")
+    width = max([10] + [len(b) for b in plan.gain])
     for b, g in plan.gain.items():
-        click.echo(f"  {b:10s} {g['mean'] * 100:6.1f} %")
+        click.echo(f"  {b:{width}s} {g['mean'] * 100:6.1f} %")
     for emu, side in ((dev.emulation, "device"), (srv.emulation, "server")):
         if emu:
             click.secho(f"note: the {side} profile is EMULATED ({json.dumps(emu)})", fg="yellow")

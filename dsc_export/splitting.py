@@ -488,6 +488,7 @@ def split_model(
     inputs=None,
     wires: list[str] | None = None,
     per_channel: bool = False,
+    symmetric: bool = False,
 ) -> Manifest:
     """Cut ``path`` at each compressive bottleneck (or at each tensor of ``at``) and write a split dir.
 
@@ -507,6 +508,7 @@ def split_model(
             rather than verified against a tolerance.
         per_channel: int8 with one scale per channel (axis 1) where that beats per-tensor on the
             held-out samples.
+        symmetric: int8 with zero point 0 (TensorRT's QuantizeLinear takes no other).
         verify: check tail(head(x)) against the whole model with onnxruntime.
         seed: seed of the random verification inputs.
         log: progress callback.
@@ -554,7 +556,8 @@ def split_model(
     int8_points = list({cp.tensor: cp for cp, f in chosen if f == "int8"}.values())
     if int8_points:
         log(f"calibrating int8 at {len(int8_points)} cut point(s) on {parts.calibration_count} sample(s)")
-    quant, quant_notes = calibrate(folded, int8_points, parts, analysis.fixed_batch, per_channel=per_channel)
+    quant, quant_notes = calibrate(folded, int8_points, parts, analysis.fixed_batch, per_channel=per_channel,
+                                   symmetric=symmetric)
     notes += quant_notes
     if int8_points and parts.record["random"]:
         notes.append(RANDOM_NOTE.format(forms="int8"))

@@ -25,6 +25,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dsc_export.artifacts import CUT_FORMS
+from dsc_export.errors import UserError
 
 FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
 QMIN, QMAX = -128, 127  # int8
@@ -103,16 +104,18 @@ def wire_name(tensor: str, dtype: str, form: str) -> str:
     return f"{tensor}.{_SUFFIX[form]}" if converts(dtype, form) else tensor
 
 
-def calibrate(values: np.ndarray, axis: int | None = None) -> Quant:
+def calibrate(values: np.ndarray, axis: int | None = None, *, symmetric: bool = False) -> Quant:
     """The per-tensor (or, with ``axis``, per-channel) affine int8 map of ``values``.
 
     The range [lo, hi] is the min and max of the values widened to include 0 (so that 0 maps to
     an integer exactly); scale = (hi - lo) / 255 as float32, zero_point = round(QMIN - lo / scale)
-    clipped to int8. A range of width 0 gets scale 1.
+    clipped to int8. A range of width 0 gets scale 1. ``symmetric``: zero_point 0 and scale =
+    max |x| / 127 (what TensorRT's Q/DQ takes: it supports zero point 0 only).
 
     Args:
         values: the cut tensor on the calibration inputs, ``[N, *per-sample shape]``, finite.
         axis: None, or the axis (of ``values``, >= 1) that gets one scale per index.
+        symmetric: zero point 0.
 
     Raises:
         ValueError: no values, or a value that is not finite.
@@ -125,9 +128,14 @@ def calibrate(values: np.ndarray, axis: int | None = None) -> Quant:
     else:
         others = tuple(k for k in range(v.ndim) if k != axis)
         lo, hi = np.minimum(v.min(axis=others), 0.0), np.maximum(v.max(axis=others), 0.0)
-    width = np.asarray(hi - lo, dtype=np.float64)
-    scale = np.where(width > 0, width / (QMAX - QMIN), 1.0).astype(np.float32)
-    zp = np.clip(np.rint(QMIN - lo / scale.astype(np.float64)), QMIN, QMAX).astype(np.int64)
+    if symmetric:
+        width = np.asarray(np.maximum(-lo, hi), dtype=np.float64)
+        scale = np.where(width > 0, width / QMAX, 1.0).astype(np.float32)
+        zp = np.zeros(scale.shape, dtype=np.int64)
+    else:
+        width = np.asarray(hi - lo, dtype=np.float64)
+        scale = np.where(width > 0, width / (QMAX - QMIN), 1.0).astype(np.float32)
+        zp = np.clip(np.rint(QMIN - lo / scale.astype(np.float64)), QMIN, QMAX).astype(np.int64)
     if axis is None:
         return Quant(float(scale), int(zp))
     return Quant(tuple(float(s) for s in scale), tuple(int(z) for z in zp), axis=axis)
@@ -221,3 +229,21 @@ def min_opset(form: str, quant: Quant | None = None) -> int:
     if form != "int8":
         return 1
     return 13 if quant is not None and quant.axis is not None else 10
+
+
+def check_symmetric(quants: dict[str, dict | None], backend: str) -> None:
+    """Refuse int8 wires with a zero point other than 0 for a backend whose Q/DQ takes zero point
+    0 only (TensorRT), one line naming the first split.
+
+    Args:
+        quants: split id -> ``Split.quant`` (None for other forms).
+        backend: the backend's name, for the message.
+
+    Raises:
+        UserError: an affine int8 wire among ``quants``.
+    """
+    affine = [sid for sid, q in quants.items() if q and any(np.atleast_1d(q["zero_point"]) != 0)]
+    if affine:
+        more = f" (and {len(affine) - 1} more)" if len(affine) > 1 else ""
+        raise UserError(f"{backend} takes int8 wires with zero point 0 only; {affine[0]}{more} is affine: split "
+                        "again with --int8-symmetric, or serve it with onnxruntime")
