@@ -315,3 +315,147 @@ def test_manifest_without_wire_fields_still_reads(forms_dir, tmp_path):
 def test_read_back_equals_written(forms_dir):
     _, root, man, _ = forms_dir
     assert read_manifest(root).splits == man.splits and read_manifest(root).samples == man.samples
+
+
+# --- run time: build, bench, bundles for every Triton backend, serve, run ------------------------
+
+@pytest.fixture(scope="module")
+def served_forms(tmp_path_factory):
+    """conv_net split in every form (int8 symmetric, so that TensorRT's Q/DQ takes it), onnxruntime
+    engines at 1 and 2, quick profiles, and a plan that admits every form."""
+    from dsc_export.engines import build_engines
+    from dsc_export.profiling import profile_split_dir
+
+    tmp = tmp_path_factory.mktemp("served-forms")
+    onnx.save(conv_net(), tmp / "m.onnx")
+    npz, _ = _inputs(tmp)
+    root = tmp / "split"
+    split_model(tmp / "m.onnx", root, wires=FORMS, inputs=npz, symmetric=True)
+    rep = build_engines(root, "onnxruntime", batch_sizes=[1, 2], parts="all", keep_all=True)
+    assert not rep.failed, rep.failed
+    dev = profile_split_dir(root, "device", batch_sizes=[1, 2], repeats=2, warmup=1, threads=1)
+    srv = profile_split_dir(root, "server", batch_sizes=[1, 2], repeats=2, warmup=1)
+    man = read_manifest(root)
+    assert {t.split for t in dev.timings} == {s.id for s in man.splits if s.head}
+    assert {t.split for t in srv.timings} == {s.id for s in man.splits if s.tail}
+    plan = make_plan(man, dev, srv, batch_sizes=[1, 2], rates=[1, 10, 100], min_agreement=0.0)
+    assert plan.candidates == [s.id for s in man.splits]
+    (root / "plan.json").write_text(plan.to_json())
+    return root
+
+
+def _tail_of_head(root, s, x):
+    z = make_session(root / s.head).run([s.wire_tensor], {"image": x})[0]
+    return make_session(root / s.tail).run(None, {s.wire_tensor: z})[0]
+
+
+def test_symmetric_int8_has_zero_point_0(served_forms):
+    man = read_manifest(served_forms)
+    i8 = [s for s in man.splits if s.wire == "int8"]
+    assert i8 and all(s.quant["zero_point"] == 0 and s.quant["symmetric"] for s in i8)
+
+
+def test_tensorrt_refuses_affine_int8_in_one_line(forms_dir, tmp_path):
+    from dsc_export.bundle import make_bundle
+
+    _, root, _, _ = forms_dir
+    with pytest.raises(UserError, match="zero point 0 only.*--int8-symmetric"):
+        make_bundle(root, "server", tmp_path / "trt.tar", triton_platform="tensorrt_plan")
+    assert not (tmp_path / "trt.tar").exists()
+
+
+@pytest.mark.parametrize("platform", ["onnxruntime_onnx", "python", "tensorrt_plan"])
+def test_server_bundles_carry_every_form(served_forms, tmp_path, platform):
+    pytest.importorskip("tritonclient.grpc", reason="the 'serve' extra (tritonclient) is not installed")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from dsc_export.bundle import make_bundle, open_bundle
+
+    root = served_forms
+    man = read_manifest(root)
+    make_bundle(root, "server", tmp_path / "b.tar", triton_platform=platform)
+    open_bundle(tmp_path / "b.tar", tmp_path / "b", expect_side="server")
+    repo = tmp_path / "b" / "triton"
+    tails = [s for s in man.splits if s.tail]
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == sorted(s.id for s in tails)
+    assert {"cut004-int8", "cut004-float16"} <= {s.id for s in tails}  # the names scripts rely on
+    for s in tails:
+        cfg = text_format.Parse((repo / s.id / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        want = {"int8": "TYPE_INT8", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "raw": "TYPE_FP32"}[s.wire]
+        assert cfg.name == s.id and model_config_pb2.DataType.Name(cfg.input[0].data_type) == want
+    if platform == "tensorrt_plan":
+        script = (repo / "build-plans.sh").read_text()
+        assert all(f"--onnx={s.id}/model.onnx" in script for s in tails)
+
+
+def test_device_bundle_carries_every_head(served_forms, tmp_path):
+    from dsc_export.bundle import make_bundle, open_bundle
+
+    root = served_forms
+    man = read_manifest(root)
+    make_bundle(root, "device", tmp_path / "d.tar")
+    open_bundle(tmp_path / "d.tar", tmp_path / "d", expect_side="device")
+    assert all((tmp_path / "d" / s.head).is_file() for s in man.splits if s.head)
+
+
+def test_each_form_served_and_run_sends_the_manifests_bytes(served_forms):
+    pytest.importorskip("pytriton", reason="the 'serve' extra (nvidia-pytriton) is not installed")
+    from dsc_export.serving.client import DynamicSplitClient
+    from dsc_export.serving.server import TailServer
+
+    root = served_forms
+    man = read_manifest(root)
+    x = np.random.default_rng(11).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    http, grpc, metrics = _free_ports(3)
+    with TailServer(root, http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1,
+                    log_file=root.parent / "triton.log") as srv:
+        for s in (s for s in man.splits if s.tail):
+            logs = []
+            with DynamicSplitClient(root, srv.urls()["http"], static=s.id, log=logs.append,
+                                    initial_rate_MBps=100.0) as c:
+                got = c.infer(x)["logits"]
+            want = _tail_of_head(root, s, x) if s.kind == "split" else make_session(root / man.model.path).run(
+                None, {"image": x})[0]
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), s.id
+            assert [b.split for b in logs] == [s.id] and logs[0].bytes == 2 * s.bytes, s.id
+
+
+def _free_ports(n):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for k in socks:
+        k.bind(("127.0.0.1", 0))
+    ports = [k.getsockname()[1] for k in socks]
+    for k in socks:
+        k.close()
+    return ports
+
+
+def test_stock_triton_python_backend_serves_the_int8_and_float16_tails(served_forms, tmp_path):
+    pytest.importorskip("pytriton", reason="the 'serve' extra (nvidia-pytriton, with tritonserver) is not installed")
+    import tritonclient.http as th
+    from tritonclient.utils import np_to_triton_dtype
+
+    from dsc_export.bundle import make_bundle, open_bundle
+    from dsc_export.serving.tritonserver import TritonServer
+
+    root = served_forms
+    man = read_manifest(root)
+    # PyTriton's tritonserver has the Python backend only (the onnxruntime_onnx repository is checked above)
+    make_bundle(root, "server", tmp_path / "b.tar", triton_platform="python")
+    open_bundle(tmp_path / "b.tar", tmp_path / "b", expect_side="server")
+    x = np.random.default_rng(12).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    http, grpc, metrics = _free_ports(3)
+    with TritonServer(tmp_path / "b" / "triton", http_port=http, grpc_port=grpc, metrics_port=metrics,
+                      log_file=tmp_path / "tritonserver.log") as srv:
+        client = th.InferenceServerClient(srv.url("http"))
+        for s in (s for s in man.splits if s.wire in ("int8", "float16")):
+            z = make_session(root / s.head).run([s.wire_tensor], {"image": x})[0]
+            inp = th.InferInput("input", list(z.shape), np_to_triton_dtype(z.dtype))
+            inp.set_data_from_numpy(z, binary_data=True)
+            got = client.infer(s.id, [inp]).as_numpy("logits")
+            want = make_session(root / s.tail).run(None, {s.wire_tensor: z})[0]
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), s.id
+        client.close()
