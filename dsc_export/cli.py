@@ -189,13 +189,14 @@ def _inputs_option(what: str):
 @cli.command("analyze")
 @click.argument("model", type=click.Path(path_type=Path))
 @_wire_option
+@_wires_option
 @_inputs_option("sizing the cut points")
 @click.option("--json", "as_json", is_flag=True, help="Print the cut points as JSON (manifest fields).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the compression-ratio chart to this PNG.")
 @click.option("--all/--bottlenecks", "show_all", default=True, show_default=True,
               help="List every cut point, or only the natural bottlenecks.")
-def analyze_cmd(model, wire_dtype, inputs, as_json, plot, show_all) -> None:
+def analyze_cmd(model, wire_dtype, wires, inputs, as_json, plot, show_all) -> None:
     """Find the cut points of an ONNX model and its natural and compressive bottlenecks.
 
     A cut point is a tensor every input->output path passes through; its compression ratio is
@@ -206,11 +207,14 @@ def analyze_cmd(model, wire_dtype, inputs, as_json, plot, show_all) -> None:
     Example:
       dsc-export analyze engines/efficientnet_b0/efficientnet_b0.onnx --plot b0.png
       dsc-export analyze model.onnx --wire-dtype float16 --json > cuts.json
+      dsc-export analyze model.onnx --wire float32,float16,int8
       dsc-export analyze text-model.onnx --inputs tokens.npz
     """
     from dsc_export.splitting import analyze_file
 
-    an = analyze_file(model, wire_dtype=wire_dtype, log=_log if not as_json else (lambda s: None), inputs=inputs)
+    forms = _parse_wires(wires, wire_dtype)
+    an = analyze_file(model, wire_dtype=forms[0], log=_log if not as_json else (lambda s: None), inputs=inputs,
+                      forms=forms)
     if plot:
         from dsc_export.plots import bottleneck_chart
 
@@ -218,19 +222,22 @@ def analyze_cmd(model, wire_dtype, inputs, as_json, plot, show_all) -> None:
     if as_json:
         click.echo(json.dumps({
             "model": str(model), "input": asdict(an.input), "input_bytes": an.input_bytes,
-            "wire_dtype": wire_dtype, "cut_points": [asdict(c) for c in an.cut_points],
+            "wire_dtype": forms[0], "wires": forms, "cut_points": [asdict(c) for c in an.cut_points],
             "notes": an.notes,
         }, indent=2))
         return
     click.echo(f"{model}: input {an.input.name} {an.input.dtype} {an.input.shape} "
-               f"= {an.input_bytes:,} bytes per sample; wire {wire_dtype}")
+               f"= {an.input_bytes:,} bytes per sample; wire {', '.join(forms)}")
+    several = len(forms) > 1  # bytes and ratio of the first form; compressive: in which forms (Eq. 3 each)
     rows = [("#", "tensor", "shape", "bytes", "ratio", "elem ratio", "natural", "compressive", "scope")]
     for c in an.cut_points:
-        if not show_all and not c.natural:
+        if not show_all and not any(f["natural"] for f in c.forms.values()):
             continue
+        comp = ",".join(f for f in forms if c.forms[f]["compressive"]) if several else (
+            "YES" if c.compressive else "")
         rows.append((str(c.index), _short(c.tensor), "x".join(map(str, c.shape)) or "scalar",
                      f"{c.bytes:,}", f"{c.ratio:.4f}", f"{c.element_ratio:.4f}",
-                     "yes" if c.natural else "", "YES" if c.compressive else "", c.scope or ""))
+                     "yes" if c.natural else "", comp, c.scope or ""))
     _table(rows, right={0, 3, 4, 5})
     for n in an.notes:
         click.secho(f"note: {n}", fg="yellow")

@@ -118,8 +118,9 @@ class Analysis:
 
     def summary(self) -> str:
         """One line: how many cut points, natural and compressive bottlenecks."""
+        more = "".join(f", {len(self.compressive_in(f))} in {f}" for f in self.forms[1:])
         return (f"{len(self.cut_points)} cut points, {len(self.natural)} natural bottlenecks, "
-                f"{len(self.compressive)} compressive")
+                f"{len(self.compressive)} compressive" + (f" in {self.forms[0]}{more}" if more else ""))
 
 
 def _check_inputs(model: onnx.ModelProto) -> tuple[str, list, str]:
@@ -385,15 +386,18 @@ def check_forms(forms: list[str]) -> list[str]:
 
 
 def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", *, log: Log = _quiet,
-                 inputs=None) -> Analysis:
+                 inputs=None, forms: list[str] | None = None) -> Analysis:
     """Load an ONNX file and analyse it (see :func:`analyze_model`).
 
     Args:
         inputs: a ``.npz`` file or a folder of images for the runs (see
             :mod:`dsc_export.inputs`), or None for random inputs.
+        forms: every wire form to size (Eq. 3 per form) [default: ``[wire_dtype]``].
     """
+    forms = check_forms(forms or [wire_dtype])
     model = load_model(path)
-    return analyze_model(model, wire_dtype, source=os.fspath(path), log=log, inplace=True, inputs=inputs)[0]
+    return analyze_model(model, forms[0], source=os.fspath(path), log=log, inplace=True, inputs=inputs,
+                         forms=forms)[0]
 
 
 def _samples(inputs, model: onnx.ModelProto, seed: int = 0):

@@ -459,3 +459,28 @@ def test_stock_triton_python_backend_serves_the_int8_and_float16_tails(served_fo
             want = make_session(root / s.tail).run(None, {s.wire_tensor: z})[0]
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), s.id
         client.close()
+
+
+def test_real_model_every_form_at_its_own_compressive_cuts(exported, tmp_path):
+    """EfficientNet-Lite0 (random weights, uint8 input): every form verifies with its semantics,
+    its bytes are elements x 4 / 2 / 1, Eq. 3 per form, and the forms answer like onnxruntime."""
+    rep = exported("efficientnet_lite0")
+    man = split_model(rep.path, tmp_path / "s", wires=FORMS)
+    assert man.model.input.dtype == "uint8"
+    for f in FORMS:
+        ratios = [c.elements * {"float32": 4, "float16": 2, "int8": 1}[f] / man.model.input_bytes
+                  for c in man.cut_points]
+        want = [c.tensor for c, m in zip(man.cut_points, compressive_mask(ratios)) if m]
+        assert [s.tensor for s in man.splits if s.wire == f] == want, f
+    x = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    whole = make_session(rep.path).run(None, {"image": x})[0]
+    for s in (s for s in man.splits if s.kind == "split"):
+        cp = next(c for c in man.cut_points if c.tensor == s.tensor)
+        assert s.bytes == cp.elements * {"float32": 4, "float16": 2, "int8": 1}[s.wire]
+        got = _tail_of_head(tmp_path / "s", s, x)
+        rel = float(np.abs(got - whole).max() / np.abs(whole).max())
+        if s.wire == "int8":
+            assert 0 < s.max_rel_diff and np.isfinite(s.max_rel_diff) and s.fidelity["samples"] == 16
+        else:
+            tol = {"float32": 1e-5, "float16": 2e-2}[s.wire]
+            assert rel <= tol and s.max_rel_diff <= tol
