@@ -46,6 +46,7 @@ from dsc_export.artifacts import MANIFEST_NAME, Manifest, read_manifest, sha256_
 from dsc_export.backends import get_backend
 from dsc_export.errors import UserError, lazy_import
 from dsc_export.graph.model import load_model
+from dsc_export.graph.wire import check_symmetric
 from dsc_export.offload import layout_of
 from dsc_export.planning import read_plan
 from dsc_export.serving.protocol import INPUT, TRITON_TYPES, fixed_batch, mergeable, served_outputs
@@ -252,6 +253,8 @@ def write_triton_repository(root: Path, man: Manifest, *, repo: Path, platform: 
     text_format = lazy_import("google.protobuf.text_format", "serve")
     contract = served_outputs(root, man)
     fixed, merge = fixed_batch(man), mergeable(man)
+    if platform == "tensorrt_plan":
+        check_symmetric({s.id: s.quant for s in man.splits if s.tail}, "TensorRT (tensorrt_plan)")
     names = []
     extra: list[str] = []  # lines of a script the platform needs beside the models
     for s in man.splits:

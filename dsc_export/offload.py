@@ -8,10 +8,12 @@ file and ``model.onnx`` as its tail; ``wire`` is the form, and:
 
 - ``bytes``: the **mean** encoded size per sample over every sample input (rounded up; a
   compressed form's size depends on the image), with the mean, median, min and max in
-  ``encoded``. ``raw`` is the input's bytes exactly.
+  ``encoded``. ``raw`` is the input's bytes exactly. Without ``--inputs``: the random draws of
+  both parts.
 - ``fidelity``: :func:`dsc_export.fidelity.measure` of the whole model on the decoded held-out
-  samples against the whole model on the raw ones (:func:`dsc_export.fidelity.partition`: the
-  held-out half; the codecs calibrate nothing, so the sizes use every sample). A lossless form
+  samples against the whole model on the raw ones (the held-out part of
+  :func:`dsc_export.calibration.sample_parts`, as for the cut forms; the codecs calibrate
+  nothing, so the sizes use every sample). A lossless form
   (png, webp) is checked to decode to the raw pixels exactly on every sample, or split fails.
 """
 
@@ -27,10 +29,9 @@ import numpy as np
 from dsc_export import codecs
 from dsc_export.artifacts import Split, TensorSig
 from dsc_export.errors import UserError, VerificationError
-from dsc_export.fidelity import concat_batches, exact, measure, partition
+from dsc_export.fidelity import concat_batches, exact, measure
 from dsc_export.ort import make_session
 
-RANDOM_SAMPLES = 8  # random draws to size and measure the forms when no --inputs were given
 RUN_BATCH = 8  # samples per run of the whole model while measuring fidelity
 FLOAT_HINT = ("export it with uint8 input and the preprocessing in the graph: dsc-export export NAME "
               "(without --float-input) takes uint8 [N, H, W, 3] RGB and normalises inside")
@@ -77,24 +78,34 @@ def input_layout(sig: TensorSig, forms: Sequence[str]) -> str | None:
         raise UserError(f"--offload {','.join(coded)}: input '{sig.name}' {what}: {exc}; {hint}") from None
 
 
-def _sample_images(samples, name: str) -> tuple[np.ndarray, list[str], list[int], bool]:
-    """(every sample input [K, ...], names, held-out indices, random?) of input ``name``."""
+def _sample_images(samples, parts, name: str) -> tuple[np.ndarray, np.ndarray, list[str], bool]:
+    """(every sample input [K, ...], the held-out ones [H, ...], names of all, random?) of input
+    ``name``: the held-out part is the one that measures every form's fidelity
+    (:func:`dsc_export.calibration.sample_parts`)."""
+    held = np.concatenate([f[name] for f in parts.held_out_feeds(None)])[:parts.held_out_count]
     if samples.samples is not None:
-        x = np.asarray(samples.samples[name])
-        names = samples.sample_names
-        return x, names, partition(len(x))[1], False
-    x = samples.feeds(RANDOM_SAMPLES, 7)[name]
-    return x, [f"random #{k}" for k in range(len(x))], partition(len(x))[1], True
+        return np.asarray(samples.samples[name]), held, samples.sample_names, False
+    cal = parts.calibration.feeds(parts.calibration_count)[name]
+    every = np.concatenate([cal, held])
+    return every, held, [f"random #{k}" for k in range(len(every))], True
 
 
-def _run_whole(session, name: str, x: np.ndarray) -> list[np.ndarray]:
-    """The whole model's outputs on ``x`` [K, ...], run RUN_BATCH samples at a time."""
-    runs = [session.run(None, {name: x[k:k + RUN_BATCH]}) for k in range(0, len(x), RUN_BATCH)]
+def _run_whole(session, name: str, x: np.ndarray, fixed: int | None) -> list[np.ndarray]:
+    """The whole model's outputs on ``x`` [K, ...], run in batches of RUN_BATCH (of the model's
+    fixed batch size, the last one padded with its first sample and trimmed)."""
+    b = fixed or RUN_BATCH
+    runs = []
+    for k in range(0, len(x), b):
+        chunk = x[k:k + b]
+        n = len(chunk)
+        if fixed and n < b:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], b - n, axis=0)])
+        runs.append([o[:n] for o in session.run(None, {name: chunk})])
     return concat_batches(runs)
 
 
 def offload_splits(model_file: Path, sig: TensorSig, input_bytes: int, samples, forms: Sequence[str], *,
-                   log: Callable[[str], None] = lambda s: None,
+                   parts=None, fixed: int | None = None, log: Callable[[str], None] = lambda s: None,
                    tolerance_rel: float | None = None) -> tuple[list[Split], list[str]]:
     """The manifest records of the offload forms, in ``forms``' order, and notes.
 
@@ -104,6 +115,9 @@ def offload_splits(model_file: Path, sig: TensorSig, input_bytes: int, samples, 
         input_bytes: bytes of one raw input sample.
         samples: :class:`dsc_export.inputs.SampleInputs`.
         forms: from :func:`parse_forms` (``raw`` first).
+        parts: their calibration / held-out parts (:func:`dsc_export.calibration.sample_parts`;
+            default: made from ``samples``).
+        fixed: the only batch size the model runs at, if any.
         log: progress lines.
         tolerance_rel: the relative tolerance recorded for lossless forms' fidelity.
 
@@ -117,16 +131,20 @@ def offload_splits(model_file: Path, sig: TensorSig, input_bytes: int, samples, 
                 wire=codecs.RAW)
     if layout is None:
         return [raw], []
-    x, names, held, random = _sample_images(samples, sig.name)
+    if parts is None:
+        from dsc_export.calibration import sample_parts
+
+        parts = sample_parts(samples)
+    x, held_x, names, random = _sample_images(samples, parts, sig.name)
     session = make_session(model_file, optimization="extended", arena=False)
     out_names = [o.name for o in session.get_outputs()]
-    reference = _run_whole(session, sig.name, x[held])
+    reference = _run_whole(session, sig.name, held_x, fixed)
     raw.fidelity = exact(reference, out_names).as_dict()
     splits, notes = [raw], []
     shape = tuple(int(d) for d in sig.shape[1:])
     for k, form in enumerate([f for f in forms if f != codecs.RAW], 1):
         log(f"[{k}/{len(forms) - 1}] offload form {form}: encoding {len(x)} sample(s), "
-            f"fidelity on {len(held)} held out")
+            f"fidelity on {len(held_x)} held out")
         t0 = time.perf_counter()
         encoded = [codecs.encode(img, form, layout) for img in x]
         encode_ms = (time.perf_counter() - t0) * 1e3 / len(x)
@@ -138,7 +156,9 @@ def offload_splits(model_file: Path, sig: TensorSig, input_bytes: int, samples, 
                 raise VerificationError(f"offload form {form} is meant to be lossless but does not give "
                                         f"back the pixels of {len(bad)} sample(s) ({bad[0]}, ...); "
                                         "nothing was written")
-        got = _run_whole(session, sig.name, decoded[held])
+        held_dec = np.stack([codecs.decode(codecs.encode(img, form, layout), form, shape, layout)
+                             for img in held_x])
+        got = _run_whole(session, sig.name, held_dec, fixed)
         fid = measure(reference, got, out_names,
                       tolerance=tolerance_rel if codecs.is_lossless(form) else None)
         mean = float(sizes.mean())

@@ -33,6 +33,7 @@ import numpy as np
 from dsc_export.artifacts import ROLES, Profile, Timing, read_manifest, verify_files
 from dsc_export.engines import dropped_engine, load_part
 from dsc_export.errors import UserError
+from dsc_export.graph.wire import wire_elem_dtype
 from dsc_export.offload import codec_images, codec_timer, form_of, layout_of
 from dsc_export.ort import cpu_isa, cpu_name, random_array
 
@@ -310,13 +311,13 @@ def profile_split_dir(
     rng = np.random.default_rng(seed)
     sig = {}  # split id -> (input name, per-sample shape, dtype) of what that part reads
     cps = {c.tensor: c for c in manifest.cut_points}
-    wire = np.dtype(manifest.wire_dtype)
     for sid, part in pairs:
         s = manifest.split(sid)
         if part == "head" or s.kind == "offload":
             sig[sid] = (manifest.model.input.name, list(manifest.model.input.shape[1:]), np.dtype(manifest.model.input.dtype))
         else:
-            sig[sid] = (s.wire_tensor, list(cps[s.tensor].shape), wire)
+            cp = cps[s.tensor]  # the tail reads the cut tensor in its wire form (float16, int8)
+            sig[sid] = (s.wire_tensor, list(cp.shape), np.dtype(wire_elem_dtype(cp.dtype, s.wire or manifest.wire_dtype)))
 
     # offload codec forms: the encoder is the head (no engine), decode + whole model the tail
     codec = {s.id: form_of(s) for s in manifest.splits if form_of(s)}

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from dsc_export.artifacts import (
+    CUT_FORMS,
     MANIFEST_NAME,
     CutPoint,
     Manifest,
@@ -31,13 +32,15 @@ from dsc_export.artifacts import (
     sha256_file,
     write_json_atomic,
 )
+from dsc_export.calibration import RANDOM_NOTE, SampleParts, calibrate, sample_parts
 from dsc_export.compare import Comparison, compare, fits, tolerance
 from dsc_export.errors import ModelRunError, UserError, VerificationError
+from dsc_export.fidelity import exact, measure
+from dsc_export.graph import wire
 from dsc_export.graph.cuts import (
-    WIRE_DTYPES,
-    compressive_mask,
     describe_cut_points,
     find_cut_points,
+    mark_compressive,
     nearest_cut_points,
     scope_of,
     why_not_cut,
@@ -98,6 +101,11 @@ class Analysis:
     seconds: float = 0.0
     fixed_batch: int | None = None  # the only batch size the model runs at (declared or found)
     unbatched: dict[str, list] = field(default_factory=dict)  # dominators without a leading batch axis
+    forms: list[str] = field(default_factory=list)  # every wire form sized (wire_dtype first)
+
+    def compressive_in(self, form: str) -> list[CutPoint]:
+        """The compressive bottlenecks on ``form``'s bytes (Eq. 3 per form), in graph order."""
+        return [c for c in self.cut_points if c.forms.get(form, {}).get("compressive")]
 
     @property
     def natural(self) -> list[CutPoint]:
@@ -111,8 +119,9 @@ class Analysis:
 
     def summary(self) -> str:
         """One line: how many cut points, natural and compressive bottlenecks."""
+        more = "".join(f", {len(self.compressive_in(f))} in {f}" for f in self.forms[1:])
         return (f"{len(self.cut_points)} cut points, {len(self.natural)} natural bottlenecks, "
-                f"{len(self.compressive)} compressive")
+                f"{len(self.compressive)} compressive" + (f" in {self.forms[0]}{more}" if more else ""))
 
 
 def _check_inputs(model: onnx.ModelProto) -> tuple[str, list, str]:
@@ -206,7 +215,8 @@ def _graph_notes(model: onnx.ModelProto, sorted_nodes: bool) -> list[str]:
 
 def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source: str = "<memory>",
                   log: Log = _quiet, inplace: bool = False, inputs=None,
-                  fixed_batch: int | None = None) -> tuple[Analysis, onnx.ModelProto]:
+                  fixed_batch: int | None = None,
+                  forms: list[str] | None = None) -> tuple[Analysis, onnx.ModelProto]:
     """Find, size and classify the cut points of ``model``.
 
     Args:
@@ -222,6 +232,8 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source
         fixed_batch: the only batch size the model runs at, when known (split finds it by running
             the whole model); None: the declared one, or any. When a probe run fails at a batch
             size above 1 and works at 1, the model is analysed at batch 1 (``Analysis.fixed_batch``).
+        forms: every wire form to size, Eq. 3 per form (``CutPoint.forms``) [default:
+            ``[wire_dtype]``]; ``wire_dtype`` is the first.
 
     Returns:
         ``(analysis, folded model)``; the folded model is ``model`` with its static shape
@@ -232,8 +244,10 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source
         UserError: not a single-input model with only the batch dynamic, or the model does not
             run at any batch size (the message names the node).
     """
-    if wire_dtype not in WIRE_DTYPES:
-        raise UserError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}")
+    forms = check_forms(forms or [wire_dtype])
+    if wire_dtype not in forms:
+        raise UserError(f"wire dtype {wire_dtype} is not among the wire forms {', '.join(forms)}")
+    forms = [wire_dtype] + [f for f in forms if f != wire_dtype]
     t0 = time.perf_counter()
     name, dims, dtype = _check_inputs(model)
     if not inplace:
@@ -280,14 +294,14 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source
     in_bytes = in_elements * np.dtype(dtype).itemsize
     # folding renames only shape-arithmetic tensors, so the cut tensors' producers keep their names
     points = describe_cut_points(cuts, shapes, input_bytes=in_bytes, input_elements=in_elements,
-                                 wire_dtype=wire_dtype, scopes=_scopes(folded, cuts))
-    if wire_dtype == "float16":
-        notes += _check_wire_range(folded, points, inputs, fixed)
+                                 wire_dtype=wire_dtype, scopes=_scopes(folded, cuts), forms=forms)
+    if set(forms) & {"float16", "int8"}:
+        notes += _check_wire_range(folded, points, inputs, fixed, wire_dtype)
     batch = fixed or batch_dim(model)
     analysis = Analysis(
         source=source, input=TensorSig(name=name, shape=[batch, *per_sample], dtype=dtype), outputs=outputs,
         input_bytes=in_bytes, input_elements=in_elements, wire_dtype=wire_dtype,
-        cut_points=points, fold=fold, notes=notes, fixed_batch=fixed, unbatched=unbatched,
+        cut_points=points, fold=fold, notes=notes, fixed_batch=fixed, unbatched=unbatched, forms=forms,
     )
     if not analysis.cut_points:
         analysis.notes.append("no cut point: every tensor is bypassed on some path from the input to the outputs, "
@@ -328,9 +342,12 @@ def _batch_candidates(model: onnx.ModelProto, exc: ModelRunError) -> list[int]:
     return [b for b in dict.fromkeys([1, baked]) if b and b != exc.batch]
 
 
-def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, fixed: int | None) -> list[str]:
-    """float16 wire: record each cut point's largest |activation| on the sample inputs, mark
-    those beyond float16's range (or non-finite) as not fitting, and re-apply ``compressive_mask`` to the rest."""
+def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, fixed: int | None,
+                      first: str) -> list[str]:
+    """float16 and int8 wires: record each cut point's largest |activation| on the sample inputs;
+    a point beyond float16's range (or non-finite) does not fit a float16 wire, a non-finite one
+    not an int8 wire (no scale maps it); Eq. 3 is re-applied per form to the rest
+    (:func:`mark_compressive`)."""
 
     if not points:
         return []
@@ -340,14 +357,14 @@ def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, f
         if np.dtype(p.dtype).kind != "f":
             continue
         v = run[p.tensor].astype(np.float64)
-        p.max_abs = float(np.nanmax(np.abs(v))) if np.isfinite(v).all() else float("inf")
-        p.fits_wire = fits("float16", v)
-    fitting = [p for p in points if p.fits_wire]
-    for p, c in zip(fitting, compressive_mask([p.ratio for p in fitting])):
-        p.compressive = c
-    over = [p for p in points if not p.fits_wire]
-    for p in over:
-        p.compressive = False
+        finite = bool(np.isfinite(v).all())
+        p.max_abs = float(np.nanmax(np.abs(v))) if finite else float("inf")
+        if "float16" in p.forms:
+            p.forms["float16"]["fits"] = fits("float16", v)
+        if "int8" in p.forms:
+            p.forms["int8"]["fits"] = finite
+    mark_compressive(points, first)
+    over = [p for p in points if "float16" in p.forms and not p.forms["float16"]["fits"]]
     if not over:
         return []
     names = ", ".join(f"'{p.tensor}' (max |x| {p.max_abs:.3g})" for p in over[:3])
@@ -356,16 +373,32 @@ def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, f
             "not split at with --wire-dtype float16 (use float32 for them)"]
 
 
+def check_forms(forms: list[str]) -> list[str]:
+    """The cut wire forms asked for, each once, in ``CUT_FORMS`` order.
+
+    Raises:
+        UserError: an unknown form, or none.
+    """
+    bad = [f for f in forms if f not in CUT_FORMS]
+    if bad or not forms:
+        raise UserError(f"unknown wire form '{bad[0] if bad else ''}'; known: {', '.join(CUT_FORMS)} "
+                        "(e.g. --wire float32,float16,int8)")
+    return [f for f in CUT_FORMS if f in forms]
+
+
 def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", *, log: Log = _quiet,
-                 inputs=None) -> Analysis:
+                 inputs=None, forms: list[str] | None = None) -> Analysis:
     """Load an ONNX file and analyse it (see :func:`analyze_model`).
 
     Args:
         inputs: a ``.npz`` file or a folder of images for the runs (see
             :mod:`dsc_export.inputs`), or None for random inputs.
+        forms: every wire form to size (Eq. 3 per form) [default: ``[wire_dtype]``].
     """
+    forms = check_forms(forms or [wire_dtype])
     model = load_model(path)
-    return analyze_model(model, wire_dtype, source=os.fspath(path), log=log, inplace=True, inputs=inputs)[0]
+    return analyze_model(model, forms[0], source=os.fspath(path), log=log, inplace=True, inputs=inputs,
+                         forms=forms)[0]
 
 
 def _samples(inputs, model: onnx.ModelProto, seed: int = 0):
@@ -387,20 +420,32 @@ def safe_name(text: str) -> str:
     return _SAFE.sub("_", text).strip("._") or "tensor"
 
 
-def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None) -> list[CutPoint]:
+def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None
+            ) -> list[tuple[CutPoint, str]]:
+    """The (cut point, wire form) pairs to split at, in graph order then form order: each
+    form's compressive bottlenecks (Eq. 3 on its bytes), or every form each ``at`` tensor has.
+
+    Raises:
+        UserError: an ``at`` tensor that is not a cut point, or that no asked form carries.
+    """
     if not at:
-        return analysis.compressive
+        return [(c, f) for c in analysis.cut_points for f in analysis.forms if c.forms[f]["compressive"]]
     by_name = {c.tensor: c for c in analysis.cut_points}
-    chosen = []
+    chosen: dict[tuple[int, str], tuple[CutPoint, str]] = {}
     df = None
     outputs = {o.name for o in analysis.outputs}
     for t in at:
         if t in by_name:
             cp = by_name[t]
-            if not cp.fits_wire:
-                raise UserError(f"--at '{t}': its activations overflow float16 on the sample inputs (max |x| "
-                                f"{cp.max_abs:.3g} > 65504); split there with --wire-dtype float32")
-            chosen.append(cp)
+            forms = [f for f in analysis.forms if cp.forms[f]["has"] and cp.forms[f]["fits"]]
+            if not forms:
+                if "float16" in analysis.forms and not cp.forms["float16"]["fits"]:
+                    raise UserError(f"--at '{t}': its activations overflow float16 on the sample inputs (max |x| "
+                                    f"{cp.max_abs:.3g} > 65504); split there with --wire-dtype float32")
+                raise UserError(f"--at '{t}' is {cp.dtype}: it has no {' or '.join(analysis.forms)} wire form "
+                                "(int8 needs a float tensor wider than 1 byte); add float32 to --wire")
+            for f in forms:
+                chosen[(cp.index, f)] = (cp, f)
             continue
         if t in outputs:
             raise UserError(f"--at '{t}' is a graph output: cutting there is the 'local' candidate (everything "
@@ -418,7 +463,14 @@ def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None) -
         before, after = nearest_cut_points(df, t, [c.tensor for c in analysis.cut_points])
         near = ", ".join(f"'{x}'" for x in (before, after) if x) or "none"
         raise UserError(f"--at '{t}' is not a cut point ({why_not_cut(df, t)}); nearest cut points: {near}")
-    return sorted({c.index: c for c in chosen}.values(), key=lambda c: c.index)
+    return [chosen[k] for k in sorted(chosen, key=lambda k: (k[0], CUT_FORMS.index(k[1])))]
+
+
+def split_id(cp: CutPoint, form: str) -> str:
+    """The split id of a cut point in a wire form: ``cutNNN`` for float32 (and a tensor that
+    travels as it is), ``cutNNN-float16``, ``cutNNN-int8``."""
+    base = f"cut{cp.index:03d}"
+    return base if form == "float32" else f"{base}-{form}"
 
 
 def _copy_model(src: Path, dst_dir: Path) -> tuple[Path, list[str]]:
@@ -439,6 +491,9 @@ def split_model(
     seed: int = 0,
     log: Log = _quiet,
     inputs=None,
+    wires: list[str] | None = None,
+    per_channel: bool = False,
+    symmetric: bool = False,
     offload: list[str] | None = None,
 ) -> Manifest:
     """Cut ``path`` at each compressive bottleneck (or at each tensor of ``at``) and write a split dir.
@@ -448,8 +503,18 @@ def split_model(
         out_dir: the split dir to write; replaced if it is an earlier split dir, refused if it
             is something else. Written to a temporary sibling and moved into place at the end,
             so a failure leaves nothing behind.
-        wire_dtype: ``float32`` or ``float16`` (head casts down, tail casts back).
-        at: cut point tensors to split at instead of the compressive bottlenecks.
+        wire_dtype: the wire form when ``wires`` is not given: ``float32``, ``float16`` (head
+            casts down, tail casts back) or ``int8`` (QuantizeLinear / DequantizeLinear).
+        at: cut point tensors to split at instead of the compressive bottlenecks (every form
+            each has).
+        wires: the wire forms to make (:data:`CUT_FORMS`), each at its own compressive
+            bottlenecks (Eq. 3 on that form's bytes); split ids ``cutNNN`` (float32),
+            ``cutNNN-float16``, ``cutNNN-int8``. Every split gets ``fidelity`` on the held-out
+            sample inputs (:mod:`dsc_export.calibration`); int8 is lossy, so its error is recorded
+            rather than verified against a tolerance.
+        per_channel: int8 with one scale per channel (axis 1) where that beats per-tensor on the
+            held-out samples.
+        symmetric: int8 with zero point 0 (TensorRT's QuantizeLinear takes no other).
         verify: check tail(head(x)) against the whole model with onnxruntime.
         seed: seed of the random verification inputs.
         log: progress callback.
@@ -467,6 +532,7 @@ def split_model(
     """
     src = Path(path)
     out = Path(out_dir)
+    forms = check_forms(list(wires) if wires else [wire_dtype])
     offload_forms = parse_forms(offload)
     if out.exists() and not (out.is_dir() and ((out / MANIFEST_NAME).is_file() or not any(out.iterdir()))):
         raise UserError(f"'{out}' exists and is not a split dir; choose another -o")
@@ -476,6 +542,12 @@ def split_model(
     in_name, in_dims, in_dtype = _check_inputs(structure)
     input_layout(TensorSig(name=in_name, shape=in_dims, dtype=in_dtype), offload_forms)
     samples = _samples(inputs, structure, seed)
+    parts = sample_parts(samples)
+    if "int8" in forms:
+        opset = next((o.version for o in structure.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < wire.min_opset("int8", None):
+            raise UserError(f"the int8 wire form needs opset 10 or later (QuantizeLinear); the model is at "
+                            f"opset {opset}: convert it (onnx.version_converter) or leave int8 out of --wire")
     del structure
     _release_freed_memory()
     if verify:  # before the weights are in this process: that session's load is the peak
@@ -485,12 +557,22 @@ def split_model(
     model = load_model(src)
     if reference:
         _complete_output_shapes(model, reference)
-    analysis, folded = analyze_model(model, wire_dtype, source=os.fspath(src), log=log, inplace=True, inputs=samples,
-                                     fixed_batch=reference.fixed_batch if reference else None)
+    analysis, folded = analyze_model(model, forms[0], source=os.fspath(src), log=log, inplace=True, inputs=samples,
+                                     fixed_batch=reference.fixed_batch if reference else None, forms=forms)
     del model
     notes = (reference.notes if reference else []) + analysis.notes
     log(analysis.summary())
     chosen = _choose(analysis, folded, at)
+    int8_points = list({cp.tensor: cp for cp, f in chosen if f == "int8"}.values())
+    if int8_points:
+        log(f"calibrating int8 at {len(int8_points)} cut point(s) on {parts.calibration_count} sample(s)")
+    quant, quant_notes = calibrate(folded, int8_points, parts, analysis.fixed_batch, per_channel=per_channel,
+                                   symmetric=symmetric)
+    notes += quant_notes
+    if int8_points and parts.record["random"]:
+        notes.append(RANDOM_NOTE.format(forms="int8"))
+    if int8_points:
+        notes += parts.notes
     outputs = analysis.outputs
     if reference:  # the shapes the runs showed; without them (--no-verify) build and serve check later
         outputs = _observed_outputs(analysis, reference)
@@ -507,26 +589,30 @@ def split_model(
         model_file, model_blobs = _copy_model(src, tmp)
         data = {"model.onnx": model_blobs}
         splits, offload_notes = offload_splits(model_file, analysis.input, analysis.input_bytes, samples,
-                                               offload_forms, log=log)
+                                               offload_forms, parts=parts, fixed=analysis.fixed_batch, log=log)
         notes += offload_notes
-        for k, cp in enumerate(chosen, 1):
-            sid = f"cut{cp.index:03d}"
-            spec = CutSpec(cp.tensor, tuple(cp.shape), cp.dtype, wire_dtype)
-            log(f"[{k}/{len(chosen)}] cutting at {cp.tensor} ({cp.scope or 'no scope'}, ratio {cp.ratio:.3f})")
+        for k, (cp, form) in enumerate(chosen, 1):
+            sid = split_id(cp, form)
+            q = quant.get(cp.tensor) if form == "int8" else None
+            spec = CutSpec(cp.tensor, tuple(cp.shape), cp.dtype, form, wire.Quant.from_dict(q) if q else None)
+            size = cp.forms[form]
+            log(f"[{k}/{len(chosen)}] cutting at {cp.tensor} ({cp.scope or 'no scope'}, {form}, "
+                f"ratio {size['ratio']:.3f})")
             head_rel, tail_rel = f"head-{sid}.onnx", f"tail-{sid}.onnx"
             for rel, part in ((head_rel, extract_head(folded, spec)), (tail_rel, extract_tail(folded, spec))):
                 save_part(part, tmp / rel)
                 data[rel] = referenced(part.to_model())
             splits.append(Split(id=sid, kind="split", tensor=cp.tensor, head=head_rel, tail=tail_rel,
-                                bytes=cp.bytes, max_abs_diff=None, max_rel_diff=None,
-                                wire_tensor=spec.wire_tensor, ratio=cp.ratio))
+                                bytes=size["bytes"], max_abs_diff=None, max_rel_diff=None,
+                                wire_tensor=spec.wire_tensor, ratio=size["ratio"], wire=form,
+                                cut=split_id(cp, "float32"), quant=q))
         splits.append(Split(id="local", kind="local", tensor=None, head="model.onnx", tail=None, bytes=0,
                             max_abs_diff=0.0, max_rel_diff=0.0, wire_tensor=None, ratio=0.0))
         del folded
         _release_freed_memory()  # the weights' protobuf is gone: hand its pages back before onnxruntime loads
         verification = None
         if reference is not None:
-            verification = _verify(tmp, splits, wire_dtype, reference, seed, log)
+            verification = _verify(tmp, splits, reference, seed, log, parts, analysis.fixed_batch)
         manifest = Manifest(
             model=ModelRef(
                 path="model.onnx", sha256=sha256_file(model_file), input=analysis.input,
@@ -534,8 +620,9 @@ def split_model(
                 source=os.fspath(src), fixed_batch=analysis.fixed_batch,
                 batch_independent=reference.batch_independent if reference else None,
             ),
-            wire_dtype=wire_dtype, cut_points=analysis.cut_points, splits=splits,
+            wire_dtype=forms[0], cut_points=analysis.cut_points, splits=splits,
             verification=verification, files=hash_files(tmp), notes=notes, data=data,
+            samples=parts.record, wires=forms,
         )
         write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
         if out.exists():
@@ -741,20 +828,36 @@ def _cannot_run(exc: ModelRunError, finding: str = "") -> UserError:
                      "--inputs FILE.npz|DIR")
 
 
-def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, seed: int,
-            log: Log) -> dict:
-    """tail(head(x)) against the whole model for every split, at the reference's batch sizes.
+def _verify(root: Path, splits: list[Split], ref: _Reference, seed: int, log: Log,
+            parts: SampleParts | None = None, fixed: int | None = None) -> dict:
+    """tail(head(x)) against the whole model for every split, at the reference's batch sizes;
+    and each split's fidelity on the held-out samples (``Split.fidelity``).
 
     The tolerance follows the dtypes compared (:func:`dsc_export.compare.tolerance`): the wire
-    dtype, the cut tensor's and the outputs' dtypes; a NaN or inf anywhere is a failure.
+    form, the cut tensor's and the outputs' dtypes; a NaN or inf anywhere is a failure. An int8
+    form is lossy: its differences are recorded, never held to a tolerance (a NaN or inf is
+    recorded as a problem in its fidelity, never as a difference of 0).
 
     Raises:
-        VerificationError: a split that does not reproduce the model (names it and why).
+        VerificationError: a float32 or float16 split that does not reproduce the model (names
+            it and why).
     """
 
     batches, feeds, refs = ref.batches, ref.feeds, ref.outputs
     out_dtypes = [o.dtype for o in refs[0]]
     cut_splits = [s for s in splits if s.kind == "split"]
+    held_feeds, held_ref = [], None
+    if parts is not None:
+        log(f"running the whole model on {parts.held_out_count} held-out sample(s)")
+        whole = make_session(root / "model.onnx", optimization=ONE_OFF, arena=False)
+        held_feeds = parts.held_out_feeds(fixed)
+        held_ref = parts.trim([_run_part(whole, f, "the whole model", len(next(iter(f.values()))), all_outputs=True)
+                               for f in held_feeds])
+        del whole
+        _release_freed_memory()
+        for s in splits:  # the whole model on the raw input itself (an offload codec measures its own)
+            if s.kind == "local" or (s.kind == "offload" and s.wire in (None, "raw")):
+                s.fidelity = exact(held_ref, ref.output_names).as_dict()
     tols = []
     for k, s in enumerate(cut_splits, 1):
         log(f"[{k}/{len(cut_splits)}] verifying {s.id}: tail(head(x)) against the whole model "
@@ -762,6 +865,7 @@ def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, s
         # one session at a time: the head's outputs are small, its weights need not wait for the tail's
         head = make_session(root / s.head, optimization=ONE_OFF, arena=False)
         sent = [_run_part(head, f, f"the head of {s.id}", b) for f, b in zip(feeds, batches)]
+        held_sent = [_run_part(head, f, f"the head of {s.id}", len(next(iter(f.values())))) for f in held_feeds]
         del head
         _release_freed_memory()
         tail = make_session(root / s.tail, optimization=ONE_OFF, arena=False)
@@ -769,15 +873,23 @@ def _verify(root: Path, splits: list[Split], wire_dtype: str, ref: _Reference, s
         for h, want, b in zip(sent, refs, batches):
             got = _run_part(tail, {s.wire_tensor: h}, f"the tail of {s.id}", b, all_outputs=True)
             result = result.merge(compare(want, got, ref.output_names, what=f"the tail of {s.id}"))
-        tol = tolerance(wire_dtype, sent[0].dtype, *out_dtypes)
-        tols.append(tol)
-        del tail, sent
+        tol = tolerance(s.wire, sent[0].dtype, *out_dtypes)
+        if held_ref is not None:
+            held_got = parts.trim([_run_part(tail, {s.wire_tensor: h}, f"the tail of {s.id}", len(h),
+                                             all_outputs=True) for h in held_sent])
+            s.fidelity = measure(held_ref, held_got, ref.output_names, tolerance=tol).as_dict()
+        del tail, sent, held_sent
         _release_freed_memory()
+        if s.wire == "int8":  # lossy: what it costs is recorded, not refused
+            s.max_abs_diff, s.max_rel_diff = ((None, None) if result.problem else (result.max_abs, result.max_rel))
+            continue
+        tols.append(tol)
         s.max_abs_diff, s.max_rel_diff = result.max_abs, result.max_rel
         if not result.ok(tol):
             raise VerificationError(
                 f"split {s.id} at '{s.tensor}' does not reproduce the model: {result.describe(tol)}; "
                 "nothing was written"
             )
-    return {"batch_sizes": list(batches), "tolerance_rel": max(tols, default=tolerance(wire_dtype, *out_dtypes)),
+    lossless = [s.wire for s in cut_splits if s.wire != "int8"]
+    return {"batch_sizes": list(batches), "tolerance_rel": max(tols, default=tolerance(*lossless, *out_dtypes)),
             "seed": seed, "inputs": ref.inputs, "batch_independent": ref.batch_independent}

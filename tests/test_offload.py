@@ -217,7 +217,13 @@ def test_profiles_time_the_encoder_as_head_and_decode_in_the_tail(tmp_path):
             assert t[(sid, "tail", b)].median_ms > t[("offload", "tail", b)].median_ms
         assert ("offload", "head", b) not in t
     assert "codec_inputs" in dev.settings and "photos" in dev.settings["codec_inputs"]
-    cands = {c.id: c for c in candidates(read_manifest(split), dev, srv)}
+    man = read_manifest(split)
+    excluded = {}
+    lossless = {c.id for c in candidates(man, dev, srv, excluded=excluded)}
+    assert {"offload", "offload-png"} <= lossless and "offload-jpeg90" in excluded  # JPEG is lossy
+    agree = man.split("offload-jpeg90").fidelity["top1_agreement"]
+    assert "offload-jpeg90" in {c.id for c in candidates(man, dev, srv, min_agreement=agree)}
+    cands = {c.id: c for c in candidates(man, dev, srv, admit_all=True)}
     assert cands["offload"].head_ms == [0.0, 0.0]
     assert cands["offload-jpeg90"].head_ms == [t[("offload-jpeg90", "head", b)].median_ms for b in (1, 2)]
     assert cands["offload-jpeg90"].bytes == read_manifest(split).split("offload-jpeg90").bytes
