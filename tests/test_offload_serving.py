@@ -121,3 +121,22 @@ def test_stock_triton_decodes_the_offload_forms(coded, tmp_path, platform):
             assert logs[-1].split == sid and logs[-1].bytes == sum(len(b) for b in encoded)
             pixels = np.stack([_pil_decode(b, 3) for b in encoded])
             np.testing.assert_allclose(y, whole.run(None, {"image": pixels})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_device_bundle_carries_the_offload_forms(coded, server, tmp_path):
+    """The device side needs no file for a codec form: the manifest names it, the client encodes."""
+    from dsc_export.bundle import make_bundle, open_bundle
+    from dsc_export.serving.client import DynamicSplitClient
+
+    make_bundle(coded, "device", tmp_path / "dev.tar")
+    open_bundle(tmp_path / "dev.tar", tmp_path / "dev", expect_side="device")
+    x = photos(2)
+    logs = []
+    with DynamicSplitClient(tmp_path / "dev", server.urls()["http"], static="offload-jpeg90",
+                            log=logs.append) as client:
+        y = client.infer(x)["logits"]
+    encoded = [_pil_encode(img, "jpeg90") for img in x]
+    assert logs[-1].split == "offload-jpeg90" and logs[-1].bytes == sum(len(b) for b in encoded)
+    pixels = np.stack([_pil_decode(b, 3) for b in encoded])
+    want = make_session(coded / "model.onnx").run(None, {"image": pixels})[0]
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
