@@ -27,7 +27,7 @@ The machine is shared and noisy: every profile figure is a median of 2 interleav
 Writes ``benchmarks/out/wire.json``, ``benchmarks/results/wire-<date>.json``, the pictures
 ``docs/images/wire-*.png``. About 20 minutes on 2 cores.
 
-    python benchmarks/bench_wire.py [--models efficientnet_lite0,efficientnet_b0] [--no-e2e]
+    python benchmarks/bench_wire.py [--models efficientnet_lite0,efficientnet_b0] [--no-e2e] [--reuse]
 """
 
 from __future__ import annotations
@@ -326,6 +326,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use the split dirs and profiles an earlier run left in benchmarks/out/wire/")
     args = ap.parse_args()
 
     from dsc_export.artifacts import read_manifest, read_profile
@@ -336,7 +338,9 @@ def main() -> None:
     results = {}
     for name in args.models.split(","):
         trained = MODELS.get(name, False)
-        split, photos = prepare(name, trained, log)
+        split, photos = OUT / "wire" / name / "split", photo_folder(name)
+        if not (args.reuse and (split / "device.json").is_file() and (split / "server.json").is_file()):
+            split, photos = prepare(name, trained, log)
         man = read_manifest(split)
         dev = read_profile(split / "device.json").scaled(SLOWDOWN)
         srv = read_profile(split / "server.json")
