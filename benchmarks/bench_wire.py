@@ -93,10 +93,14 @@ def prepare(name: str, trained: bool, log) -> tuple[Path, Path]:
     kw = {"wires": list(WIRES)} if "wires" in inspect.signature(split_model).parameters else {}
     if not kw:
         log("this dsc-export has no cut wire forms (split --wire): float32 cuts only")
-    log(f"splitting {name}: cut forms {kw.get('wires', ['float32'])}, offload forms {list(OFFLOAD)}")
-    t = time.perf_counter()
-    split_model(onnx_path, split, inputs=photos, offload=list(OFFLOAD), **kw)
-    log(f"  split in {time.perf_counter() - t:.0f} s; building onnxruntime engines at {list(BATCHES)}")
+    if _split_done(split):  # an earlier run's split dir with every form: build resumes where it stopped
+        log(f"{split} has every form already; building what is missing")
+    else:
+        log(f"splitting {name}: cut forms {kw.get('wires', ['float32'])}, offload forms {list(OFFLOAD)}")
+        t = time.perf_counter()
+        split_model(onnx_path, split, inputs=photos, offload=list(OFFLOAD), **kw)
+        log(f"  split in {time.perf_counter() - t:.0f} s")
+    log(f"  building onnxruntime engines at {list(BATCHES)}")
     build_engines(split, "onnxruntime", batch_sizes=list(BATCHES), parts="all")
     log("  profiling the device (1 thread) and the server (every core), 3 interleaved rounds")
     dev = profile_split_dir(split, "device", batch_sizes=list(BATCHES), repeats=4, warmup=1, threads=1,
@@ -105,6 +109,18 @@ def prepare(name: str, trained: bool, log) -> tuple[Path, Path]:
     write_json_atomic(split / "device.json", dev.to_json())
     write_json_atomic(split / "server.json", srv.to_json())
     return split, photos
+
+
+def _split_done(split: Path) -> bool:
+    """True when ``split`` holds a manifest with every offload form and cut form of this run."""
+    from dsc_export.artifacts import read_manifest
+    from dsc_export.errors import UserError
+
+    try:
+        man = read_manifest(split)
+    except UserError:
+        return False
+    return {s.wire for s in man.splits} >= set(OFFLOAD) | {"float32"}
 
 
 def form_rows(man, dev, srv) -> list[dict]:
@@ -365,13 +381,18 @@ def main() -> None:
             if name == "efficientnet_lite0" and not args.no_e2e:
                 res["e2e"] = e2e(split, photos, man, dev, srv, richest[2], log)
         results[name] = res
+        _write(results, [], args)  # what is done so far survives an interrupted run
     paths = pictures(results)
-    for res in results.values():
-        res.pop("_plan", None)
+    _write(results, paths, args)
+
+
+def _write(results: dict, paths: list[str], args) -> None:
+    """wire.json and its dated copy in benchmarks/results/, without the in-memory plans."""
+    results = {k: {f: v for f, v in r.items() if not f.startswith("_")} for k, r in results.items()}
     payload = {"slowdown": SLOWDOWN, "floor": FLOOR, "batches_profiled": list(BATCHES),
                "grid": "batch 1-64 x 64 rates 1-128 MB/s (log)", "offload_forms": list(OFFLOAD),
                "statistic": "profile medians of 2 interleaved rounds x 4 runs; e2e medians per phase",
-               "results": results, "pictures": paths}
+               "results": results, "pictures": paths, "models": args.models.split(",")}
     write("wire.json", payload)
     (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
     dated = ROOT / "benchmarks" / "results" / f"wire-{time.strftime('%Y-%m-%d')}.json"
