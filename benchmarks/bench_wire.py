@@ -102,7 +102,7 @@ def prepare(name: str, trained: bool, log) -> tuple[Path, Path]:
         log(f"  split in {time.perf_counter() - t:.0f} s")
     log(f"  building onnxruntime engines at {list(BATCHES)}")
     build_engines(split, "onnxruntime", batch_sizes=list(BATCHES), parts="all")
-    log("  profiling the device (1 thread) and the server (every core), 3 interleaved rounds")
+    log("  profiling the device (1 thread) and the server (every core), 2 interleaved rounds")
     dev = profile_split_dir(split, "device", batch_sizes=list(BATCHES), repeats=4, warmup=1, threads=1,
                             rounds=2)
     srv = profile_split_dir(split, "server", batch_sizes=list(BATCHES), repeats=4, warmup=1, rounds=2)
