@@ -312,13 +312,16 @@ def pictures(results: dict) -> list[str]:
     paths = []
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
     marks = {"float32": "o", "float16": "s", "int8": "^", "raw": "D", "png": "P", "webp": "X"}
+    colors = {"float32": "tab:blue", "float16": "tab:orange", "int8": "tab:green", "raw": "black",
+              "png": "tab:purple", "webp": "tab:brown"}
     for ax, (name, res) in zip(axes[0], results.items()):
         for r in res["forms"]:
             if r["top1_agreement"] is None:
                 continue
             wire = r["wire"]
-            ax.scatter(r["x_raw"], r["top1_agreement"] * 100, marker=marks.get(wire, "*"), s=60,
-                       label=wire if wire not in [t.get_label() for t in ax.collections[:-1]] else None)
+            color = colors.get(wire, "tab:red")
+            ax.scatter(r["x_raw"], r["top1_agreement"] * 100, marker=marks.get(wire, "*"), s=60, color=color,
+                       label=wire)
             ax.annotate(r["split"], (r["x_raw"], r["top1_agreement"] * 100), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
         ax.axhline(FLOOR * 100, color="grey", lw=0.8, ls="--")
