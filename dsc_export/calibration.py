@@ -24,7 +24,7 @@ import onnx
 from dsc_export.artifacts import CutPoint
 from dsc_export.fidelity import concat_batches, partition
 from dsc_export.graph import wire
-from dsc_export.graph.shapes import run_with_outputs
+from dsc_export.graph.probe import run_with_outputs
 
 RANDOM_SAMPLES = 16  # random calibration draws, and as many held-out draws
 MAX_CALIBRATION = 64  # samples run at once for calibration (the rest is not used)

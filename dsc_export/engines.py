@@ -45,7 +45,7 @@ from dsc_export.compare import compare, quantized_steps, tolerance
 from dsc_export.errors import UserError, VerificationError
 from dsc_export.graph.model import load_model
 from dsc_export.graph.precision import to_float16_for_build
-from dsc_export.graph.shapes import input_signature
+from dsc_export.graph.signature import input_signature
 from dsc_export.graph.wire import check_symmetric
 from dsc_export.inputs import SampleInputs
 from dsc_export.ort import make_session
@@ -601,7 +601,8 @@ def _fp16_copy(root: Path, source: str) -> str:
     rel = f"{ENGINES_DIR}/tensorrt/onnx-fp16/{source.replace('/', '-')}"
     dst = root / rel
     dst.parent.mkdir(parents=True, exist_ok=True)
-    model = to_float16_for_build(load_model(root / source))
+    model = load_model(root / source)
+    model = to_float16_for_build(model, SampleInputs.random(model))
     onnx.save(model, os.fspath(dst), save_as_external_data=model.ByteSize() > 1_500_000_000,
               location=dst.name + ".data")
     return rel

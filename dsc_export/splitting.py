@@ -45,23 +45,16 @@ from dsc_export.graph.cuts import (
     scope_of,
     why_not_cut,
 )
+from dsc_export.graph.folding import FoldReport, fold_shape_arithmetic, shape_sources
 from dsc_export.graph.model import (
     data_dependent,
     dataflow,
     load_model,
     sort_nodes,
 )
-from dsc_export.graph.shapes import (
-    FoldReport,
-    batch_dim,
-    fold_shape_arithmetic,
-    input_signature,
-    np_dtype_name,
-    probe_batches,
-    run_with_outputs,
-    shape_sources,
-    tensor_shapes,
-)
+from dsc_export.graph.probe import run_with_outputs
+from dsc_export.graph.shapes import tensor_shapes
+from dsc_export.graph.signature import batch_dim, input_signature, np_dtype_name, probe_batches
 from dsc_export.graph.surgery import (
     CutSpec,
     extract_head,

@@ -86,7 +86,7 @@ def find_cut_points(df: Dataflow) -> list[str]:
 
     Args:
         df: the data-flow view; static shape arithmetic should be folded first
-            (:func:`dsc_export.graph.shapes.fold_shape_arithmetic`), otherwise a Shape node
+            (:func:`dsc_export.graph.folding.fold_shape_arithmetic`), otherwise a Shape node
             reading an early tensor counts as a path around every tensor after it.
 
     Returns:
