@@ -284,7 +284,8 @@ def profile_split_dir(
             sig[sid] = (manifest.model.input.name, list(manifest.model.input.shape[1:]), np.dtype(manifest.model.input.dtype))
         else:
             cp = cps[s.tensor]  # the tail reads the cut tensor in its wire form (float16, int8)
-            sig[sid] = (s.wire_tensor, list(cp.shape), np.dtype(wire_elem_dtype(cp.dtype, s.wire or manifest.wire_dtype)))
+            wire = np.dtype(wire_elem_dtype(cp.dtype, s.wire or manifest.wire_dtype))
+            sig[sid] = (s.wire_tensor, list(cp.shape), wire)
 
     timings: list[Timing] = []
     jobs = [(sid, part, b) for b in batch_sizes for sid, part in pairs]

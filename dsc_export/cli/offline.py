@@ -158,13 +158,15 @@ def analyze_cmd(model, wire_dtype, wires, inputs, as_json, plot, show_all) -> No
     if as_json:
         click.echo(json.dumps({
             "model": str(model), "input": asdict(an.input), "input_bytes": an.input_bytes,
-            "wire_dtype": forms[0], "wires": forms, "cut_points": [asdict(c) for c in an.cut_points],
+            "wire_dtype": forms[0], "wires": forms,
+            "cut_points": [asdict(c) for c in an.cut_points],
             "notes": an.notes,
         }, indent=2))
         return
     click.echo(f"{model}: input {an.input.name} {an.input.dtype} {an.input.shape} "
                f"= {an.input_bytes:,} bytes per sample; wire {', '.join(forms)}")
-    several = len(forms) > 1  # bytes and ratio of the first form; compressive: in which forms (Eq. 3 each)
+    # bytes and ratio of the first form; compressive: in which forms (Eq. 3 each)
+    several = len(forms) > 1
     rows = [("#", "tensor", "shape", "bytes", "ratio", "elem ratio", "natural", "compressive", "scope")]
     for c in an.cut_points:
         if not show_all and not any(f["natural"] for f in c.forms.values()):
@@ -189,7 +191,8 @@ def analyze_cmd(model, wire_dtype, wires, inputs, as_json, plot, show_all) -> No
 @wire_option
 @wires_option
 @click.option("--per-channel", is_flag=True,
-              help="int8: one scale per channel (axis 1) where it beats per-tensor on the held-out inputs.")
+              help="int8: one scale per channel (axis 1) where it beats per-tensor on the "
+                   "held-out inputs.")
 @click.option("--int8-symmetric", "symmetric", is_flag=True,
               help="int8: zero point 0 (what TensorRT's QuantizeLinear takes) instead of affine.")
 @click.option("--at", "at", multiple=True, metavar="TENSOR",
@@ -227,11 +230,14 @@ def split_cmd(model, out, wire_dtype, wires, per_channel, symmetric, at, verify,
     out = out or ENGINES_ROOT / model.stem / "split"
     forms = parse_wires(wires, wire_dtype)
     man = split_model(model, out, wire_dtype=forms[0], wires=forms, per_channel=per_channel,
-                      symmetric=symmetric, at=list(at) or None, verify=verify, log=log_line, inputs=inputs)
-    rows = [("split", "kind", "wire", "bytes/sample", "ratio", "max abs diff", "agreement", "head", "tail")]
+                      symmetric=symmetric, at=list(at) or None, verify=verify, log=log_line,
+                      inputs=inputs)
+    rows = [("split", "kind", "wire", "bytes/sample", "ratio", "max abs diff", "agreement", "head",
+             "tail")]
     for s in man.splits:
         agree = (s.fidelity or {}).get("top1_agreement")
-        rows.append((s.id, s.kind, s.wire or "-", f"{s.bytes:,}", f"{s.ratio:.4f}" if s.ratio is not None else "",
+        rows.append((s.id, s.kind, s.wire or "-", f"{s.bytes:,}",
+                     f"{s.ratio:.4f}" if s.ratio is not None else "",
                      "-" if s.max_abs_diff is None else f"{s.max_abs_diff:.1e}",
                      "-" if agree is None else f"{agree:.3f}", s.head or "-", s.tail or "-"))
     print_table(rows, right={3, 4, 5, 6})
@@ -432,9 +438,9 @@ def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats,
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path),
               help="Write best-split.png and gain-over-STATIC.png (paper Fig. 2 and 3) here.")
 @click.option("--min-agreement", type=float, metavar="X",
-              help="Admit lossy wire forms (int8, JPEG) whose top-1 agreement with the whole model on "
-                   "held-out inputs is at least X (0.95 = 95 %) [default: lossless forms and float16 "
-                   "within its tolerance only].")
+              help="Admit lossy wire forms (int8, JPEG) whose top-1 agreement with the whole "
+                   "model on held-out inputs is at least X (0.95 = 95 %) [default: lossless forms "
+                   "and float16 within its tolerance only].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def plan_cmd(split_dir, device_path, server_path, batch_sizes, rates, rate_steps, rtt_ms, privacy, static, margin,
              min_agreement, output, plots, as_json) -> None:

@@ -45,11 +45,11 @@ def wire_option(f):
 
 def wires_option(f):
     return click.option("--wire", "wires", metavar="FORM[,FORM...]",
-                        help="Wire forms of every cut, each at its own compressive bottlenecks (Eq. 3 on "
-                             "its bytes): float32 (as it is), float16 (Cast down / back), int8 "
-                             "(QuantizeLinear / DequantizeLinear, per-tensor affine, calibrated on the "
-                             "first half of --inputs, measured on the rest). E.g. --wire "
-                             "float32,float16,int8 [default: --wire-dtype alone].")(f)
+                        help="Wire forms of every cut, each at its own compressive bottlenecks "
+                             "(Eq. 3 on its bytes): float32 (as it is), float16 (Cast down / "
+                             "back), int8 (QuantizeLinear / DequantizeLinear, per-tensor affine, "
+                             "calibrated on the first half of --inputs, measured on the rest). "
+                             "E.g. --wire float32,float16,int8 [default: --wire-dtype alone].")(f)
 
 
 def parse_wires(wires: str | None, wire_dtype: str) -> list[str]:

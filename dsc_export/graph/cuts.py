@@ -208,7 +208,8 @@ def describe_cut_points(
         for f in forms:
             nbytes = elements * wire_itemsize(dtype, f)
             ratio = compression_ratio(nbytes, input_bytes)
-            per_form[f] = {"bytes": nbytes, "ratio": ratio, "natural": ratio < 1, "compressive": False,
+            per_form[f] = {"bytes": nbytes, "ratio": ratio, "natural": ratio < 1,
+                           "compressive": False,
                            "fits": True, "has": f in wire.forms_of(dtype, [f])}
         first = per_form[wire_dtype]
         points.append(
