@@ -509,6 +509,8 @@ def test_device_bundle_carries_every_head(served_forms, tmp_path):
     make_bundle(root, "device", tmp_path / "d.tar")
     open_bundle(tmp_path / "d.tar", tmp_path / "d", expect_side="device")
     assert all((tmp_path / "d" / s.head).is_file() for s in man.splits if s.head)
+    inside = read_manifest(tmp_path / "d")  # the forms' records travel with the bundle
+    assert inside.splits == man.splits and inside.samples == man.samples and inside.wires == man.wires
 
 
 def test_each_form_served_and_run_sends_the_manifests_bytes(served_forms):
