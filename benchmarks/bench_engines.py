@@ -53,7 +53,8 @@ def main() -> None:
         keep = [whole_e]
         for s in splits:
             cp = cps[s.tensor]  # the tail reads its wire form's dtype (float16, int8)
-            z = random_array([b] + cp.shape, np.dtype(wire_elem_dtype(cp.dtype, s.wire or man.wire_dtype)), rng)
+            wire = np.dtype(wire_elem_dtype(cp.dtype, s.wire or man.wire_dtype))
+            z = random_array([b] + cp.shape, wire, rng)
             for part, src, feed in (("head", s.head, {man.model.input.name: x}), ("tail", s.tail, {s.wire_tensor: z})):
                 eng = load_engine(root, man.engine(s.id, part, "onnxruntime", b), args.threads)
                 eng.activate()

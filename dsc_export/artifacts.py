@@ -214,7 +214,8 @@ class Manifest:
     # the runner and the profiles use the ONNX at that batch size, and build does not retry them.
     dropped: list[Engine] = field(default_factory=list)
     # Which sample inputs calibrated the lossy forms and which measured fidelity:
-    # {"source": SampleInputs.description, "random": bool, "calibration": [names], "held_out": [names]}
+    # {"source": SampleInputs.description, "random": bool, "calibration": [names],
+    #  "held_out": [names]}
     samples: dict[str, Any] | None = None
     wires: list[str] = field(default_factory=list)  # the cut forms made (split --wire), in order
     schema: str = SPLIT_SCHEMA

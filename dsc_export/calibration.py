@@ -24,13 +24,15 @@ import onnx
 from dsc_export.artifacts import CutPoint
 from dsc_export.fidelity import concat_batches, partition
 from dsc_export.graph import wire
-from dsc_export.graph.shapes import run_with_outputs
+from dsc_export.graph.probe import run_with_outputs
 
 RANDOM_SAMPLES = 16  # random calibration draws, and as many held-out draws
 MAX_CALIBRATION = 64  # samples run at once for calibration (the rest is not used)
 HELD_OUT_BATCH = 16  # held-out samples per run
-RANDOM_NOTE = ("the lossy wire form ({forms}) was calibrated and measured on random inputs: give real ones "
-               "with --inputs for a trustworthy scale and agreement figure")
+RANDOM_NOTE = (
+    "the lossy wire form ({forms}) was calibrated and measured on random inputs: give real ones "
+    "with --inputs for a trustworthy scale and agreement figure"
+)
 
 
 @dataclass
@@ -55,7 +57,7 @@ class SampleParts:
     def trim(self, batches: list[list[np.ndarray]]) -> list[np.ndarray]:
         """Per-batch outputs of :meth:`held_out_feeds` as one array per output, one row per
         held-out sample."""
-        return [a[:self.held_out_count] for a in concat_batches(batches)]
+        return [a[: self.held_out_count] for a in concat_batches(batches)]
 
 
 def sample_parts(samples) -> SampleParts:
@@ -63,29 +65,53 @@ def sample_parts(samples) -> SampleParts:
     count = samples.count
     if count is None:
         cal, held = samples.subset([], "calibration"), samples.subset([], "held out")
-        record = {"source": samples.description, "random": True,
-                  "calibration": [f"random draws 0-{RANDOM_SAMPLES - 1} (seed {cal.seed})"],
-                  "held_out": [f"random draws 0-{RANDOM_SAMPLES - 1} (seed {held.seed})"]}
+        record = {
+            "source": samples.description,
+            "random": True,
+            "calibration": [f"random draws 0-{RANDOM_SAMPLES - 1} (seed {cal.seed})"],
+            "held_out": [f"random draws 0-{RANDOM_SAMPLES - 1} (seed {held.seed})"],
+        }
         return SampleParts(cal, held, RANDOM_SAMPLES, RANDOM_SAMPLES, record, [])
     cal_idx, held_idx = partition(count)
     names = samples.sample_names
     notes = []
     if count == 1:
-        notes.append("one sample input both calibrated the int8 forms and measured every form's fidelity; "
-                     "give more (--inputs) to hold some out")
-    record = {"source": samples.description, "random": False,
-              "calibration": [names[i] for i in cal_idx], "held_out": [names[i] for i in held_idx]}
-    return SampleParts(samples.subset(cal_idx, "calibration"), samples.subset(held_idx, "held out"),
-                       len(cal_idx), len(held_idx), record, notes)
+        notes.append(
+            "one sample input both calibrated the int8 forms and measured every form's fidelity; "
+            "give more (--inputs) to hold some out"
+        )
+    record = {
+        "source": samples.description,
+        "random": False,
+        "calibration": [names[i] for i in cal_idx],
+        "held_out": [names[i] for i in held_idx],
+    }
+    return SampleParts(
+        samples.subset(cal_idx, "calibration"),
+        samples.subset(held_idx, "held out"),
+        len(cal_idx),
+        len(held_idx),
+        record,
+        notes,
+    )
 
 
-def _values(folded: onnx.ModelProto, tensors: list[str], part, count: int, fixed: int | None) -> dict:
+def _values(
+    folded: onnx.ModelProto, tensors: list[str], part, count: int, fixed: int | None
+) -> dict:
     batch = fixed or min(count, MAX_CALIBRATION)
     return run_with_outputs(folded, tensors, (batch,), inputs=part)[0]
 
 
-def calibrate(folded: onnx.ModelProto, points: list[CutPoint], parts: SampleParts, fixed: int | None, *,
-              per_channel: bool = False, symmetric: bool = False) -> tuple[dict[str, dict], list[str]]:
+def calibrate(
+    folded: onnx.ModelProto,
+    points: list[CutPoint],
+    parts: SampleParts,
+    fixed: int | None,
+    *,
+    per_channel: bool = False,
+    symmetric: bool = False,
+) -> tuple[dict[str, dict], list[str]]:
     """The int8 map of each cut point, calibrated on the calibration part.
 
     Args:
@@ -120,13 +146,22 @@ def calibrate(folded: onnx.ModelProto, points: list[CutPoint], parts: SamplePart
             info = {"mse": e_t, "mse_per_tensor": e_t}
             if e_c < e_t:
                 q, info = qc, {"mse": e_c, "mse_per_tensor": e_t}
-                notes.append(f"int8 at '{p.tensor}': per-channel scales kept (held-out error {e_c:.3g} < "
-                             f"per-tensor {e_t:.3g})")
+                notes.append(
+                    f"int8 at '{p.tensor}': per-channel scales kept (held-out error {e_c:.3g} < "
+                    f"per-tensor {e_t:.3g})"
+                )
             else:
-                notes.append(f"int8 at '{p.tensor}': per-channel scales lose on the held-out samples "
-                             f"(error {e_c:.3g} >= per-tensor {e_t:.3g}); per-tensor kept")
-        out[p.tensor] = {**q.as_dict(), "symmetric": symmetric, "clipped": wire.clipped_share(x_held, q),
-                         "calibration_samples": int(len(x_cal)), **info}
+                notes.append(
+                    f"int8 at '{p.tensor}': per-channel scales lose on the held-out samples "
+                    f"(error {e_c:.3g} >= per-tensor {e_t:.3g}); per-tensor kept"
+                )
+        out[p.tensor] = {
+            **q.as_dict(),
+            "symmetric": symmetric,
+            "clipped": wire.clipped_share(x_held, q),
+            "calibration_samples": int(len(x_cal)),
+            **info,
+        }
     return out, notes
 
 

@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,14 @@ from dsc_export.bundle import describe_sizes, side_sizes_of_split
 from dsc_export.engines import build_engines
 from dsc_export.errors import UserError, lazy_import
 from dsc_export.export import export_model
-from dsc_export.images import Preprocess, batches, sample_photos, top_k
-from dsc_export.ort import random_array
+from dsc_export.images import top_k
 from dsc_export.planning import best_static, make_plan
 from dsc_export.plots import bottleneck_chart, choice_heatmap, gain_heatmap
-from dsc_export.profiling import profile_split_dir
+from dsc_export.profiling import BenchOptions, profile_split_dir
 from dsc_export.serving.bandwidth import SimulatedLink
 from dsc_export.serving.client import DynamicSplitClient
 from dsc_export.serving.server import TailServer
+from dsc_export.session import Labels, image_feed, random_feed, run_batches
 from dsc_export.splitting import analyze_file, split_model
 from dsc_export.weights import has_pretrained
 from dsc_export.zoo import lookup
@@ -154,9 +154,9 @@ def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", 
          "and the server side (every core); the slowest step")
     prof = split / "profiles"
     prof.mkdir(exist_ok=True)
-    dev = profile_split_dir(split, "device", batch_sizes=list(batch_sizes), repeats=repeats, warmup=1, threads=1,
-                            slowdown=slowdown)
-    srv = profile_split_dir(split, "server", batch_sizes=list(batch_sizes), repeats=repeats, warmup=1)
+    timing = BenchOptions(batch_sizes=list(batch_sizes), repeats=repeats, warmup=1)
+    dev = profile_split_dir(split, "device", replace(timing, threads=1, slowdown=slowdown))
+    srv = profile_split_dir(split, "server", timing)
     write_json_atomic(prof / "device.json", dev.to_json())
     write_json_atomic(prof / "server.json", srv.to_json())
     rep.files["device profile"], rep.files["server profile"] = str(prof / "device.json"), str(prof / "server.json")
@@ -216,7 +216,7 @@ def _photo_folder(folder: Path, onnx_path: Path) -> Path:
     import onnx
     from PIL import Image
 
-    from dsc_export.images import variants
+    from dsc_export.images import Preprocess, sample_photos, variants
 
     folder.mkdir(parents=True, exist_ok=True)
     dims = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
@@ -246,24 +246,6 @@ def _is_trained(onnx_path: Path) -> bool:
     return meta.get("dsc_export.weights", "").startswith("trained")
 
 
-def _photo_batch(split: Path, manifest, batch: int) -> tuple[list[str], Any]:
-    """The sample photos preprocessed for the model, cycled into one batch, and their names."""
-
-    photos = sample_photos()
-    pre = Preprocess.for_onnx(split / manifest.model.path, int(manifest.model.input.shape[1]))
-    return [n for n, _ in photos], batches([pre(img) for _, img in photos], batch)[0]
-
-
-def _labels(names: list[str], whole, through: list[tuple[str, Any]]) -> list[dict[str, Any]]:
-    """Per photo: the whole model's top-1 and the top-1 through each split it ran on (pure but for timm's names)."""
-
-    rows = [{"photo": n, "whole": t[0].name} for n, t in zip(names, top_k(whole[:len(names)], 1))]
-    for split, logits in through:
-        for row, t in zip(rows, top_k(logits[:len(names)], 1)):
-            row.setdefault("splits", {})[split] = t[0].name
-    return rows
-
-
 def _session(split: Path, plan, batches_per_rate: int, log, slowdown: float = 1.0,
              photos: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     import socket
@@ -289,25 +271,32 @@ def _session(split: Path, plan, batches_per_rate: int, log, slowdown: float = 1.
                 raise UserError("the client could not reach the demo server")
             link.attach(client.remote)
             client.warm_up(batch)
-            rng = np.random.default_rng(0)
             shape = [batch] + list(client.manifest.model.input.shape[1:])
-            names, x, through = [], None, {}
-            if photos:
-                names, x = _photo_batch(split, client.manifest, batch)
-            out_name = client.manifest.model.output.name
-            for rate in DEMO_RATES:
-                link.rate_MBps = rate
-                for _ in range(batches_per_rate):
-                    y = client.infer(x if photos else random_array(shape, np.dtype(client.manifest.model.input.dtype),
-                                                                     rng))
-                    b = logs[-1]
-                    through.setdefault(b.split, y[out_name])
-                    rows.append({"rate_MBps": rate, "batch": b.batch, "split": b.split,
-                                 "rate_estimate_MBps": round(b.rate_MBps, 2), "predicted_ms": round(b.predicted_ms, 1),
-                                 "measured_ms": round(b.measured_ms, 1), "fallback": b.fallback})
-                    log(f"{rate:g} MB/s: batch of {b.batch} -> {b.split} ({b.measured_ms:.0f} ms)")
+            dtype = np.dtype(client.manifest.model.input.dtype)
+            feed = image_feed(split / client.manifest.model.path, shape, dtype, max_batches=1) \
+                if photos else random_feed(shape, dtype)
+            labels = Labels(feed, client.manifest.model.output.name, k=1)
+
+            def set_rate(k: int) -> None:
+                link.rate_MBps = DEMO_RATES[k // batches_per_rate]
+
+            count = len(DEMO_RATES) * batches_per_rate
+            for k, y in run_batches(client, feed, count, before=set_rate):
+                b, rate = logs[-1], DEMO_RATES[k // batches_per_rate]
+                if photos:
+                    labels.add(k, b.split, y)
+                rows.append({"rate_MBps": rate, "batch": b.batch, "split": b.split,
+                             "rate_estimate_MBps": round(b.rate_MBps, 2),
+                             "predicted_ms": round(b.predicted_ms, 1),
+                             "measured_ms": round(b.measured_ms, 1), "fallback": b.fallback})
+                log(f"{rate:g} MB/s: batch of {b.batch} -> {b.split} ({b.measured_ms:.0f} ms)")
     if not photos:
         return rows, []
 
+    x = feed.batch(0)
     whole = make_session(split / "model.onnx").run(None, {client.manifest.model.input.name: x})[0]
-    return rows, _labels(names, whole, list(through.items()))
+    tops = top_k(whole[:len(feed.names)], 1)
+    out = [{"photo": n, "whole": t[0].name} for n, t in zip(feed.names, tops)]
+    for j, row in enumerate(out):
+        row["splits"] = {s: top[0].name for s, top in labels.by_image.get(j, {}).items()}
+    return rows, out

@@ -45,7 +45,7 @@ from dsc_export.compare import compare, quantized_steps, tolerance
 from dsc_export.errors import UserError, VerificationError
 from dsc_export.graph.model import load_model
 from dsc_export.graph.precision import to_float16_for_build
-from dsc_export.graph.shapes import input_signature
+from dsc_export.graph.signature import input_signature
 from dsc_export.graph.wire import check_symmetric
 from dsc_export.inputs import SampleInputs
 from dsc_export.ort import make_session
@@ -453,14 +453,17 @@ def _check_engine(backend: Backend, engine: Path, reference, inputs, job: Job, p
     with backend.load(engine, threads=None, profile=profile) as runner:
         got = runner.infer(feeds)
     names = [o.name for o in reference.get_outputs()]
-    # an int8 wire (graph/wire.py) may round one step apart where the floats before it differ by ulps
-    quantized = [k for k, n in enumerate(names) if n.endswith(".wire_int8") and want[k].dtype == np.int8]
+    # an int8 wire (graph/wire.py) may round one step apart where the floats before it differ by
+    # a few ulps
+    quantized = [k for k, n in enumerate(names)
+                 if n.endswith(".wire_int8") and want[k].dtype == np.int8]
     steps = 0
     for k in quantized:
         steps = max(steps, quantized_steps(want[k], got[names[k]]))
         if not 0 <= steps <= 1:
-            raise VerificationError(f"engine {job.path} differs from {job.source} at batch {batch}: its int8 wire "
-                                    f"'{names[k]}' is {steps} quantization steps off (at most 1 is rounding)")
+            raise VerificationError(
+                f"engine {job.path} differs from {job.source} at batch {batch}: its int8 wire "
+                f"'{names[k]}' is {steps} quantization steps off (at most 1 is rounding)")
     keep = [k for k in range(len(names)) if k not in quantized]
     want, names = [want[k] for k in keep], [names[k] for k in keep]
     result = compare(want, [got[n] for n in names], names, what=f"engine {job.path}")
@@ -601,7 +604,8 @@ def _fp16_copy(root: Path, source: str) -> str:
     rel = f"{ENGINES_DIR}/tensorrt/onnx-fp16/{source.replace('/', '-')}"
     dst = root / rel
     dst.parent.mkdir(parents=True, exist_ok=True)
-    model = to_float16_for_build(load_model(root / source))
+    model = load_model(root / source)
+    model = to_float16_for_build(model, SampleInputs.random(model))
     onnx.save(model, os.fspath(dst), save_as_external_data=model.ByteSize() > 1_500_000_000,
               location=dst.name + ".data")
     return rel

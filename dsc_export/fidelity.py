@@ -11,7 +11,8 @@ codec before the whole model). Pure numpy; the caller runs the models.
   its last axis is taken per position and a sample agrees only when every position does:
   ``argmax_note`` says so. An integer output (labels already) agrees when it is equal. An output
   with one value per sample has no top-1: ``top1_agreement`` is None.
-- **max_abs / max_rel**: the worst difference over every output, as :func:`dsc_export.compare.compare`
+- **max_abs / max_rel**: the worst difference over every output, as
+  :func:`dsc_export.compare.compare`
   computes it (max_rel relative to each output's largest reference magnitude).
 - **A NaN or an infinity is never a difference of 0**: a sample whose candidate output is not
   finite disagrees, and max_abs / max_rel are then None with ``problem`` saying why.
@@ -69,15 +70,17 @@ class Fidelity:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def exact(reference: Sequence[np.ndarray], names: Sequence[str] | None = None,
-          output: int = 0) -> Fidelity:
+def exact(
+    reference: Sequence[np.ndarray], names: Sequence[str] | None = None, output: int = 0
+) -> Fidelity:
     """The fidelity of a candidate that runs the whole model on the raw input itself
     (``offload`` raw, ``local``): its answers are the reference's."""
     return measure(reference, reference, names, output=output)
 
 
 def top1(values: np.ndarray) -> np.ndarray:
-    """The top-1 of each sample and position: argmax over the last axis of ``values`` ``[N, ..., C]``
+    """The top-1 of each sample and position: argmax over the last axis of ``values``
+    ``[N, ..., C]``
     (float), or ``values`` itself (integer labels). Shape ``[N, ...]``."""
     values = np.asarray(values)
     if values.dtype.kind in "iub":
@@ -90,16 +93,28 @@ def _argmax_note(name: str, shape: tuple[int, ...], kind: str) -> tuple[str | No
     if kind in "iub":
         return (f"output '{name}' is integer {list(shape)}: a sample agrees when it is equal", True)
     if len(shape) < 2:
-        return (f"output '{name}' {list(shape)} has one value per sample: no top-1 to compare", False)
+        return (
+            f"output '{name}' {list(shape)} has one value per sample: no top-1 to compare",
+            False,
+        )
     if len(shape) == 2 and shape[1] > 1:
         return None, True
-    return (f"output '{name}' {list(shape)} is not a class output [N, C]: the top-1 is the argmax over its "
-            "last axis per position, and a sample agrees when every position does", True)
+    return (
+        f"output '{name}' {list(shape)} is not a class output [N, C]: the top-1 is the argmax "
+        "over its "
+        "last axis per position, and a sample agrees when every position does",
+        True,
+    )
 
 
-def measure(reference: Sequence[np.ndarray], got: Sequence[np.ndarray],
-            names: Sequence[str] | None = None, *, output: int = 0,
-            tolerance: float | None = None) -> Fidelity:
+def measure(
+    reference: Sequence[np.ndarray],
+    got: Sequence[np.ndarray],
+    names: Sequence[str] | None = None,
+    *,
+    output: int = 0,
+    tolerance: float | None = None,
+) -> Fidelity:
     """Compare a candidate's outputs with the whole model's on the same held-out samples.
 
     Args:
@@ -138,19 +153,35 @@ def measure(reference: Sequence[np.ndarray], got: Sequence[np.ndarray],
             agreement = float(same.mean()) if n else None
     within = None if tolerance is None else c.ok(tolerance)
     if c.problem:
-        return Fidelity(top1_agreement=agreement, max_abs=None, max_rel=None, samples=n,
-                        reference=names[output], argmax_note=note, problem=c.problem,
-                        tolerance_rel=tolerance, within_tolerance=within)
-    return Fidelity(top1_agreement=agreement, max_abs=c.max_abs, max_rel=c.max_rel, samples=n,
-                    reference=names[output], argmax_note=note, tolerance_rel=tolerance,
-                    within_tolerance=within)
+        return Fidelity(
+            top1_agreement=agreement,
+            max_abs=None,
+            max_rel=None,
+            samples=n,
+            reference=names[output],
+            argmax_note=note,
+            problem=c.problem,
+            tolerance_rel=tolerance,
+            within_tolerance=within,
+        )
+    return Fidelity(
+        top1_agreement=agreement,
+        max_abs=c.max_abs,
+        max_rel=c.max_rel,
+        samples=n,
+        reference=names[output],
+        argmax_note=note,
+        tolerance_rel=tolerance,
+        within_tolerance=within,
+    )
 
 
 def check_floor(min_agreement: float | None) -> None:
     """Raises UserError unless ``min_agreement`` is None or a share in [0, 1]."""
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
-        raise UserError(f"--min-agreement must be a share between 0 and 1 (0.95 = 95 %), "
-                        f"not {min_agreement:g}")
+        raise UserError(
+            f"--min-agreement must be a share between 0 and 1 (0.95 = 95 %), not {min_agreement:g}"
+        )
 
 
 def admitted(split: Split, min_agreement: float | None = None) -> str | None:
@@ -177,8 +208,10 @@ def admitted(split: Split, min_agreement: float | None = None) -> str | None:
     if fid is None or fid.top1_agreement is None:
         return f"lossy ({split.wire}) and its top-1 agreement was not measured"
     if fid.top1_agreement < min_agreement:
-        return (f"top-1 agreement {fid.top1_agreement:.3f} on {fid.samples} held-out samples is below "
-                f"--min-agreement {min_agreement:g}")
+        return (
+            f"top-1 agreement {fid.top1_agreement:.3f} on {fid.samples} held-out samples is below "
+            f"--min-agreement {min_agreement:g}"
+        )
     return None
 
 

@@ -241,10 +241,12 @@ class SampleInputs:
         """
         if self.samples is None:
             seed = self.seed + 1 + sum(map(ord, what))
-            return SampleInputs(f"{self.description}, {what} draws (seed {seed})", self.specs, self.ranges,
+            return SampleInputs(f"{self.description}, {what} draws (seed {seed})", self.specs,
+                                self.ranges,
                                 None, seed)
         names = [self.sample_names[i] for i in indices]
-        return SampleInputs(f"{len(indices)} {what} sample(s) of {self.description}", self.specs, {},
+        return SampleInputs(f"{len(indices)} {what} sample(s) of {self.description}", self.specs,
+                            {},
                             {k: v[indices] for k, v in self.samples.items()}, self.seed, names)
 
     @property
@@ -306,7 +308,8 @@ class SampleInputs:
             if s.batch and k < s.batch:
                 raise UserError(f"the model runs at batch {s.batch} only ('{s.name}') but '{path}' has {k} "
                                 f"sample(s); give at least {s.batch}")
-        return cls(f"{k} sample{'s' if k != 1 else ''} from {path}{what}", specs, {}, samples, names=names)
+        return cls(f"{k} sample{'s' if k != 1 else ''} from {path}{what}", specs, {}, samples,
+                   names=names)
 
     @property
     def count(self) -> int | None:
@@ -378,7 +381,8 @@ def _load_npz(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray]
     return samples, ""
 
 
-def _load_images(folder: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], str, list[str]]:
+def _load_images(folder: Path, specs: list[InputSpec]
+                 ) -> tuple[dict[str, np.ndarray], str, list[str]]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"--inputs '{folder}' has no images ({' '.join(IMAGE_SUFFIXES)})")

@@ -86,7 +86,8 @@ def candidates(manifest: Manifest, device: Profile, server: Profile, *, privacy:
                min_agreement: float | None = None, excluded: dict[str, str] | None = None,
                admit_all: bool = False) -> list[Candidate]:
     """The planner's candidates in device order (offload forms, splits in graph order with their
-    wire forms, local): every split the fidelity floor admits (:func:`dsc_export.fidelity.admitted`).
+    wire forms, local): every split the fidelity floor admits
+    (:func:`dsc_export.fidelity.admitted`).
 
     Args:
         min_agreement: the top-1 agreement a lossy form (int8, JPEG) needs; None: lossless forms
@@ -394,7 +395,8 @@ def read_plan(path: str | os.PathLike) -> Plan:
 def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_sizes: list[int] | None = None,
               rates: list[float] | None = None, rtt_ms: float = 0.0, privacy: bool = False,
               static: list[str] | None = None, margin: float = 0.0,
-              profile_hashes: tuple[str, str] = ("", ""), min_agreement: float | None = None) -> Plan:
+              profile_hashes: tuple[str, str] = ("", ""),
+              min_agreement: float | None = None) -> Plan:
     """Compute the lookup table and the gains.
 
     Args:
@@ -417,7 +419,8 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_siz
     if rtt_ms < 0 or margin < 0:
         raise UserError("--rtt-ms and --margin must not be negative")
     excluded: dict[str, str] = {}
-    cands = candidates(manifest, device, server, privacy=privacy, min_agreement=min_agreement, excluded=excluded)
+    cands = candidates(manifest, device, server, privacy=privacy, min_agreement=min_agreement,
+                       excluded=excluded)
     lo = max(c.batches[0] for c in cands)
     hi = min(c.batches[-1] for c in cands)
     batch_sizes = batch_sizes or list(range(max(1, lo), min(64, hi) + 1))
@@ -440,7 +443,7 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_siz
     for base in baselines:
         if base in ids:
             t_base = grid[ids.index(base)]
-        else:  # offload under privacy, a split the floor left out: still a baseline worth comparing with
+        else:  # offload under privacy, a split the floor left out: still a baseline to compare with
             every = candidates(manifest, device, server, privacy=False, admit_all=True)
             bc = next(c for c in every if c.id == base)
             t_base = latency_grid([bc], batch_sizes, rates, rtt_ms=rtt_ms)[0]

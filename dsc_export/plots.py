@@ -57,7 +57,8 @@ HATCHES = ("////", "xxxx", "....", "\\\\\\\\", "++++", "oo")
 
 
 def wire_form(split_id: str) -> str:
-    """The wire form a split id names: ``cut029-int8`` -> ``int8``, ``offload-jpeg95`` -> ``jpeg95``,
+    """The wire form a split id names: ``cut029-int8`` -> ``int8``, ``offload-jpeg95`` ->
+    ``jpeg95``,
     ``cut029`` -> ``float32``, ``offload`` -> ``raw``, ``local`` -> ``""``."""
     if split_id == "local":
         return ""
@@ -75,7 +76,8 @@ def choice_heatmap(plan, path: str | os.PathLike, title: str = "") -> Path:
     ids = plan.candidates
     k = np.array([[ids.index(c) for c in row] for row in plan.choice])
     palette = plt.get_cmap("tab10").colors
-    bases = list(dict.fromkeys(c.partition("-")[0] for c in ids))  # one colour per cut, one hatch per form
+    # one colour per cut, one hatch per form
+    bases = list(dict.fromkeys(c.partition("-")[0] for c in ids))
     cmap = ListedColormap([palette[bases.index(c.partition("-")[0]) % 10] for c in ids])
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     x, y = _edges(plan.rates_MBps, log=True), _edges(plan.batch_sizes)
@@ -87,12 +89,15 @@ def choice_heatmap(plan, path: str | os.PathLike, title: str = "") -> Path:
         f for f in forms if f not in ("float32", "raw", "")))}
     for f, hatch in hatches.items():
         mask = np.array([[forms[i] == f for i in row] for row in k])
-        ax.pcolor(x, y, np.ma.masked_where(~mask, np.ones(mask.shape)), hatch=hatch, facecolor="none",
+        ax.pcolor(x, y, np.ma.masked_where(~mask, np.ones(mask.shape)), hatch=hatch,
+                  facecolor="none",
                   edgecolor=(0, 0, 0, 0.45), linewidth=0)
     used = sorted(set(k.ravel().tolist()))
-    ax.legend(handles=[Patch(facecolor=cmap(i), hatch=hatches.get(forms[i], ""), edgecolor=(0, 0, 0, 0.45),
+    ax.legend(handles=[Patch(facecolor=cmap(i), hatch=hatches.get(forms[i], ""),
+                             edgecolor=(0, 0, 0, 0.45),
                              label=ids[i]) for i in used],
-              title="best split (hatch: wire form)", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+              title="best split (hatch: wire form)", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              fontsize=8)
     extras = [f"rtt {plan.rtt_ms:g} ms"] + (["privacy"] if plan.privacy else [])
     ax.set_title(title or f"Best split per batch size and data rate ({', '.join(extras)})")
     return _save(fig, plt, path)

@@ -24,13 +24,14 @@ import signal
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dsc_export.artifacts import ROLES, Profile, Timing, read_manifest, verify_files
+from dsc_export.backends.cuda import gpu_facts, text
 from dsc_export.engines import dropped_engine, load_part
 from dsc_export.errors import UserError
 from dsc_export.graph.wire import wire_elem_dtype
@@ -105,7 +106,7 @@ def host_info(threads: int | None, backend: str) -> dict[str, Any]:
     host: dict[str, Any] = {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(),
                             "threads": threads or os.cpu_count(), "hostname": platform.node(),
                             "platform": platform.platform(), "backend": backend}
-    gpu = gpu_info()
+    gpu = gpu_facts()
     if gpu:
         host["gpu"] = gpu
     try:
@@ -115,57 +116,6 @@ def host_info(threads: int | None, backend: str) -> dict[str, Any]:
     except ImportError:
         pass
     return host
-
-
-def gpu_info(index: int = 0) -> dict[str, Any] | None:
-    """Name and current SM / memory clocks of GPU ``index`` through NVML; None without a GPU."""
-    try:
-        import pynvml
-    except ImportError:
-        return _gpu_info_smi(index)
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return None
-    try:
-        h = pynvml.nvmlDeviceGetHandleByIndex(index)
-        name = pynvml.nvmlDeviceGetName(h)
-        info = {"name": name.decode() if isinstance(name, bytes) else str(name),
-                "sm_clock_mhz": int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)),
-                "mem_clock_mhz": int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM)),
-                "max_sm_clock_mhz": int(pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM)),
-                "driver": _text(pynvml.nvmlSystemGetDriverVersion())}
-        with contextlib.suppress(Exception):
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-            info["compute_capability"] = f"{major}.{minor}"
-        return info
-    except Exception:
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
-
-
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _gpu_info_smi(index: int) -> dict[str, Any] | None:
-    import shutil
-    import subprocess
-
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=name,clocks.sm,clocks.mem,clocks.max.sm,driver_version",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0 or not out.stdout.strip():
-        return None
-    name, sm, mem, smax, drv = [x.strip() for x in out.stdout.strip().splitlines()[0].split(",")]
-    return {"name": name, "sm_clock_mhz": int(sm), "mem_clock_mhz": int(mem), "max_sm_clock_mhz": int(smax),
-            "driver": drv}
 
 
 # --- GPU clock locking (the paper's underclocked GPU, on the user's own GPU) -------------------
@@ -220,7 +170,7 @@ def locked_gpu_clocks(mhz: int, index: int = 0, nvml=None) -> Iterator[dict[str,
         except Exception as exc:
             raise UserError(f"NVML refused to lock the GPU clocks at {mhz} MHz: {exc}") from exc
         locked = True
-        yield {"gpu_clock_mhz": int(mhz), "gpu": _text(nvml.nvmlDeviceGetName(handle))}
+        yield {"gpu_clock_mhz": int(mhz), "gpu": text(nvml.nvmlDeviceGetName(handle))}
     finally:
         try:
             if locked:
@@ -233,29 +183,11 @@ def locked_gpu_clocks(mhz: int, index: int = 0, nvml=None) -> Iterator[dict[str,
 
 # --- profiling a split dir -------------------------------------------------------------------
 
-def profile_split_dir(
-    split_dir: str | os.PathLike,
-    role: str,
-    *,
-    backend_name: str = "onnxruntime",
-    batch_sizes: list[int] | None = None,
-    precision: str = "fp32",
-    warmup: int = 3,
-    repeats: int | None = 20,
-    min_time_s: float | None = None,
-    threads: int | None = None,
-    slowdown: float | None = None,
-    lock_gpu_clocks_mhz: int | None = None,
-    seed: int = 0,
-    rounds: int = 1,
-    progress: Callable[[int, int, str], None] = lambda done, total, label: None,
-) -> Profile:
-    """Time every engine of ``role`` in a split dir at every batch size (where build dropped an
-    engine that did not pay, the ONNX the runner uses instead).
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions:
+    """What ``bench`` times and how (in the style of PyTriton's ``TritonConfig``).
 
     Args:
-        split_dir: a split dir with engines built for this role and backend.
-        role: ``device`` (heads + whole model) or ``server`` (tails + whole model).
         backend_name: which engines to time.
         batch_sizes: default every batch size built for this role.
         precision: which engines (``fp32`` / ``fp16``).
@@ -267,7 +199,47 @@ def profile_split_dir(
         rounds: measure every figure in this many interleaved rounds (repeats and min time split
             between them) so slow drift and bursts of noise on a shared machine spread over all
             figures instead of landing on a few.
+
+    Raises:
+        UserError: a non-positive slowdown, or fewer than 1 thread.
+    """
+
+    backend_name: str = "onnxruntime"
+    batch_sizes: list[int] | None = None
+    precision: str = "fp32"
+    warmup: int = 3
+    repeats: int | None = 20
+    min_time_s: float | None = None
+    threads: int | None = None
+    slowdown: float | None = None
+    lock_gpu_clocks_mhz: int | None = None
+    seed: int = 0
+    rounds: int = 1
+
+    def __post_init__(self):
+        if self.slowdown is not None and not self.slowdown > 0:
+            raise UserError("--slowdown must be a positive factor, e.g. 4 for a device 4x slower")
+        if self.threads is not None and self.threads < 1:
+            raise UserError("--threads must be at least 1")
+
+
+def profile_split_dir(
+    split_dir: str | os.PathLike,
+    role: str,
+    options: BenchOptions | None = None,
+    *,
+    progress: Callable[[int, int, str], None] = lambda done, total, label: None,
+    **settings,
+) -> Profile:
+    """Time every engine of ``role`` in a split dir at every batch size (where build dropped an
+    engine that did not pay, the ONNX the runner uses instead).
+
+    Args:
+        split_dir: a split dir with engines built for this role and backend.
+        role: ``device`` (heads + whole model) or ``server`` (tails + whole model).
+        options: what to time and how; default :class:`BenchOptions`'s defaults.
         progress: ``progress(done, total, label)``.
+        settings: :class:`BenchOptions` fields, given here instead of (or over) ``options``.
 
     Returns:
         The profile (not yet written).
@@ -277,16 +249,15 @@ def profile_split_dir(
             part and batch size to time.
     """
 
-    if slowdown is not None and not slowdown > 0:
-        raise UserError("--slowdown must be a positive factor, e.g. 4 for a device 4x slower")
-    if threads is not None and threads < 1:
-        raise UserError("--threads must be at least 1")
+    o = replace(options or BenchOptions(), **settings)
+    backend_name, precision, threads, slowdown = o.backend_name, o.precision, o.threads, o.slowdown
+    warmup, repeats, min_time_s, rounds = o.warmup, o.repeats, o.min_time_s, o.rounds
     root = Path(split_dir)
     manifest = read_manifest(root)
     pairs = role_parts(manifest, role)
     built = sorted({e.batch for e in manifest.engines + manifest.dropped if e.backend == backend_name
                     and e.precision == precision and (e.split, e.part) in pairs})
-    batch_sizes = batch_sizes or built
+    batch_sizes = o.batch_sizes or built
     missing = [(sid, part, b) for b in batch_sizes for sid, part in pairs
                if manifest.engine(sid, part, backend_name, b, precision) is None
                and dropped_engine(manifest, sid, part, backend_name, b, precision) is None]
@@ -308,7 +279,7 @@ def profile_split_dir(
     if slowdown is not None and slowdown != 1:
         emulation["slowdown"] = float(slowdown)
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(o.seed)
     sig = {}  # split id -> (input name, per-sample shape, dtype) of what that part reads
     cps = {c.tensor: c for c in manifest.cut_points}
     for sid, part in pairs:
@@ -317,7 +288,8 @@ def profile_split_dir(
             sig[sid] = (manifest.model.input.name, list(manifest.model.input.shape[1:]), np.dtype(manifest.model.input.dtype))
         else:
             cp = cps[s.tensor]  # the tail reads the cut tensor in its wire form (float16, int8)
-            sig[sid] = (s.wire_tensor, list(cp.shape), np.dtype(wire_elem_dtype(cp.dtype, s.wire or manifest.wire_dtype)))
+            wire = np.dtype(wire_elem_dtype(cp.dtype, s.wire or manifest.wire_dtype))
+            sig[sid] = (s.wire_tensor, list(cp.shape), wire)
 
     # offload codec forms: the encoder is the head (no engine), decode + whole model the tail
     codec = {s.id: form_of(s) for s in manifest.splits if form_of(s)}
@@ -332,7 +304,8 @@ def profile_split_dir(
     per_repeats = None if repeats is None else max(1, -(-repeats // rounds))
     per_time = None if min_time_s is None else min_time_s / rounds
     samples: dict[tuple[str, str, int], list[float]] = {j: [] for j in jobs}
-    lock = locked_gpu_clocks(lock_gpu_clocks_mhz) if lock_gpu_clocks_mhz else contextlib.nullcontext(None)
+    mhz = o.lock_gpu_clocks_mhz
+    lock = locked_gpu_clocks(mhz) if mhz else contextlib.nullcontext(None)
     with lock as locked:
         if locked:
             emulation.update(locked)
@@ -369,7 +342,8 @@ def profile_split_dir(
         model_sha256=manifest.model.sha256, timings=timings, precision=precision,
         settings={"warmup": warmup, "repeats": None if min_time_s else repeats, "min_time_s": min_time_s,
                   "rounds": rounds,
-                  "seed": seed, "inputs": "fresh random per run (full range for integers, N(0,1) for floats)",
+                  "seed": o.seed,
+                  "inputs": "fresh random per run (full range for integers, N(0,1) for floats)",
                   **({"codec_inputs": f"offload forms {', '.join(codec.values())}: a fresh draw per run of "
                       f"{codec_what}"} if codec else {}),
                   "timer": "device events" if backend_name == "tensorrt" else "wall clock around the run"},

@@ -45,23 +45,16 @@ from dsc_export.graph.cuts import (
     scope_of,
     why_not_cut,
 )
+from dsc_export.graph.folding import FoldReport, fold_shape_arithmetic, shape_sources
 from dsc_export.graph.model import (
     data_dependent,
     dataflow,
     load_model,
     sort_nodes,
 )
-from dsc_export.graph.shapes import (
-    FoldReport,
-    batch_dim,
-    fold_shape_arithmetic,
-    input_signature,
-    np_dtype_name,
-    probe_batches,
-    run_with_outputs,
-    shape_sources,
-    tensor_shapes,
-)
+from dsc_export.graph.probe import run_with_outputs
+from dsc_export.graph.shapes import tensor_shapes
+from dsc_export.graph.signature import batch_dim, input_signature, np_dtype_name, probe_batches
 from dsc_export.graph.surgery import (
     CutSpec,
     extract_head,
@@ -121,7 +114,8 @@ class Analysis:
         """One line: how many cut points, natural and compressive bottlenecks."""
         more = "".join(f", {len(self.compressive_in(f))} in {f}" for f in self.forms[1:])
         return (f"{len(self.cut_points)} cut points, {len(self.natural)} natural bottlenecks, "
-                f"{len(self.compressive)} compressive" + (f" in {self.forms[0]}{more}" if more else ""))
+                f"{len(self.compressive)} compressive"
+                + (f" in {self.forms[0]}{more}" if more else ""))
 
 
 def _check_inputs(model: onnx.ModelProto) -> tuple[str, list, str]:
@@ -301,7 +295,8 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source
     analysis = Analysis(
         source=source, input=TensorSig(name=name, shape=[batch, *per_sample], dtype=dtype), outputs=outputs,
         input_bytes=in_bytes, input_elements=in_elements, wire_dtype=wire_dtype,
-        cut_points=points, fold=fold, notes=notes, fixed_batch=fixed, unbatched=unbatched, forms=forms,
+        cut_points=points, fold=fold, notes=notes, fixed_batch=fixed, unbatched=unbatched,
+        forms=forms,
     )
     if not analysis.cut_points:
         analysis.notes.append("no cut point: every tensor is bypassed on some path from the input to the outputs, "
@@ -381,7 +376,8 @@ def check_forms(forms: list[str]) -> list[str]:
     """
     bad = [f for f in forms if f not in CUT_FORMS]
     if bad or not forms:
-        raise UserError(f"unknown wire form '{bad[0] if bad else ''}'; known: {', '.join(CUT_FORMS)} "
+        raise UserError(f"unknown wire form '{bad[0] if bad else ''}'; known: "
+                        f"{', '.join(CUT_FORMS)} "
                         "(e.g. --wire float32,float16,int8)")
     return [f for f in CUT_FORMS if f in forms]
 
@@ -397,7 +393,8 @@ def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", *, log: L
     """
     forms = check_forms(forms or [wire_dtype])
     model = load_model(path)
-    return analyze_model(model, forms[0], source=os.fspath(path), log=log, inplace=True, inputs=inputs,
+    return analyze_model(model, forms[0], source=os.fspath(path), log=log, inplace=True,
+                         inputs=inputs,
                          forms=forms)[0]
 
 
@@ -429,7 +426,8 @@ def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None
         UserError: an ``at`` tensor that is not a cut point, or that no asked form carries.
     """
     if not at:
-        return [(c, f) for c in analysis.cut_points for f in analysis.forms if c.forms[f]["compressive"]]
+        return [(c, f) for c in analysis.cut_points for f in analysis.forms
+                if c.forms[f]["compressive"]]
     by_name = {c.tensor: c for c in analysis.cut_points}
     chosen: dict[tuple[int, str], tuple[CutPoint, str]] = {}
     df = None
@@ -440,10 +438,13 @@ def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None
             forms = [f for f in analysis.forms if cp.forms[f]["has"] and cp.forms[f]["fits"]]
             if not forms:
                 if "float16" in analysis.forms and not cp.forms["float16"]["fits"]:
-                    raise UserError(f"--at '{t}': its activations overflow float16 on the sample inputs (max |x| "
-                                    f"{cp.max_abs:.3g} > 65504); split there with --wire-dtype float32")
-                raise UserError(f"--at '{t}' is {cp.dtype}: it has no {' or '.join(analysis.forms)} wire form "
-                                "(int8 needs a float tensor wider than 1 byte); add float32 to --wire")
+                    raise UserError(f"--at '{t}': its activations overflow float16 on the sample "
+                                    f"inputs (max |x| {cp.max_abs:.3g} > 65504); split there with "
+                                    "--wire-dtype float32")
+                forms_asked = " or ".join(analysis.forms)
+                raise UserError(f"--at '{t}' is {cp.dtype}: it has no {forms_asked} "
+                                "wire form (int8 needs a float tensor wider than 1 byte); add "
+                                "float32 to --wire")
             for f in forms:
                 chosen[(cp.index, f)] = (cp, f)
             continue
@@ -546,8 +547,9 @@ def split_model(
     if "int8" in forms:
         opset = next((o.version for o in structure.opset_import if o.domain in ("", "ai.onnx")), 0)
         if opset < wire.min_opset("int8", None):
-            raise UserError(f"the int8 wire form needs opset 10 or later (QuantizeLinear); the model is at "
-                            f"opset {opset}: convert it (onnx.version_converter) or leave int8 out of --wire")
+            raise UserError(f"the int8 wire form needs opset 10 or later (QuantizeLinear); the "
+                            f"model is at opset {opset}: convert it (onnx.version_converter) or "
+                            "leave int8 out of --wire")
     del structure
     _release_freed_memory()
     if verify:  # before the weights are in this process: that session's load is the peak
@@ -557,16 +559,19 @@ def split_model(
     model = load_model(src)
     if reference:
         _complete_output_shapes(model, reference)
-    analysis, folded = analyze_model(model, forms[0], source=os.fspath(src), log=log, inplace=True, inputs=samples,
-                                     fixed_batch=reference.fixed_batch if reference else None, forms=forms)
+    analysis, folded = analyze_model(model, forms[0], source=os.fspath(src), log=log, inplace=True,
+                                     inputs=samples, forms=forms,
+                                     fixed_batch=reference.fixed_batch if reference else None)
     del model
     notes = (reference.notes if reference else []) + analysis.notes
     log(analysis.summary())
     chosen = _choose(analysis, folded, at)
     int8_points = list({cp.tensor: cp for cp, f in chosen if f == "int8"}.values())
     if int8_points:
-        log(f"calibrating int8 at {len(int8_points)} cut point(s) on {parts.calibration_count} sample(s)")
-    quant, quant_notes = calibrate(folded, int8_points, parts, analysis.fixed_batch, per_channel=per_channel,
+        log(f"calibrating int8 at {len(int8_points)} cut point(s) on {parts.calibration_count} "
+            "sample(s)")
+    quant, quant_notes = calibrate(folded, int8_points, parts, analysis.fixed_batch,
+                                   per_channel=per_channel,
                                    symmetric=symmetric)
     notes += quant_notes
     if int8_points and parts.record["random"]:
@@ -594,7 +599,8 @@ def split_model(
         for k, (cp, form) in enumerate(chosen, 1):
             sid = split_id(cp, form)
             q = quant.get(cp.tensor) if form == "int8" else None
-            spec = CutSpec(cp.tensor, tuple(cp.shape), cp.dtype, form, wire.Quant.from_dict(q) if q else None)
+            spec = CutSpec(cp.tensor, tuple(cp.shape), cp.dtype, form,
+                           wire.Quant.from_dict(q) if q else None)
             size = cp.forms[form]
             log(f"[{k}/{len(chosen)}] cutting at {cp.tensor} ({cp.scope or 'no scope'}, {form}, "
                 f"ratio {size['ratio']:.3f})")
@@ -851,11 +857,12 @@ def _verify(root: Path, splits: list[Split], ref: _Reference, seed: int, log: Lo
         log(f"running the whole model on {parts.held_out_count} held-out sample(s)")
         whole = make_session(root / "model.onnx", optimization=ONE_OFF, arena=False)
         held_feeds = parts.held_out_feeds(fixed)
-        held_ref = parts.trim([_run_part(whole, f, "the whole model", len(next(iter(f.values()))), all_outputs=True)
+        held_ref = parts.trim([_run_part(whole, f, "the whole model", len(next(iter(f.values()))),
+                                         all_outputs=True)
                                for f in held_feeds])
         del whole
         _release_freed_memory()
-        for s in splits:  # the whole model on the raw input itself (an offload codec measures its own)
+        for s in splits:  # the whole model on the raw input (an offload codec measures its own)
             if s.kind == "local" or (s.kind == "offload" and s.wire in (None, "raw")):
                 s.fidelity = exact(held_ref, ref.output_names).as_dict()
     tols = []
@@ -865,7 +872,8 @@ def _verify(root: Path, splits: list[Split], ref: _Reference, seed: int, log: Lo
         # one session at a time: the head's outputs are small, its weights need not wait for the tail's
         head = make_session(root / s.head, optimization=ONE_OFF, arena=False)
         sent = [_run_part(head, f, f"the head of {s.id}", b) for f, b in zip(feeds, batches)]
-        held_sent = [_run_part(head, f, f"the head of {s.id}", len(next(iter(f.values())))) for f in held_feeds]
+        held_sent = [_run_part(head, f, f"the head of {s.id}", len(next(iter(f.values()))))
+                     for f in held_feeds]
         del head
         _release_freed_memory()
         tail = make_session(root / s.tail, optimization=ONE_OFF, arena=False)
@@ -875,13 +883,15 @@ def _verify(root: Path, splits: list[Split], ref: _Reference, seed: int, log: Lo
             result = result.merge(compare(want, got, ref.output_names, what=f"the tail of {s.id}"))
         tol = tolerance(s.wire, sent[0].dtype, *out_dtypes)
         if held_ref is not None:
-            held_got = parts.trim([_run_part(tail, {s.wire_tensor: h}, f"the tail of {s.id}", len(h),
+            held_got = parts.trim([_run_part(tail, {s.wire_tensor: h}, f"the tail of {s.id}",
+                                             len(h),
                                              all_outputs=True) for h in held_sent])
             s.fidelity = measure(held_ref, held_got, ref.output_names, tolerance=tol).as_dict()
         del tail, sent, held_sent
         _release_freed_memory()
         if s.wire == "int8":  # lossy: what it costs is recorded, not refused
-            s.max_abs_diff, s.max_rel_diff = ((None, None) if result.problem else (result.max_abs, result.max_rel))
+            s.max_abs_diff, s.max_rel_diff = ((None, None) if result.problem
+                                              else (result.max_abs, result.max_rel))
             continue
         tols.append(tol)
         s.max_abs_diff, s.max_rel_diff = result.max_abs, result.max_rel
@@ -891,5 +901,6 @@ def _verify(root: Path, splits: list[Split], ref: _Reference, seed: int, log: Lo
                 "nothing was written"
             )
     lossless = [s.wire for s in cut_splits if s.wire != "int8"]
-    return {"batch_sizes": list(batches), "tolerance_rel": max(tols, default=tolerance(*lossless, *out_dtypes)),
+    return {"batch_sizes": list(batches),
+            "tolerance_rel": max(tols, default=tolerance(*lossless, *out_dtypes)),
             "seed": seed, "inputs": ref.inputs, "batch_independent": ref.batch_independent}

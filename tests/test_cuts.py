@@ -12,8 +12,8 @@ from dsc_export.graph.cuts import (
     find_cut_points,
     why_not_cut,
 )
+from dsc_export.graph.folding import fold_shape_arithmetic
 from dsc_export.graph.model import data_dependent, dataflow
-from dsc_export.graph.shapes import fold_shape_arithmetic
 
 
 def cuts_of(model):
@@ -156,3 +156,27 @@ def test_bytes_vs_elements_with_uint8_input_and_float16_wire():
     half = describe_cut_points(["a", "b", "i"], shapes, input_bytes=192, input_elements=192, wire_dtype="float16")
     assert [p.bytes for p in half] == [256, 64, 1536]  # int64 is not cast
     assert [p.compressive for p in half] == [False, True, False]
+
+
+def test_topological_order_puts_every_node_after_its_producers():
+    from dsc_export.graph.model import topological_order
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(2, 30))
+        # a random DAG over t0..t{n-1}: node k writes t{k} and reads some t{j}, j < k
+        reads = [[f"t{j}" for j in range(k) if rng.random() < 0.3] + ["x"] for k in range(n)]
+        writes = [[f"t{k}"] for k in range(n)]
+        perm = rng.permutation(n)
+        order, stuck = topological_order([reads[p] for p in perm], [writes[p] for p in perm])
+        assert stuck is None and sorted(order) == list(range(n))
+        pos = {int(perm[k]): at for at, k in enumerate(order)}
+        assert all(pos[int(j[1:])] < pos[k] for k in range(n) for j in reads[k] if j != "x")
+        assert topological_order(reads, writes) == (list(range(n)), None)  # sorted: kept as it is
+
+
+def test_topological_order_reports_a_node_of_a_cycle():
+    from dsc_export.graph.model import topological_order
+
+    order, stuck = topological_order([["x"], ["c"], ["b"]], [["a"], ["b"], ["c"]])
+    assert order == [0] and stuck in (1, 2)

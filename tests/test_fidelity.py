@@ -62,23 +62,53 @@ def test_one_value_per_sample_has_no_top1():
 
 
 def _split(wire, agreement=None, within=None, kind="split"):
-    fid = None if agreement is None and within is None else Fidelity(
-        top1_agreement=agreement, max_abs=0.1, max_rel=0.01, samples=10, reference="y",
-        within_tolerance=within).as_dict()
-    return Split(id=f"cut001-{wire}", kind=kind, tensor="t", head="h", tail="t", bytes=1,
-                 max_abs_diff=0.0, wire=wire, fidelity=fid)
+    fid = (
+        None
+        if agreement is None and within is None
+        else Fidelity(
+            top1_agreement=agreement,
+            max_abs=0.1,
+            max_rel=0.01,
+            samples=10,
+            reference="y",
+            within_tolerance=within,
+        ).as_dict()
+    )
+    return Split(
+        id=f"cut001-{wire}",
+        kind=kind,
+        tensor="t",
+        head="h",
+        tail="t",
+        bytes=1,
+        max_abs_diff=0.0,
+        wire=wire,
+        fidelity=fid,
+    )
 
 
 def test_admitted_brute_force():
-    cases = [_split("float32", 1.0, True), _split("float16", 1.0, True), _split("float16", 0.9, False),
-             _split("int8", 0.97, False), _split("int8", 0.93, False), _split("int8"),
-             _split("jpeg95", 0.96, False, kind="offload"), _split("raw", kind="offload")]
+    cases = [
+        _split("float32", 1.0, True),
+        _split("float16", 1.0, True),
+        _split("float16", 0.9, False),
+        _split("int8", 0.97, False),
+        _split("int8", 0.93, False),
+        _split("int8"),
+        _split("jpeg95", 0.96, False, kind="offload"),
+        _split("raw", kind="offload"),
+    ]
     for floor in (None, 0.0, 0.95, 0.97, 1.0):
         for s in cases:
             fid = s.fidelity or {}
-            lossless = s.wire in ("float32", "raw") or (s.wire == "float16" and fid.get("within_tolerance") is not False)
-            want = lossless or (floor is not None and fid.get("top1_agreement") is not None
-                                and fid["top1_agreement"] >= floor)
+            lossless = s.wire in ("float32", "raw") or (
+                s.wire == "float16" and fid.get("within_tolerance") is not False
+            )
+            want = lossless or (
+                floor is not None
+                and fid.get("top1_agreement") is not None
+                and fid["top1_agreement"] >= floor
+            )
             assert (admitted(s, floor) is None) == want, (s.wire, fid, floor)
 
 

@@ -96,7 +96,8 @@ def test_event_timer_agrees_with_torch_events(cuda):
 
 
 def test_nvml_host_info_reads_name_and_clocks():
-    from dsc_export.profiling import gpu_info, host_info
+    from dsc_export.backends.cuda import gpu_facts as gpu_info
+    from dsc_export.profiling import host_info
 
     info = gpu_info()
     if info is None:

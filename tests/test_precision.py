@@ -26,7 +26,6 @@ from dsc_export.graph.precision import (
     _elem_types,
     activation_peaks,
     convert_float16,
-    to_float16,
 )
 from dsc_export.ort import make_session, random_inputs
 
@@ -331,7 +330,7 @@ def test_float16_model_converts_to_itself():
 
 def test_float16_conversion_is_idempotent():
     model = _float_shape_math()
-    once = to_float16(model)
+    once = convert_float16(model).model
     twice = convert_float16(once)
     assert twice.casts == 0 and twice.converted == 0
     assert [n.op_type for n in twice.model.graph.node] == [n.op_type for n in once.graph.node]
@@ -447,7 +446,7 @@ def test_float16_keeps_activations_beyond_float16_float32_given_sample_peaks():
     feeds = random_inputs(make_session(model.SerializeToString()), 2, np.random.default_rng(3))
     want = _run(model, feeds)
     with np.errstate(all="ignore"):
-        naive = _reference(to_float16(model), feeds)[0]
+        naive = _reference(convert_float16(model).model, feeds)[0]
     assert not np.isfinite(naive).all()  # the overflow is real
 
     peaks = activation_peaks(model, [feeds])

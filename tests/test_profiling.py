@@ -188,3 +188,14 @@ def test_scaled_profile_is_labelled():
     p = _profile(emulation={"threads": 1, "of_cores": 2}).scaled(4)
     assert p.emulation == {"threads": 1, "of_cores": 2, "slowdown": 4.0}
     assert [t.median_ms for t in p.timings] == [8.0, 4.0] and p.timings[0].p90_ms == 10.0
+
+
+def test_bench_options_are_keyword_only_and_checked():
+    from dsc_export.profiling import BenchOptions
+
+    with pytest.raises(TypeError):
+        BenchOptions("onnxruntime")  # keyword-only, as PyTriton's TritonConfig
+    with pytest.raises(UserError, match="--slowdown must be a positive factor"):
+        BenchOptions(slowdown=0)
+    with pytest.raises(UserError, match="--threads must be at least 1"):
+        BenchOptions(threads=0)

@@ -15,8 +15,10 @@ import onnxruntime as ort
 import pytest
 from graphs import G
 
-import dsc_export.graph.shapes as shapes_mod
-from dsc_export.graph.shapes import fold_shape_arithmetic, tensor_shapes
+import dsc_export.graph.arithmetic as arithmetic_mod
+import dsc_export.graph.probe as probe_mod
+from dsc_export.graph.folding import fold_shape_arithmetic
+from dsc_export.graph.shapes import tensor_shapes
 
 BATCHES = (1, 2, 3)
 
@@ -91,7 +93,7 @@ def _run(model: onnx.ModelProto, names: list[str], batch: int) -> dict[str, np.n
 def _no_runs(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a real run was needed")
-    monkeypatch.setattr(shapes_mod, "run_with_outputs", refuse)
+    monkeypatch.setattr(probe_mod, "run_with_outputs", refuse)
 
 
 @pytest.mark.parametrize("build", [windows, class_token])
@@ -99,7 +101,7 @@ def _no_runs(monkeypatch):
 def test_fold_matches_onnxruntime_without_running(build, per_tensor, monkeypatch):
     model = build()
     if per_tensor:  # onnx.reference cannot load the arithmetic as one graph: each tensor alone
-        monkeypatch.setattr(shapes_mod._Arithmetic, "build", classmethod(lambda cls, *a: None))
+        monkeypatch.setattr(arithmetic_mod._Arithmetic, "build", classmethod(lambda cls, *a: None))
     _no_runs(monkeypatch)
     folded, report = fold_shape_arithmetic(model)
     monkeypatch.undo()

@@ -41,7 +41,9 @@ def _inputs(tmp_path, k=K, seed=7):
 def _whole_with(src, tensors, x):
     """The whole model's outputs and the named inner tensors (onnxruntime, one session)."""
     m = onnx.load(str(src))
-    m.graph.output.extend([helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors])
+    m.graph.output.extend(
+        [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors]
+    )
     outs = make_session(m.SerializeToString()).run(None, {"image": x})
     return outs[0], dict(zip(tensors, outs[1:]))
 
@@ -61,7 +63,9 @@ def test_eq3_per_form_on_that_forms_bytes(forms_dir):
     for f in FORMS:
         size = {"float32": 4, "float16": 2, "int8": 1}[f]
         ratios = [c.elements * size / man.model.input_bytes for c in man.cut_points]
-        assert [c.forms[f]["bytes"] for c in man.cut_points] == [c.elements * size for c in man.cut_points]
+        assert [c.forms[f]["bytes"] for c in man.cut_points] == [
+            c.elements * size for c in man.cut_points
+        ]
         want = [c.tensor for c, m in zip(man.cut_points, compressive_mask(ratios)) if m]
         made = [s.tensor for s in man.splits if s.kind == "split" and s.wire == f]
         assert made == want, f
@@ -74,7 +78,9 @@ def test_ids_bytes_and_wire_dtypes(forms_dir):
     _, root, man, x = forms_dir
     for s in (s for s in man.splits if s.kind == "split"):
         cp = next(c for c in man.cut_points if c.tensor == s.tensor)
-        assert s.cut == f"cut{cp.index:03d}" and s.id == (s.cut if s.wire == "float32" else f"{s.cut}-{s.wire}")
+        assert s.cut == f"cut{cp.index:03d}" and s.id == (
+            s.cut if s.wire == "float32" else f"{s.cut}-{s.wire}"
+        )
         z = make_session(root / s.head).run([s.wire_tensor], {"image": x[:3]})[0]
         assert z.dtype == {"float32": np.float32, "float16": np.float16, "int8": np.int8}[s.wire]
         assert z.nbytes == 3 * s.bytes  # what the head sends is the manifest's bytes per sample
@@ -111,7 +117,10 @@ def test_int8_scale_is_calibrated_on_the_first_half_and_values_match_numpy(forms
         lo, hi = min(cal.min(), 0.0), max(cal.max(), 0.0)
         scale = np.float32((hi - lo) / 255)
         zp = int(np.clip(np.rint(-128 - lo / float(scale)), -128, 127))
-        assert s.quant["scale"] == pytest.approx(float(scale), rel=1e-7) and s.quant["zero_point"] == zp
+        assert (
+            s.quant["scale"] == pytest.approx(float(scale), rel=1e-7)
+            and s.quant["zero_point"] == zp
+        )
         assert s.quant["axis"] is None and s.quant["dtype"] == "int8"
         q_ref, dq_ref = _numpy_qdq(inner[s.tensor], s.quant["scale"], s.quant["zero_point"])
         q = make_session(root / s.head).run([s.wire_tensor], {"image": x})[0]
@@ -121,7 +130,10 @@ def test_int8_scale_is_calibrated_on_the_first_half_and_values_match_numpy(forms
         dq = make_session(tail.SerializeToString()).run([s.tensor], {s.wire_tensor: q})[0]
         assert np.array_equal(dq, dq_ref), s.id
         held = inner[s.tensor][6:]
-        outside = np.mean((np.rint(held / np.float32(scale)) + zp < -128) | (np.rint(held / np.float32(scale)) + zp > 127))
+        outside = np.mean(
+            (np.rint(held / np.float32(scale)) + zp < -128)
+            | (np.rint(held / np.float32(scale)) + zp > 127)
+        )
         assert s.quant["clipped"] == pytest.approx(float(outside), abs=1e-12)
 
 
@@ -141,9 +153,13 @@ def test_fidelity_counts_agreement_on_the_held_out_half(forms_dir):
         assert f["top1_agreement"] == pytest.approx(agree), s.id
         # the same figure up to float32 rounding of the sessions (other fusions than split's)
         ulps = 1e-5 * float(np.abs(want).max())
-        assert f["max_abs"] == pytest.approx(float(np.abs(got.astype(np.float64) - want).max()), abs=ulps), s.id
+        assert f["max_abs"] == pytest.approx(
+            float(np.abs(got.astype(np.float64) - want).max()), abs=ulps
+        ), s.id
     i8 = [s for s in man.splits if s.wire == "int8"]
-    assert all(s.max_rel_diff is not None and s.max_rel_diff > 1e-5 for s in i8)  # lossy, recorded, not refused
+    assert all(
+        s.max_rel_diff is not None and s.max_rel_diff > 1e-5 for s in i8
+    )  # lossy, recorded, not refused
     assert not any(RANDOM_NOTE[:30] in n for n in man.notes)
 
 
@@ -176,8 +192,12 @@ def test_a_one_byte_tensor_gets_no_int8_form():
 def test_per_channel_only_when_it_wins_on_held_out(tmp_path):
     onnx.save(conv_net(), tmp_path / "m.onnx")
     npz, x = _inputs(tmp_path)
-    man = split_model(tmp_path / "m.onnx", tmp_path / "s", wires=["int8"], inputs=npz, per_channel=True)
-    _, inner = _whole_with(tmp_path / "m.onnx", [s.tensor for s in man.splits if s.wire == "int8"], x)
+    man = split_model(
+        tmp_path / "m.onnx", tmp_path / "s", wires=["int8"], inputs=npz, per_channel=True
+    )
+    _, inner = _whole_with(
+        tmp_path / "m.onnx", [s.tensor for s in man.splits if s.wire == "int8"], x
+    )
     for s in (s for s in man.splits if s.wire == "int8"):
         held = inner[s.tensor][6:].astype(np.float64)
         per_tensor = wire.calibrate(inner[s.tensor][:6])
@@ -187,7 +207,10 @@ def test_per_channel_only_when_it_wins_on_held_out(tmp_path):
             scale = np.asarray(q.scale, np.float32).astype(np.float64)
             zp = np.asarray(q.zero_point, np.float64)
             if q.axis is not None:
-                scale, zp = scale.reshape(1, -1, *[1] * (held.ndim - 2)), zp.reshape(1, -1, *[1] * (held.ndim - 2))
+                scale, zp = (
+                    scale.reshape(1, -1, *[1] * (held.ndim - 2)),
+                    zp.reshape(1, -1, *[1] * (held.ndim - 2)),
+                )
             y = np.clip(np.rint(held / scale) + zp, -128, 127)
             return float(np.mean(((y - zp) * scale - held) ** 2))
 
@@ -203,11 +226,33 @@ def _profiles(man: Manifest, head_ms, tail_ms):
     for s in man.splits:
         for b in (1, 8):
             if s.head:
-                dev.append(Timing(split=s.id, part="head", batch=b, median_ms=head_ms[s.id] * b, p10_ms=0, p90_ms=0, runs=1))
+                dev.append(
+                    Timing(
+                        split=s.id,
+                        part="head",
+                        batch=b,
+                        median_ms=head_ms[s.id] * b,
+                        p10_ms=0,
+                        p90_ms=0,
+                        runs=1,
+                    )
+                )
             if s.tail:
-                srv.append(Timing(split=s.id, part="tail", batch=b, median_ms=tail_ms[s.id] * b, p10_ms=0, p90_ms=0, runs=1))
-    mk = lambda role, t: Profile(role=role, backend="onnxruntime", host={}, emulation=None,  # noqa: E731
-                                 model_sha256=man.model.sha256, timings=t)
+                srv.append(
+                    Timing(
+                        split=s.id,
+                        part="tail",
+                        batch=b,
+                        median_ms=tail_ms[s.id] * b,
+                        p10_ms=0,
+                        p90_ms=0,
+                        runs=1,
+                    )
+                )
+    def mk(role, t):
+        return Profile(role=role, backend="onnxruntime", host={}, emulation=None,
+                       model_sha256=man.model.sha256, timings=t)
+
     return mk("device", dev), mk("server", srv)
 
 
@@ -216,20 +261,36 @@ def test_plan_floor_by_brute_force(forms_dir):
     rng = np.random.default_rng(3)
     ids = [s.id for s in man.splits]
     # depth-ordered head times, the rest on the server: every candidate can win somewhere
-    head = {sid: (0.0 if sid == "offload" else float(k) + rng.uniform(0, 0.5)) for k, sid in enumerate(ids)}
+    head = {
+        sid: (0.0 if sid == "offload" else float(k) + rng.uniform(0, 0.5))
+        for k, sid in enumerate(ids)
+    }
     tail = {sid: float(len(ids) - k) + rng.uniform(0, 0.5) for k, sid in enumerate(ids)}
     dev, srv = _profiles(man, head, tail)
     agreements = {s.id: s.fidelity["top1_agreement"] for s in man.splits}
     for floor in (None, 0.0, 0.5, min(agreements.values()), 1.0):
-        plan = make_plan(man, dev, srv, batch_sizes=[1, 4, 8], rates=[0.01, 0.1, 1, 10, 100], min_agreement=floor)
-        want_ids = [s.id for s in man.splits if s.wire != "int8" or (floor is not None and agreements[s.id] >= floor)]
+        plan = make_plan(
+            man, dev, srv, batch_sizes=[1, 4, 8], rates=[0.01, 0.1, 1, 10, 100], min_agreement=floor
+        )
+        want_ids = [
+            s.id
+            for s in man.splits
+            if s.wire != "int8" or (floor is not None and agreements[s.id] >= floor)
+        ]
         assert plan.candidates == want_ids, floor
         assert set(plan.excluded) == set(ids) - set(want_ids)
         for i, b in enumerate(plan.batch_sizes):
             for j, r in enumerate(plan.rates_MBps):
-                t = {c: eq4_ms(head[c] * b, tail[c] * b if c != "local" else 0.0,
-                               next(s.bytes for s in man.splits if s.id == c) if c != "local" else 0, b, r)
-                     for c in want_ids}
+                t = {
+                    c: eq4_ms(
+                        head[c] * b,
+                        tail[c] * b if c != "local" else 0.0,
+                        next(s.bytes for s in man.splits if s.id == c) if c != "local" else 0,
+                        b,
+                        r,
+                    )
+                    for c in want_ids
+                }
                 best = min(t.values())
                 assert t[plan.choice[i][j]] == pytest.approx(best), (floor, b, r)
         shares = plan.shares()
@@ -247,8 +308,14 @@ def test_floor_out_of_range_is_refused(forms_dir):
 
 def _cli(*args, cwd=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "dsc_export", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dsc_export", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def _one_line_error(res, needle):
@@ -266,8 +333,18 @@ def test_cli_bad_forms_and_floor_are_one_line_and_write_nothing(forms_dir, tmp_p
     dev, srv = _profiles(man, {s.id: 1.0 for s in man.splits}, {s.id: 1.0 for s in man.splits})
     (tmp_path / "d.json").write_text(dev.to_json())
     (tmp_path / "s.json").write_text(srv.to_json())
-    res = _cli("plan", str(root), "--device", str(tmp_path / "d.json"), "--server", str(tmp_path / "s.json"),
-               "--min-agreement", "1.5", "-o", str(tmp_path / "p.json"))
+    res = _cli(
+        "plan",
+        str(root),
+        "--device",
+        str(tmp_path / "d.json"),
+        "--server",
+        str(tmp_path / "s.json"),
+        "--min-agreement",
+        "1.5",
+        "-o",
+        str(tmp_path / "p.json"),
+    )
     _one_line_error(res, "--min-agreement")
     assert not (tmp_path / "p.json").exists()
 
@@ -275,26 +352,51 @@ def test_cli_bad_forms_and_floor_are_one_line_and_write_nothing(forms_dir, tmp_p
 def test_cli_plan_prints_every_candidate_with_agreement_and_share(forms_dir, tmp_path):
     _, root, man, _ = forms_dir
     ids = [s.id for s in man.splits]
-    dev, srv = _profiles(man, {sid: float(k) for k, sid in enumerate(ids)},
-                         {sid: float(len(ids) - k) for k, sid in enumerate(ids)})
+    dev, srv = _profiles(
+        man,
+        {sid: float(k) for k, sid in enumerate(ids)},
+        {sid: float(len(ids) - k) for k, sid in enumerate(ids)},
+    )
     (tmp_path / "d.json").write_text(dev.to_json())
     (tmp_path / "s.json").write_text(srv.to_json())
     out = tmp_path / "p.json"
-    res = _cli("plan", str(root), "--device", str(tmp_path / "d.json"), "--server", str(tmp_path / "s.json"),
-               "--min-agreement", "0", "-o", str(out))
+    res = _cli(
+        "plan",
+        str(root),
+        "--device",
+        str(tmp_path / "d.json"),
+        "--server",
+        str(tmp_path / "s.json"),
+        "--min-agreement",
+        "0",
+        "-o",
+        str(out),
+    )
     assert res.returncode == 0, res.stderr
     plan = json.loads(out.read_text())
-    share = {c: sum(row.count(c) for row in plan["choice"]) / sum(map(len, plan["choice"])) for c in plan["candidates"]}
+    share = {
+        c: sum(row.count(c) for row in plan["choice"]) / sum(map(len, plan["choice"]))
+        for c in plan["candidates"]
+    }
     for s in man.splits:
         line = next(line for line in res.stdout.splitlines() if line.split()[:1] == [s.id])
         assert f"{s.bytes:,}" in line and f"{s.fidelity['top1_agreement']:.3f}" in line
         assert f"{share[s.id] * 100:.1f} %" in line
-    res = _cli("plan", str(root), "--device", str(tmp_path / "d.json"), "--server", str(tmp_path / "s.json"),
-               "-o", str(out))
+    res = _cli(
+        "plan",
+        str(root),
+        "--device",
+        str(tmp_path / "d.json"),
+        "--server",
+        str(tmp_path / "s.json"),
+        "-o",
+        str(out),
+    )
     assert res.returncode == 0, res.stderr
     for s in (s for s in man.splits if s.wire == "int8"):
-        assert "admitted only with --min-agreement" in next(line for line in res.stdout.splitlines()
-                                                            if line.strip().startswith(f"{s.id}:"))
+        assert "admitted only with --min-agreement" in next(
+            line for line in res.stdout.splitlines() if line.strip().startswith(f"{s.id}:")
+        )
 
 
 def test_manifest_without_wire_fields_still_reads(forms_dir, tmp_path):
@@ -318,6 +420,7 @@ def test_read_back_equals_written(forms_dir):
 
 
 # --- run time: build, bench, bundles for every Triton backend, serve, run ------------------------
+
 
 @pytest.fixture(scope="module")
 def served_forms(tmp_path_factory):
@@ -366,7 +469,9 @@ def test_tensorrt_refuses_affine_int8_in_one_line(forms_dir, tmp_path):
 
 @pytest.mark.parametrize("platform", ["onnxruntime_onnx", "python", "tensorrt_plan"])
 def test_server_bundles_carry_every_form(served_forms, tmp_path, platform):
-    pytest.importorskip("tritonclient.grpc", reason="the 'serve' extra (tritonclient) is not installed")
+    pytest.importorskip(
+        "tritonclient.grpc", reason="the 'serve' extra (tritonclient) is not installed"
+    )
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -381,8 +486,15 @@ def test_server_bundles_carry_every_form(served_forms, tmp_path, platform):
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == sorted(s.id for s in tails)
     assert {"cut004-int8", "cut004-float16"} <= {s.id for s in tails}  # the names scripts rely on
     for s in tails:
-        cfg = text_format.Parse((repo / s.id / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-        want = {"int8": "TYPE_INT8", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "raw": "TYPE_FP32"}[s.wire]
+        cfg = text_format.Parse(
+            (repo / s.id / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+        )
+        want = {
+            "int8": "TYPE_INT8",
+            "float16": "TYPE_FP16",
+            "float32": "TYPE_FP32",
+            "raw": "TYPE_FP32",
+        }[s.wire]
         assert cfg.name == s.id and model_config_pb2.DataType.Name(cfg.input[0].data_type) == want
     if platform == "tensorrt_plan":
         script = (repo / "build-plans.sh").read_text()
@@ -397,6 +509,8 @@ def test_device_bundle_carries_every_head(served_forms, tmp_path):
     make_bundle(root, "device", tmp_path / "d.tar")
     open_bundle(tmp_path / "d.tar", tmp_path / "d", expect_side="device")
     assert all((tmp_path / "d" / s.head).is_file() for s in man.splits if s.head)
+    inside = read_manifest(tmp_path / "d")  # the forms' records travel with the bundle
+    assert inside.splits == man.splits and inside.samples == man.samples and inside.wires == man.wires
 
 
 def test_each_form_served_and_run_sends_the_manifests_bytes(served_forms):
@@ -408,15 +522,25 @@ def test_each_form_served_and_run_sends_the_manifests_bytes(served_forms):
     man = read_manifest(root)
     x = np.random.default_rng(11).standard_normal((2, 3, 16, 16)).astype(np.float32)
     http, grpc, metrics = _free_ports(3)
-    with TailServer(root, http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1,
-                    log_file=root.parent / "triton.log") as srv:
+    with TailServer(
+        root,
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
+        threads=1,
+        log_file=root.parent / "triton.log",
+    ) as srv:
         for s in (s for s in man.splits if s.tail):
             logs = []
-            with DynamicSplitClient(root, srv.urls()["http"], static=s.id, log=logs.append,
-                                    initial_rate_MBps=100.0) as c:
+            with DynamicSplitClient(
+                root, srv.urls()["http"], static=s.id, log=logs.append, initial_rate_MBps=100.0
+            ) as c:
                 got = c.infer(x)["logits"]
-            want = _tail_of_head(root, s, x) if s.kind == "split" else make_session(root / man.model.path).run(
-                None, {"image": x})[0]
+            want = (
+                _tail_of_head(root, s, x)
+                if s.kind == "split"
+                else make_session(root / man.model.path).run(None, {"image": x})[0]
+            )
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), s.id
             assert [b.split for b in logs] == [s.id] and logs[0].bytes == 2 * s.bytes, s.id
 
@@ -434,7 +558,9 @@ def _free_ports(n):
 
 
 def test_stock_triton_python_backend_serves_the_int8_and_float16_tails(served_forms, tmp_path):
-    pytest.importorskip("pytriton", reason="the 'serve' extra (nvidia-pytriton, with tritonserver) is not installed")
+    pytest.importorskip(
+        "pytriton", reason="the 'serve' extra (nvidia-pytriton, with tritonserver) is not installed"
+    )
     import tritonclient.http as th
     from tritonclient.utils import np_to_triton_dtype
 
@@ -443,13 +569,19 @@ def test_stock_triton_python_backend_serves_the_int8_and_float16_tails(served_fo
 
     root = served_forms
     man = read_manifest(root)
-    # PyTriton's tritonserver has the Python backend only (the onnxruntime_onnx repository is checked above)
+    # PyTriton's tritonserver has the Python backend only (the onnxruntime_onnx repository is
+    # checked above)
     make_bundle(root, "server", tmp_path / "b.tar", triton_platform="python")
     open_bundle(tmp_path / "b.tar", tmp_path / "b", expect_side="server")
     x = np.random.default_rng(12).standard_normal((3, 3, 16, 16)).astype(np.float32)
     http, grpc, metrics = _free_ports(3)
-    with TritonServer(tmp_path / "b" / "triton", http_port=http, grpc_port=grpc, metrics_port=metrics,
-                      log_file=tmp_path / "tritonserver.log") as srv:
+    with TritonServer(
+        tmp_path / "b" / "triton",
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
+        log_file=tmp_path / "tritonserver.log",
+    ) as srv:
         client = th.InferenceServerClient(srv.url("http"))
         for s in (s for s in man.splits if s.wire in ("int8", "float16")):
             z = make_session(root / s.head).run([s.wire_tensor], {"image": x})[0]
@@ -468,8 +600,10 @@ def test_real_model_every_form_at_its_own_compressive_cuts(exported, tmp_path):
     man = split_model(rep.path, tmp_path / "s", wires=FORMS)
     assert man.model.input.dtype == "uint8"
     for f in FORMS:
-        ratios = [c.elements * {"float32": 4, "float16": 2, "int8": 1}[f] / man.model.input_bytes
-                  for c in man.cut_points]
+        ratios = [
+            c.elements * {"float32": 4, "float16": 2, "int8": 1}[f] / man.model.input_bytes
+            for c in man.cut_points
+        ]
         want = [c.tensor for c, m in zip(man.cut_points, compressive_mask(ratios)) if m]
         assert [s.tensor for s in man.splits if s.wire == f] == want, f
     x = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
@@ -480,7 +614,9 @@ def test_real_model_every_form_at_its_own_compressive_cuts(exported, tmp_path):
         got = _tail_of_head(tmp_path / "s", s, x)
         rel = float(np.abs(got - whole).max() / np.abs(whole).max())
         if s.wire == "int8":
-            assert 0 < s.max_rel_diff and np.isfinite(s.max_rel_diff) and s.fidelity["samples"] == 16
+            assert (
+                0 < s.max_rel_diff and np.isfinite(s.max_rel_diff) and s.fidelity["samples"] == 16
+            )
         else:
             tol = {"float32": 1e-5, "float16": 2e-2}[s.wire]
             assert rel <= tol and s.max_rel_diff <= tol

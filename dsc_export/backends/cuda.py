@@ -7,6 +7,7 @@ naming the ``tensorrt`` extra.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from typing import Any
 
@@ -88,12 +89,99 @@ def no_device_reason() -> str | None:
 
 
 def device_info(index: int = 0) -> dict[str, Any]:
-    """Name, compute capability and memory of CUDA device ``index``."""
+    """Name, compute capability and memory of CUDA device ``index``, as an engine's target
+    records them (``device``, ``compute_capability``, ``memory_mb``): :func:`gpu_facts` with
+    the CUDA runtime's answer.
+
+    Raises:
+        BackendUnavailable: cuda-python is missing.
+        BackendError: the CUDA runtime cannot read the device.
+    """
+    facts = _runtime_facts(index)
+    return {"device": facts["name"], "compute_capability": facts["compute_capability"],
+            "memory_mb": facts["memory_mb"]}
+
+
+def gpu_facts(index: int = 0, *, runtime: bool = False) -> dict[str, Any] | None:
+    """The package's one reader of GPU facts, with one set of keys.
+
+    Keys (those the sources answer): ``name``, ``compute_capability``, ``memory_mb``,
+    ``driver``, ``sm_clock_mhz``, ``mem_clock_mhz``, ``max_sm_clock_mhz`` (MHz, current and
+    the SM's maximum). NVML (nvidia-ml-py) answers, else ``nvidia-smi``.
+
+    Args:
+        index: the GPU's index.
+        runtime: also ask the CUDA runtime (cuda-python), whose name, compute capability and
+            memory then win (the device CUDA binds to); its errors propagate.
+
+    Returns:
+        The facts; None when nothing answers (no GPU, no NVML, no nvidia-smi).
+    """
+    try:
+        import pynvml
+    except ImportError:
+        pynvml = None
+    facts = (_nvml_facts(pynvml, index) if pynvml is not None else _smi_facts(index)) or {}
+    if runtime:
+        facts.update(_runtime_facts(index))
+    return facts or None
+
+
+def _runtime_facts(index: int) -> dict[str, Any]:
     rt = cudart()
     props = check(rt.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
     name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
-    return {"device": name, "compute_capability": f"{props.major}.{props.minor}",
+    return {"name": name, "compute_capability": f"{props.major}.{props.minor}",
             "memory_mb": int(props.totalGlobalMem) // 2**20}
+
+
+def _nvml_facts(pynvml, index: int) -> dict[str, Any] | None:
+    """GPU ``index``'s name, clocks and driver through NVML; None when NVML does not answer."""
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        info = {"name": text(pynvml.nvmlDeviceGetName(h)),
+                "sm_clock_mhz": int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)),
+                "mem_clock_mhz": int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM)),
+                "max_sm_clock_mhz": int(pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM)),
+                "driver": text(pynvml.nvmlSystemGetDriverVersion())}
+        with contextlib.suppress(Exception):
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+            info["compute_capability"] = f"{major}.{minor}"
+        return info
+    except Exception:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def text(v) -> str:
+    """An NVML string (bytes in older bindings) as text."""
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _smi_facts(index: int) -> dict[str, Any] | None:
+    """GPU ``index``'s name, clocks and driver from ``nvidia-smi``; None when it does not answer."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={index}",
+                              "--query-gpu=name,clocks.sm,clocks.mem,clocks.max.sm,driver_version",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    name, sm, mem, smax, drv = [x.strip() for x in out.stdout.strip().splitlines()[0].split(",")]
+    return {"name": name, "sm_clock_mhz": int(sm), "mem_clock_mhz": int(mem), "max_sm_clock_mhz": int(smax),
+            "driver": drv}
 
 
 class Stream:

@@ -23,6 +23,7 @@ from dsc_export.backends.base import Backend, BuildOptions, Runner, TensorSpec
 from dsc_export.errors import BuildError, UserError, first_line
 from dsc_export.graph.model import load_model
 from dsc_export.graph.precision import to_float16_for_build
+from dsc_export.inputs import SampleInputs
 from dsc_export.ort import (  # noqa: F401  (re-exported: the backend's public names)
     OPTIMIZATION_LEVELS,
     ORT_DTYPES,
@@ -157,7 +158,7 @@ class OnnxruntimeBackend(Backend):
         self.check()
         model = fix_batch(load_model(onnx_path), batch)
         if precision == "fp16":
-            model = to_float16_for_build(model, log=log)
+            model = to_float16_for_build(model, SampleInputs.random(model), log=log)
         engine_path = Path(engine_path)
         engine_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=engine_path.parent, prefix=f".{engine_path.name}.tmp-"))

@@ -40,6 +40,7 @@ from dsc_export.backends.base import Backend, BuildOptions, Runner, TensorSpec
 from dsc_export.errors import BuildError, EngineLoadError, InferenceError, UserError, lazy_import
 from dsc_export.graph.model import load_model
 from dsc_export.graph.precision import to_float16_for_build
+from dsc_export.inputs import SampleInputs
 
 TIMING_CACHE = "tensorrt.timing-cache"
 
@@ -376,7 +377,8 @@ class TensorrtBackend(Backend):
                 import onnx
 
 
-                model = to_float16_for_build(load_model(src), log=log)
+                model = load_model(src)
+                model = to_float16_for_build(model, SampleInputs.random(model), log=log)
                 src = tmpdir / "fp16.onnx"
                 onnx.save(model, os.fspath(src), save_as_external_data=model.ByteSize() > 1_500_000_000,
                           location="fp16.onnx.data")

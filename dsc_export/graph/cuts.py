@@ -86,7 +86,7 @@ def find_cut_points(df: Dataflow) -> list[str]:
 
     Args:
         df: the data-flow view; static shape arithmetic should be folded first
-            (:func:`dsc_export.graph.shapes.fold_shape_arithmetic`), otherwise a Shape node
+            (:func:`dsc_export.graph.folding.fold_shape_arithmetic`), otherwise a Shape node
             reading an early tensor counts as a path around every tensor after it.
 
     Returns:
@@ -208,7 +208,8 @@ def describe_cut_points(
         for f in forms:
             nbytes = elements * wire_itemsize(dtype, f)
             ratio = compression_ratio(nbytes, input_bytes)
-            per_form[f] = {"bytes": nbytes, "ratio": ratio, "natural": ratio < 1, "compressive": False,
+            per_form[f] = {"bytes": nbytes, "ratio": ratio, "natural": ratio < 1,
+                           "compressive": False,
                            "fits": True, "has": f in wire.forms_of(dtype, [f])}
         first = per_form[wire_dtype]
         points.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from dsc_export.errors import UserError
 # Ops whose output depends only on the *shape* of their input, never on its values.
 SHAPE_OPS = {"Shape", "Size"}
 # Name prefix of the Shape nodes that read only the batch size (written by
-# :func:`dsc_export.graph.shapes.rewrite_batch_reads`). Every batched tensor carries the batch
+# :func:`dsc_export.graph.folding.rewrite_batch_reads`). Every batched tensor carries the batch
 # size on axis 0, so such a read is not a data-flow edge: a head reads it from the model input,
 # a tail from the cut tensor (:mod:`dsc_export.graph.surgery` rewires it).
 BATCH_READ = "dsc_export/batch_read"
@@ -120,6 +121,12 @@ def all_initializers(graph: onnx.GraphProto):
         for attr in node.attribute:
             for sub in _attr_graphs(attr):
                 yield from all_initializers(sub)
+
+
+def has_subgraph(node: onnx.NodeProto) -> bool:
+    """True when ``node`` holds a graph attribute (If/Loop/Scan bodies: control flow)."""
+    graph_kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(a.type in graph_kinds for a in node.attribute)
 
 
 def _attr_graphs(attr: onnx.AttributeProto):
@@ -241,39 +248,55 @@ def topological_nodes(df: Dataflow) -> list[OpNode]:
     """The nodes in a topological order (Kahn's algorithm; stable for sorted graphs).
 
     Raises:
-        UserError: the graph has a cycle or reads a tensor nothing defines.
+        UserError: the graph has a cycle (naming a node on it) or reads a tensor nothing defines.
     """
     producers = df.producers()
     known = set(df.inputs) | df.constants
-    indeg = {}
-    users: dict[int, list[OpNode]] = {}
     for n in df.nodes:
-        deps = set()
         for i in n.inputs:
-            if i in producers:
-                deps.add(producers[i].index)
-            elif i not in known:
+            if i not in producers and i not in known:
                 raise UserError(f"node '{n.name}' reads tensor '{i}', which nothing in the graph defines")
-        deps.discard(n.index)
-        indeg[n.index] = len(deps)
-        for d in deps:
-            users.setdefault(d, []).append(n)
-    ready = [n for n in df.nodes if indeg[n.index] == 0]
-    order: list[OpNode] = []
-    import heapq
+    order, stuck = topological_order([n.inputs for n in df.nodes], [n.outputs for n in df.nodes])
+    if stuck is not None:
+        raise UserError(f"the graph has a cycle through node '{df.nodes[stuck].name}'; it is not a "
+                        "valid ONNX model")
+    return [df.nodes[k] for k in order]
 
-    heap = [(n.index, n) for n in ready]
-    heapq.heapify(heap)
-    while heap:
-        _, n = heapq.heappop(heap)
-        order.append(n)
-        for u in users.get(n.index, ()):
-            indeg[u.index] -= 1
-            if indeg[u.index] == 0:
-                heapq.heappush(heap, (u.index, u))
-    if len(order) != len(df.nodes):
-        raise UserError("the graph has a cycle; it is not a valid ONNX model")
-    return order
+
+def topological_order(reads: list, writes: list) -> tuple[list[int], int | None]:
+    """The one topological sort of the package: node positions in an order where every node
+    comes after the nodes whose outputs it reads (Kahn's algorithm, the earliest ready node
+    first, so a sorted list keeps its order).
+
+    Args:
+        reads: per node, the tensor names it reads (names no node writes are ignored: graph
+            inputs, initializers, tensors from outside a node subset).
+        writes: per node, the tensor names it writes.
+
+    Returns:
+        ``(order, stuck)``: the positions in order, and None; or, on a cycle, the positions
+        ordered so far and one position of a node on (or behind) the cycle.
+    """
+    producer = {o: k for k, outs in enumerate(writes) for o in outs if o}
+    deps = [{producer[i] for i in ins if i in producer} - {k} for k, ins in enumerate(reads)]
+    users: dict[int, list[int]] = {}
+    for k, ds in enumerate(deps):
+        for d in ds:
+            users.setdefault(d, []).append(k)
+    missing = [len(ds) for ds in deps]
+    ready = [k for k, m in enumerate(missing) if m == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for u in users.get(k, ()):
+            missing[u] -= 1
+            if missing[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) < len(reads):
+        return order, next(k for k, m in enumerate(missing) if m > 0)
+    return order, None
 
 
 def sort_nodes(model: onnx.ModelProto) -> bool:

@@ -38,7 +38,6 @@ of that provider, not of the graph: TensorRT and CUDA run them in float16.
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,15 +45,17 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dsc_export.errors import UserError, first_line
+from dsc_export.graph import probe
 from dsc_export.graph.model import (
     _attr_graphs,
     data_dependent,
     dataflow,
+    has_subgraph,
     outer_scope_inputs,
+    sort_nodes,
     without_data,
 )
-from dsc_export.inputs import SampleInputs
-from dsc_export.ort import make_session
+from dsc_export.graph.signature import infer_types
 
 FP16_MAX = float(np.finfo(np.float16).max)
 # Activations beyond this on the sample inputs keep float32 compute: float16's range with two
@@ -117,30 +118,22 @@ class Float16Conversion:
         return lines
 
 
-def to_float16(model: onnx.ModelProto, peaks: dict[str, float] | None = None) -> onnx.ModelProto:
-    """Return a copy of ``model`` computing in float16, with its inputs and outputs unchanged.
-
-    See :func:`convert_float16` (this returns only its ``model``).
-    """
-    return convert_float16(model, peaks).model
-
-
-def to_float16_for_build(model: onnx.ModelProto, samples=None, log=lambda s: None) -> onnx.ModelProto:
+def to_float16_for_build(model: onnx.ModelProto, samples, log=lambda s: None) -> onnx.ModelProto:
     """:func:`convert_float16` with the activation peaks of ``model`` on sample inputs, so that
     nodes around activations beyond float16's range keep float32 (what every backend's fp16
     build uses).
 
     Args:
         model: a part (head, tail or whole model) with its weights loaded.
-        samples: an object with ``feeds(batch, index)`` (:class:`dsc_export.inputs.SampleInputs`)
-            for this part's inputs; None: random ones within the ranges the graph implies.
+        samples: an object with ``feeds(batch, index)`` for this part's inputs, from the
+            caller (e.g. ``dsc_export.inputs.SampleInputs.random(model)``: random ones within
+            the ranges the graph implies).
         log: receives :meth:`Float16Conversion.notes`.
 
     Returns:
         The converted model.
     """
 
-    samples = samples or SampleInputs.random(model)
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[:1]] if model.graph.input else []
     batch = dims[0] if dims and dims[0] > 0 else 2
     conv = convert_float16(model, activation_peaks(model, [samples.feeds(batch)]))
@@ -152,7 +145,8 @@ def to_float16_for_build(model: onnx.ModelProto, samples=None, log=lambda s: Non
 def activation_peaks(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """The largest magnitude each float32 tensor that carries data reaches on sample inputs.
 
-    One onnxruntime run (float32, CPU) per sample of a copy of ``model`` that also outputs
+    One onnxruntime run (float32, CPU; :func:`dsc_export.graph.probe.run_samples`) per sample
+    of a copy of ``model`` that also outputs
     ``max(|t|)`` of every such tensor (a scalar each, so memory stays that of one run).
 
     Args:
@@ -163,10 +157,10 @@ def activation_peaks(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]
         Tensor name -> max |value| over the samples (NaN counts as infinite).
     """
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    g = probe.graph
-    types = _elem_types(probe)
+    watch = onnx.ModelProto()
+    watch.CopyFrom(model)
+    g = watch.graph
+    types = _elem_types(watch)
     values, _ = data_dependent(dataflow(g))
     outputs = [i.name for i in g.input] + [o for n in g.node for o in n.output]
     watched = [t for t in dict.fromkeys(outputs) if t in values and types.get(t) == F]
@@ -180,10 +174,9 @@ def activation_peaks(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]
                        helper.make_node("ReduceMax", [a], [m], name=m, keepdims=0)])
         g.output.append(helper.make_tensor_value_info(m, F, []))
         names[m] = t
-    session = make_session(probe.SerializeToString(), optimization="basic", arena=False)
     peaks: dict[str, float] = {}
-    for feeds in samples:
-        for m, v in zip(names, session.run(list(names), feeds)):
+    for got in probe.run_samples(watch, list(names), samples):
+        for m, v in zip(names, got):
             v = float(v) if np.isfinite(v) else float("inf")
             peaks[names[m]] = max(peaks.get(names[m], 0.0), v)
     return peaks
@@ -208,8 +201,8 @@ def convert_float16(model: onnx.ModelProto, peaks: dict[str, float] | None = Non
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    sort_nodes(out)
     g = out.graph
-    _sort_in_place(g)
     types = _elem_types(out)
     values, _ = data_dependent(dataflow(g))
     opsets = {(d.domain or "ai.onnx"): d.version for d in out.opset_import}
@@ -377,7 +370,7 @@ def _plan(n: onnx.NodeProto, ctx: _Graph) -> tuple[list[int | None], list[int | 
     float_data = any(t and t in values and types.get(t) == F for t in ins + outs + refs)
     if not float_data:
         return original[0], original[1], None
-    if refs or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+    if refs or has_subgraph(n):
         return (*original, f"control flow ({n.op_type}): its subgraphs run as exported")
     domain = n.domain or "ai.onnx"
     if n.op_type in KEEP_FLOAT32_OPS and domain == "ai.onnx":
@@ -472,8 +465,8 @@ def _infer(schema, n: onnx.NodeProto, wants: list[int | None], types: dict[str, 
     graph = helper.make_graph([n], "one", [helper.make_value_info(k, v) for k, v in in_types.items()],
                               [helper.make_value_info(o, onnx.TypeProto()) for o in n.output if o])
     one = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    got = onnx.shape_inference.infer_shapes(one, check_type=True, strict_mode=True)
-    return {v.name: v.type.tensor_type.elem_type for v in got.graph.output if v.type.HasField("tensor_type")}
+    got = infer_types(one, check_type=True, data_prop=False, strict=True, errors="raise")
+    return {o: got[o].tensor_type.elem_type for o in n.output if o in got}
 
 
 def _default_opset(ir_version: int) -> int:
@@ -516,7 +509,7 @@ def _schema(op: str, opset: int | None, domain: str):
 
 
 def _outer_refs(n: onnx.NodeProto) -> list[str]:
-    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+    if not has_subgraph(n):
         return []
     return outer_scope_inputs(n)
 
@@ -570,55 +563,17 @@ def _constant_to_half(n: onnx.NodeProto) -> None:
             return
 
 
-def _sort_in_place(g: onnx.GraphProto) -> None:
-    """Put ``g``'s nodes in a topological order when they are not (onnxruntime accepts both).
-
-    Raises:
-        UserError: the graph has a cycle.
-    """
-    producer = {o: k for k, n in enumerate(g.node) for o in n.output if o}
-    deps = [{producer[i] for i in list(n.input) + _outer_refs(n) if i in producer} - {k} for k, n in enumerate(g.node)]
-    if all(d < k for k, ds in enumerate(deps) for d in ds):
-        return
-    users: dict[int, list[int]] = {}
-    for k, ds in enumerate(deps):
-        for d in ds:
-            users.setdefault(d, []).append(k)
-    missing = [len(ds) for ds in deps]
-    ready = [k for k, m in enumerate(missing) if m == 0]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:  # Kahn's algorithm, the earliest ready node first (stable for sorted parts)
-        k = heapq.heappop(ready)
-        order.append(k)
-        for u in users.get(k, ()):
-            missing[u] -= 1
-            if missing[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) < len(g.node):
-        stuck = next(g.node[k] for k, m in enumerate(missing) if m > 0)
-        raise UserError(f"the graph has a cycle through node '{stuck.name or stuck.op_type}'; it is not a valid ONNX "
-                        "model")
-    nodes = [onnx.NodeProto() for _ in order]
-    for c, k in zip(nodes, order):
-        c.CopyFrom(g.node[k])
-    del g.node[:]
-    g.node.extend(nodes)
-
-
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor, from static inference on a weightless copy."""
 
-    light = without_data(model)
     try:
         # check_type=True also infers through ops defined by a function body (GroupNormalization-21)
-        inferred = onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=False)
+        inferred = infer_types(without_data(model), check_type=True, data_prop=False,
+                               errors="raise")
     except Exception as exc:  # an invalid graph: say so in one line
         raise UserError(f"cannot infer tensor types for the float16 conversion: {first_line(exc)}") from exc
-    g = inferred.graph
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.value_info) + list(g.output)
-             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
-    types.update({t.name: t.data_type for t in g.initializer})
+    types = {name: tp.tensor_type.elem_type for name, tp in inferred.items()}
+    g = model.graph
     for n in g.node:
         if n.op_type == "Constant":
             for a in n.attribute:

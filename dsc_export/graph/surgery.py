@@ -1,4 +1,6 @@
-"""Head/tail extraction at a cut point, with the cut tensor's wire form at the seam.
+"""Head/tail extraction at a cut point, with the cut tensor's wire form at the seam
+(:mod:`dsc_export.graph.wire`), and structure checks (numerical verification of the parts is
+:mod:`dsc_export.splitting`'s).
 
 The head is every node the cut tensor depends on (inputs -> cut tensor); the tail is every
 node the outputs depend on, walking back until the cut tensor (cut tensor -> outputs).
@@ -25,7 +27,7 @@ from onnx import TensorProto, helper
 from dsc_export.errors import UserError, first_line
 from dsc_export.graph import wire
 from dsc_export.graph.model import empty_like, is_batch_read, outer_scope_inputs
-from dsc_export.graph.shapes import TWO_GB, batch_dim
+from dsc_export.graph.signature import TWO_GB, batch_dim
 
 
 @dataclass(frozen=True)

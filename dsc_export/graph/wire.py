@@ -54,10 +54,16 @@ class Quant:
     @classmethod
     def from_dict(cls, d: dict) -> Quant:
         """The map from its manifest JSON (extra keys ignored)."""
+
         def t(v):
             return tuple(v) if isinstance(v, list) else v
-        return cls(scale=t(d["scale"]), zero_point=t(d["zero_point"]), axis=d.get("axis"),
-                   dtype=d.get("dtype", "int8"))
+
+        return cls(
+            scale=t(d["scale"]),
+            zero_point=t(d["zero_point"]),
+            axis=d.get("axis"),
+            dtype=d.get("dtype", "int8"),
+        )
 
 
 def forms_of(dtype: str, forms: tuple[str, ...] | list[str] = CUT_FORMS) -> list[str]:
@@ -175,8 +181,9 @@ def _axis_attr(q: Quant) -> dict:
     return {} if q.axis is None else {"axis": q.axis}
 
 
-def encode(tensor: str, dtype: str, form: str, quant: Quant | None = None
-           ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def encode(
+    tensor: str, dtype: str, form: str, quant: Quant | None = None
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The nodes (and initializers) at the end of the head that turn ``tensor`` into its wire
     form :func:`wire_name`; none for a form that does not convert it.
 
@@ -187,22 +194,36 @@ def encode(tensor: str, dtype: str, form: str, quant: Quant | None = None
         return [], []
     out = wire_name(tensor, dtype, form)
     if form == "float16":
-        return [helper.make_node("Cast", [tensor], [out], to=TensorProto.FLOAT16,
-                                 name="dsc_export/wire_cast")], []
+        return [
+            helper.make_node(
+                "Cast", [tensor], [out], to=TensorProto.FLOAT16, name="dsc_export/wire_cast"
+            )
+        ], []
     if quant is None:
         raise ValueError("an int8 wire needs a calibrated scale and zero point")
     nodes, src = [], tensor
     if dtype != "float32":  # QuantizeLinear reads float32 before opset 19
         src = f"{tensor}.wire_f32"
-        nodes.append(helper.make_node("Cast", [tensor], [src], to=TensorProto.FLOAT,
-                                      name="dsc_export/wire_to_float32"))
-    nodes.append(helper.make_node("QuantizeLinear", [src, SCALE, ZERO_POINT], [out],
-                                  name="dsc_export/wire_quantize", **_axis_attr(quant)))
+        nodes.append(
+            helper.make_node(
+                "Cast", [tensor], [src], to=TensorProto.FLOAT, name="dsc_export/wire_to_float32"
+            )
+        )
+    nodes.append(
+        helper.make_node(
+            "QuantizeLinear",
+            [src, SCALE, ZERO_POINT],
+            [out],
+            name="dsc_export/wire_quantize",
+            **_axis_attr(quant),
+        )
+    )
     return nodes, _quant_initializers(quant)
 
 
-def decode(tensor: str, dtype: str, form: str, quant: Quant | None = None
-           ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def decode(
+    tensor: str, dtype: str, form: str, quant: Quant | None = None
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The nodes (and initializers) at the start of the tail that turn the wire tensor back into
     ``tensor`` of ``dtype``; none for a form that does not convert it.
 
@@ -213,14 +234,29 @@ def decode(tensor: str, dtype: str, form: str, quant: Quant | None = None
         return [], []
     src = wire_name(tensor, dtype, form)
     if form == "float16":
-        return [helper.make_node("Cast", [src], [tensor], to=_elem(dtype), name="dsc_export/wire_uncast")], []
+        return [
+            helper.make_node(
+                "Cast", [src], [tensor], to=_elem(dtype), name="dsc_export/wire_uncast"
+            )
+        ], []
     if quant is None:
         raise ValueError("an int8 wire needs a calibrated scale and zero point")
     out = tensor if dtype == "float32" else f"{tensor}.wire_f32"
-    nodes = [helper.make_node("DequantizeLinear", [src, SCALE, ZERO_POINT], [out],
-                              name="dsc_export/wire_dequantize", **_axis_attr(quant))]
+    nodes = [
+        helper.make_node(
+            "DequantizeLinear",
+            [src, SCALE, ZERO_POINT],
+            [out],
+            name="dsc_export/wire_dequantize",
+            **_axis_attr(quant),
+        )
+    ]
     if dtype != "float32":
-        nodes.append(helper.make_node("Cast", [out], [tensor], to=_elem(dtype), name="dsc_export/wire_to_dtype"))
+        nodes.append(
+            helper.make_node(
+                "Cast", [out], [tensor], to=_elem(dtype), name="dsc_export/wire_to_dtype"
+            )
+        )
     return nodes, _quant_initializers(quant)
 
 
@@ -245,5 +281,8 @@ def check_symmetric(quants: dict[str, dict | None], backend: str) -> None:
     affine = [sid for sid, q in quants.items() if q and any(np.atleast_1d(q["zero_point"]) != 0)]
     if affine:
         more = f" (and {len(affine) - 1} more)" if len(affine) > 1 else ""
-        raise UserError(f"{backend} takes int8 wires with zero point 0 only; {affine[0]}{more} is affine: split "
-                        "again with --int8-symmetric, or serve it with onnxruntime")
+        raise UserError(
+            f"{backend} takes int8 wires with zero point 0 only; {affine[0]}{more} is affine: "
+            "split "
+            "again with --int8-symmetric, or serve it with onnxruntime"
+        )
