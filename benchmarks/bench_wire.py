@@ -25,7 +25,7 @@ Per model (EfficientNet-Lite0 with trained weights, EfficientNet-B0 with random 
 
 The machine is shared and noisy: every profile figure is a median of 2 interleaved rounds of 4 runs (8 runs).
 Writes ``benchmarks/out/wire.json``, ``benchmarks/results/wire-<date>.json``, the pictures
-``docs/images/wire-*.png``. About 20 minutes on 2 cores.
+``docs/images/wire-*.png``. About 30 minutes on 2 cores.
 
     python benchmarks/bench_wire.py [--models efficientnet_lite0,efficientnet_b0] [--no-e2e] [--reuse]
 """
@@ -105,7 +105,9 @@ def prepare(name: str, trained: bool, log) -> tuple[Path, Path]:
         split_model(onnx_path, split, inputs=photos, offload=list(OFFLOAD), **kw)
         log(f"  split in {time.perf_counter() - t:.0f} s")
     log(f"  building onnxruntime engines at {list(BATCHES)}")
-    build_engines(split, "onnxruntime", batch_sizes=list(BATCHES), parts="all")
+    built = build_engines(split, "onnxruntime", batch_sizes=list(BATCHES), parts="all")
+    for job, why in built.failed:
+        log(f"  engine {job.path} failed: {why}")
     log("  profiling the device (1 thread) and the server (every core), 2 interleaved rounds")
     dev = profile_split_dir(split, "device", batch_sizes=list(BATCHES), repeats=4, warmup=1, threads=1,
                             rounds=2)
