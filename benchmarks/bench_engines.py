@@ -30,6 +30,7 @@ def main() -> None:
 
     from dsc_export.artifacts import read_manifest
     from dsc_export.engines import build_engines, load_engine, parse_batch_sizes
+    from dsc_export.graph.wire import wire_elem_dtype
     from dsc_export.ort import make_session, random_array
 
     root = split_dir(args.model)
@@ -51,7 +52,9 @@ def main() -> None:
         runs["whole/onnx"] = lambda s=whole_o: s.run(None, {man.model.input.name: x})
         keep = [whole_e]
         for s in splits:
-            z = random_array([b] + cps[s.tensor].shape, np.float32 if man.wire_dtype == "float32" else np.float16, rng)
+            cp = cps[s.tensor]  # the tail reads its wire form's dtype (float16, int8)
+            wire = np.dtype(wire_elem_dtype(cp.dtype, s.wire or man.wire_dtype))
+            z = random_array([b] + cp.shape, wire, rng)
             for part, src, feed in (("head", s.head, {man.model.input.name: x}), ("tail", s.tail, {s.wire_tensor: z})):
                 eng = load_engine(root, man.engine(s.id, part, "onnxruntime", b), args.threads)
                 eng.activate()

@@ -19,7 +19,7 @@ import time
 from common import HERE, OUT, machine
 
 SCRIPTS = ["bench_split.py", "bench_engines.py", "bench_profiles.py", "bench_plan.py", "bench_e2e.py", "bench_load.py",
-           "bench_fleet.py", "bench_bundle.py", "bench_accuracy.py",
+           "bench_fleet.py", "bench_bundle.py", "bench_accuracy.py", "bench_wire.py",
            "model_zoo.py"]
 BACKEND_AWARE = {"bench_profiles.py"}
 
@@ -130,6 +130,28 @@ def rows() -> list[dict]:
                     add("accuracy", f"{res['model']} ({res['weights'].split(':')[0]}), {wire} wire: worst top-1 "
                         f"agreement with the whole model over {len(rows_w)} splits, {res['inputs']} inputs",
                         f"{worst * 100:.1f} %", target, met)
+    d = load("wire.json")
+    if d:
+        for name, res in d["results"].items():
+            for scen, p in res["plans"].items():
+                if not scen.startswith("+ int8") or "JPEG-95 under" not in scen:
+                    continue
+                add("wire", f"{name}: split share, int8 at floor {d['floor']:g}, JPEG-95 in the race",
+                    f"{p['split_share'] * 100:.1f} %", ">= 35 %", p["split_share"] >= 0.35)
+                add("wire", f"{name}: mean Eq. 7 gain over the best static ({p['best_static']})",
+                    f"{p['gain_over_best_static'] * 100:.1f} %", ">= 15 %", p["gain_over_best_static"] >= 0.15)
+                worst = min(p["chosen_int8_agreement"].values(), default=None)
+                if worst is not None:
+                    add("wire", f"{name}: worst held-out agreement of the int8 forms the plan chooses",
+                        f"{worst * 100:.1f} %", ">= 95 %", worst >= 0.95)
+            e = res.get("e2e") or {}
+            for ph in e.get("phases", []):
+                add("wire", f"{name} e2e {ph['rate_MBps']:.3g} MB/s: measured vs predicted ({', '.join(ph['choices'])})",
+                    f"{ph['measured_ms']:.1f} vs {ph['predicted_ms']:.1f} ms ({ph['error'] * 100:+.1f} %)",
+                    "within 15 %", abs(ph["error"]) <= 0.15)
+            if e.get("phases"):
+                add("wire", f"{name} e2e: dynamic vs best static ({e['best_static']})",
+                    f"{e['dynamic_vs_best_static'] * 100:+.1f} %", "<= +3 %", e["dynamic_vs_best_static"] <= 0.03)
     d = load("zoo.json")
     if d:
         rs = d["rows"]

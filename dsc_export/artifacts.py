@@ -23,6 +23,12 @@ SPLIT_SCHEMA = "dsc-export.split/3"
 OLD_SPLIT_SCHEMAS = ("dsc-export.split/1", "dsc-export.split/2")
 # The vocabularies of the artifacts' fields (the CLI's choices come from here).
 WIRE_DTYPES = ("float32", "float16")  # Manifest.wire_dtype: the cut tensor's dtype on the wire
+# Split.wire of a cut: the wire forms of a cut tensor (graph/wire.py makes them). float32: the
+# tensor as it is; float16: Cast down / Cast back; int8: QuantizeLinear / DequantizeLinear.
+CUT_FORMS = ("float32", "float16", "int8")
+# Forms that never change the answer (no --min-agreement needed; float16 counts when within its
+# tolerance, int8 and jpegNN only above a floor: dsc_export.fidelity.admitted)
+LOSSLESS_FORMS = ("float32", "raw", "png", "webp")
 PRECISIONS = ("fp32", "fp16")  # Engine.precision, Profile.precision
 MANIFEST_NAME = "manifest.json"
 
@@ -115,11 +121,21 @@ class CutPoint:
     # it fits float16 (finite, at most 65504). A cut point that does not fit is never split at.
     max_abs: float | None = None
     fits_wire: bool = True
+    # Per wire form (``split --wire``): {"bytes", "ratio", "compressive" (Eq. 3 on that form's
+    # bytes), "fits"}; empty in manifests written before wire forms (one form: the fields above).
+    forms: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
 class Split:
-    """One candidate of the planner: ``offload`` (l = 0), a cut point, or ``local`` (l = L)."""
+    """One candidate of the planner: ``offload`` (l = 0), a cut point in one wire form, or
+    ``local`` (l = L).
+
+    Ids: ``offload``, ``cutNNN`` (float32), ``cutNNN-float16``, ``cutNNN-int8``, offload forms
+    ``offload-png`` ..., ``local``. ``cut`` is the cut point's base id shared by every form of
+    one cut; ``quant`` (int8 only) the calibrated affine map; ``fidelity`` the answers against
+    the whole model on raw held-out input (:class:`dsc_export.fidelity.Fidelity` as a dict).
+    """
 
     id: str
     kind: str  # offload | split | local
@@ -131,6 +147,23 @@ class Split:
     max_rel_diff: float | None = None
     wire_tensor: str | None = None  # head output = tail input name (differs from tensor with a float16 wire)
     ratio: float | None = None
+    # float32 | float16 | int8 (kind split), raw | png | jpegNN | webp (kind offload), None (local)
+    wire: str | None = None
+    cut: str | None = None  # the cut point's base id (cut029) for every form of it
+    # int8: {"scale": float, "zero_point": int, "dtype": "int8", "axis": None, "clipped": share of
+    # held-out values outside the calibrated range}; None otherwise
+    quant: dict[str, Any] | None = None
+    fidelity: dict[str, Any] | None = None
+    # offload codec forms (dsc_export.offload): the encoded sizes per sample on the sample inputs
+    # {"statistic": "mean" (what bytes is), "mean", "median", "min", "max", "samples", "lossless",
+    # "layout", "encode_ms_per_sample"}; None otherwise
+    encoded: dict[str, Any] | None = None
+
+    @property
+    def encodes(self) -> bool:
+        """True for an offload codec form (png, webp, jpegNN): its head is the encoder on the
+        device (a profile time, no ONNX file), its tail decodes and runs the whole model."""
+        return self.kind == "offload" and self.wire not in (None, "raw")
 
 
 @dataclass(kw_only=True)
@@ -180,6 +213,11 @@ class Manifest:
     # Engines built, measured and not kept (not faster than their ONNX by the margin): no file;
     # the runner and the profiles use the ONNX at that batch size, and build does not retry them.
     dropped: list[Engine] = field(default_factory=list)
+    # Which sample inputs calibrated the lossy forms and which measured fidelity:
+    # {"source": SampleInputs.description, "random": bool, "calibration": [names],
+    #  "held_out": [names]}
+    samples: dict[str, Any] | None = None
+    wires: list[str] = field(default_factory=list)  # the cut forms made (split --wire), in order
     schema: str = SPLIT_SCHEMA
 
     def to_json(self) -> str:
@@ -209,13 +247,19 @@ class Manifest:
             outputs=[TensorSig(**o) for o in m.get("outputs", [])], source=m.get("source"),
             fixed_batch=m.get("fixed_batch"), batch_independent=m.get("batch_independent"),
         )
+        splits = [Split(**s) for s in d["splits"]]
+        for s in splits:  # manifests written before wire forms: one form, the manifest's wire dtype
+            if s.wire is None and s.kind != "local":
+                s.wire = d["wire_dtype"] if s.kind == "split" else "raw"
+            if s.cut is None and s.kind == "split":
+                s.cut = s.id
         return cls(
             model=model, wire_dtype=d["wire_dtype"],
-            cut_points=[CutPoint(**c) for c in d["cut_points"]],
-            splits=[Split(**s) for s in d["splits"]],
+            cut_points=[CutPoint(**c) for c in d["cut_points"]], splits=splits,
             engines=[Engine(**e) for e in d.get("engines", [])], verification=d.get("verification"),
             files=d.get("files", {}), notes=d.get("notes", []), data=d.get("data", {}),
-            dropped=[Engine(**e) for e in d.get("dropped", [])],
+            dropped=[Engine(**e) for e in d.get("dropped", [])], samples=d.get("samples"),
+            wires=d.get("wires") or [d["wire_dtype"]],
         )
 
     def split(self, split_id: str) -> Split:

@@ -122,7 +122,8 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
                        engines=engines, verification=man.verification,
                        files={f: h for f, h in man.files.items() if f in files},
                        data={f: d for f, d in man.data.items() if f in files},
-                       dropped=[e for e in man.dropped if e.part == part])
+                       dropped=[e for e in man.dropped if e.part == part],
+                       samples=man.samples, wires=man.wires)
         (staging / MANIFEST_NAME).write_text(sub.to_json())
         for rel in files + sorted({e.path for e in engines}):
             link_or_copy(root / rel, staging / rel)

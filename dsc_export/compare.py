@@ -155,3 +155,15 @@ def fits(dtype: str, values: np.ndarray) -> bool:
     big = float(np.finfo(dtype).max)
     v = values.astype(np.float64)
     return bool(np.isfinite(v).all() and np.abs(v).max() <= big)
+
+
+def quantized_steps(reference: np.ndarray, got: np.ndarray) -> int:
+    """The largest difference, in quantization steps, between two int8 wire tensors of the same
+    shape (a quantized tensor may differ by one step where the floats before rounding differ by
+    a few ulps: another engine's fusions); -1 on a shape mismatch."""
+    reference, got = np.asarray(reference), np.asarray(got)
+    if reference.shape != got.shape:
+        return -1
+    if reference.size == 0:
+        return 0
+    return int(np.max(np.abs(reference.astype(np.int64) - got.astype(np.int64))))

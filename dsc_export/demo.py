@@ -41,6 +41,10 @@ from dsc_export.weights import has_pretrained
 from dsc_export.zoo import lookup
 
 DEMO_RATES = (2.0, 20.0, 100.0, 5.0)
+DEMO_WIRES = ("float32", "float16", "int8")  # the cut forms split makes
+DEMO_OFFLOAD = ("raw", "jpeg95")  # the offload forms: the raw frame, and the JPEG a user would send
+DEMO_FLOOR = 0.95  # plan --min-agreement: the lossy forms (int8, JPEG) race only above it
+PHOTO_VIEWS = 8  # views (crops, mirror images) of each sample photo: split's sample inputs
 TRAINED_MODEL, RANDOM_MODEL = "efficientnet_lite0", "efficientnet_b0"
 
 
@@ -59,6 +63,25 @@ class DemoReport:
     model: str = ""
     weights: str = ""
     labels: list[dict[str, Any]] = field(default_factory=list)  # per photo: whole model's and per split
+    # per candidate: wire form, bytes per sample, top-1 agreement on the held-out inputs
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    # the plan's share of the grid per candidate without a floor (lossless forms and float16)
+    # and with --min-agreement DEMO_FLOOR, and the split share of each
+    floors: dict[str, Any] = field(default_factory=dict)
+
+    def wire_lines(self) -> list[str]:
+        """What the wire forms did, for the summary (pure)."""
+        if not self.candidates:
+            return []
+        held = next((c["samples"] for c in self.candidates if c["samples"]), 0)
+        lines = [f"wire forms (top-1 agreement with the whole model on {held} held-out input(s)):"]
+        for c in self.candidates:
+            agree = "-" if c["agreement"] is None else f"{c['agreement'] * 100:.1f} %"
+            lines.append(f"  {c['id']:16s} {c['wire'] or '-':8s} {c['bytes']:>9,} B/sample  agreement {agree}")
+        for name, f in self.floors.items():
+            wins = ", ".join(f"{k} {v * 100:.0f} %" for k, v in f["share"].items())
+            lines.append(f"plan {name}: a split wins {f['split_share'] * 100:.0f} % of the grid ({wins})")
+        return lines
 
 
 def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", *, batch_sizes=(1, 2, 4, 8, 16),
@@ -105,9 +128,16 @@ def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", 
     log(an.summary())
     done("analyze")
 
-    step("3/8 split at every compressive bottleneck, verified against the whole model")
+    step(f"3/8 split at every compressive bottleneck in the wire forms {','.join(DEMO_WIRES)}, with the "
+         f"offload forms {','.join(DEMO_OFFLOAD)}, verified against the whole model"
+         + (" on the sample photos" if trained else ""))
     split = out / "split"
-    split_model(onnx_path, split, log=log)
+    photos_dir = _photo_folder(out / "photos", onnx_path) if trained else None
+    man = split_model(onnx_path, split, log=log, wires=list(DEMO_WIRES), offload=list(DEMO_OFFLOAD),
+                      inputs=photos_dir)
+    rep.candidates = [{"id": s.id, "wire": s.wire, "bytes": s.bytes,
+                       "agreement": (s.fidelity or {}).get("top1_agreement"),
+                       "samples": (s.fidelity or {}).get("samples")} for s in man.splits]
     rep.files["split dir"] = str(split)
     done("split")
 
@@ -133,9 +163,12 @@ def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", 
     done("profile")
 
     step("6/8 plan: the best split per batch size and data rate, gains, heatmaps")
-    plan = make_plan(read_manifest(split), dev, srv, profile_hashes=(sha256_file(prof / "device.json"),
-                                                                     sha256_file(prof / "server.json")))
-    write_json_atomic(split / "plan.json", plan.to_json())
+    hashes = (sha256_file(prof / "device.json"), sha256_file(prof / "server.json"))
+    lossless = make_plan(read_manifest(split), dev, srv, profile_hashes=hashes)
+    plan = make_plan(read_manifest(split), dev, srv, profile_hashes=hashes, min_agreement=DEMO_FLOOR)
+    rep.floors = {"without a floor (lossless forms, float16)": _shares(lossless, man),
+                  f"with --min-agreement {DEMO_FLOOR:g}": _shares(plan, man)}
+    write_json_atomic(split / "plan.json", plan.to_json())  # the session runs the floored plan
     static = best_static(plan) or "local"
     rep.files["plan"] = str(split / "plan.json")
     rep.files["best-split heatmap (Fig. 2)"] = str(choice_heatmap(plan, out / "best-split.png"))
@@ -161,10 +194,38 @@ def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", 
         rep.notes.append("run-time session skipped (--no-serve)")
     step("8/8 summary")
     write_json_atomic(out / "summary.json", json.dumps({
-        "model": entry.name, "weights": rep.weights, "labels": rep.labels, "files": rep.files, "plan": rep.plan_summary, "session": rep.session,
+        "model": entry.name, "weights": rep.weights, "labels": rep.labels, "files": rep.files, "plan": rep.plan_summary,
+        "candidates": rep.candidates, "floors": rep.floors, "session": rep.session,
         "seconds": rep.steps, "notes": rep.notes, "device_emulation": dev.emulation}, indent=1) + "\n")
     rep.files["summary"] = str(out / "summary.json")
     return rep
+
+
+def _shares(plan, man) -> dict[str, Any]:
+    """The share of the plan's grid each candidate wins, and the share real splits win (pure)."""
+    cells = [c for row in plan.choice for c in row]
+    share = {c: cells.count(c) / len(cells) for c in plan.candidates if c in cells}
+    kinds = {s.id: s.kind for s in man.splits}
+    return {"share": share, "split_share": sum(v for c, v in share.items() if kinds[c] == "split")}
+
+
+def _photo_folder(folder: Path, onnx_path: Path) -> Path:
+    """The sample photos, ``PHOTO_VIEWS`` views (crops, mirror images) each, preprocessed for the
+    model, as PNG files (lossless) in ``folder``: split's sample inputs, sorted by name, so the
+    first half (other photos than the rest) calibrates int8 and the rest measures agreement."""
+    import onnx
+    from PIL import Image
+
+    from dsc_export.images import Preprocess, sample_photos, variants
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dims = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    pre = Preprocess.for_onnx(onnx_path, int(dims[1].dim_value))  # uint8 [N, H, W, 3]: H
+    for photo, img in sample_photos():
+        views = variants(img)
+        for suffix, v in views[::max(1, len(views) // PHOTO_VIEWS)][:PHOTO_VIEWS]:
+            Image.fromarray(pre(v)).save(folder / f"{photo}{suffix or '-whole'}.png")
+    return folder
 
 
 def _where(plan) -> dict[str, str]:

@@ -229,6 +229,32 @@ class SampleInputs:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     samples: dict[str, np.ndarray] | None = None  # name -> [K, *per-sample shape]; None: random
     seed: int = 0
+    names: list[str] | None = None  # one per sample: image file names, or "#k" for a .npz
+
+    def subset(self, indices: list[int], what: str) -> SampleInputs:
+        """The user's samples ``indices`` (in that order) as sample inputs of their own; random
+        inputs get another seed per ``what`` (fresh draws, never the same as another part's).
+
+        Args:
+            indices: sample indices (user samples only).
+            what: the part's name for the description (``calibration``, ``held out``).
+        """
+        if self.samples is None:
+            seed = self.seed + 1 + sum(map(ord, what))
+            return SampleInputs(f"{self.description}, {what} draws (seed {seed})", self.specs,
+                                self.ranges,
+                                None, seed)
+        names = [self.sample_names[i] for i in indices]
+        return SampleInputs(f"{len(indices)} {what} sample(s) of {self.description}", self.specs,
+                            {},
+                            {k: v[indices] for k, v in self.samples.items()}, self.seed, names)
+
+    @property
+    def sample_names(self) -> list[str]:
+        """One name per user sample (file names for a folder, ``#k`` for a .npz); [] for random."""
+        if self.samples is None:
+            return []
+        return self.names or [f"#{k}" for k in range(self.count)]
 
     @classmethod
     def random(cls, model: onnx.ModelProto, seed: int = 0) -> SampleInputs:
@@ -269,8 +295,9 @@ class SampleInputs:
         if not path.exists():
             raise UserError(f"--inputs '{path}' does not exist (give a .npz of arrays by input name or a folder "
                             "of images)")
+        names = None
         if path.is_dir():
-            samples, what = _load_images(path, specs)
+            samples, what, names = _load_images(path, specs)
         elif path.suffix.lower() == ".npz":
             samples, what = _load_npz(path, specs)
         else:
@@ -281,7 +308,8 @@ class SampleInputs:
             if s.batch and k < s.batch:
                 raise UserError(f"the model runs at batch {s.batch} only ('{s.name}') but '{path}' has {k} "
                                 f"sample(s); give at least {s.batch}")
-        return cls(f"{k} sample{'s' if k != 1 else ''} from {path}{what}", specs, {}, samples)
+        return cls(f"{k} sample{'s' if k != 1 else ''} from {path}{what}", specs, {}, samples,
+                   names=names)
 
     @property
     def count(self) -> int | None:
@@ -353,7 +381,8 @@ def _load_npz(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray]
     return samples, ""
 
 
-def _load_images(folder: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], str]:
+def _load_images(folder: Path, specs: list[InputSpec]
+                 ) -> tuple[dict[str, np.ndarray], str, list[str]]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"--inputs '{folder}' has no images ({' '.join(IMAGE_SUFFIXES)})")
@@ -381,7 +410,7 @@ def _load_images(folder: Path, specs: list[InputSpec]) -> tuple[dict[str, np.nda
     if layout == "NCHW":
         x = x.transpose(0, 3, 1, 2)
     x = np.ascontiguousarray(x.astype(s.dtype))
-    return {s.name: x}, f" (resized to {h}x{w}, {layout} {what})"
+    return {s.name: x}, f" (resized to {h}x{w}, {layout} {what})", [f.name for f in files]
 
 
 def _check_ranges(path: Path, samples: dict[str, np.ndarray], ranges: dict[str, tuple[float, float]]) -> None:

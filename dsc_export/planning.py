@@ -36,6 +36,7 @@ import numpy as np
 
 from dsc_export.artifacts import Manifest, Profile, check_pair, read_json
 from dsc_export.errors import UserError
+from dsc_export.fidelity import admitted, check_floor
 
 PLAN_SCHEMA = "dsc-export.plan/1"
 
@@ -81,21 +82,37 @@ def interpolate(xs: list[int], ys: list[float], x: float, what: str = "") -> flo
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def candidates(manifest: Manifest, device: Profile, server: Profile, *, privacy: bool = False) -> list[Candidate]:
-    """The planner's candidates in device order (offload, splits in graph order, local).
+def candidates(manifest: Manifest, device: Profile, server: Profile, *, privacy: bool = False,
+               min_agreement: float | None = None, excluded: dict[str, str] | None = None,
+               admit_all: bool = False) -> list[Candidate]:
+    """The planner's candidates in device order (offload forms, splits in graph order with their
+    wire forms, local): every split the fidelity floor admits
+    (:func:`dsc_export.fidelity.admitted`).
+
+    Args:
+        min_agreement: the top-1 agreement a lossy form (int8, JPEG) needs; None: lossless forms
+            (and float16 within its tolerance) only.
+        excluded: filled with {split id: why it is not a candidate}.
+        admit_all: every split, whatever its fidelity (baselines to report gains against).
 
     Raises:
         UserError: the profiles cannot be combined, are not of this split dir's model, or miss
-            a split or part the candidates need.
+            a split or part the candidates need; ``min_agreement`` outside [0, 1].
     """
     check_pair(device, server)
     if device.model_sha256 != manifest.model.sha256:
         raise UserError("the profiles were taken on another model than this split dir's (model sha256 differs)")
+    check_floor(min_agreement)
     out = []  # offload: no head, the input's bytes (T_0, full_offload_ms); local: no tail, nothing sent
     for s in manifest.splits:
         if privacy and s.kind == "offload":
             continue
-        head = _series(device, s.id, "head") if s.head else None
+        why = None if admit_all else admitted(s, min_agreement)
+        if why:
+            if excluded is not None:
+                excluded[s.id] = why
+            continue
+        head = _series(device, s.id, "head") if s.head or s.encodes else None  # a codec: the encoder
         tail = _series(server, s.id, "tail") if s.tail else None
         batches = sorted(set(head or {}) & set(tail or {})) if head and tail else sorted(head or tail)
         if len(batches) == 0:
@@ -262,6 +279,10 @@ class Plan:
     model_sha256: str
     device_profile: dict[str, Any]  # sha256 of the profile file, host, emulation
     server_profile: dict[str, Any]
+    # the fidelity floor (plan --min-agreement; None: lossless forms only) and the splits it
+    # left out, with why
+    min_agreement: float | None = None
+    excluded: dict[str, str] = field(default_factory=dict)
     schema: str = PLAN_SCHEMA
     _fast: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -343,6 +364,11 @@ class Plan:
         i = margin_choice(times, self.margin, keep)
         return ids[i], times[i]
 
+    def shares(self) -> dict[str, float]:
+        """The share of the grid's cells (0..1) each candidate wins, in ``candidates`` order."""
+        cells = [c for row in self.choice for c in row]
+        return {c: (cells.count(c) / len(cells) if cells else 0.0) for c in self.candidates}
+
     # --- JSON -------------------------------------------------------------------------------
 
     def to_json(self) -> str:
@@ -379,7 +405,8 @@ def read_plan(path: str | os.PathLike) -> Plan:
 def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_sizes: list[int] | None = None,
               rates: list[float] | None = None, rtt_ms: float = 0.0, privacy: bool = False,
               static: list[str] | None = None, margin: float = 0.0,
-              profile_hashes: tuple[str, str] = ("", "")) -> Plan:
+              profile_hashes: tuple[str, str] = ("", ""),
+              min_agreement: float | None = None) -> Plan:
     """Compute the lookup table and the gains.
 
     Args:
@@ -393,6 +420,7 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_siz
         margin: relative margin (0.05 = 5 %) a split must win by over one that keeps more on
             the device.
         profile_hashes: sha256 of the device and server profile files, recorded in the plan.
+        min_agreement: the fidelity floor for lossy forms (:func:`candidates`).
 
     Raises:
         UserError: a negative ``rtt_ms`` or ``margin``, an unknown static split, or as
@@ -400,7 +428,9 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_siz
     """
     if rtt_ms < 0 or margin < 0:
         raise UserError("--rtt-ms and --margin must not be negative")
-    cands = candidates(manifest, device, server, privacy=privacy)
+    excluded: dict[str, str] = {}
+    cands = candidates(manifest, device, server, privacy=privacy, min_agreement=min_agreement,
+                       excluded=excluded)
     lo = max(c.batches[0] for c in cands)
     hi = min(c.batches[-1] for c in cands)
     batch_sizes = batch_sizes or list(range(max(1, lo), min(64, hi) + 1))
@@ -413,7 +443,8 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_siz
     ids = [c.id for c in cands]
     t_dsc = np.take_along_axis(grid, idx[None], axis=0)[0]
     all_ids = [s.id for s in manifest.splits]
-    static = static if static is not None else [s.id for s in manifest.splits if s.kind == "split"]
+    static = static if static is not None else [s.id for s in manifest.splits
+                                                if s.kind == "split" and s.id in ids]
     for s in static:
         if s not in all_ids:
             raise UserError(f"unknown static split '{s}'; known: {', '.join(all_ids)}")
@@ -422,8 +453,9 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_siz
     for base in baselines:
         if base in ids:
             t_base = grid[ids.index(base)]
-        else:  # offload under privacy: still a baseline worth comparing with
-            bc = candidates(manifest, device, server, privacy=False)[[s.id for s in manifest.splits].index(base)]
+        else:  # offload under privacy, a split the floor left out: still a baseline to compare with
+            every = candidates(manifest, device, server, privacy=False, admit_all=True)
+            bc = next(c for c in every if c.id == base)
             t_base = latency_grid([bc], batch_sizes, rates, rtt_ms=rtt_ms)[0]
         g = gain(t_dsc, t_base)
         gains[base] = {"grid": np.round(g, 5).tolist(), "mean": float(g.mean())}
@@ -437,6 +469,7 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_siz
                         "backend": device.backend},
         server_profile={"sha256": profile_hashes[1], "host": server.host, "emulation": server.emulation,
                         "backend": server.backend},
+        min_agreement=min_agreement, excluded=excluded,
     )
 
 

@@ -53,6 +53,19 @@ def _axes_labels(ax, plan) -> None:
     ax.set_xscale("log")
 
 
+HATCHES = ("////", "xxxx", "....", "\\\\\\\\", "++++", "oo")
+
+
+def wire_form(split_id: str) -> str:
+    """The wire form a split id names: ``cut029-int8`` -> ``int8``, ``offload-jpeg95`` ->
+    ``jpeg95``,
+    ``cut029`` -> ``float32``, ``offload`` -> ``raw``, ``local`` -> ``""``."""
+    if split_id == "local":
+        return ""
+    base, _, form = split_id.partition("-")
+    return form or ("raw" if base == "offload" else "float32")
+
+
 def choice_heatmap(plan, path: str | os.PathLike, title: str = "") -> Path:
     """The paper's Fig. 2: the best split per (batch size, data rate) cell, with a legend."""
     import numpy as np
@@ -63,14 +76,28 @@ def choice_heatmap(plan, path: str | os.PathLike, title: str = "") -> Path:
     ids = plan.candidates
     k = np.array([[ids.index(c) for c in row] for row in plan.choice])
     palette = plt.get_cmap("tab10").colors
-    cmap = ListedColormap([palette[i % 10] for i in range(len(ids))])
+    # one colour per cut, one hatch per form
+    bases = list(dict.fromkeys(c.partition("-")[0] for c in ids))
+    cmap = ListedColormap([palette[bases.index(c.partition("-")[0]) % 10] for c in ids])
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     x, y = _edges(plan.rates_MBps, log=True), _edges(plan.batch_sizes)
     ax.pcolormesh(x, y, k, cmap=cmap, norm=BoundaryNorm(np.arange(len(ids) + 1) - 0.5, len(ids)))
     _axes_labels(ax, plan)
+    # the wire forms (split ids cutNNN-float16, cutNNN-int8, offload-jpeg95 ...): one hatch each
+    forms = [wire_form(c) for c in ids]
+    hatches = {f: HATCHES[j % len(HATCHES)] for j, f in enumerate(dict.fromkeys(
+        f for f in forms if f not in ("float32", "raw", "")))}
+    for f, hatch in hatches.items():
+        mask = np.array([[forms[i] == f for i in row] for row in k])
+        ax.pcolor(x, y, np.ma.masked_where(~mask, np.ones(mask.shape)), hatch=hatch,
+                  facecolor="none",
+                  edgecolor=(0, 0, 0, 0.45), linewidth=0)
     used = sorted(set(k.ravel().tolist()))
-    ax.legend(handles=[Patch(color=cmap(i), label=ids[i]) for i in used], title="best split",
-              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.legend(handles=[Patch(facecolor=cmap(i), hatch=hatches.get(forms[i], ""),
+                             edgecolor=(0, 0, 0, 0.45),
+                             label=ids[i]) for i in used],
+              title="best split (hatch: wire form)", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              fontsize=8)
     extras = [f"rtt {plan.rtt_ms:g} ms"] + (["privacy"] if plan.privacy else [])
     ax.set_title(title or f"Best split per batch size and data rate ({', '.join(extras)})")
     return _save(fig, plt, path)

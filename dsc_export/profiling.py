@@ -5,9 +5,12 @@ The device role times the heads (and the whole model, for ``local``), the server
 tail on a strong server (Section 4: one GPU underclocked to 300 MHz, and at full speed). Each
 figure is the median of repeated runs after a warm-up, on what the part really receives
 (:mod:`dsc_export.feeds`): the heads and the whole model the model's sample inputs, a tail its
-head's outputs on them (a quantized model's uint8 cut, an int64 mask: their own dtype and
-values), a few distinct batches cycled. A GPU engine is timed with device events around its
-execution.
+head's outputs on them (a wire form's float16 or int8 cut, a quantized model's uint8 cut, an
+int64 mask: their own dtype and values), a few distinct batches cycled. A GPU engine is timed
+with device events around its execution. An offload codec form (``offload-jpeg95``:
+:mod:`dsc_export.offload`) has its encoder as its head on the device and its decoder plus the
+whole model as its tail on the server, both timed on real photos (a codec's time depends on the
+picture).
 
 Standing in for a weak device is recorded in the profile's ``emulation`` field, so an emulated
 figure can never pass for a measured one: fewer threads than cores, GPU clocks locked through
@@ -35,6 +38,7 @@ from dsc_export.backends.cuda import gpu_facts, text
 from dsc_export.engines.runtime import load_part
 from dsc_export.errors import UserError
 from dsc_export.feeds import PartFeeds, model_samples
+from dsc_export.offload import codec_images, codec_timer, form_of, layout_of
 from dsc_export.ort import cpu_isa, cpu_name
 
 NOISY_SPREAD = 1.5  # p90 / p10 above this: the median is not to be trusted
@@ -287,9 +291,17 @@ def profile_split_dir(
 
     # what each part really receives (a tail: its head's outputs), a few batches each, cycled
     sample_inputs = model_samples(root, manifest, o.inputs, o.seed)
+    rng = np.random.default_rng(o.seed)  # the codecs' draws of photos
     batches_of = {(sid, part): feeds_for(root, manifest, sid, part, sample_inputs, batch_sizes)
-                  for sid, part in pairs}
+                  for sid, part in pairs if not form_of(manifest.split(sid))}
 
+    # offload codec forms: the encoder is the head (no engine), decode + whole model the tail
+    codec = {s.id: form_of(s) for s in manifest.splits if form_of(s)}
+    if codec:
+        images, codec_what = codec_images(manifest.model.input)
+        layout = layout_of(manifest)
+    if role == "device":
+        pairs = pairs + [(sid, "head") for sid in codec]
     timings: list[Timing] = []
     jobs = [(sid, part, b) for b in batch_sizes for sid, part in pairs]
     rounds = max(1, int(rounds))
@@ -304,12 +316,16 @@ def profile_split_dir(
         for rnd in range(rounds):  # a burst of noise then touches one round of every figure, not one figure
             for k, (sid, part, b) in enumerate(jobs):
                 progress(rnd * len(jobs) + k, rounds * len(jobs), f"{sid}/{part} b{b}")
-                ring = batches_of[(sid, part)][b]
+                # an engine build dropped: its ONNX, as the runner does; a codec has its own timer
+                ring = batches_of.get((sid, part), {}).get(b)
                 turn = iter(range(1 << 62))
-                # an engine build dropped: its ONNX, as the runner does
-                with load_part(root, manifest, sid, part, backend_name, b, precision, threads) as runner:
+                with (contextlib.nullcontext() if sid in codec else
+                      load_part(root, manifest, sid, part, backend_name, b, precision, threads)) as runner:
                     def once(runner=runner, ring=ring, turn=turn) -> float:
                         return runner.time_ms(ring[next(turn) % len(ring)])
+
+                    if sid in codec:
+                        once = codec_timer(codec[sid], layout, images, b, rng, side=role)
 
                     m = measure(once, warmup=warmup if rnd == 0 else min(warmup, 1), repeats=per_repeats,
                                 min_time_s=per_time)
@@ -317,8 +333,13 @@ def profile_split_dir(
         scale = float(slowdown) if slowdown else 1.0
         for (sid, part, b), xs in samples.items():
             m = Measurement(xs)
-            timings.append(Timing(split=sid, part=part, batch=b, median_ms=m.median * scale,
-                                  p10_ms=m.quantile(0.1) * scale, p90_ms=m.quantile(0.9) * scale, runs=len(xs)))
+            # a codec's tail: its decode + the whole model as timed for offload (one figure for the
+            # engine every offload form shares, so noise cannot rank the forms by the model's time)
+            whole = Measurement(samples[("offload", part, b)]) if part == "tail" and sid in codec else None
+            add = (lambda q, whole=whole: whole.quantile(q)) if whole else (lambda q: 0.0)
+            timings.append(Timing(split=sid, part=part, batch=b, median_ms=(m.median + add(0.5)) * scale,
+                                  p10_ms=(m.quantile(0.1) + add(0.1)) * scale,
+                                  p90_ms=(m.quantile(0.9) + add(0.9)) * scale, runs=len(xs)))
         progress(rounds * len(jobs), rounds * len(jobs), "done")
     return Profile(
         role=role, backend=backend_name, host=host_info(threads, backend_name), emulation=emulation or None,
@@ -330,6 +351,8 @@ def profile_split_dir(
                             f"({sample_inputs.description}) for the heads and the whole model, "
                             f"the head's outputs on them for a tail; up to {FEED_BATCHES} "
                             "batches per part and batch size, cycled",
+                  **({"codec_inputs": f"offload forms {', '.join(codec.values())}: a fresh draw per "
+                      f"run of {codec_what}"} if codec else {}),
                   "timer": "device events" if backend_name == "tensorrt" else "wall clock around the run"},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )

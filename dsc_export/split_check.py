@@ -16,8 +16,10 @@ import numpy as np
 import onnx
 
 from dsc_export.artifacts import Split
+from dsc_export.calibration import SampleParts
 from dsc_export.compare import Comparison, compare, tolerance
 from dsc_export.errors import ModelRunError, UserError, VerificationError
+from dsc_export.fidelity import exact, measure
 from dsc_export.graph.model import load_model
 from dsc_export.ort import make_session
 
@@ -204,20 +206,39 @@ def cannot_run(exc: ModelRunError, finding: str = "") -> UserError:
                      "--inputs FILE.npz|DIR")
 
 
-def verify_splits(root: Path, splits: list[Split], wire_dtype: str, ref: Reference, seed: int,
-                  log: Callable[[str], None]) -> dict:
-    """tail(head(x)) against the whole model for every split, at the reference's batch sizes.
+def verify_splits(root: Path, splits: list[Split], ref: Reference, seed: int,
+                  log: Callable[[str], None], parts: SampleParts | None = None,
+                  fixed: int | None = None) -> dict:
+    """tail(head(x)) against the whole model for every split, at the reference's batch sizes;
+    and each split's fidelity on the held-out samples (``Split.fidelity``).
 
     The tolerance follows the dtypes compared (:func:`dsc_export.compare.tolerance`): the wire
-    dtype, the cut tensor's and the outputs' dtypes; a NaN or inf anywhere is a failure.
+    form, the cut tensor's and the outputs' dtypes; a NaN or inf anywhere is a failure. An int8
+    form is lossy: its differences are recorded, never held to a tolerance (a NaN or inf is
+    recorded as a problem in its fidelity, never as a difference of 0). Outputs are assembled by
+    name: the tail's, and the one the head returns (a cut at a graph output).
 
     Raises:
-        VerificationError: a split that does not reproduce the model (names it and why).
+        VerificationError: a float32 or float16 split that does not reproduce the model (names
+            it and why).
     """
 
     batches, feeds, refs = ref.batches, ref.feeds, ref.outputs
     out_dtypes = [o.dtype for o in refs[0]]
     cut_splits = [s for s in splits if s.kind == "split"]
+    held_feeds, held_ref = [], None
+    if parts is not None:
+        log(f"running the whole model on {parts.held_out_count} held-out sample(s)")
+        whole = make_session(root / "model.onnx", optimization=ref.optimization, arena=False)
+        held_feeds = parts.held_out_feeds(fixed)
+        held_ref = parts.trim([_run_part(whole, f, "the whole model", len(next(iter(f.values()))),
+                                         all_outputs=True)
+                               for f in held_feeds])
+        del whole
+        release_freed_memory()
+        for s in splits:  # the whole model on the raw input (an offload codec measures its own)
+            if s.kind == "local" or (s.kind == "offload" and s.wire in (None, "raw")):
+                s.fidelity = exact(held_ref, ref.output_names).as_dict()
     tols = []
     for k, s in enumerate(cut_splits, 1):
         log(f"[{k}/{len(cut_splits)}] verifying {s.id}: tail(head(x)) against the whole model "
@@ -225,30 +246,45 @@ def verify_splits(root: Path, splits: list[Split], wire_dtype: str, ref: Referen
         # one session at a time: the head's outputs are small, its weights need not wait for the tail's
         head = make_session(root / s.head, optimization=ref.optimization, arena=False)
         head_names = [o.name for o in head.get_outputs()]  # the wire tensor first
-        ran = [dict(zip(head_names, _run_part(head, f, f"the head of {s.id}", b, all_outputs=True)))
-               for f, b in zip(feeds, batches)]
-        sent = [r[s.wire_tensor] for r in ran]
+
+        def run_head(f, b, head=head, head_names=head_names, s=s):
+            return dict(zip(head_names, _run_part(head, f, f"the head of {s.id}", b, all_outputs=True)))
+
+        ran = [run_head(f, b) for f, b in zip(feeds, batches)]
+        held_ran = [run_head(f, len(next(iter(f.values())))) for f in held_feeds]
         del head
         release_freed_memory()
         tail = make_session(root / s.tail, optimization=ref.optimization, arena=False)
         tail_names = [o.name for o in tail.get_outputs()]
+
+        def run_tail(kept, b, tail=tail, tail_names=tail_names, s=s):
+            got = dict(zip(tail_names, _run_part(tail, {s.wire_tensor: kept[s.wire_tensor]},
+                                                 f"the tail of {s.id}", b, all_outputs=True)))
+            return [got[n] if n in got else kept[n] for n in ref.output_names]
+
         result = Comparison()
-        for h, kept, want, b in zip(sent, ran, refs, batches):
-            got = dict(zip(tail_names, _run_part(tail, {s.wire_tensor: h}, f"the tail of {s.id}", b,
-                                                 all_outputs=True)))
-            # the outputs by name: the tail's, and the one the head returns (a cut at a graph output)
-            got = [got[n] if n in got else kept[n] for n in ref.output_names]
-            result = result.merge(compare(want, got, ref.output_names, what=f"the tail of {s.id}"))
-        tol = tolerance(wire_dtype, sent[0].dtype, *out_dtypes)
-        tols.append(tol)
-        del tail, sent
+        for kept, want, b in zip(ran, refs, batches):
+            result = result.merge(compare(want, run_tail(kept, b), ref.output_names,
+                                          what=f"the tail of {s.id}"))
+        tol = tolerance(s.wire, ran[0][s.wire_tensor].dtype, *out_dtypes)
+        if held_ref is not None:
+            held_got = parts.trim([run_tail(kept, len(kept[s.wire_tensor])) for kept in held_ran])
+            s.fidelity = measure(held_ref, held_got, ref.output_names, tolerance=tol).as_dict()
+        del tail, ran, held_ran
         release_freed_memory()
+        if s.wire == "int8":  # lossy: what it costs is recorded, not refused
+            s.max_abs_diff, s.max_rel_diff = ((None, None) if result.problem
+                                              else (result.max_abs, result.max_rel))
+            continue
+        tols.append(tol)
         s.max_abs_diff, s.max_rel_diff = result.max_abs, result.max_rel
         if not result.ok(tol):
             raise VerificationError(
                 f"split {s.id} at '{s.tensor}' does not reproduce the model: {result.describe(tol)}; "
                 "nothing was written"
             )
-    return {"batch_sizes": list(batches), "tolerance_rel": max(tols, default=tolerance(wire_dtype, *out_dtypes)),
+    lossless = [s.wire for s in cut_splits if s.wire != "int8"]
+    return {"batch_sizes": list(batches),
+            "tolerance_rel": max(tols, default=tolerance(*lossless, *out_dtypes)),
             "seed": seed, "inputs": ref.inputs, "batch_independent": ref.batch_independent,
             "optimization": ref.optimization}

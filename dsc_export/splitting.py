@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from dsc_export.artifacts import (
+    CUT_FORMS,
     MANIFEST_NAME,
     CutPoint,
     Manifest,
@@ -31,15 +32,16 @@ from dsc_export.artifacts import (
     sha256_file,
     write_json_atomic,
 )
+from dsc_export.calibration import RANDOM_NOTE, calibrate, sample_parts
 from dsc_export.compare import fits
 from dsc_export.contract import constant_outputs, output_contract
 from dsc_export.errors import ModelRunError, UserError
+from dsc_export.graph import wire
 from dsc_export.graph.batch_axis import batchless_image
 from dsc_export.graph.cuts import (
-    WIRE_DTYPES,
-    compressive_mask,
     describe_cut_points,
     find_cut_points,
+    mark_compressive,
     nearest_cut_points,
     scope_of,
     why_not_cut,
@@ -61,6 +63,7 @@ from dsc_export.graph.surgery import (
     save_part,
 )
 from dsc_export.inputs import SampleInputs
+from dsc_export.offload import input_layout, offload_splits, parse_forms
 from dsc_export.split_check import (
     Reference,
     batch_candidates,
@@ -96,6 +99,11 @@ class Analysis:
     seconds: float = 0.0
     fixed_batch: int | None = None  # the only batch size the model runs at (declared or found)
     unbatched: dict[str, list] = field(default_factory=dict)  # dominators without a leading batch axis
+    forms: list[str] = field(default_factory=list)  # every wire form sized (wire_dtype first)
+
+    def compressive_in(self, form: str) -> list[CutPoint]:
+        """The compressive bottlenecks on ``form``'s bytes (Eq. 3 per form), in graph order."""
+        return [c for c in self.cut_points if c.forms.get(form, {}).get("compressive")]
 
     @property
     def natural(self) -> list[CutPoint]:
@@ -109,8 +117,10 @@ class Analysis:
 
     def summary(self) -> str:
         """One line: how many cut points, natural and compressive bottlenecks."""
+        more = "".join(f", {len(self.compressive_in(f))} in {f}" for f in self.forms[1:])
         return (f"{len(self.cut_points)} cut points, {len(self.natural)} natural bottlenecks, "
-                f"{len(self.compressive)} compressive")
+                f"{len(self.compressive)} compressive"
+                + (f" in {self.forms[0]}{more}" if more else ""))
 
 
 def _check_inputs(model: onnx.ModelProto) -> tuple[str, list, str]:
@@ -207,7 +217,8 @@ def _graph_notes(model: onnx.ModelProto, sorted_nodes: bool) -> list[str]:
 
 def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source: str = "<memory>",
                   log: Log = _quiet, inplace: bool = False, inputs=None,
-                  fixed_batch: int | None = None) -> tuple[Analysis, onnx.ModelProto]:
+                  fixed_batch: int | None = None,
+                  forms: list[str] | None = None) -> tuple[Analysis, onnx.ModelProto]:
     """Find, size and classify the cut points of ``model``.
 
     Args:
@@ -223,6 +234,8 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source
         fixed_batch: the only batch size the model runs at, when known (split finds it by running
             the whole model); None: the declared one, or any. When a probe run fails at a batch
             size above 1 and works at 1, the model is analysed at batch 1 (``Analysis.fixed_batch``).
+        forms: every wire form to size, Eq. 3 per form (``CutPoint.forms``) [default:
+            ``[wire_dtype]``]; ``wire_dtype`` is the first.
 
     Returns:
         ``(analysis, folded model)``; the folded model is ``model`` with its static shape
@@ -233,8 +246,10 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source
         UserError: not a single-input model with only the batch dynamic, or the model does not
             run at any batch size (the message names the node).
     """
-    if wire_dtype not in WIRE_DTYPES:
-        raise UserError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}")
+    forms = check_forms(forms or [wire_dtype])
+    if wire_dtype not in forms:
+        raise UserError(f"wire dtype {wire_dtype} is not among the wire forms {', '.join(forms)}")
+    forms = [wire_dtype] + [f for f in forms if f != wire_dtype]
     t0 = time.perf_counter()
     name, dims, dtype = _check_inputs(model)
     if not inplace:
@@ -281,14 +296,15 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source
     in_bytes = in_elements * np.dtype(dtype).itemsize
     # folding renames only shape-arithmetic tensors, so the cut tensors' producers keep their names
     points = describe_cut_points(cuts, shapes, input_bytes=in_bytes, input_elements=in_elements,
-                                 wire_dtype=wire_dtype, scopes=_scopes(folded, cuts))
-    if wire_dtype == "float16":
-        notes += _check_wire_range(folded, points, inputs, fixed)
+                                 wire_dtype=wire_dtype, scopes=_scopes(folded, cuts), forms=forms)
+    if set(forms) & {"float16", "int8"}:
+        notes += _check_wire_range(folded, points, inputs, fixed, wire_dtype)
     batch = fixed or batch_dim(model)
     analysis = Analysis(
         source=source, input=TensorSig(name=name, shape=[batch, *per_sample], dtype=dtype), outputs=outputs,
         input_bytes=in_bytes, input_elements=in_elements, wire_dtype=wire_dtype,
         cut_points=points, fold=fold, notes=notes, fixed_batch=fixed, unbatched=unbatched,
+        forms=forms,
     )
     if not analysis.cut_points:
         analysis.notes.append("no cut point: every tensor is bypassed on some path from the input to the outputs, "
@@ -302,9 +318,12 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source
     return analysis, folded
 
 
-def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, fixed: int | None) -> list[str]:
-    """float16 wire: record each cut point's largest |activation| on the sample inputs, mark
-    those beyond float16's range (or non-finite) as not fitting, and re-apply ``compressive_mask`` to the rest."""
+def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, fixed: int | None,
+                      first: str) -> list[str]:
+    """float16 and int8 wires: record each cut point's largest |activation| on the sample inputs;
+    a point beyond float16's range (or non-finite) does not fit a float16 wire, a non-finite one
+    not an int8 wire (no scale maps it); Eq. 3 is re-applied per form to the rest
+    (:func:`mark_compressive`)."""
 
     if not points:
         return []
@@ -314,14 +333,14 @@ def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, f
         if np.dtype(p.dtype).kind != "f":
             continue
         v = run[p.tensor].astype(np.float64)
-        p.max_abs = float(np.nanmax(np.abs(v))) if np.isfinite(v).all() else float("inf")
-        p.fits_wire = fits("float16", v)
-    fitting = [p for p in points if p.fits_wire]
-    for p, c in zip(fitting, compressive_mask([p.ratio for p in fitting])):
-        p.compressive = c
-    over = [p for p in points if not p.fits_wire]
-    for p in over:
-        p.compressive = False
+        finite = bool(np.isfinite(v).all())
+        p.max_abs = float(np.nanmax(np.abs(v))) if finite else float("inf")
+        if "float16" in p.forms:
+            p.forms["float16"]["fits"] = fits("float16", v)
+        if "int8" in p.forms:
+            p.forms["int8"]["fits"] = finite
+    mark_compressive(points, first)
+    over = [p for p in points if "float16" in p.forms and not p.forms["float16"]["fits"]]
     if not over:
         return []
     names = ", ".join(f"'{p.tensor}' (max |x| {p.max_abs:.3g})" for p in over[:3])
@@ -330,16 +349,34 @@ def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, f
             "not split at with --wire-dtype float16 (use float32 for them)"]
 
 
+def check_forms(forms: list[str]) -> list[str]:
+    """The cut wire forms asked for, each once, in ``CUT_FORMS`` order.
+
+    Raises:
+        UserError: an unknown form, or none.
+    """
+    bad = [f for f in forms if f not in CUT_FORMS]
+    if bad or not forms:
+        raise UserError(f"unknown wire form '{bad[0] if bad else ''}'; known: "
+                        f"{', '.join(CUT_FORMS)} "
+                        "(e.g. --wire float32,float16,int8)")
+    return [f for f in CUT_FORMS if f in forms]
+
+
 def analyze_file(path: str | os.PathLike, wire_dtype: str = "float32", *, log: Log = _quiet,
-                 inputs=None) -> Analysis:
+                 inputs=None, forms: list[str] | None = None) -> Analysis:
     """Load an ONNX file and analyse it (see :func:`analyze_model`).
 
     Args:
         inputs: a ``.npz`` file or a folder of images for the runs (see
             :mod:`dsc_export.inputs`), or None for random inputs.
+        forms: every wire form to size (Eq. 3 per form) [default: ``[wire_dtype]``].
     """
+    forms = check_forms(forms or [wire_dtype])
     model = load_model(path)
-    return analyze_model(model, wire_dtype, source=os.fspath(path), log=log, inplace=True, inputs=inputs)[0]
+    return analyze_model(model, forms[0], source=os.fspath(path), log=log, inplace=True,
+                         inputs=inputs,
+                         forms=forms)[0]
 
 
 def _samples(inputs, model: onnx.ModelProto, seed: int = 0):
@@ -353,20 +390,36 @@ def _samples(inputs, model: onnx.ModelProto, seed: int = 0):
     return SampleInputs.from_path(inputs, model)
 
 
-def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None) -> list[CutPoint]:
+def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None
+            ) -> list[tuple[CutPoint, str]]:
+    """The (cut point, wire form) pairs to split at, in graph order then form order: each
+    form's compressive bottlenecks (Eq. 3 on its bytes), or every form each ``at`` tensor has.
+
+    Raises:
+        UserError: an ``at`` tensor that is not a cut point, or that no asked form carries.
+    """
     if not at:
-        return analysis.compressive
+        return [(c, f) for c in analysis.cut_points for f in analysis.forms
+                if c.forms[f]["compressive"]]
     by_name = {c.tensor: c for c in analysis.cut_points}
-    chosen = []
+    chosen: dict[tuple[int, str], tuple[CutPoint, str]] = {}
     df = None
     outputs = {o.name for o in analysis.outputs}
     for t in at:
         if t in by_name:
             cp = by_name[t]
-            if not cp.fits_wire:
-                raise UserError(f"--at '{t}': its activations overflow float16 on the sample inputs (max |x| "
-                                f"{cp.max_abs:.3g} > 65504); split there with --wire-dtype float32")
-            chosen.append(cp)
+            forms = [f for f in analysis.forms if cp.forms[f]["has"] and cp.forms[f]["fits"]]
+            if not forms:
+                if "float16" in analysis.forms and not cp.forms["float16"]["fits"]:
+                    raise UserError(f"--at '{t}': its activations overflow float16 on the sample "
+                                    f"inputs (max |x| {cp.max_abs:.3g} > 65504); split there with "
+                                    "--wire-dtype float32")
+                forms_asked = " or ".join(analysis.forms)
+                raise UserError(f"--at '{t}' is {cp.dtype}: it has no {forms_asked} "
+                                "wire form (int8 needs a float tensor wider than 1 byte); add "
+                                "float32 to --wire")
+            for f in forms:
+                chosen[(cp.index, f)] = (cp, f)
             continue
         df = df or dataflow(folded.graph)
         if t in outputs and not df.consumers().get(t):  # one that feeds more and dominates is a cut point
@@ -385,7 +438,14 @@ def _choose(analysis: Analysis, folded: onnx.ModelProto, at: list[str] | None) -
         before, after = nearest_cut_points(df, t, [c.tensor for c in analysis.cut_points])
         near = ", ".join(f"'{x}'" for x in (before, after) if x) or "none"
         raise UserError(f"--at '{t}' is not a cut point ({why_not_cut(df, t)}); nearest cut points: {near}")
-    return sorted({c.index: c for c in chosen}.values(), key=lambda c: c.index)
+    return [chosen[k] for k in sorted(chosen, key=lambda k: (k[0], CUT_FORMS.index(k[1])))]
+
+
+def split_id(cp: CutPoint, form: str) -> str:
+    """The split id of a cut point in a wire form: ``cutNNN`` for float32 (and a tensor that
+    travels as it is), ``cutNNN-float16``, ``cutNNN-int8``."""
+    base = f"cut{cp.index:03d}"
+    return base if form == "float32" else f"{base}-{form}"
 
 
 def _copy_model(src: Path, dst_dir: Path) -> tuple[Path, list[str]]:
@@ -406,6 +466,10 @@ def split_model(
     seed: int = 0,
     log: Log = _quiet,
     inputs=None,
+    wires: list[str] | None = None,
+    per_channel: bool = False,
+    symmetric: bool = False,
+    offload: list[str] | None = None,
 ) -> Manifest:
     """Cut ``path`` at each compressive bottleneck (or at each tensor of ``at``) and write a split dir.
 
@@ -414,13 +478,25 @@ def split_model(
         out_dir: the split dir to write; replaced if it is an earlier split dir, refused if it
             is something else. Written to a temporary sibling and moved into place at the end,
             so a failure leaves nothing behind.
-        wire_dtype: ``float32`` or ``float16`` (head casts down, tail casts back).
-        at: cut point tensors to split at instead of the compressive bottlenecks.
+        wire_dtype: the wire form when ``wires`` is not given: ``float32``, ``float16`` (head
+            casts down, tail casts back) or ``int8`` (QuantizeLinear / DequantizeLinear).
+        at: cut point tensors to split at instead of the compressive bottlenecks (every form
+            each has).
+        wires: the wire forms to make (:data:`CUT_FORMS`), each at its own compressive
+            bottlenecks (Eq. 3 on that form's bytes); split ids ``cutNNN`` (float32),
+            ``cutNNN-float16``, ``cutNNN-int8``. Every split gets ``fidelity`` on the held-out
+            sample inputs (:mod:`dsc_export.calibration`); int8 is lossy, so its error is recorded
+            rather than verified against a tolerance.
+        per_channel: int8 with one scale per channel (axis 1) where that beats per-tensor on the
+            held-out samples.
+        symmetric: int8 with zero point 0 (TensorRT's QuantizeLinear takes no other).
         verify: check tail(head(x)) against the whole model with onnxruntime.
         seed: seed of the random verification inputs.
         log: progress callback.
         inputs: a ``.npz`` file or a folder of images for sizing and verification (see
             :mod:`dsc_export.inputs`); None: random inputs within the ranges the graph implies.
+        offload: the offload forms to make (``raw``, ``png``, ``webp``, ``jpegNN``:
+            :mod:`dsc_export.offload`); ``raw`` (split id ``offload``) always.
 
     Returns:
         The manifest written to ``out_dir/manifest.json``.
@@ -431,14 +507,24 @@ def split_model(
     """
     src = Path(path)
     out = Path(out_dir)
+    forms = check_forms(list(wires) if wires else [wire_dtype])
+    offload_forms = parse_forms(offload)
     if out.exists() and not (out.is_dir() and ((out / MANIFEST_NAME).is_file() or not any(out.iterdir()))):
         raise UserError(f"'{out}' exists and is not a split dir; choose another -o")
     log(f"loading {src}")
     reference = None
     structure = load_model(src, load_data=False)  # one-line errors before onnxruntime sees the file
-    _check_inputs(structure)
+    in_name, in_dims, in_dtype = _check_inputs(structure)
+    input_layout(TensorSig(name=in_name, shape=in_dims, dtype=in_dtype), offload_forms)
     samples = _samples(inputs, structure, seed)
     optimization = verification_level(structure)
+    parts = sample_parts(samples)
+    if "int8" in forms:
+        opset = next((o.version for o in structure.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < wire.min_opset("int8", None):
+            raise UserError(f"the int8 wire form needs opset 10 or later (QuantizeLinear); the "
+                            f"model is at opset {opset}: convert it (onnx.version_converter) or "
+                            "leave int8 out of --wire")
     del structure
     release_freed_memory()
     if verify:  # before the weights are in this process: that session's load is the peak
@@ -448,12 +534,25 @@ def split_model(
     model = load_model(src)
     if reference:
         _complete_output_shapes(model, reference)
-    analysis, folded = analyze_model(model, wire_dtype, source=os.fspath(src), log=log, inplace=True, inputs=samples,
+    analysis, folded = analyze_model(model, forms[0], source=os.fspath(src), log=log, inplace=True,
+                                     inputs=samples, forms=forms,
                                      fixed_batch=reference.fixed_batch if reference else None)
     del model
     notes = (reference.notes if reference else []) + analysis.notes
     log(analysis.summary())
     chosen = _choose(analysis, folded, at)
+    int8_points = list({cp.tensor: cp for cp, f in chosen if f == "int8"}.values())
+    if int8_points:
+        log(f"calibrating int8 at {len(int8_points)} cut point(s) on {parts.calibration_count} "
+            "sample(s)")
+    quant, quant_notes = calibrate(folded, int8_points, parts, analysis.fixed_batch,
+                                   per_channel=per_channel,
+                                   symmetric=symmetric)
+    notes += quant_notes
+    if int8_points and parts.record["random"]:
+        notes.append(RANDOM_NOTE.format(forms="int8"))
+    if int8_points:
+        notes += parts.notes
     outputs = analysis.outputs
     if reference:  # the shapes the runs showed; without them (--no-verify) build and serve check later
         outputs = _observed_outputs(analysis, reference)
@@ -469,27 +568,33 @@ def split_model(
         release_freed_memory()
         model_file, model_blobs = _copy_model(src, tmp)
         data = {"model.onnx": model_blobs}
-        splits = [Split(id="offload", kind="offload", tensor=None, head=None, tail="model.onnx",
-                        bytes=analysis.input_bytes, max_abs_diff=0.0, max_rel_diff=0.0,
-                        wire_tensor=analysis.input.name, ratio=1.0)]
-        for k, cp in enumerate(chosen, 1):
-            sid = f"cut{cp.index:03d}"
-            spec = CutSpec(cp.tensor, tuple(cp.shape), cp.dtype, wire_dtype)
-            log(f"[{k}/{len(chosen)}] cutting at {cp.tensor} ({cp.scope or 'no scope'}, ratio {cp.ratio:.3f})")
+        splits, offload_notes = offload_splits(model_file, analysis.input, analysis.input_bytes, samples,
+                                               offload_forms, parts=parts, fixed=analysis.fixed_batch, log=log)
+        notes += offload_notes
+        for k, (cp, form) in enumerate(chosen, 1):
+            sid = split_id(cp, form)
+            q = quant.get(cp.tensor) if form == "int8" else None
+            spec = CutSpec(cp.tensor, tuple(cp.shape), cp.dtype, form,
+                           wire.Quant.from_dict(q) if q else None)
+            size = cp.forms[form]
+            log(f"[{k}/{len(chosen)}] cutting at {cp.tensor} ({cp.scope or 'no scope'}, {form}, "
+                f"ratio {size['ratio']:.3f})")
             head_rel, tail_rel = f"head-{sid}.onnx", f"tail-{sid}.onnx"
             for rel, part in ((head_rel, extract_head(folded, spec)), (tail_rel, extract_tail(folded, spec))):
                 save_part(part, tmp / rel)
                 data[rel] = referenced(part.to_model())
             splits.append(Split(id=sid, kind="split", tensor=cp.tensor, head=head_rel, tail=tail_rel,
-                                bytes=cp.bytes, max_abs_diff=None, max_rel_diff=None,
-                                wire_tensor=spec.wire_tensor, ratio=cp.ratio))
+                                bytes=size["bytes"], max_abs_diff=None, max_rel_diff=None,
+                                wire_tensor=spec.wire_tensor, ratio=size["ratio"], wire=form,
+                                cut=split_id(cp, "float32"), quant=q))
         splits.append(Split(id="local", kind="local", tensor=None, head="model.onnx", tail=None, bytes=0,
                             max_abs_diff=0.0, max_rel_diff=0.0, wire_tensor=None, ratio=0.0))
         del folded
         release_freed_memory()  # the weights' protobuf is gone: hand its pages back before onnxruntime loads
         verification = None
         if reference is not None:
-            verification = verify_splits(tmp, splits, wire_dtype, reference, seed, log)
+            verification = verify_splits(tmp, splits, reference, seed, log, parts,
+                                         analysis.fixed_batch)
         manifest = Manifest(
             model=ModelRef(
                 path="model.onnx", sha256=sha256_file(model_file), input=analysis.input,
@@ -497,8 +602,9 @@ def split_model(
                 source=os.fspath(src), fixed_batch=analysis.fixed_batch,
                 batch_independent=reference.batch_independent if reference else None,
             ),
-            wire_dtype=wire_dtype, cut_points=analysis.cut_points, splits=splits,
+            wire_dtype=forms[0], cut_points=analysis.cut_points, splits=splits,
             verification=verification, files=hash_files(tmp), notes=notes, data=data,
+            samples=parts.record, wires=forms,
         )
         write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
         if out.exists():

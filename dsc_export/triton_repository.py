@@ -11,6 +11,10 @@ holds
 - ``model.onnx``: the tail in its served form;
 - ``model.b<N>.onnx``: each onnxruntime engine built for the tail (CPU, fp32: what
   ``dsc-export serve`` runs), given the same served form;
+- for an offload codec form (``offload-jpeg95``...), in every repository whatever its backend
+  (Triton's onnxruntime and TensorRT backends cannot decode an image): ``dsc_codecs.py``
+  (:mod:`dsc_export.codecs`, copied as it is) and the parameter ``dsc_codec`` (JSON ``form``,
+  ``layout``, ``shape``); the input is ``TYPE_STRING`` ``[1]``, one encoded image per sample;
 
 which the ``tritonserver`` in PyTriton's wheel serves. Every ``config.pbtxt`` has the same
 input, outputs, ``dsc_model_sha256`` parameter, dynamic batching and instance group.
@@ -24,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dsc_export import codecs
 from dsc_export.artifacts import Manifest
 from dsc_export.contract import (
     INPUT,
@@ -38,6 +43,8 @@ from dsc_export.engines.runtime import PartRunner
 from dsc_export.errors import lazy_import
 from dsc_export.graph.model import load_model
 from dsc_export.graph.surgery import serve_form
+from dsc_export.graph.wire import check_symmetric
+from dsc_export.offload import layout_of
 from dsc_export.weight_store import save_linked
 
 # Triton's Python backend runs this file (shipped as data: the pipeline does not import the run
@@ -76,7 +83,8 @@ def write_triton_repository(root: Path, man: Manifest, *, repo: Path, platform: 
     text_format = lazy_import("google.protobuf.text_format", "serve")
     contract = served_outputs(root, man)
     fixed, merge = fixed_batch(man), mergeable(man)
-    write_files = TRITON_MODEL_FILES[platform]
+    if platform == "tensorrt_plan":
+        check_symmetric({s.id: s.quant for s in man.splits if s.tail}, "TensorRT (tensorrt_plan)")
     names = []
     extra: list[str] = []  # lines of a script the platform needs beside the models
     for s in man.splits:
@@ -87,14 +95,19 @@ def write_triton_repository(root: Path, man: Manifest, *, repo: Path, platform: 
         inp = model.graph.input[0].type.tensor_type
         in_dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in inp.shape.dim]
         in_type = TRITON_TYPES[onnx.helper.tensor_dtype_to_np_dtype(inp.elem_type).name]
+        # an offload codec form: Triton's own backends cannot decode images, the Python backend can
+        kind = "python" if s.encodes else platform
+        if s.encodes:
+            in_dims, in_type = [-1, 1], "TYPE_STRING"  # one encoded image (BYTES) per sample
         d = repo / s.id
         (d / "1").mkdir(parents=True, exist_ok=True)
-        extra += write_files(root, man, s, model, d, in_dims, fixed=fixed, max_batch_size=max_batch_size)
+        extra += TRITON_MODEL_FILES[kind](root, man, s, model, d, in_dims, fixed=fixed,
+                                          max_batch_size=max_batch_size)
         config = pb.ModelConfig(name=s.id, max_batch_size=0 if fixed else max_batch_size)
-        if platform == "python":  # a backend, not a platform (model_config.proto)
-            config.backend = platform
+        if kind == "python":  # a backend, not a platform (model_config.proto)
+            config.backend = kind
         else:
-            config.platform = platform
+            config.platform = kind
         if fixed:
             config.input.add(name=INPUT, data_type=pb.DataType.Value(in_type), dims=[fixed] + in_dims[1:])
         else:
@@ -104,11 +117,13 @@ def write_triton_repository(root: Path, man: Manifest, *, repo: Path, platform: 
                 config.output.add(name=c.wire_name, data_type=pb.DataType.Value(TRITON_TYPES[c.dtype]), dims=c.dims)
         if merge:
             config.dynamic_batching.max_queue_delay_microseconds = 2000
-        kind = pb.ModelInstanceGroup.KIND_GPU if platform == "tensorrt_plan" else pb.ModelInstanceGroup.KIND_CPU
-        config.instance_group.add(count=instances, kind=kind)
+        group = pb.ModelInstanceGroup.KIND_GPU if kind == "tensorrt_plan" else pb.ModelInstanceGroup.KIND_CPU
+        config.instance_group.add(count=instances, kind=group)
         config.parameters[MODEL_SHA256_PARAMETER].string_value = man.model.sha256
-        if platform == "python":  # model.py and the engines; their names go into the parameters
+        if kind == "python":  # model.py and the engines; their names go into the parameters
             write_python_model(root, man, s.id, d, config, lambda m: serve_form(m, INPUT, contract))
+        if s.encodes:  # the codec beside model.py, and what it decodes
+            write_codec(d / "1", config, s.wire, layout_of(man), man.model.input.shape[1:])
         (d / "config.pbtxt").write_text(text_format.MessageToString(config))
         names.append(s.id)
     if extra:
@@ -188,3 +203,11 @@ def write_python_model(root: Path, man: Manifest, split: str, model_dir: Path, c
     config.parameters["dsc_engines"].string_value = json.dumps(engines, sort_keys=True)
     config.parameters["dsc_threads"].string_value = "0"
     return [e["file"] for e in engines.values()]
+
+
+def write_codec(version_dir: Path, config, form: str, layout: str, shape) -> None:
+    """Copy the codecs beside ``model.py`` (as ``dsc_codecs.py``: no package on the server) and
+    say in ``config``'s parameter ``dsc_codec`` what to decode: ``{"form", "layout", "shape"}``."""
+    shutil.copyfile(codecs.__file__, version_dir / "dsc_codecs.py")
+    config.parameters["dsc_codec"].string_value = json.dumps(
+        {"form": form, "layout": layout, "shape": [int(d) for d in shape]}, sort_keys=True)

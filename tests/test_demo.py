@@ -33,8 +33,21 @@ def test_demo_reduced(exported, tmp_path):
         assert len(summary["session"]) == 4 * 10 and all(s["fallback"] is None for s in summary["session"])
         assert "short dynamic session" in r.output
     assert summary["model"] == name and summary["weights"] == ("trained" if trained else "random")
-    if trained and serve:  # every photo's label through every split it ran on is the whole model's
+    # the wire forms: every candidate's agreement, the plan's share without and with the floor
+    cands = {c["id"]: c for c in summary["candidates"]}
+    assert {"offload", "offload-jpeg95", "local"} <= set(cands)
+    assert {c["wire"] for c in cands.values()} >= {"float32", "int8", "raw", "jpeg95"}
+    assert cands["offload"]["agreement"] == 1.0 and 0 <= cands["offload-jpeg95"]["agreement"] <= 1
+    assert len(summary["floors"]) == 2 and "with --min-agreement 0.95" in r.output
+    for f in summary["floors"].values():
+        assert abs(sum(f["share"].values()) - 1) < 1e-9
+    lossy = {c["id"] for c in cands.values() if c["wire"] in ("int8", "jpeg95")}
+    if trained and serve:  # every photo's label through every split that keeps the answer is the whole model's
         assert len(summary["labels"]) >= 1 and "labels of the real photos" in r.output
-        assert all(set(row["splits"].values()) == {row["whole"]} for row in summary["labels"]), summary["labels"]
+        assert all({v for k, v in row["splits"].items() if k not in lossy} <= {row["whole"]}
+                   for row in summary["labels"]), summary["labels"]
+        # a lossy form ran only if the plan admitted it: its measured agreement reaches the floor
+        ran = {k for row in summary["labels"] for k in row["splits"]}
+        assert all(cands[k]["agreement"] >= 0.95 for k in ran & lossy)
     elif not trained:
         assert "are not installed" in r.output

@@ -22,7 +22,7 @@ from test_serving import free_ports  # noqa: E402
 from dsc_export.artifacts import read_manifest  # noqa: E402
 from dsc_export.bundle import open_bundle  # noqa: E402
 from dsc_export.ort import make_session  # noqa: E402
-from dsc_export.serving.client import DynamicSplitClient  # noqa: E402
+from dsc_export.serving.client import ClientOptions, DynamicSplitClient  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 
@@ -75,8 +75,7 @@ def test_int8_model_from_split_to_run(tmp_path, fmt):
             if not s.tail:
                 continue
             logs = []
-            with DynamicSplitClient(device, f"127.0.0.1:{http}", static=s.id, log=logs.append,
-                                    ready_timeout_s=60) as client:
+            with DynamicSplitClient(device, f"127.0.0.1:{http}", options=ClientOptions(static=s.id, ready_timeout_s=60), log=logs.append) as client:
                 got = client.infer(x)
             assert logs[0].split == s.id and logs[0].fallback is None, (s.id, logs[0].fallback)
             assert set(got) == set(want)

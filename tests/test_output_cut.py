@@ -102,8 +102,8 @@ def test_served_split_at_an_output_returns_every_output_exactly(emb, tmp_path):
     from dsc_export.engines import build_engines
     from dsc_export.planning import make_plan
     from dsc_export.profiling import profile_split_dir
-    from dsc_export.serving.client import DynamicSplitClient
-    from dsc_export.serving.server import TailServer
+    from dsc_export.serving.client import ClientOptions, DynamicSplitClient
+    from dsc_export.serving.server import ServeOptions, TailServer
 
     root = tmp_path / "s"
     man = split_model(emb / "emb.onnx", root, at=["emb"])
@@ -121,12 +121,10 @@ def test_served_split_at_an_output_returns_every_output_exactly(emb, tmp_path):
     x = np.random.default_rng(8).standard_normal((2, 3, 16, 16)).astype(np.float32)
     want = _whole(emb / "emb.onnx", x)
     http, grpc, metrics = free_ports(3)
-    with TailServer(root, http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1,
-                    log_file=tmp_path / "triton.log") as server:
+    with TailServer(root, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1, log_file=tmp_path / "triton.log")) as server:
         for split in (sid, "offload"):
             logs = []
-            with DynamicSplitClient(root, server.urls()["http"], static=split, log=logs.append,
-                                    ready_timeout_s=30) as client:
+            with DynamicSplitClient(root, server.urls()["http"], options=ClientOptions(static=split, ready_timeout_s=30), log=logs.append) as client:
                 got = client.infer(x)
             assert logs[0].split == split and logs[0].fallback is None
             assert list(got) == ["emb", "logits"]

@@ -24,6 +24,7 @@ from dsc_export.contract import served_outputs
 from dsc_export.engines.build import BuildReport
 from dsc_export.engines.jobs import (
     ENGINES_DIR,
+    check_wires,
     engine_batch_sizes,
     engine_data,
     engine_key,
@@ -70,6 +71,7 @@ def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, *, b
     if note:
         log(f"note: {note}")
     jobs = plan_jobs(manifest, backend, parts=parts, batch_sizes=batch_sizes, precision=precision)
+    check_wires(manifest, backend, jobs)
     verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))
     import_cmd = shlex.join(["dsc-export", "build", ".", "--backend", "tensorrt", "--import", "--batch-sizes",
                              ",".join(map(str, batch_sizes)), "--parts", parts, "--precision", precision])

@@ -285,6 +285,8 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
     click.echo(f"  mean gain of dynamic splitting: {g['local'] * 100:.1f} % over local-only, "
                f"{g['offload'] * 100:.1f} % over full offloading, "
                f"{g.get(ps['best_static'], 0) * 100:.1f} % over the best static split ({ps['best_static']})")
+    for line in rep.wire_lines():
+        click.echo(line)
     if rep.session:
         click.echo(f"short dynamic session (simulated data rates, batch {rep.session[0]['batch']}; predicted at the "
                    "client's own rate estimate, which lags a change of rate by a batch or more):")

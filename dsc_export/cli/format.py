@@ -63,6 +63,22 @@ def print_profile(prof) -> None:
     print_table(rows, right={2, 3, 4, 5, 6, 7})
 
 
+def print_candidates(plan, man) -> None:
+    """Per candidate: its wire form, bytes per input, top-1 agreement and share of the grid it wins;
+    then the splits the fidelity floor left out, and why."""
+    share = plan.shares()
+    rows = [("candidate", "wire", "bytes/input", "agreement", "grid won")]
+    for s in man.splits:
+        if s.id not in share and s.id not in plan.excluded:
+            continue
+        agree = (s.fidelity or {}).get("top1_agreement")
+        rows.append((s.id, s.wire or "-", f"{s.bytes:,}", "-" if agree is None else f"{agree:.3f}",
+                     f"{share[s.id] * 100:.1f} %" if s.id in share else "excluded"))
+    print_table(rows, right={2, 3, 4})
+    for sid, why in plan.excluded.items():
+        click.echo(f"  {sid}: {why}")
+
+
 def print_choice_map(plan) -> None:
     """A compact text map of the choice grid: rows batch sizes, columns rates, one letter per split."""
     ids = plan.candidates

@@ -30,13 +30,22 @@ from dsc_export.bundle import (
 from dsc_export.cli.format import (
     log_line,
     log_note,
+    print_candidates,
     print_choice_map,
     print_profile,
     print_table,
     progress_bar,
     shorten,
 )
-from dsc_export.cli.options import ENGINES_ROOT, batch_sizes_option, cli, inputs_option, wire_option
+from dsc_export.cli.options import (
+    ENGINES_ROOT,
+    batch_sizes_option,
+    cli,
+    inputs_option,
+    parse_wires,
+    wire_option,
+    wires_option,
+)
 from dsc_export.engines import (
     PARTS,
     build_engines,
@@ -116,13 +125,14 @@ def export_cmd(name, output, resolution, weights, pretrained, opset, float_input
 @cli.command("analyze")
 @click.argument("model", type=click.Path(path_type=Path))
 @wire_option
+@wires_option
 @inputs_option("sizing the cut points")
 @click.option("--json", "as_json", is_flag=True, help="Print the cut points as JSON (manifest fields).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the compression-ratio chart to this PNG.")
 @click.option("--all/--bottlenecks", "show_all", default=True, show_default=True,
               help="List every cut point, or only the natural bottlenecks.")
-def analyze_cmd(model, wire_dtype, inputs, as_json, plot, show_all) -> None:
+def analyze_cmd(model, wire_dtype, wires, inputs, as_json, plot, show_all) -> None:
     """Find the cut points of an ONNX model and its natural and compressive bottlenecks.
 
     A cut point is a tensor every input->output path passes through; its compression ratio is
@@ -133,11 +143,13 @@ def analyze_cmd(model, wire_dtype, inputs, as_json, plot, show_all) -> None:
     Example:
       dsc-export analyze engines/efficientnet_b0/efficientnet_b0.onnx --plot b0.png
       dsc-export analyze model.onnx --wire-dtype float16 --json > cuts.json
+      dsc-export analyze model.onnx --wire float32,float16,int8
       dsc-export analyze text-model.onnx --inputs tokens.npz
     """
     from dsc_export.splitting import analyze_file
 
-    an = analyze_file(model, wire_dtype=wire_dtype, inputs=inputs,
+    forms = parse_wires(wires, wire_dtype)
+    an = analyze_file(model, wire_dtype=forms[0], inputs=inputs, forms=forms,
                       log=log_line if not as_json else (lambda s: None))
     if plot:
         from dsc_export.plots import bottleneck_chart
@@ -146,19 +158,24 @@ def analyze_cmd(model, wire_dtype, inputs, as_json, plot, show_all) -> None:
     if as_json:
         click.echo(json.dumps({
             "model": str(model), "input": asdict(an.input), "input_bytes": an.input_bytes,
-            "wire_dtype": wire_dtype, "cut_points": [asdict(c) for c in an.cut_points],
+            "wire_dtype": forms[0], "wires": forms,
+            "cut_points": [asdict(c) for c in an.cut_points],
             "notes": an.notes,
         }, indent=2))
         return
     click.echo(f"{model}: input {an.input.name} {an.input.dtype} {an.input.shape} "
-               f"= {an.input_bytes:,} bytes per sample; wire {wire_dtype}")
+               f"= {an.input_bytes:,} bytes per sample; wire {', '.join(forms)}")
+    # bytes and ratio of the first form; compressive: in which forms (Eq. 3 each)
+    several = len(forms) > 1
     rows = [("#", "tensor", "shape", "bytes", "ratio", "elem ratio", "natural", "compressive", "scope")]
     for c in an.cut_points:
-        if not show_all and not c.natural:
+        if not show_all and not any(f["natural"] for f in c.forms.values()):
             continue
+        comp = ",".join(f for f in forms if c.forms[f]["compressive"]) if several else (
+            "YES" if c.compressive else "")
         rows.append((str(c.index), shorten(c.tensor), "x".join(map(str, c.shape)) or "scalar",
                      f"{c.bytes:,}", f"{c.ratio:.4f}", f"{c.element_ratio:.4f}",
-                     "yes" if c.natural else "", "YES" if c.compressive else "", c.scope or ""))
+                     "yes" if c.natural else "", comp, c.scope or ""))
     print_table(rows, right={0, 3, 4, 5})
     for n in an.notes:
         click.secho(f"note: {n}", fg="yellow")
@@ -172,12 +189,24 @@ def analyze_cmd(model, wire_dtype, inputs, as_json, plot, show_all) -> None:
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
               help="Split dir to write [default: engines/MODEL_STEM/split].")
 @wire_option
+@wires_option
+@click.option("--per-channel", is_flag=True,
+              help="int8: one scale per channel (axis 1) where it beats per-tensor on the "
+                   "held-out inputs.")
+@click.option("--int8-symmetric", "symmetric", is_flag=True,
+              help="int8: zero point 0 (what TensorRT's QuantizeLinear takes) instead of affine.")
 @click.option("--at", "at", multiple=True, metavar="TENSOR",
               help="Cut at this cut point instead of the compressive bottlenecks (repeatable).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check tail(head(x)) against the whole model with onnxruntime.")
 @inputs_option("sizing and verification")
-def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
+@click.option("--offload", "offload", metavar="FORMS",
+              help="Offload forms to race too, comma-separated: raw (always), png, webp (lossless), "
+                   "jpegNN (JPEG at quality NN, 1..100: lossy, its top-1 agreement is measured), "
+                   "e.g. --offload raw,jpeg95. Needs a uint8 image input (dsc-export export's "
+                   "default). [default: raw]")
+def split_cmd(model, out, wire_dtype, wires, per_channel, symmetric, at, verify, inputs,
+              offload) -> None:
     """Cut a model into head and tail ONNX models at each compressive bottleneck.
 
     Writes DIR/manifest.json (schema dsc-export.split/3), DIR/model.onnx (the whole model, for
@@ -189,24 +218,40 @@ def split_cmd(model, out, wire_dtype, at, verify, inputs) -> None:
     result that depends on the rest of the batch (never merged by a server), cut points that
     overflow a float16 wire (left out). An output no server can answer per request is refused.
 
+    With --wire, every cut gets each wire form it pays in (ids cutNNN, cutNNN-float16,
+    cutNNN-int8), and every split its fidelity: top-1 agreement with the whole model on raw
+    held-out inputs (the half of --inputs that did not calibrate int8), max abs/rel difference.
+    int8 is lossy: its error is recorded, not refused; plan admits it with --min-agreement.
+
     \b
     Example:
       dsc-export split engines/efficientnet_b0/efficientnet_b0.onnx
+      dsc-export split model.onnx --wire float32,float16,int8 --inputs photos/
       dsc-export split model.onnx -o out/split --wire-dtype float16
       dsc-export split model.onnx --at /blocks/blocks.3/blocks.3.2/Add_output_0
       dsc-export split model.onnx --inputs photos/      # verify on your own images
+      dsc-export split model.onnx --inputs photos/ --offload raw,png,jpeg95
     """
     from dsc_export.splitting import split_model
 
     out = out or ENGINES_ROOT / model.stem / "split"
-    man = split_model(model, out, wire_dtype=wire_dtype, at=list(at) or None, verify=verify,
-                      log=log_line, inputs=inputs)
-    rows = [("split", "kind", "bytes/sample", "ratio", "max abs diff", "head", "tail")]
+    forms = parse_wires(wires, wire_dtype)
+    man = split_model(model, out, wire_dtype=forms[0], wires=forms, per_channel=per_channel,
+                      symmetric=symmetric, at=list(at) or None, verify=verify, log=log_line,
+                      inputs=inputs, offload=[offload] if offload else None)
+    rows = [("split", "kind", "wire", "bytes/sample", "ratio", "max abs diff", "agreement", "head",
+             "tail")]
     for s in man.splits:
-        rows.append((s.id, s.kind, f"{s.bytes:,}", f"{s.ratio:.4f}" if s.ratio is not None else "",
+        agree = (s.fidelity or {}).get("top1_agreement")
+        rows.append((s.id, s.kind, s.wire or "-", f"{s.bytes:,}",
+                     f"{s.ratio:.4f}" if s.ratio is not None else "",
                      "-" if s.max_abs_diff is None else f"{s.max_abs_diff:.1e}",
-                     s.head or "-", s.tail or "-"))
-    print_table(rows, right={2, 3, 4})
+                     "-" if agree is None else f"{agree:.3f}", s.head or "-", s.tail or "-"))
+    print_table(rows, right={3, 4, 5, 6})
+    held = next((s.fidelity["samples"] for s in man.splits if s.fidelity), None)
+    if man.samples and held:
+        click.echo(f"agreement: top-1 against the whole model on {held} held-out input(s) "
+                   f"({man.samples['source']}; int8 calibrated on the other part)")
     n = sum(1 for s in man.splits if s.kind == "split")
     verdict = "verified" if verify else "NOT verified (--no-verify)"
     for note in man.notes:
@@ -400,9 +445,13 @@ def bench_cmd(split_dir, role, backend, batch_sizes, precision, warmup, repeats,
               help="Plan to write [default: DIR/plan.json].")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path),
               help="Write best-split.png and gain-over-STATIC.png (paper Fig. 2 and 3) here.")
+@click.option("--min-agreement", type=float, metavar="X",
+              help="Admit lossy wire forms (int8, JPEG) whose top-1 agreement with the whole "
+                   "model on held-out inputs is at least X (0.95 = 95 %) [default: lossless forms "
+                   "and float16 within its tolerance only].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def plan_cmd(split_dir, device_path, server_path, batch_sizes, rates, rate_steps, rtt_ms, privacy, static, margin,
-             output, plots, as_json) -> None:
+             min_agreement, output, plots, as_json) -> None:
     """Compute the split lookup table: the best split per batch size and data rate.
 
     Predicted time of each candidate (paper Eq. 4): head on the device + bytes / rate + rtt +
@@ -415,14 +464,18 @@ def plan_cmd(split_dir, device_path, server_path, batch_sizes, rates, rate_steps
           --device engines/efficientnet_b0/split/profiles/device-onnxruntime.json \\
           --server engines/efficientnet_b0/split/profiles/server-onnxruntime.json --plots plots/
       dsc-export plan DIR --device dev.json --server srv.json --rtt-ms 20 --privacy --json
+      dsc-export plan DIR --device dev.json --server srv.json --min-agreement 0.95
     """
+    from dsc_export.fidelity import check_floor
     from dsc_export.planning import best_static, make_plan, rate_grid
 
+    check_floor(min_agreement)
     man = read_manifest(split_dir)
     dev, srv = read_profile(device_path), read_profile(server_path)
     plan = make_plan(man, dev, srv, batch_sizes=batch_sizes, rates=rate_grid(rates, rate_steps), rtt_ms=rtt_ms,
                      privacy=privacy, static=list(static) or None, margin=margin,
-                     profile_hashes=(sha256_file(device_path), sha256_file(server_path)))
+                     profile_hashes=(sha256_file(device_path), sha256_file(server_path)),
+                     min_agreement=min_agreement)
     output = output or split_dir / "plan.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output, plan.to_json())
@@ -435,13 +488,16 @@ def plan_cmd(split_dir, device_path, server_path, batch_sizes, rates, rate_steps
         pictures.append(gain_heatmap(plan, base, plots / f"gain-over-{base}.png"))
     if as_json:
         click.echo(json.dumps({"plan": str(output), "candidates": plan.candidates,
+                               "share": plan.shares(), "excluded": plan.excluded,
                                "mean_gain": {b: g["mean"] for b, g in plan.gain.items()},
                                "best_static": best_static(plan), "plots": [str(p) for p in pictures]}, indent=2))
         return
     print_choice_map(plan)
+    print_candidates(plan, man)
     click.echo("mean gain of dynamic splitting (Eq. 7) over:")
+    width = max([10] + [len(b) for b in plan.gain])
     for b, g in plan.gain.items():
-        click.echo(f"  {b:10s} {g['mean'] * 100:6.1f} %")
+        click.echo(f"  {b:{width}s} {g['mean'] * 100:6.1f} %")
     for emu, side in ((dev.emulation, "device"), (srv.emulation, "server")):
         if emu:
             click.secho(f"note: the {side} profile is EMULATED ({json.dumps(emu)})", fg="yellow")

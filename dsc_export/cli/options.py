@@ -43,6 +43,28 @@ def wire_option(f):
                              "the tail casts back).")(f)
 
 
+def wires_option(f):
+    return click.option("--wire", "wires", metavar="FORM[,FORM...]",
+                        help="Wire forms of every cut, each at its own compressive bottlenecks "
+                             "(Eq. 3 on its bytes): float32 (as it is), float16 (Cast down / "
+                             "back), int8 (QuantizeLinear / DequantizeLinear, per-tensor affine, "
+                             "calibrated on the first half of --inputs, measured on the rest). "
+                             "E.g. --wire float32,float16,int8 [default: --wire-dtype alone].")(f)
+
+
+def parse_wires(wires: str | None, wire_dtype: str) -> list[str]:
+    """The wire forms of ``--wire A,B`` (checked by the library), or ``[--wire-dtype]``.
+
+    Raises:
+        UserError: both options given.
+    """
+    if not wires:
+        return [wire_dtype]
+    if wire_dtype != WIRE_DTYPES[0]:
+        raise UserError("give --wire FORM,... or --wire-dtype, not both")
+    return [w.strip() for w in wires.split(",") if w.strip()]
+
+
 def inputs_option(what: str):
     def deco(f):
         return click.option(

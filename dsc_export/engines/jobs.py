@@ -12,6 +12,7 @@ from dsc_export.backends.base import BackendOptions, BuildOptions
 from dsc_export.contract import fixed_batch, served_outputs
 from dsc_export.errors import UserError
 from dsc_export.graph.model import load_model
+from dsc_export.graph.wire import check_symmetric
 from dsc_export.weight_store import referenced
 
 PARTS = ("heads", "tails", "all")
@@ -167,8 +168,20 @@ def prepare_build(split_dir, backend_name: str, parts: str, batch_sizes, precisi
     if note:
         log(f"note: {note}")
     jobs = plan_jobs(manifest, backend, parts=parts, batch_sizes=batch_sizes, precision=precision)
+    check_wires(manifest, backend, jobs)
     verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))  # refuse, naming the file
     return root, manifest, backend, options, options.recorded(), jobs
+
+
+def check_wires(manifest: Manifest, backend: Backend, jobs: list[Job]) -> None:
+    """Refuse, in one line, a wire form the backend cannot build (TensorRT: affine int8).
+
+    Raises:
+        UserError: a job's split has an int8 wire with a non-zero zero point on TensorRT.
+    """
+    if backend.name == "tensorrt":
+        ids = {sid for j in jobs for sid, _ in j.records}
+        check_symmetric({s.id: s.quant for s in manifest.splits if s.id in ids}, "TensorRT")
 
 
 def engine_key(e: Engine) -> tuple:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dsc_export.artifacts import WIRE_DTYPES, CutPoint
+from dsc_export.artifacts import CUT_FORMS, CutPoint
+from dsc_export.graph import wire
 from dsc_export.graph.model import Dataflow, data_dependent, topological_nodes
-
-FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
+from dsc_export.graph.wire import FLOAT_DTYPES  # noqa: F401  (its home is graph/wire.py)
 
 
 @dataclass
@@ -138,17 +138,16 @@ def nearest_cut_points(df: Dataflow, tensor: str, cuts: list[str]) -> tuple[str 
 
 
 def wire_itemsize(dtype: str, wire_dtype: str) -> int:
-    """Bytes per element of a tensor of ``dtype`` on the wire: ``wire_dtype`` applies to
-    floating tensors (float16 casts them down), other tensors travel as they are.
+    """Bytes per element of a tensor of ``dtype`` on the wire in form ``wire_dtype``
+    (:mod:`dsc_export.graph.wire`): float16 and int8 apply to wider floating tensors, other
+    tensors travel as they are.
 
     Raises:
-        ValueError: ``wire_dtype`` is not one of ``WIRE_DTYPES``.
+        ValueError: ``wire_dtype`` is not one of ``CUT_FORMS``.
     """
-    if wire_dtype not in WIRE_DTYPES:
-        raise ValueError(f"wire dtype must be one of {WIRE_DTYPES}")
-    if dtype in FLOAT_DTYPES and wire_dtype == "float16":
-        return 2
-    return np.dtype(dtype).itemsize
+    if wire_dtype not in CUT_FORMS:
+        raise ValueError(f"wire form must be one of {CUT_FORMS}")
+    return wire.itemsize(dtype, wire_dtype)
 
 
 def compression_ratio(cut_bytes: int, input_bytes: int) -> float:
@@ -188,6 +187,7 @@ def describe_cut_points(
     input_elements: int,
     wire_dtype: str,
     scopes: dict[str, str | None] | None = None,
+    forms: list[str] | None = None,
 ) -> list[CutPoint]:
     """Sizes, ratios and bottleneck flags of the cut points (pure).
 
@@ -195,27 +195,58 @@ def describe_cut_points(
         names: cut point tensors in topological order.
         shapes: tensor -> (per-sample shape, dtype name).
         input_bytes, input_elements: per-sample size of the model input.
-        wire_dtype: ``float32`` or ``float16``.
+        wire_dtype: the first wire form (``float32``, ``float16``, ``int8``): the point's own
+            ``bytes``, ``ratio``, ``natural``, ``compressive``.
         scopes: tensor -> module scope, where known.
+        forms: every wire form to size (``CutPoint.forms``, Eq. 3 per form; see
+            :func:`mark_compressive`) [default: ``[wire_dtype]``].
     """
+    forms = list(forms or [wire_dtype])
+    if wire_dtype not in forms:
+        forms.insert(0, wire_dtype)
     points = []
     for k, name in enumerate(names):
         shape, dtype = shapes[name]
         elements = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        nbytes = elements * wire_itemsize(dtype, wire_dtype)
-        ratio = compression_ratio(nbytes, input_bytes)
+        per_form = {}
+        for f in forms:
+            nbytes = elements * wire_itemsize(dtype, f)
+            ratio = compression_ratio(nbytes, input_bytes)
+            per_form[f] = {"bytes": nbytes, "ratio": ratio, "natural": ratio < 1,
+                           "compressive": False,
+                           "fits": True, "has": f in wire.forms_of(dtype, [f])}
+        first = per_form[wire_dtype]
         points.append(
             CutPoint(
                 index=k, tensor=name, shape=list(shape), dtype=dtype, elements=elements,
-                bytes=nbytes, ratio=ratio,
+                bytes=first["bytes"], ratio=first["ratio"],
                 element_ratio=compression_ratio(elements, input_elements),
-                natural=ratio < 1, compressive=False,
-                scope=(scopes or {}).get(name),
+                natural=first["natural"], compressive=False,
+                scope=(scopes or {}).get(name), forms=per_form,
             )
         )
-    for p, c in zip(points, compressive_mask([p.ratio for p in points])):
-        p.compressive = c
+    mark_compressive(points, wire_dtype)
     return points
+
+
+def mark_compressive(points: list[CutPoint], first: str) -> None:
+    """Eq. 3 per wire form, on that form's bytes (in place): for each form f of
+    ``CutPoint.forms``, the points whose f-form fits the wire (``fits``) are taken in graph order
+    and :func:`compressive_mask` applied to their f-form ratios; a point is compressive in f when
+    the mask says so and it has an f form of its own (``has``: a 1-byte tensor has no int8 form,
+    but its bytes still bound the later points'). A point that does not fit is never compressive
+    in that form. The point's own flags follow form ``first``."""
+    forms = list(points[0].forms) if points else []
+    for f in forms:
+        seq = [p for p in points if p.forms[f]["fits"]]
+        for p, c in zip(seq, compressive_mask([p.forms[f]["ratio"] for p in seq])):
+            p.forms[f]["compressive"] = bool(c and p.forms[f]["has"])
+        for p in points:
+            if not p.forms[f]["fits"]:
+                p.forms[f]["compressive"] = False
+    for p in points:
+        own = p.forms[first]
+        p.compressive, p.fits_wire = own["compressive"], own["fits"]
 
 
 def scope_of(node_name: str, root: str | None = None) -> str | None:

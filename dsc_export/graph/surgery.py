@@ -1,5 +1,6 @@
-"""Head/tail extraction at a cut point, wire casts, and structure checks (numerical
-verification of the parts is :mod:`dsc_export.splitting`'s).
+"""Head/tail extraction at a cut point, with the cut tensor's wire form at the seam
+(:mod:`dsc_export.graph.wire`), and structure checks (numerical verification of the parts is
+:mod:`dsc_export.splitting`'s).
 
 The head is every node the cut tensor depends on (inputs -> cut tensor); the tail is every
 node the outputs depend on, walking back until the cut tensor (cut tensor -> outputs).
@@ -27,34 +28,36 @@ import onnx
 from onnx import TensorProto, helper
 
 from dsc_export.errors import UserError, first_line
-from dsc_export.graph.cuts import FLOAT_DTYPES
+from dsc_export.graph import wire
 from dsc_export.graph.model import empty_like, is_batch_read, outer_scope_inputs
 from dsc_export.graph.signature import TWO_GB, batch_dim
 
 
 @dataclass(frozen=True)
 class CutSpec:
-    """Where and how to cut: the tensor, its per-sample shape and dtype, and the wire dtype."""
+    """Where and how to cut: the tensor, its per-sample shape and dtype, and the wire form
+    (:mod:`dsc_export.graph.wire`: ``float32``, ``float16``, ``int8`` with its ``quant``)."""
 
     tensor: str
     shape: tuple[int, ...]
     dtype: str
     wire_dtype: str = "float32"
+    quant: wire.Quant | None = None
 
     @property
     def cast(self) -> bool:
-        """True when the head casts the tensor to float16 for the wire."""
-        return self.wire_dtype == "float16" and self.dtype in FLOAT_DTYPES and self.dtype != "float16"
+        """True when the head converts the tensor for the wire (float16 or int8 form)."""
+        return wire.converts(self.dtype, self.wire_dtype)
 
     @property
     def wire_tensor(self) -> str:
         """Name of the tensor that crosses the wire (head output = tail input)."""
-        return f"{self.tensor}.wire_fp16" if self.cast else self.tensor
+        return wire.wire_name(self.tensor, self.dtype, self.wire_dtype)
 
     @property
     def wire_elem_dtype(self) -> str:
-        """The cut tensor's dtype on the wire: ``float16`` with a wire cast, else its own."""
-        return "float16" if self.cast else self.dtype
+        """The cut tensor's dtype on the wire: the form's dtype when it converts, else its own."""
+        return wire.wire_elem_dtype(self.dtype, self.wire_dtype)
 
 
 def _elem(dtype: str) -> int:
@@ -137,10 +140,10 @@ def _initializer_inputs(model: onnx.ModelProto, part: Part) -> Part:
 
 
 def extract_head(model: onnx.ModelProto, cut: CutSpec) -> Part:
-    """The head: the model's inputs -> the cut tensor (cast to float16 when the wire says so).
+    """The head: the model's inputs -> the cut tensor in its wire form (:func:`wire.encode`).
 
     A cut tensor that is also a graph output is returned as the model has it as well (the
-    device keeps it): with a float16 wire the head has two outputs, the wire tensor first.
+    device keeps it): with a converting wire form the head has two outputs, the wire tensor first.
     """
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     ids, reads = _backward(model.graph, [cut.tensor], set())
@@ -148,11 +151,9 @@ def extract_head(model: onnx.ModelProto, cut: CutSpec) -> Part:
     hg = head.model.graph
     hg.input.extend(i for i in inputs if i.name in reads)
     batch = batch_dim(model)
-    if cut.cast:
-        hg.node.append(
-            helper.make_node("Cast", [cut.tensor], [cut.wire_tensor], to=TensorProto.FLOAT16,
-                             name="dsc_export/wire_cast")
-        )
+    nodes, inits = wire.encode(cut.tensor, cut.dtype, cut.wire_dtype, cut.quant)
+    hg.node.extend(nodes)
+    head.initializers.extend(inits)
     hg.output.append(_value_info(cut.wire_tensor, cut.wire_elem_dtype, cut.shape, batch))
     if cut.cast:
         hg.output.extend(o for o in model.graph.output if o.name == cut.tensor)
@@ -160,7 +161,8 @@ def extract_head(model: onnx.ModelProto, cut: CutSpec) -> Part:
 
 
 def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> Part:
-    """The tail: the cut tensor (float16 on the wire, cast back first) -> the model's outputs.
+    """The tail: the cut tensor in its wire form (decoded first, :func:`wire.decode`) -> the
+    model's outputs.
 
     A cut tensor that is also a graph output is not among the tail's outputs: the head returns
     it (:func:`extract_head`), the tail computes the others from it.
@@ -181,11 +183,10 @@ def extract_tail(model: onnx.ModelProto, cut: CutSpec) -> Part:
             node.input[0] = cut.tensor
     batch = batch_dim(model)
     tg.input.append(_value_info(cut.wire_tensor, cut.wire_elem_dtype, cut.shape, batch))
-    if cut.cast:
-        tg.node.insert(
-            0, helper.make_node("Cast", [cut.wire_tensor], [cut.tensor], to=_elem(cut.dtype),
-                                name="dsc_export/wire_uncast")
-        )
+    nodes, inits = wire.decode(cut.tensor, cut.dtype, cut.wire_dtype, cut.quant)
+    for k, node in enumerate(nodes):
+        tg.node.insert(k, node)
+    tail.initializers.extend(inits)
     tg.output.extend(o for o in model.graph.output if o.name != cut.tensor)
     return _initializer_inputs(model, tail)
 

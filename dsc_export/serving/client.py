@@ -68,7 +68,9 @@ from typing import Any
 import numpy as np
 
 from dsc_export.artifacts import read_manifest, verify_files
+from dsc_export.codecs import payload_bytes
 from dsc_export.errors import UserError, first_line
+from dsc_export.offload import Encoder, layout_of
 from dsc_export.planning import Plan, read_plan
 from dsc_export.serving import protocol as proto  # "protocol" is the http/grpc parameter
 from dsc_export.serving.estimation import ServerEstimate
@@ -239,6 +241,8 @@ class DynamicSplitClient:
         self._heads = {s.id: PartRunner(self.root, self.manifest, s.id, "head", threads=opt.threads)
                        for s in heads if s.kind == "split"}
         self._whole = PartRunner(self.root, self.manifest, "local", "head", threads=opt.threads)
+        self._encoders = {s.id: Encoder(s.wire, layout_of(self.manifest), self.manifest.model.input.name)
+                          for s in self.manifest.splits if s.encodes}
         self.contract = proto.served_outputs(self.root, self.manifest)
         self._sent = {s.id: [c.wire_name for c in proto.tail_contract(self.contract, self.manifest, s)]
                       for s in self.manifest.splits if s.tail}  # per split: what its server sends
@@ -256,7 +260,7 @@ class DynamicSplitClient:
         if opt.device_slowdown < 1:
             raise UserError("device_slowdown must be at least 1")
         if opt.device_slowdown > 1:
-            for r in [*self._heads.values(), self._whole]:
+            for r in [*self._heads.values(), self._whole, *self._encoders.values()]:
                 _slow_down(r, opt.device_slowdown)
         self._current: tuple[int | None, str] | None = None
         self._local_streak = 0
@@ -310,7 +314,7 @@ class DynamicSplitClient:
         from dsc_export.feeds import part_feeds
 
         feeds = part_feeds(self.root, self.manifest, "local", "head").feeds(batch)
-        for r in [*self._heads.values(), self._whole]:
+        for r in [*self._heads.values(), self._whole, *self._encoders.values()]:
             r.run(feeds)
 
     def __enter__(self) -> DynamicSplitClient:
@@ -470,7 +474,10 @@ class DynamicSplitClient:
             ep, s = self.endpoints[i], self.manifest.split(split)
             t1 = time.perf_counter()
             if split not in cut:  # (what is sent, the outputs the head keeps)
-                cut[split] = (x, {}) if s.kind == "offload" else self._head(s, x)
+                if s.kind == "offload":  # the raw pixels, or encoded by the form's codec
+                    cut[split] = (self._encoders[split].run({self._in: x})[0] if s.encodes else x, {})
+                else:
+                    cut[split] = self._head(s, x)
             z, kept = cut[split]
             head_ms += (time.perf_counter() - t1) * 1e3
             try:
@@ -479,7 +486,7 @@ class DynamicSplitClient:
                 round_trip_ms = (time.perf_counter() - t1) * 1e3
                 server_ms = float(res.pop(proto.SERVER_MS).ravel()[0])
                 queue_ms = float(res.pop(proto.QUEUE_MS).ravel()[0])
-                sent = int(z.nbytes)
+                sent = payload_bytes(z)  # a codec's: the encoded images' bytes
                 if not self.load_aware:  # today's client: the wait counts as time on the wire
                     queue_ms = 0.0
                 wire_ms = max(round_trip_ms - queue_ms - server_ms, 1e-3)

@@ -50,8 +50,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dsc_export import codecs
 from dsc_export.artifacts import Profile, read_manifest, verify_files
 from dsc_export.errors import UserError, lazy_import
+from dsc_export.offload import DecodingRunner, form_of, layout_of
 from dsc_export.serving.processes import kill_stubs
 from dsc_export.serving.protocol import (
     INPUT,
@@ -424,6 +426,9 @@ class TailServer:
                 inp = sess.get_inputs()[0]
                 in_dims = [d if isinstance(d, int) and d > 0 else -1 for d in inp.shape]
                 in_dtype = ORT_DTYPES.get(inp.type, np.float32)
+                if form_of(s):  # an offload codec form: one encoded image per sample, decoded here
+                    runner = DecodingRunner(runner, form_of(s), layout_of(man), man.model.input.shape[1:])
+                    in_dims, in_dtype = [-1, 1], np.bytes_
                 sent = tail_contract(contract, man, s)  # not the constants, nor what the head keeps
                 outs = [Tensor(name=c.wire_name, dtype=np.dtype(c.dtype).type, shape=c.dims) for c in sent]
                 outs += [Tensor(name=SERVER_MS, dtype=np.float32, shape=(1,)),
@@ -496,6 +501,8 @@ class TailServer:
                 sizes = sorted({fixed} if fixed else set(runner.records) | {1})
                 for b in [x for x in sizes if x <= self.max_batch_size or fixed]:
                     x = random_array([b, *rest], np.dtype(ORT_DTYPES.get(inp.type, np.float32)), rng)
+                    if form_of(s):  # an offload codec form takes the encoded images
+                        x = codecs.encode_batch(x, form_of(s), layout_of(self.manifest))
                     req = th.InferInput(INPUT, list(x.shape), np_to_triton_dtype(x.dtype))
                     req.set_data_from_numpy(x, binary_data=True)
                     client.infer(s.id, [req])

@@ -2,12 +2,14 @@
 --server --triton-backend python``.
 
 It runs in Triton's Python-backend stub with the server's own Python environment, so it imports
-only numpy, onnxruntime and ``triton_python_backend_utils`` (never dsc_export). Beside it lie
+only numpy, onnxruntime and ``triton_python_backend_utils`` (never dsc_export; Pillow for a codec). Beside it lie
 ``model.onnx`` (the tail in the form the output contract serves: input ``input``, outputs named
 as served, batch first, constants left out) and, per batch size an engine was built for,
 ``model.b<N>.onnx`` (that onnxruntime engine in the same form). Its ``config.pbtxt`` parameters
 say which: ``dsc_engines`` (JSON: batch size -> ``{"file", "onnxruntime"}``) and
-``dsc_threads`` (onnxruntime intra-op threads per session; 0: onnxruntime's default).
+``dsc_threads`` (onnxruntime intra-op threads per session; 0: onnxruntime's default), and for an
+offload codec form ``dsc_codec`` (JSON ``form``, ``layout``, ``shape``): each request's encoded
+images are decoded with ``dsc_codecs.py`` beside this file (Pillow) before the model runs.
 
 A batch runs on the engine for its batch size where one was built with this onnxruntime version
 (engines are optimised for one version; another version runs everything on ``model.onnx``),
@@ -54,6 +56,20 @@ def run_requests(run: Callable[[np.ndarray], dict[str, np.ndarray]], inputs: lis
     return [{k: v[a:b] for k, v in out.items()} for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _decoder(here: Path, codec: str | None) -> Callable[[np.ndarray], np.ndarray] | None:
+    """None, or (an offload codec form: the ``dsc_codec`` parameter) the function that decodes a
+    request's ``BYTES`` ``[B, 1]`` into uint8 pixels with ``dsc_codecs.py`` beside this file."""
+    if not codec:
+        return None
+    import importlib.util
+
+    spec = json.loads(codec)
+    loader = importlib.util.spec_from_file_location("dsc_codecs", here / "dsc_codecs.py")
+    mod = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(mod)
+    return lambda z: mod.decode_batch(z, spec["form"], spec["shape"], spec["layout"])
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
@@ -79,6 +95,7 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"{config['name']}: engines built with another onnxruntime than "
                                      f"{ort.__version__}; running those batch sizes on model.onnx")
         self.threads = int(params.get("dsc_threads") or 0)
+        self.decode = _decoder(self.here, params.get("dsc_codec"))
         self.sessions: dict[int | None, object] = {}
         self._session(None)  # model.onnx now: a tail that cannot load fails the load, not a request
 
@@ -113,8 +130,9 @@ class TritonPythonModel:
 
         inputs = [pb_utils.get_input_tensor_by_name(r, INPUT).as_numpy() for r in requests]
         try:
+            inputs = [self.decode(x) for x in inputs] if self.decode else inputs
             answers = run_requests(self._run, inputs, self.merge)
-        except Exception as exc:  # onnxruntime raises several types: each request gets the error
+        except Exception as exc:  # onnxruntime, Pillow raise several types: each request gets the error
             return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(_first_line(exc)))
                     for _ in requests]
         return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a[n]))
