@@ -16,19 +16,15 @@ from dsc_export.artifacts import (
     Engine,
     read_manifest,
     sha256_file,
-    verify_files,
     write_json_atomic,
 )
 from dsc_export.backends.base import BackendOptions, BuildOptions
-from dsc_export.contract import served_outputs
 from dsc_export.engines.build import BuildReport
 from dsc_export.engines.jobs import (
     ENGINES_DIR,
-    check_wires,
-    engine_batch_sizes,
+    checked_jobs,
     engine_data,
     engine_key,
-    plan_jobs,
     prepare_build,
 )
 from dsc_export.errors import UserError
@@ -64,15 +60,10 @@ def emit_trtexec(split_dir: str | os.PathLike, out_file: str | os.PathLike, *, b
 
     root = Path(split_dir)
     manifest = read_manifest(root)
-    served_outputs(root, manifest)
     backend = TensorrtBackend()
     options = backend.options_type.pick(options)
-    batch_sizes, note = engine_batch_sizes(manifest, list(batch_sizes))
-    if note:
-        log(f"note: {note}")
-    jobs = plan_jobs(manifest, backend, parts=parts, batch_sizes=batch_sizes, precision=precision)
-    check_wires(manifest, backend, jobs)
-    verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))
+    batch_sizes, jobs = checked_jobs(root, manifest, backend, batch_sizes=batch_sizes, parts=parts,
+                                     precision=precision, log=log)
     import_cmd = shlex.join(["dsc-export", "build", ".", "--backend", "tensorrt", "--import", "--batch-sizes",
                              ",".join(map(str, batch_sizes)), "--parts", parts, "--precision", precision])
     lines = ["#!/bin/sh", "# Build the TensorRT engines of this split dir on the machine that will run them",

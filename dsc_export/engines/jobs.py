@@ -160,17 +160,34 @@ def prepare_build(split_dir, backend_name: str, parts: str, batch_sizes, precisi
         raise UserError(f"--precision must be fp32 or fp16, not '{precision}'")
     root = Path(split_dir)
     manifest = read_manifest(root)
-    served_outputs(root, manifest)  # an output no server can answer: refused here as by serve and bundle
     backend = get_backend(backend_name)
     backend.check()
     options = backend.options_type.pick(options)
+    _, jobs = checked_jobs(root, manifest, backend, batch_sizes=batch_sizes, parts=parts,
+                           precision=precision, log=log)
+    return root, manifest, backend, options, options.recorded(), jobs
+
+
+def checked_jobs(root: Path, manifest: Manifest, backend: Backend, *, batch_sizes, parts: str,
+                 precision: str, log) -> tuple[list[int], list[Job]]:
+    """The batch sizes and jobs of a build (or of the trtexec script), after the checks both
+    make: an output no server can answer, a wire form the backend cannot build, a changed file.
+
+    Returns:
+        (batch sizes, jobs): the batch sizes the model runs at (:func:`engine_batch_sizes`) and
+        :func:`plan_jobs`'s jobs.
+
+    Raises:
+        UserError: any of those checks, naming the file or split.
+    """
+    served_outputs(root, manifest)  # an output no server can answer: refused here as by serve and bundle
     batch_sizes, note = engine_batch_sizes(manifest, list(batch_sizes))
     if note:
         log(f"note: {note}")
     jobs = plan_jobs(manifest, backend, parts=parts, batch_sizes=batch_sizes, precision=precision)
     check_wires(manifest, backend, jobs)
     verify_files(manifest, root, list(dict.fromkeys(j.source for j in jobs)))  # refuse, naming the file
-    return root, manifest, backend, options, options.recorded(), jobs
+    return batch_sizes, jobs
 
 
 def check_wires(manifest: Manifest, backend: Backend, jobs: list[Job]) -> None:
