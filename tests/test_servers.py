@@ -189,7 +189,10 @@ def test_killing_one_of_two_servers_loses_no_batch(tiny, tmp_path):  # noqa: F81
         assert len(logs) == 12
         assert all(b.server is not None and b.split != "local" for b in logs), logs  # offload wins: never here
         assert all(b.fallback is None and b.tries == 0 for b in logs[:4])
-        assert logs[4].fallback.startswith(dead) and logs[4].server == alive  # retried on the other at once
+        # batch 4 either tried the dead server and was retried on the other at once, or (a client
+        # whose estimates already preferred the other server, as on a loaded machine) went there
+        assert logs[4].server == alive
+        assert logs[4].fallback is None or logs[4].fallback.startswith(dead)
         assert all(b.server == alive for b in logs[4:])
     finally:
         for p, _ in procs:  # the killed one's stubs too: they outlive it (tests/test_processes.py)
