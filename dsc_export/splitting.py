@@ -346,7 +346,7 @@ def _check_wire_range(folded: onnx.ModelProto, points: list[CutPoint], inputs, f
     names = ", ".join(f"'{p.tensor}' (max |x| {p.max_abs:.3g})" for p in over[:3])
     more = f" and {len(over) - 3} more" if len(over) > 3 else ""
     return [f"{len(over)} cut point(s) overflow float16 on the sample inputs ({names}{more}): they are "
-            "not split at with --wire-dtype float16 (use float32 for them)"]
+            "given no float16 form (their float32 and int8 forms are made where asked)"]
 
 
 def check_forms(forms: list[str]) -> list[str]:
