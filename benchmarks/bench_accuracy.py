@@ -82,7 +82,8 @@ def measure(name: str, pretrained: bool, photos, views) -> dict:
             rows.append({"wire": wire, "split": s.id, "tensor": s.tensor, "bytes": s.bytes, "ratio": s.ratio,
                          **metrics(ref, got)})
             r = rows[-1]
-            print(f"    {wire} {s.id:8s} top-1 {r['top1_agreement'] * 100:6.2f} %  top-5 {r['top5_overlap'] * 100:6.2f} %"
+            print(f"    {wire} {s.id:8s} top-1 {r['top1_agreement'] * 100:6.2f} %"
+                  f"  top-5 {r['top5_overlap'] * 100:6.2f} %"
                   f"  max|d| {r['max_abs_diff']:.2e}  rel {r['max_rel_diff']:.2e}", flush=True)
     return {"model": name, "weights": rep.weights, "inputs": len(x), "photos": own, "splits": rows,
             "whole_unoptimised": floor}

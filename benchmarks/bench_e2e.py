@@ -107,7 +107,8 @@ def main() -> None:
                   f"{k:g}x slower than this machine on 1 thread", flush=True)
             cells = {c: sum(row.count(c) for row in plan.choice) for c in plan.candidates}
             print(f"plan at batch {args.batch}: " + ", ".join(
-                f"{r:g} MB/s -> {plan.choose(args.batch, r * 0.96)[0]}" for r in rates) + f"; cells {cells}", flush=True)
+                f"{r:g} MB/s -> {plan.choose(args.batch, r * 0.96)[0]}" for r in rates) + f"; cells {cells}",
+                flush=True)
             rng = np.random.default_rng(0)
             shape = [args.batch] + list(man.model.input.shape[1:])
             dtype = np.dtype(man.model.input.dtype)

@@ -128,10 +128,12 @@ def spinning(root, man, threads: int) -> dict:
         whole = head = tail = None  # release their thread pools before timing the lone session
         t_alone = [timed(lambda: alone.run(None, {man.model.input.name: x})) for _ in range(30)]
         key = "spinning" if spinning_on else "no_spinning"
-        out[key] = {"whole_after_other_sessions_ms": float(np.median(t_whole)), "whole_alone_ms": float(np.median(t_alone))}
+        out[key] = {"whole_after_other_sessions_ms": float(np.median(t_whole)),
+                    "whole_alone_ms": float(np.median(t_alone))}
         print(f"{key:12s}: whole model batch 1 after a head and a tail ran: {np.median(t_whole):.2f} ms; "
               f"alone: {np.median(t_alone):.2f} ms", flush=True)
-    out["slowdown_spinning_vs_not"] = out["spinning"]["whole_after_other_sessions_ms"] / out["no_spinning"]["whole_after_other_sessions_ms"]
+    out["slowdown_spinning_vs_not"] = (out["spinning"]["whole_after_other_sessions_ms"]
+                                       / out["no_spinning"]["whole_after_other_sessions_ms"])
     print(f"spinning costs {out['slowdown_spinning_vs_not']:.2f}x (allow_spinning=0 is what dsc-export uses)")
     return out
 

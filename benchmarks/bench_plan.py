@@ -27,19 +27,26 @@ def synthetic(n_splits: int = 4):
     rng = np.random.default_rng(0)
     sha = "00" * 32
     ids = [f"cut{k:03d}" for k in range(n_splits)]
-    splits = ([Split(id="offload", kind="offload", tensor=None, head=None, tail="model.onnx", bytes=150528, max_abs_diff=0.0)]
-              + [Split(id=i, kind="split", tensor=f"t{i}", head="h", tail="t", bytes=int(rng.integers(5000, 120000)), max_abs_diff=0.0) for i in ids]
+    splits = ([Split(id="offload", kind="offload", tensor=None, head=None, tail="model.onnx", bytes=150528,
+                     max_abs_diff=0.0)]
+              + [Split(id=i, kind="split", tensor=f"t{i}", head="h", tail="t", bytes=int(rng.integers(5000, 120000)),
+                       max_abs_diff=0.0) for i in ids]
               + [Split(id="local", kind="local", tensor=None, head="model.onnx", tail=None, bytes=0, max_abs_diff=0.0)])
     sig = TensorSig(name="image", shape=["N", 224, 224, 3], dtype="uint8")
-    man = Manifest(ModelRef(path="model.onnx", sha256=sha, input=sig, output=sig, input_bytes=150528), "float32", [], splits)
+    man = Manifest(ModelRef(path="model.onnx", sha256=sha, input=sig, output=sig, input_bytes=150528), "float32", [],
+                   splits)
     batches = [1, 2, 4, 8, 16, 32, 64]
     dev = [Timing(split="local", part="head", batch=b, median_ms=12.0 * b, p10_ms=0, p90_ms=0, runs=5) for b in batches]
-    srv = [Timing(split="offload", part="tail", batch=b, median_ms=3.0 * b, p10_ms=0, p90_ms=0, runs=5) for b in batches]
+    srv = [Timing(split="offload", part="tail", batch=b, median_ms=3.0 * b, p10_ms=0, p90_ms=0, runs=5)
+           for b in batches]
     for k, i in enumerate(ids):
         f = (k + 1) / (n_splits + 1)
-        dev += [Timing(split=i, part="head", batch=b, median_ms=12.0 * b * f, p10_ms=0, p90_ms=0, runs=5) for b in batches]
-        srv += [Timing(split=i, part="tail", batch=b, median_ms=3.0 * b * (1 - f), p10_ms=0, p90_ms=0, runs=5) for b in batches]
-    return man, Profile("device", "onnxruntime", {}, None, sha, dev), Profile("server", "onnxruntime", {}, None, sha, srv)
+        dev += [Timing(split=i, part="head", batch=b, median_ms=12.0 * b * f, p10_ms=0, p90_ms=0, runs=5)
+                for b in batches]
+        srv += [Timing(split=i, part="tail", batch=b, median_ms=3.0 * b * (1 - f), p10_ms=0, p90_ms=0, runs=5)
+                for b in batches]
+    return (man, Profile("device", "onnxruntime", {}, None, sha, dev),
+            Profile("server", "onnxruntime", {}, None, sha, srv))
 
 
 def report(plan, stem, title: str, label: str) -> dict:
@@ -71,7 +78,8 @@ def main() -> None:
         builds.append((time.perf_counter() - t) * 1e3)
     grid = (len(plan.batch_sizes), len(plan.rates_MBps), len(plan.candidates))
     rng = np.random.default_rng(1)
-    queries = [(int(b), float(r)) for b, r in zip(rng.integers(1, 65, 20000), np.exp(rng.uniform(0, np.log(128), 20000)))]
+    queries = [(int(b), float(r))
+               for b, r in zip(rng.integers(1, 65, 20000), np.exp(rng.uniform(0, np.log(128), 20000)))]
     plan.choose(1, 1.0)  # the per-batch table is prepared on first use
     per_call = []
     for k in range(0, len(queries), 1000):

@@ -43,7 +43,8 @@ def main() -> None:
             runs = []
             for k in range(2):
                 print(f"{name}: {role} profile, {threads} thread(s), run {k + 1}/2 ...", flush=True)
-                p = profile_split_dir(root, role, backend_name=args.backend, batch_sizes=batches, threads=threads if args.backend == "onnxruntime" else None,
+                p = profile_split_dir(root, role, backend_name=args.backend, batch_sizes=batches,
+                                      threads=threads if args.backend == "onnxruntime" else None,
                                       warmup=2, repeats=None, min_time_s=args.min_time, rounds=args.rounds)
                 (out / f"{name}-{role}{'' if k == 0 else '-rerun'}.json").write_text(p.to_json())
                 runs.append(p)
@@ -63,7 +64,8 @@ def main() -> None:
         _table(name, entry)
     met = all(e[r]["within_10pct"] == e[r]["figures"] for e in summary.values() for r in e)
     print(f"target (every median within 10% on the rerun): {'met' if met else 'NOT met'}")
-    write("profiles.json", {"backend": args.backend, "rounds": args.rounds, "batch_sizes": batches, "min_time_s": args.min_time, "models": summary, "met": met})
+    write("profiles.json", {"backend": args.backend, "rounds": args.rounds, "batch_sizes": batches,
+                            "min_time_s": args.min_time, "models": summary, "met": met})
 
 
 def _table(name: str, entry: dict) -> None:

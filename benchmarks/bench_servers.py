@@ -194,7 +194,8 @@ def main() -> None:
     print(note)
     payload = {"model": args.model, "batch": args.batch, "devices": args.devices, "seconds": args.seconds,
                "device_slowdown": k, "emulation": "device compute replayed from its 1-thread profile x slowdown",
-               "servers": "dsc-export serve --threads 1 --instances min(--instances, ceil(N / servers)) (loopback)", "note": note,
+               "servers": "dsc-export serve --threads 1 --instances min(--instances, ceil(N / servers)) (loopback)",
+               "note": note,
                "plan_rtt_ms": plan.rtt_ms, "results": results}
     path = write("servers.json", payload)
     RESULTS.mkdir(exist_ok=True)

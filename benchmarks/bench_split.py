@@ -85,7 +85,8 @@ def main() -> None:
             "max_rel_diff": spl["max_rel_diff"],
         }
         rows.append(row)
-        print("   " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        print("   " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
     result = {
         "benchmark": "split", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

@@ -279,7 +279,8 @@ def e2e(split: Path, photos: Path, man, dev, srv, ids: list[str], log, batch: in
                         k += 1
                     static_ms[s] = statistics.median(b.measured_ms for b in slogs[1:])
                 sent = [b.bytes / b.batch for b in steady if b.bytes]
-                row = {"rate_MBps": rate, "choices": {s: sum(b.split == s for b in steady) for s in {b.split for b in steady}},
+                row = {"rate_MBps": rate,
+                       "choices": {s: sum(b.split == s for b in steady) for s in {b.split for b in steady}},
                        "measured_ms": statistics.median(measured), "predicted_ms": statistics.median(predicted),
                        "static_ms": static_ms, "bytes_per_sample_sent": statistics.mean(sent) if sent else 0.0}
                 row["error"] = row["measured_ms"] / row["predicted_ms"] - 1

@@ -206,8 +206,9 @@ def run_devices(base: dict, tmp: Path, tag: str, policies: list[str], windows: l
         cfg = {**base, "policy": pol, "windows": win, "log": str(tmp / f"{tag}-{d}.jsonl")}
         (tmp / f"{tag}-{d}.json").write_text(json.dumps(cfg))
         logs.append(Path(cfg["log"]))
-        procs.append(subprocess.Popen([sys.executable, "-c", "import sys; from common import worker; worker(sys.argv[1])",
-                                       str(tmp / f"{tag}-{d}.json")], cwd=HERE, stderr=open(tmp / f"{tag}-{d}.err", "w")))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", "import sys; from common import worker; worker(sys.argv[1])",
+             str(tmp / f"{tag}-{d}.json")], cwd=HERE, stderr=open(tmp / f"{tag}-{d}.err", "w")))
     loads, todo = [], list(schedule or [])
     next_poll = time.time() + 1.0
     while any(p.poll() is None for p in procs):

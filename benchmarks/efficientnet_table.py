@@ -55,7 +55,8 @@ def main() -> None:
               f"float16 {r['float16']['natural']}/{r['float16']['compressive']}; elements "
               f"{r['elements']['natural']}/{r['elements']['compressive']}", flush=True)
     (out / "efficientnets.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print("\n| model | resolution | cut points | natural / compressive (bytes, float32 wire) | (bytes, float16 wire) | (elements, as the paper) | compressive at (float32) |")
+    print("\n| model | resolution | cut points | natural / compressive (bytes, float32 wire) | (bytes, float16 wire) "
+          "| (elements, as the paper) | compressive at (float32) |")
     print("|---|---:|---:|---|---|---|---|")
     for name, r in rows.items():
         f32, f16, el = r["float32"], r["float16"], r["elements"]

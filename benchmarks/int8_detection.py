@@ -217,15 +217,16 @@ def detection_rows(work: Path) -> list[dict]:
         outs = ", ".join(f"{o.name} {o.shape}" for o in man.model.outputs)
         row.update(cut_points=len(man.cut_points), natural=sum(c.natural for c in man.cut_points),
                    compressive=sum(c.compressive for c in man.cut_points), split_s=round(split_s, 1),
-                   status="ok", note=f"split and verified by split; fixed batch {man.model.fixed_batch}; input {man.model.input_bytes:,} bytes "
-                                     f"per sample; outputs {outs} returned whole")
+                   status="ok", note=f"split and verified by split; fixed batch {man.model.fixed_batch}; "
+                                     f"input {man.model.input_bytes:,} bytes per sample; outputs {outs} returned whole")
         rows.append(row)
     return rows
 
 
 def render(rows: list[dict], info: dict) -> str:
     lines = [BEGIN, "", "## INT8 and detection models", "",
-             f"Produced by `python benchmarks/int8_detection.py` on {info['date']}: {info['cpu']}, {info['cores']} cores, "
+             f"Produced by `python benchmarks/int8_detection.py` on {info['date']}: {info['cpu']}, "
+             f"{info['cores']} cores, "
              f"onnxruntime {info['onnxruntime']}, torch {info['torch']}. INT8 models are a torchvision classifier "
              "(random weights, 224x224) quantized by onnxruntime's own quantizer after its `quant_pre_process` "
              "(8 random calibration batches); splits of models with Q/DQ nodes are verified at onnxruntime's "

@@ -433,9 +433,11 @@ def render(rows: list[dict], machine: dict, date: str) -> str:
                  f"with a natural bottleneck: {sum(r.get('natural', 0) > 0 for r in timed)}.")
     if timed:
         worst = max(timed, key=lambda r: r["analyze_s"])
-        over = [f"{r['model']} ({r['exporter']}, {r['analyze_s']:.2f} s)" for r in timed if r["analyze_s"] >= ANALYZE_TARGET_S]
+        over = [f"{r['model']} ({r['exporter']}, {r['analyze_s']:.2f} s)"
+                for r in timed if r["analyze_s"] >= ANALYZE_TARGET_S]
         lines.append(f"- analyze: slowest {worst['analyze_s']:.2f} s ({worst['model']}, {worst['exporter']}); "
-                     + (f"over {ANALYZE_TARGET_S:g} s: {', '.join(over)}." if over else f"all under {ANALYZE_TARGET_S:g} s."))
+                     + (f"over {ANALYZE_TARGET_S:g} s: {', '.join(over)}." if over
+                        else f"all under {ANALYZE_TARGET_S:g} s."))
     checked = [r for r in ok if "checks" in r]
     lines.append(f"- split and checked independently: {len(checked)}; every split reproduces the model: "
                  f"{sum(r['verified'] for r in checked)}; **wrong results: "
@@ -447,7 +449,8 @@ def render(rows: list[dict], machine: dict, date: str) -> str:
     if none:
         lines.append(f"- no cut point at all: {', '.join(none)}.")
     lines += ["", "## The table", "",
-              "| model | exporter | cut points | natural | compressive | analyze s | split s | verified (independently) | refusal, failure or notes |",
+              "| model | exporter | cut points | natural | compressive | analyze s | split s "
+              "| verified (independently) | refusal, failure or notes |",
               "|---|---|---|---|---|---|---|---|---|"]
     order = {m.name: k for k, m in enumerate(MODELS)}
     for r in sorted(rows, key=lambda r: (order.get(r["model"], 99), EXPORTERS.index(r["exporter"]))):

@@ -40,7 +40,8 @@ def rows() -> list[dict]:
     if d:
         for r in d["rows"]:
             add("split", f"{r['model']}: analyze", f"{r['analyze_s']:.2f} s", "< 2 s", r["analyze_s"] < 2)
-            add("split", f"{r['model']}: split + verify", f"{r['split_s']:.1f} s", "< 60 s (V2-L)" if "v2_l" in r["model"] else "",
+            add("split", f"{r['model']}: split + verify", f"{r['split_s']:.1f} s",
+                "< 60 s (V2-L)" if "v2_l" in r["model"] else "",
                 r["split_s"] < 60 if "v2_l" in r["model"] else None)
             if "v2_l" in r["model"]:
                 x = r.get("split_peak_x_file")
@@ -70,7 +71,8 @@ def rows() -> list[dict]:
         if "real_plan" in d:
             g = d["real_plan"]["mean_gain"]
             add("plan", f"{d['real_plan']['model']} plan: mean gain over local / offload / best static",
-                f"{g['local'] * 100:.1f} % / {g['offload'] * 100:.1f} % / {g[d['real_plan']['best_static']] * 100:.1f} %")
+                f"{g['local'] * 100:.1f} % / {g['offload'] * 100:.1f} % / "
+                f"{g[d['real_plan']['best_static']] * 100:.1f} %")
     d = load("e2e.json")
     if d:
         for p in d["phases"]:
@@ -146,7 +148,8 @@ def rows() -> list[dict]:
                         f"{worst * 100:.1f} %", ">= 95 %", worst >= 0.95)
             e = res.get("e2e") or {}
             for ph in e.get("phases", []):
-                add("wire", f"{name} e2e {ph['rate_MBps']:.3g} MB/s: measured vs predicted ({', '.join(ph['choices'])})",
+                add("wire",
+                    f"{name} e2e {ph['rate_MBps']:.3g} MB/s: measured vs predicted ({', '.join(ph['choices'])})",
                     f"{ph['measured_ms']:.1f} vs {ph['predicted_ms']:.1f} ms ({ph['error'] * 100:+.1f} %)",
                     "within 15 %", abs(ph["error"]) <= 0.15)
             if e.get("phases"):
@@ -166,8 +169,8 @@ def rows() -> list[dict]:
         add("zoo", "splits that do not reproduce the model (independent head + tail check)",
             f"{len(wrong)} of {len(checked)} exports" + (f": {', '.join(wrong)}" if wrong else ""), "0", not wrong)
         bugs = [f"{r['model']} ({r['exporter']})" for r in rs if r["status"] in ("bug", "crashed", "check failed")]
-        add("zoo", "tracebacks or crashes in analyze / split", f"{len(bugs)}" + (f": {', '.join(bugs)}" if bugs else ""),
-            "0", not bugs)
+        add("zoo", "tracebacks or crashes in analyze / split",
+            f"{len(bugs)}" + (f": {', '.join(bugs)}" if bugs else ""), "0", not bugs)
         add("zoo", "exports with cut points / refused / export failed (torch)",
             f"{sum(r.get('cut_points', 0) > 0 for r in rs)} / {sum(r['status'] == 'refused' for r in rs)} / "
             f"{sum(r['status'] == 'export failed' for r in rs)} of {len(rs)}")

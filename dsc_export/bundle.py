@@ -72,9 +72,9 @@ def _side_files(man: Manifest, side: str) -> tuple[list[str], list[Any]]:
     return sorted(set(files)), engines
 
 
-def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike, *, plan: str | os.PathLike | None = None,
-                triton_platform: str = "onnxruntime_onnx", max_batch_size: int = 64, instances: int = 1,
-                triton: bool = True) -> dict[str, Any]:
+def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike, *,
+                plan: str | os.PathLike | None = None, triton_platform: str = "onnxruntime_onnx",
+                max_batch_size: int = 64, instances: int = 1, triton: bool = True) -> dict[str, Any]:
     """Write a device or server bundle of ``split_dir`` to ``out`` (a tar file, written atomically).
 
     Args:
@@ -148,7 +148,8 @@ def make_bundle(split_dir: str | os.PathLike, side: str, out: str | os.PathLike,
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         try:
             with tarfile.open(tmp, "w") as tar:
-                for p in sorted(stored + [staging / BUNDLE_INDEX], key=lambda p: (p.relative_to(staging).parts[0] == "triton", p)):
+                for p in sorted(stored + [staging / BUNDLE_INDEX],
+                                key=lambda p: (p.relative_to(staging).parts[0] == "triton", p)):
                     # the store before triton/: its weights files are the regular members, the
                     # repository's hard links to them
                     tar.add(p, arcname=p.relative_to(staging).as_posix(), recursive=False)

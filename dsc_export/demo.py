@@ -113,7 +113,8 @@ def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", 
         rep.steps[name] = time.perf_counter() - t
         t = time.perf_counter()
 
-    step(f"1/8 export {entry.name} ({'trained ImageNet weights' if trained else 'random weights, BatchNorm re-estimated'})")
+    how = "trained ImageNet weights" if trained else "random weights, BatchNorm re-estimated"
+    step(f"1/8 export {entry.name} ({how})")
     if not onnx_path.is_file() or _is_trained(onnx_path) != trained:
 
         export_model(entry.name, onnx_path, resolution=resolution, log=log, pretrained=trained)

@@ -366,8 +366,8 @@ def _load_npz(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray]
             arr = arr[None]
         elif arr.ndim != len(per) + 1 or arr.shape[1:] != per or arr.shape[0] < 1:
             dims = ", ".join(map(str, per))
-            raise UserError(f"input '{s.name}' in '{path}' has shape {list(arr.shape)}; expected [K{', ' if per else ''}"
-                            f"{dims}] (K >= 1 samples) or [{dims}] (one sample)")
+            raise UserError(f"input '{s.name}' in '{path}' has shape {list(arr.shape)}; "
+                            f"expected [K{', ' if per else ''}{dims}] (K >= 1 samples) or [{dims}] (one sample)")
         if arr.dtype != s.dtype:
             if not np.can_cast(arr.dtype, s.dtype, "safe"):
                 raise UserError(f"input '{s.name}' in '{path}' has dtype {arr.dtype}; the model takes {s.dtype} "

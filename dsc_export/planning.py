@@ -332,8 +332,9 @@ class Plan:
         if parts is None:
             lo, hi = f["range"]
             if isinstance(batch, int) or not lo <= batch <= hi:
-                raise UserError(f"batch size {batch} is outside the plan's profiled range {lo}-{hi}: use a batch size in "
-                                f"that range (run --batch-size), or build and bench batch {batch} too and make the plan again")
+                raise UserError(f"batch size {batch} is outside the plan's profiled range {lo}-{hi}: "
+                                f"use a batch size in that range (run --batch-size), or build and bench "
+                                f"batch {batch} too and make the plan again")
             parts = tuple(c.parts_ms(batch) for c in f["cands"])
         if not rate_MBps > 0:
             raise UserError(f"data rate must be positive, got {rate_MBps}")
@@ -343,7 +344,8 @@ class Plan:
         return [eq4_ms(h, t, nb, batch, rate_MBps, rtt_ms=rtt, q_ms=q_ms, s=s) for (h, t), nb in zip(parts, f["bytes"])]
 
     def choose(self, batch: int, rate_MBps: float, current: str | None = None,
-               exclude: set[str] | frozenset[str] = frozenset(), *, q_ms: float = 0.0, s: float = 1.0) -> tuple[str, float]:
+               exclude: set[str] | frozenset[str] = frozenset(), *, q_ms: float = 0.0,
+               s: float = 1.0) -> tuple[str, float]:
         """The split for this batch size, data rate and server state, and its predicted time in ms.
 
         Computed from the stored per-candidate times (:meth:`latencies`), not from the nearest
@@ -399,7 +401,8 @@ def read_plan(path: str | os.PathLike) -> Plan:
         UserError: the file is missing, is not JSON, or is not a plan of this schema (one line).
     """
     path = Path(path)
-    return read_json(path, Plan.from_dict, "plan", missing=f"plan '{path}' does not exist; make one with dsc-export plan")
+    return read_json(path, Plan.from_dict, "plan",
+                     missing=f"plan '{path}' does not exist; make one with dsc-export plan")
 
 
 def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_sizes: list[int] | None = None,
@@ -463,7 +466,8 @@ def make_plan(manifest: Manifest, device: Profile, server: Profile, *, batch_siz
         batch_sizes=list(batch_sizes), rates_MBps=[round(r, 6) for r in rates], rtt_ms=rtt_ms, privacy=privacy,
         margin=margin, candidates=ids, choice=[[ids[k] for k in row] for row in idx.tolist()],
         latency_ms={c: np.round(grid[i], 4).tolist() for i, c in enumerate(ids)}, gain=gains,
-        times={c.id: {"batches": c.batches, "head_ms": c.head_ms, "tail_ms": c.tail_ms, "bytes": c.bytes} for c in cands},
+        times={c.id: {"batches": c.batches, "head_ms": c.head_ms, "tail_ms": c.tail_ms, "bytes": c.bytes}
+               for c in cands},
         model_sha256=manifest.model.sha256,
         device_profile={"sha256": profile_hashes[0], "host": device.host, "emulation": device.emulation,
                         "backend": device.backend},

@@ -151,7 +151,8 @@ def _output_sigs(model: onnx.ModelProto) -> list[TensorSig]:
     for o in model.graph.output:
         tt = o.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in tt.shape.dim]
-        sigs.append(TensorSig(name=o.name, shape=dims, dtype=np_dtype_name(tt.elem_type) if tt.elem_type else "unknown"))
+        sigs.append(TensorSig(name=o.name, shape=dims,
+                              dtype=np_dtype_name(tt.elem_type) if tt.elem_type else "unknown"))
     return sigs
 
 
@@ -307,8 +308,9 @@ def analyze_model(model: onnx.ModelProto, wire_dtype: str = "float32", *, source
         forms=forms,
     )
     if not analysis.cut_points:
-        analysis.notes.append("no cut point: every tensor is bypassed on some path from the input to the outputs, "
-                              "so the only candidates are offload (send the input) and local (everything on the device)")
+        analysis.notes.append("no cut point: every tensor is bypassed on some path from the input to the "
+                              "outputs, so the only candidates are offload (send the input) and local "
+                              "(everything on the device)")
     elif not analysis.natural:
         analysis.notes.append(
             "no natural bottleneck: no cut point is smaller than the input on the wire, so the "

@@ -133,7 +133,8 @@ def write_triton_repository(root: Path, man: Manifest, *, repo: Path, platform: 
     return names
 
 
-def _onnxruntime_files(root: Path, man: Manifest, split, model, d: Path, in_dims, *, fixed, max_batch_size) -> list[str]:
+def _onnxruntime_files(root: Path, man: Manifest, split, model, d: Path, in_dims, *, fixed,
+                       max_batch_size) -> list[str]:
     """``onnxruntime_onnx``: the model in the version folder, served as it is."""
     save_linked(model, root, d / "1")
     return []

@@ -27,12 +27,14 @@ class G:
         return name
 
     def node(self, op, ins, out, **attrs):
-        self.nodes.append(helper.make_node(op, ins, [out] if isinstance(out, str) else out, name=f"n_{out if isinstance(out, str) else out[0]}", **attrs))
+        outs = [out] if isinstance(out, str) else out
+        self.nodes.append(helper.make_node(op, ins, outs, name=f"n_{outs[0]}", **attrs))
         return out
 
     def conv(self, out, x, cout, k=1, stride=1):
         cin = self.c[x]
-        w = self.init(f"{out}.w", (self.rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32))
+        w = self.init(f"{out}.w",
+                      (self.rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32))
         self.c[out] = cout
         return self.node("Conv", [x, w], out, kernel_shape=[k, k], strides=[stride, stride],
                          pads=[k // 2] * 4)

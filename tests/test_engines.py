@@ -24,7 +24,8 @@ def b0_engines(exported, tmp_path_factory):
     rep = exported("efficientnet_b0")
     out = tmp_path_factory.mktemp("b0") / "split"
     split_model(rep.path, out)
-    report = build_engines(out, "onnxruntime", batch_sizes=BATCHES, parts="all", keep_all=True)  # the engines themselves are tested
+    # the engines themselves are tested
+    report = build_engines(out, "onnxruntime", batch_sizes=BATCHES, parts="all", keep_all=True)
     return out, report
 
 
@@ -78,10 +79,11 @@ def test_rebuild_is_idempotent_and_follows_options(b0_engines):
     root, _ = b0_engines
     again = build_engines(root, "onnxruntime", batch_sizes=[1], parts="heads")
     assert not again.built and again.kept
-    changed = build_engines(root, "onnxruntime", batch_sizes=[1], parts="heads", options=BuildOptions(optimization="basic"),
-                            keep_all=True)
+    changed = build_engines(root, "onnxruntime", batch_sizes=[1], parts="heads",
+                            options=BuildOptions(optimization="basic"), keep_all=True)
     assert changed.built and not changed.kept
-    back = build_engines(root, "onnxruntime", batch_sizes=[1], parts="heads", keep_all=True)  # default options: rebuilt again
+    # default options: rebuilt again
+    back = build_engines(root, "onnxruntime", batch_sizes=[1], parts="heads", keep_all=True)
     assert back.built
 
 
@@ -158,7 +160,8 @@ def test_cli_emits_trtexec_commands(b0_engines, tmp_path):
     from dsc_export.cli import cli
 
     out = tmp_path / "heads.sh"
-    r = CliRunner().invoke(cli, ["build", str(root), "--parts", "heads", "--batch-sizes", "1,8", "--emit-trtexec", str(out)])
+    r = CliRunner().invoke(cli, ["build", str(root), "--parts", "heads", "--batch-sizes", "1,8",
+                                 "--emit-trtexec", str(out)])
     assert r.exit_code == 0, r.output
     import shlex
 

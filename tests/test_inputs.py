@@ -384,7 +384,8 @@ def test_engine_checks_run_on_the_samples_and_on_ranged_random_inputs(token_spli
     shutil.copytree(token_split / "split", root)
     ids = RNG.integers(0, 100, (5, 8))
     np.savez(tmp_path / "tok.npz", ids=ids)
-    rep = build_engines(root, "onnxruntime", batch_sizes=[1, 3], parts="all", inputs=os.fspath(tmp_path / "tok.npz"), keep_all=True)
+    rep = build_engines(root, "onnxruntime", batch_sizes=[1, 3], parts="all", inputs=os.fspath(tmp_path / "tok.npz"),
+                        keep_all=True)
     assert rep.failed == [] and len({e.path for e in rep.built}) == 6  # model, head, tail at 1 and 3
     assert all(e.max_rel_diff is not None and e.max_rel_diff <= 1e-4 for e in rep.built)
     # the whole model and the head on the user's samples, the tail (input: the cut tensor) on the
@@ -400,7 +401,8 @@ def test_engine_checks_run_on_the_samples_and_on_ranged_random_inputs(token_spli
     got = tail_fed[-1][cut.wire_tensor]
     assert got.dtype == want.dtype and np.array_equal(got, want)
     used.clear()
-    rep = build_engines(root, "onnxruntime", batch_sizes=[2], parts="all", keep_all=True)  # random: within the table, no index error
+    # random: within the table, no index error
+    rep = build_engines(root, "onnxruntime", batch_sizes=[2], parts="all", keep_all=True)
     assert rep.failed == [] and len({e.path for e in rep.built}) == 3
     assert [who for who, _, _ in used] == ["random"] * 3 and used[0][2]["ids"].max() <= 99
     assert len(read_manifest(root).engines) == 4 * 3  # (local, offload, head, tail) x 3 batch sizes

@@ -75,7 +75,8 @@ def test_int8_model_from_split_to_run(tmp_path, fmt):
             if not s.tail:
                 continue
             logs = []
-            with DynamicSplitClient(device, f"127.0.0.1:{http}", options=ClientOptions(static=s.id, ready_timeout_s=60), log=logs.append) as client:
+            with DynamicSplitClient(device, f"127.0.0.1:{http}", options=ClientOptions(static=s.id, ready_timeout_s=60),
+                                    log=logs.append) as client:
                 got = client.infer(x)
             assert logs[0].split == s.id and logs[0].fallback is None, (s.id, logs[0].fallback)
             assert set(got) == set(want)

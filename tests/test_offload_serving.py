@@ -38,7 +38,8 @@ def server(coded):
     from dsc_export.serving.server import ServeOptions, TailServer
 
     http, grpc, metrics = free_ports(3)
-    with TailServer(coded, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1, log_file=coded.parent / "triton.log")) as srv:
+    with TailServer(coded, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1,
+                                        log_file=coded.parent / "triton.log")) as srv:
         yield srv
 
 
@@ -52,7 +53,8 @@ def test_each_offload_form_answers_and_sends_its_encoded_bytes(coded, server, pr
     for form in FORMS:
         sid = "offload" if form == "raw" else f"offload-{form}"
         logs = []
-        with DynamicSplitClient(coded, server.urls()[protocol], options=ClientOptions(protocol=protocol, static=sid), log=logs.append) as client:
+        with DynamicSplitClient(coded, server.urls()[protocol], options=ClientOptions(protocol=protocol, static=sid),
+                                log=logs.append) as client:
             y = client.infer(x)["logits"]
         assert logs[-1].split == sid and logs[-1].fallback is None
         if form == "raw":
@@ -76,7 +78,8 @@ def test_privacy_never_sends_an_encoded_image(coded, server):
     with pytest.raises(UserError, match="privacy"):
         DynamicSplitClient(coded, server.urls()["http"], options=ClientOptions(static="offload-jpeg90", privacy=True))
     logs = []
-    with DynamicSplitClient(coded, server.urls()["http"], options=ClientOptions(privacy=True), log=logs.append) as client:
+    with DynamicSplitClient(coded, server.urls()["http"], options=ClientOptions(privacy=True),
+                            log=logs.append) as client:
         for rate in (1, 100):
             client.endpoints[0].estimate.rate.value = rate
             client.infer(photos(2))
@@ -113,7 +116,8 @@ def test_stock_triton_decodes_the_offload_forms(coded, tmp_path, platform):
                       log_file=tmp_path / "tritonserver.log") as srv:
         for sid, form in (("offload-png", "png"), ("offload-jpeg90", "jpeg90")):
             logs = []
-            with DynamicSplitClient(coded, srv.url("http"), options=ClientOptions(static=sid), log=logs.append) as client:
+            with DynamicSplitClient(coded, srv.url("http"), options=ClientOptions(static=sid),
+                                    log=logs.append) as client:
                 y = client.infer(x)["logits"]
             encoded = [_pil_encode(img, form) for img in x]
             assert logs[-1].split == sid and logs[-1].bytes == sum(len(b) for b in encoded)
@@ -130,7 +134,8 @@ def test_a_device_bundle_carries_the_offload_forms(coded, server, tmp_path):
     open_bundle(tmp_path / "dev.tar", tmp_path / "dev", expect_side="device")
     x = photos(2)
     logs = []
-    with DynamicSplitClient(tmp_path / "dev", server.urls()["http"], options=ClientOptions(static="offload-jpeg90"), log=logs.append) as client:
+    with DynamicSplitClient(tmp_path / "dev", server.urls()["http"], options=ClientOptions(static="offload-jpeg90"),
+                            log=logs.append) as client:
         y = client.infer(x)["logits"]
     encoded = [_pil_encode(img, "jpeg90") for img in x]
     assert logs[-1].split == "offload-jpeg90" and logs[-1].bytes == sum(len(b) for b in encoded)

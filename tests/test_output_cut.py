@@ -121,10 +121,12 @@ def test_served_split_at_an_output_returns_every_output_exactly(emb, tmp_path):
     x = np.random.default_rng(8).standard_normal((2, 3, 16, 16)).astype(np.float32)
     want = _whole(emb / "emb.onnx", x)
     http, grpc, metrics = free_ports(3)
-    with TailServer(root, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1, log_file=tmp_path / "triton.log")) as server:
+    with TailServer(root, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1,
+                                       log_file=tmp_path / "triton.log")) as server:
         for split in (sid, "offload"):
             logs = []
-            with DynamicSplitClient(root, server.urls()["http"], options=ClientOptions(static=split, ready_timeout_s=30), log=logs.append) as client:
+            with DynamicSplitClient(root, server.urls()["http"],
+                                    options=ClientOptions(static=split, ready_timeout_s=30), log=logs.append) as client:
                 got = client.infer(x)
             assert logs[0].split == split and logs[0].fallback is None
             assert list(got) == ["emb", "logits"]

@@ -27,25 +27,30 @@ SHA = "ab" * 32
 def manifest(splits):
     """splits: list of (id, kind, bytes)."""
     sig = TensorSig(name="image", shape=["N", 8, 8, 3], dtype="uint8")
-    return Manifest(model=ModelRef(path="model.onnx", sha256=SHA, input=sig, output=TensorSig(name="y", shape=["N", 10], dtype="float32"), input_bytes=192),
+    return Manifest(model=ModelRef(path="model.onnx", sha256=SHA, input=sig,
+                                   output=TensorSig(name="y", shape=["N", 10], dtype="float32"), input_bytes=192),
                     wire_dtype="float32", cut_points=[],
                     splits=[Split(id=i, kind=k, tensor=None if k != "split" else f"t_{i}",
-                                  head=None if k == "offload" else "h.onnx", tail=None if k == "local" else "t.onnx", bytes=b, max_abs_diff=0.0)
+                                  head=None if k == "offload" else "h.onnx", tail=None if k == "local" else "t.onnx",
+                                  bytes=b, max_abs_diff=0.0)
                             for i, k, b in splits])
 
 
 def profiles(head: dict, tail: dict):
     """head/tail: {split: {batch: ms}} -> (device, server) profiles."""
     dev = Profile("device", "onnxruntime", {}, None, SHA,
-                  [Timing(split=s, part="head", batch=b, median_ms=ms, p10_ms=ms, p90_ms=ms, runs=5) for s, d in head.items() for b, ms in d.items()])
+                  [Timing(split=s, part="head", batch=b, median_ms=ms, p10_ms=ms, p90_ms=ms, runs=5)
+                   for s, d in head.items() for b, ms in d.items()])
     srv = Profile("server", "onnxruntime", {}, None, SHA,
-                  [Timing(split=s, part="tail", batch=b, median_ms=ms, p10_ms=ms, p90_ms=ms, runs=5) for s, d in tail.items() for b, ms in d.items()])
+                  [Timing(split=s, part="tail", batch=b, median_ms=ms, p10_ms=ms, p90_ms=ms, runs=5)
+                   for s, d in tail.items() for b, ms in d.items()])
     return dev, srv
 
 
 def random_setup(rng, n_splits=3, batches=(1, 2, 4, 8, 16)):
     ids = [f"cut{k:03d}" for k in range(n_splits)]
-    splits = [("offload", "offload", 150528)] + [(i, "split", int(rng.integers(1000, 150000))) for i in ids] + [("local", "local", 0)]
+    splits = ([("offload", "offload", 150528)] + [(i, "split", int(rng.integers(1000, 150000))) for i in ids]
+              + [("local", "local", 0)])
     head, tail = {"local": {}}, {"offload": {}}
     for b in batches:
         whole_dev, whole_srv = rng.uniform(20, 60) * b ** 0.9, rng.uniform(2, 8) * b ** 0.9
@@ -161,7 +166,8 @@ def test_full_offloading_is_eq4_with_no_head_sending_the_input():
     dev, srv = profiles({"local": {1: 10.0}}, {"offload": {1: 9.5}})
     plan = make_plan(man, dev, srv, batch_sizes=[1], rates=[1.0, 4.0], rtt_ms=0.5)
     assert full_offload_ms(9.5, 1000, 1, 1.0, rtt_ms=0.5) == pytest.approx(11.0)  # 9.5 + 1000 B / 1 MB/s + 0.5
-    assert plan.latency_ms["offload"][0] == pytest.approx([full_offload_ms(9.5, 1000, 1, r, rtt_ms=0.5) for r in (1.0, 4.0)])
+    assert plan.latency_ms["offload"][0] == pytest.approx([full_offload_ms(9.5, 1000, 1, r, rtt_ms=0.5)
+                                                           for r in (1.0, 4.0)])
 
 
 def test_margin_keeps_the_current_split_at_run_time():
@@ -226,7 +232,8 @@ def test_plan_round_trips_and_gains_are_recorded(tmp_path):
 
 
 @pytest.mark.parametrize("text,match", [
-    (None, "does not exist"), ("{", "not a valid plan"), ('{"schema": "dsc-export.profile/1"}', "not a dsc-export.plan/1"),
+    (None, "does not exist"), ("{", "not a valid plan"),
+    ('{"schema": "dsc-export.profile/1"}', "not a dsc-export.plan/1"),
     ('{"schema": "dsc-export.plan/1", "rtt_ms": 1}', "not a valid plan")])
 def test_read_plan_refuses_in_one_line(tmp_path, text, match):
     path = tmp_path / "plan.json"

@@ -160,9 +160,11 @@ def test_float16_converts_a_loop_reading_the_outer_scope():
         [helper.make_node("Add", ["acc_in", "a"], ["acc_out"]),
          helper.make_node("Identity", ["cond_in"], ["cond_out"])],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
          helper.make_tensor_value_info("acc_in", F, None)],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", F, None)])
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", F, None)])
     w = _init("w", RNG.standard_normal((3, 3, 1, 1)).astype(np.float32))
     nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv"),
              helper.make_node("Loop", ["trip", "", "a"], ["looped"], body=body, name="loop"),
@@ -239,7 +241,8 @@ def test_float16_ops_whose_spec_has_no_float16_keep_float32(op):
                      helper.make_node("Range", ["zero", "lim2", "step"], ["b"], name="op")],
            "CumSum": [helper.make_node("CumSum", ["a", "ax"], ["b"], name="op")],
            "Celu": [helper.make_node("Celu", ["a"], ["b"], alpha=0.7, name="op")]}[op]
-    nodes = [helper.make_node("Sigmoid", ["x"], ["a"], name="pre")] + mid + [helper.make_node("Neg", ["b"], ["y"], name="post")]
+    nodes = ([helper.make_node("Sigmoid", ["x"], ["a"], name="pre")] + mid
+             + [helper.make_node("Neg", ["b"], ["y"], name="post")])
     model = _model(nodes, [_vi("x", shape=(1, 3, 8, 8))], [_vi("y", shape=None)], inits, opset=13)
     conv, *_ = _checked(model, batch=1)
     assert conv.kept["op"].startswith(f"{op}-") and "does not allow float16" in conv.kept["op"]
@@ -372,12 +375,14 @@ def test_float16_uint8_image_cast_becomes_a_cast_to_float16():
 def test_float16_constant_nodes_and_constant_of_shape():
     """Constant values (value, value_float, value_floats) and ConstantOfShape's value become
     float16 when every reader takes float16; a Constant also read as float32 stays float32."""
-    nodes = [helper.make_node("Constant", [], ["c1"], value=_init("v", np.full((1, 3, 1, 1), 0.25, np.float32)), name="k1"),
+    nodes = [helper.make_node("Constant", [], ["c1"], value=_init("v", np.full((1, 3, 1, 1), 0.25, np.float32)),
+                              name="k1"),
              helper.make_node("Constant", [], ["c2"], value_float=2.0, name="k2"),
              helper.make_node("Constant", [], ["c3"], value_floats=[0.5, 1.0, 1.5], name="k3"),
              helper.make_node("Constant", [], ["sc"], value_floats=[1.0, 1.0, 2.0, 2.0], name="k4"),
              helper.make_node("Shape", ["x"], ["shp"], name="shape"),
-             helper.make_node("ConstantOfShape", ["shp"], ["ones"], value=_init("one", np.array([0.5], np.float32)), name="cos"),
+             helper.make_node("ConstantOfShape", ["shp"], ["ones"], value=_init("one", np.array([0.5], np.float32)),
+                              name="cos"),
              helper.make_node("Mul", ["x", "c1"], ["a"], name="m1"),
              helper.make_node("Add", ["a", "c2"], ["b"], name="m2"),
              helper.make_node("Add", ["b", "ones"], ["c"], name="m3"),
@@ -501,7 +506,8 @@ def test_float16_sorts_an_unsorted_graph():
 
 
 def test_float16_refuses_a_cycle_in_one_line():
-    nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="first"), helper.make_node("Relu", ["a"], ["b"], name="second")]
+    nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="first"),
+             helper.make_node("Relu", ["a"], ["b"], name="second")]
     model = _model(nodes, [_vi("x")], [_vi("a")])
     with pytest.raises(UserError, match=r"^the graph has a cycle through node 'first'; it is not a valid ONNX model$"):
         convert_float16(model)

@@ -30,7 +30,8 @@ def tiny(tmp_path_factory):
 def _profile(**kw):
     base = dict(role="device", backend="onnxruntime", host={"cpu": "x", "cores": 2, "threads": 1},
                 emulation=None, model_sha256="ab" * 32,
-                timings=[Timing(split="local", part="head", batch=1, median_ms=2.0, p10_ms=1.5, p90_ms=2.5, runs=20), Timing(split="cut001", part="head", batch=4, median_ms=1.0, p10_ms=0.9, p90_ms=1.2, runs=20)])
+                timings=[Timing(split="local", part="head", batch=1, median_ms=2.0, p10_ms=1.5, p90_ms=2.5, runs=20),
+                         Timing(split="cut001", part="head", batch=4, median_ms=1.0, p10_ms=0.9, p90_ms=1.2, runs=20)])
     base.update(kw)
     return Profile(**base)
 
@@ -45,7 +46,8 @@ def test_profile_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("edit,match", [({"schema": "dsc-export.profile/9"}, "not a dsc-export.profile/1"),
-                                        ({"role": "edge"}, "role"), ({"timings": [{"split": "x"}]}, "not a valid profile")])
+                                        ({"role": "edge"}, "role"),
+                                        ({"timings": [{"split": "x"}]}, "not a valid profile")])
 def test_bad_profiles_are_refused(tmp_path, edit, match):
     d = json.loads(_profile().to_json())
     d.update(edit)

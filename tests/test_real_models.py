@@ -396,6 +396,7 @@ def test_fp16_build_keeps_float32_around_big_activations_and_says_so(tmp_path):
     src = _save(_big_activations(), tmp_path / "m.onnx")
     split_model(src, tmp_path / "s", at=["n1"])
     notes = []
-    rep = build_engines(tmp_path / "s", "onnxruntime", batch_sizes=[2], parts="heads", precision="fp16", log=notes.append, keep_all=True)
+    rep = build_engines(tmp_path / "s", "onnxruntime", batch_sizes=[2], parts="heads", precision="fp16",
+                        log=notes.append, keep_all=True)
     assert not rep.failed  # checked against the float32 ONNX within the float16 tolerance
     assert any("keep float32 compute" in n and "activations beyond" in n for n in notes)

@@ -51,10 +51,12 @@ def tiny(tmp_path_factory):
     man = read_manifest(root)
     sha = man.model.sha256
     dev = Profile("device", "onnxruntime", {}, None, sha,
-                  [Timing(split=s.id, part="head", batch=b, median_ms=50.0 * b * (0.5 if s.kind == "split" else 1.0), p10_ms=0, p90_ms=0, runs=3)
+                  [Timing(split=s.id, part="head", batch=b, median_ms=50.0 * b * (0.5 if s.kind == "split" else 1.0),
+                          p10_ms=0, p90_ms=0, runs=3)
                    for s in man.splits if s.head for b in (1, 2)])
     srv = Profile("server", "onnxruntime", {}, None, sha,
-                  [Timing(split=s.id, part="tail", batch=b, median_ms=1.0 * b, p10_ms=0, p90_ms=0, runs=3) for s in man.splits if s.tail for b in (1, 2)])
+                  [Timing(split=s.id, part="tail", batch=b, median_ms=1.0 * b, p10_ms=0, p90_ms=0, runs=3)
+                   for s in man.splits if s.tail for b in (1, 2)])
     return root, make_plan(man, dev, srv, batch_sizes=[1, 2], rates=[1, 10, 100], rtt_ms=1.0)
 
 

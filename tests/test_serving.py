@@ -124,8 +124,9 @@ def test_privacy_never_sends_the_raw_input(b0, server):
     from dsc_export.serving.client import ClientOptions, DynamicSplitClient
 
     logs = []
+    # a fast link: offload would win without privacy
     with DynamicSplitClient(b0, server.urls()["grpc"], options=ClientOptions(
-        protocol="grpc", privacy=True, initial_rate_MBps=1000.0), log=logs.append) as c:  # a fast link: offload would win without privacy
+        protocol="grpc", privacy=True, initial_rate_MBps=1000.0), log=logs.append) as c:
         for _ in range(3):
             c.infer(np.random.default_rng(2).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8))
     assert logs and all(b.planned != "offload" and b.split != "offload" for b in logs)
@@ -136,7 +137,8 @@ def test_bundles_round_trip(b0, tmp_path):
     srv = make_bundle(b0, "server", tmp_path / "srv.tar")
     assert "plan.json" in dev["files"] and any(f.startswith("head-") for f in dev["files"])
     assert not any(f.startswith("tail-") for f in dev["files"])
-    assert any(f.startswith("triton/cut033/") for f in srv["files"]) and not any(f.startswith("head-") for f in srv["files"])
+    assert any(f.startswith("triton/cut033/") for f in srv["files"])
+    assert not any(f.startswith("head-") for f in srv["files"])
     out = tmp_path / "dev"
     open_bundle(tmp_path / "dev.tar", out, expect_side="device")
     man = read_manifest(out)
@@ -239,7 +241,8 @@ def test_client_finishes_every_batch_when_the_server_is_killed(b0, tmp_path):
             except Exception:
                 pass
             if proc.poll() is not None or time.time() - t0 > 120:
-                pytest.fail(f"server did not start: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else 'timeout'}")
+                why = proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+                pytest.fail(f"server did not start: {why}")
             time.sleep(0.5)
         c.close()
         logs = []

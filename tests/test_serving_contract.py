@@ -47,7 +47,8 @@ def _split_with_plan(model, root: Path, batches, **fields) -> Path:
     build_engines(root, "onnxruntime", batch_sizes=batches, parts="all", keep_all=True)
     dev = profile_split_dir(root, "device", batch_sizes=batches, repeats=2, warmup=1, threads=1)
     srv = profile_split_dir(root, "server", batch_sizes=batches, repeats=2, warmup=1)
-    (root / "plan.json").write_text(make_plan(read_manifest(root), dev, srv, batch_sizes=batches, rates=[1, 10, 100]).to_json())
+    plan = make_plan(read_manifest(root), dev, srv, batch_sizes=batches, rates=[1, 10, 100])
+    (root / "plan.json").write_text(plan.to_json())
     return root
 
 
@@ -254,7 +255,8 @@ def test_server_bundle_repository_follows_the_contract(dirs, tmp_path):
         out = tmp_path / name
         make_bundle(dirs[name], "server", tmp_path / f"{name}.tar")
         open_bundle(tmp_path / f"{name}.tar", out, expect_side="server")
-        cfg = text_format.Parse((out / "triton" / "cut004" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        cfg = text_format.Parse((out / "triton" / "cut004" / "config.pbtxt").read_text(),
+                                model_config_pb2.ModelConfig())
         assert cfg.name == "cut004" and cfg.HasField("dynamic_batching") == batching
         assert cfg.max_batch_size == (0 if name == "fixed" else 64) and list(cfg.input[0].dims) == dims_in
         assert cfg.parameters["dsc_model_sha256"].string_value == read_manifest(dirs[name]).model.sha256

@@ -160,7 +160,8 @@ def test_external_data_model_and_missing_data(tmp_path):
     onnx.save(model, str(src), save_as_external_data=True, location="m.weights", size_threshold=0)
     man = split_model(src, tmp_path / "s", at=cuts)
     # the copy of the whole model keeps its data (in the split dir's store), equal to the source's
-    copied = {t.name: onnx.numpy_helper.to_array(t) for t in load_model(tmp_path / "s" / "model.onnx").graph.initializer}
+    copied = {t.name: onnx.numpy_helper.to_array(t)
+              for t in load_model(tmp_path / "s" / "model.onnx").graph.initializer}
     assert copied.keys() == weights.keys()
     for name, w in weights.items():
         np.testing.assert_array_equal(copied[name], w)

@@ -212,7 +212,8 @@ def test_client_and_run_work_against_the_stock_server_unchanged(dirs, kinds_stoc
         return
     make_bundle(root, "device", tmp_path / "dev.tar")
     r = subprocess.run([sys.executable, "-m", "dsc_export", "run", str(tmp_path / "dev.tar"), "--server",
-                        kinds_stock.url(), "--split", "cut004", "--batch-size", "2", "--batches", "3", "--json", "--wait-ready", "5"],
+                        kinds_stock.url(), "--split", "cut004", "--batch-size", "2", "--batches", "3", "--json",
+                        "--wait-ready", "5"],
                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(ln) for ln in r.stdout.splitlines()]

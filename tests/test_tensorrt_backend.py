@@ -42,7 +42,8 @@ def onnx_file(tmp_path):
 
 def build(trt, onnx_file, tmp_path, *, batch=4, precision="fp32", options=None, name="m.plan", **kw):
     out = tmp_path / "engines" / name
-    tensorrt.TensorrtBackend().build(onnx_file, out, batch=batch, precision=precision, options=options or BuildOptions(workspace_mb=64),
+    tensorrt.TensorrtBackend().build(onnx_file, out, batch=batch, precision=precision,
+                                     options=options or BuildOptions(workspace_mb=64),
                                      cache_dir=tmp_path / "engines", **kw)
     return out
 
@@ -258,8 +259,10 @@ def test_backend_compatible_compares_with_this_gpu(trt):
 def test_trtexec_command(precision):
     opts = BuildOptions(workspace_mb=512, version_compatible=True, hardware_compatible=True)
     be = tensorrt.TensorrtBackend()
-    dyn = shlex.split(be.trtexec_command("h.onnx", "h.plan", input_name="in put", input_shapes=[[1, 3], [8, 3]], precision=precision, options=opts, cache_path="c.cache"))
-    static = shlex.split(be.trtexec_command("h.onnx", "h.plan", input_name=None, input_shapes=[[8, 3]], precision=precision, options=BuildOptions(), cache_path="c.cache"))
+    dyn = shlex.split(be.trtexec_command("h.onnx", "h.plan", input_name="in put", input_shapes=[[1, 3], [8, 3]],
+                                         precision=precision, options=opts, cache_path="c.cache"))
+    static = shlex.split(be.trtexec_command("h.onnx", "h.plan", input_name=None, input_shapes=[[8, 3]],
+                                            precision=precision, options=BuildOptions(), cache_path="c.cache"))
     # one profile per batch size, in order: --profile=K, then its min = opt = max
     for k, b in enumerate([1, 8]):
         at = dyn.index(f"--profile={k}")
@@ -279,7 +282,8 @@ def test_one_build_adds_one_profile_per_batch_size(trt, onnx_file, tmp_path):
 
     out = build(trt, onnx_file, tmp_path, batch=[1, 2, 8])
     dims = [d.dim_value for d in onnx.load(onnx_file).graph.input[0].type.tensor_type.shape.dim][1:]
-    assert trt.called("IOptimizationProfile.set_shape") == [("x", (b, *dims), (b, *dims), (b, *dims)) for b in (1, 2, 8)]
+    assert trt.called("IOptimizationProfile.set_shape") == [("x", (b, *dims), (b, *dims), (b, *dims))
+                                                            for b in (1, 2, 8)]
     ((_, config),) = trt.called("Builder.build_serialized_network")  # one build, one IBuilderConfig
     assert config.num_optimization_profiles == 3 and json.loads(out.read_bytes())["build"]["profiles"] == 3
 

@@ -202,7 +202,8 @@ def test_dropped_engines_are_recorded_and_the_runner_uses_the_onnx(exported, tmp
     assert gone.speed == {"engine_ms": 10.0, "onnx_ms": 10.2, "margin": 0.05, "threads": None, "kept": False}
     assert not (root / gone.path).exists() and man.engine("cut033", "tail", "onnxruntime", 1) is None
     assert all(e.speed["kept"] for e in man.engines) and man.engine("cut033", "head", "onnxruntime", 1)
-    assert report.dropped and not build_engines(root, "onnxruntime", batch_sizes=[1], parts="all").built  # decision kept
+    # decision kept
+    assert report.dropped and not build_engines(root, "onnxruntime", batch_sizes=[1], parts="all").built
     x = np.random.default_rng(5).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
     want = make_session(rep.path).run(None, {"image": x})[0]
     head, tail = PartRunner(root, man, "cut033", "head"), PartRunner(root, man, "cut033", "tail")

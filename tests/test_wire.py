@@ -522,10 +522,12 @@ def test_each_form_served_and_run_sends_the_manifests_bytes(served_forms):
     man = read_manifest(root)
     x = np.random.default_rng(11).standard_normal((2, 3, 16, 16)).astype(np.float32)
     http, grpc, metrics = free_ports(3)
-    with TailServer(root, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1, log_file=root.parent / "triton.log")) as srv:
+    with TailServer(root, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1,
+                                       log_file=root.parent / "triton.log")) as srv:
         for s in (s for s in man.splits if s.tail):
             logs = []
-            with DynamicSplitClient(root, srv.urls()["http"], options=ClientOptions(static=s.id, initial_rate_MBps=100.0), log=logs.append) as c:
+            with DynamicSplitClient(root, srv.urls()["http"],
+                                    options=ClientOptions(static=s.id, initial_rate_MBps=100.0), log=logs.append) as c:
                 got = c.infer(x)["logits"]
             want = (
                 _tail_of_head(root, s, x)

@@ -427,7 +427,8 @@ class TensorrtBackend(Backend):
                     if shape and shape[0] < 0:
                         shape[0] = b
                     if any(d < 0 for d in shape):
-                        raise BuildError(f"input '{t.name}' of {onnx_path} has dynamic dims other than the batch: {shape}")
+                        raise BuildError(f"input '{t.name}' of {onnx_path} has dynamic dims other than the batch: "
+                                         f"{shape}")
                     profile.set_shape(t.name, shape, shape, shape)
                 if config.add_optimization_profile(profile) < 0:
                     raise BuildError(f"TensorRT refuses the optimisation profile of {onnx_path} at batch {b}: "

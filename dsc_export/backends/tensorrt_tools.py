@@ -141,7 +141,8 @@ def import_engines(split_dir: str | os.PathLike, backend_name: str, *, batch_siz
         sha = sha256_file(path)
         for b in job.batches:
             for sid, part in job.records:
-                manifest.engines = [e for e in manifest.engines if engine_key(e) != (sid, part, backend.name, b, precision)]
+                manifest.engines = [e for e in manifest.engines
+                                    if engine_key(e) != (sid, part, backend.name, b, precision)]
                 rec = Engine(split=sid, part=part, backend=backend.name, batch=b, precision=precision,
                              path=job.path, sha256=sha, target=dict(target), source=job.source,
                              source_sha256=manifest.files[job.source], options=dict(opts), seconds=None,

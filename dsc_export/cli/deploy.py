@@ -31,7 +31,8 @@ from dsc_export.errors import UserError
 @click.argument("split_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", "side", flag_value="device", help="Heads, whole model, device engines, plan.")
 @click.option("--server", "side", flag_value="server", help="Tails, whole model, server engines, Triton repository.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Tar file to write.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Tar file to write.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Plan for the device bundle [default: DIR/plan.json].")
 @click.option("--triton-backend", type=click.Choice(list(TRITON_BACKENDS)),
@@ -242,9 +243,9 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
 
 
 @cli.command("demo")
-@click.option("--model", help="Catalogue model (dsc-export models) [default: efficientnet_lite0 with trained weights "
-                                "on real photos when the 'weights' extra is installed, else efficientnet_b0 with random "
-                                "weights].")
+@click.option("--model", help="Catalogue model (dsc-export models) [default: efficientnet_lite0 with trained "
+                                "weights on real photos when the 'weights' extra is installed, else efficientnet_b0 "
+                                "with random weights].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines/demo"),
               show_default=True, help="Where everything goes.")
 @click.option("--batch-sizes", "batch_sizes", default="1,2,4,8,16", show_default=True,
@@ -299,7 +300,8 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
             pred = sum(r["predicted_ms"] for r in rows) / len(rows)
             click.echo(f"  {rate:6.1f} MB/s -> {splits:20s} measured {mean:6.1f} ms, predicted {pred:6.1f} ms")
     if rep.labels:
-        click.echo("labels of the real photos (top-1) through each split the session ran them on, and by the whole model:")
+        click.echo("labels of the real photos (top-1) through each split the session ran them on, "
+                   "and by the whole model:")
         for r in rep.labels:
             through = ", ".join(f"{k}: {v.split(',')[0]}" for k, v in r["splits"].items())
             same = "same" if all(v == r["whole"] for v in r["splits"].values()) else "DIFFERENT"

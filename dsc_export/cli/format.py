@@ -83,7 +83,8 @@ def print_choice_map(plan) -> None:
     """A compact text map of the choice grid: rows batch sizes, columns rates, one letter per split."""
     ids = plan.candidates
     sym = {c: ("O" if c == "offload" else "L" if c == "local" else str(k)) for k, c in enumerate(ids)}
-    rows = [i for i, b in enumerate(plan.batch_sizes) if b in (1, 2, 4, 8, 16, 32, 64, 128)] or list(range(len(plan.batch_sizes)))
+    rows = ([i for i, b in enumerate(plan.batch_sizes) if b in (1, 2, 4, 8, 16, 32, 64, 128)]
+            or list(range(len(plan.batch_sizes))))
     marks = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
     cols = sorted({min(range(len(plan.rates_MBps)), key=lambda j: abs(plan.rates_MBps[j] - m)) for m in marks
                    if plan.rates_MBps[0] / 1.5 <= m <= plan.rates_MBps[-1] * 1.5}) or list(range(len(plan.rates_MBps)))

@@ -72,7 +72,8 @@ def parse_batch_sizes(text: str) -> list[int]:
                     raise ValueError
                 sizes.add(b)
         except ValueError:
-            raise UserError(f"batch sizes must be positive integers, e.g. 1,2,4 or 1-16 or 1:64; got '{item}'") from None
+            raise UserError(f"batch sizes must be positive integers, e.g. 1,2,4 or 1-16 or 1:64; "
+                            f"got '{item}'") from None
     if not sizes:
         raise UserError("no batch sizes given")
     return sorted(sizes)

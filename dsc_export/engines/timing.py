@@ -19,7 +19,8 @@ def pays(engine_ms: float, onnx_ms: float, margin: float = MARGIN) -> bool:
     return engine_ms < onnx_ms * (1.0 - margin)
 
 
-def time_pair(engine: Runner, onnx: Runner, feeds: dict[str, np.ndarray], rounds: int = SPEED_ROUNDS) -> tuple[float, float]:
+def time_pair(engine: Runner, onnx: Runner, feeds: dict[str, np.ndarray],
+              rounds: int = SPEED_ROUNDS) -> tuple[float, float]:
     """Median ms of ``engine`` and of ``onnx`` on ``feeds``, runs interleaved (order alternating
     each round, so drift and bursts of noise touch both), after one untimed run each. Both
     runners must be active."""

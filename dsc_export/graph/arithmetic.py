@@ -399,7 +399,8 @@ def _evaluate_one(target: str, producer, inits, shapes, model: onnx.ModelProto) 
             if not all(isinstance(d, int) for d in dims):
                 return None  # a symbolic axis 0 that inference did not tie to the input's batch
             feeds[src] = np.zeros(dims, dtype=dtype)
-            sub_inputs.append(helper.make_tensor_value_info(src, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims))
+            sub_inputs.append(
+                helper.make_tensor_value_info(src, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims))
         sub = helper.make_model(
             helper.make_graph(nodes, "arith", sub_inputs,
                               [onnx.ValueInfoProto(name=target)], [inits[i] for i in needed_inits]),

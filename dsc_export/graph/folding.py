@@ -50,7 +50,8 @@ class FoldReport:
     # tensor shapes at each probe batch size as the evaluation knew them (for tensor_shapes)
     views: list | None = field(default=None, repr=False, compare=False)
 
-def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False, inputs=None) -> tuple[onnx.ModelProto, FoldReport]:
+def fold_shape_arithmetic(model: onnx.ModelProto, inplace: bool = False,
+                          inputs=None) -> tuple[onnx.ModelProto, FoldReport]:
     """Replace shape arithmetic that is constant for the model's input size by initializers,
     and reads of the batch size by one read of the model input's batch dimension.
 

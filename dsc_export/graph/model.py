@@ -215,7 +215,8 @@ def dataflow(graph: onnx.GraphProto, batch_reads: bool = False) -> Dataflow:
     inputs = [i.name for i in graph.input if i.name not in constants]
     nodes = [
         OpNode(k, n.name or f"{n.op_type}_{k}", n.op_type,
-               () if is_batch_read(n) and not batch_reads else tuple(x for x in n.input if x) + tuple(outer_scope_inputs(n)),
+               () if is_batch_read(n) and not batch_reads
+               else tuple(x for x in n.input if x) + tuple(outer_scope_inputs(n)),
                tuple(n.output))
         for k, n in enumerate(graph.node)
     ]

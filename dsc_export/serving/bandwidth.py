@@ -3,10 +3,10 @@
 The server runs inside the namespace, the client outside; the traffic between them crosses the
 veth pair, whose host side is shaped with a token bucket (an ``htb`` class: the data rate the
 client sees for its uploads) and optionally ``netem`` (a one-way delay). :meth:`ShapedLink.set_rate`
-retunes the rate while transfers run (``tc class change``; queued packets are kept). Only loopback and this namespace are
-ever addressed; everything is removed on exit, on an error, and by :func:`cleanup_stale` for
-namespaces a killed process left behind. Needs root (CAP_NET_ADMIN); :func:`permitted` says
-whether this machine allows it.
+retunes the rate while transfers run (``tc class change``; queued packets are kept). Only
+loopback and this namespace are ever addressed; everything is removed on exit, on an error, and
+by :func:`cleanup_stale` for namespaces a killed process left behind. Needs root (CAP_NET_ADMIN);
+:func:`permitted` says whether this machine allows it.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ class ShapedLink:
         """Create the namespace pair and shape its link to ``rate_MBps`` and ``delay_ms``.
 
         Raises:
-            UserError: not permitted here (no root or no ``ip``/``tc``), or a command fails (what was made is removed first).
+            UserError: not permitted here (no root or no ``ip``/``tc``), or a command fails (what was
+                made is removed first).
         """
         why = permitted()
         if why:

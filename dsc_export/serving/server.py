@@ -15,8 +15,8 @@ hands requests to ``instances`` handler threads per model; a request that finds 
 waits at the gate, and the requests of one split that waited together run as one batch (up to
 ``max_batch_size``) when the model may merge requests. So the wait is measured here, per
 request, rather than hidden in Triton's queue: serve with ``instances`` at least the number of
-requests in flight (devices) for the measurement to cover all of it. Triton checks shapes and dtypes against each model's config and answers a wrong tensor
-with the protocol's error.
+requests in flight (devices) for the measurement to cover all of it. Triton checks shapes and
+dtypes against each model's config and answers a wrong tensor with the protocol's error.
 
 Outputs follow :func:`dsc_export.serving.protocol.output_contract`: batched outputs go back batch
 first (an output whose batch is on another axis is moved to the front; the client moves it back),
@@ -352,7 +352,8 @@ class TailServer:
 
         def timing(n: int, ms: float, queue_ms: float) -> dict[str, np.ndarray]:
             shape = (1,) if whole else (n, 1)
-            return {SERVER_MS: np.full(shape, ms, dtype=np.float32), QUEUE_MS: np.full(shape, queue_ms, dtype=np.float32)}
+            return {SERVER_MS: np.full(shape, ms, dtype=np.float32),
+                    QUEUE_MS: np.full(shape, queue_ms, dtype=np.float32)}
 
         def run_items(items: list[_Waiting], start: float) -> None:
             xs = [x for it in items for x in it.inputs]

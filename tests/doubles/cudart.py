@@ -128,7 +128,9 @@ class CudaDouble:
 
     def _free(self, table: dict, ptr: int, name: str):
         self.calls.append(name)
-        return (cudaError_t.cudaSuccess,) if table.pop(int(ptr), None) is not None else (cudaError_t.cudaErrorInvalidValue,)
+        if table.pop(int(ptr), None) is None:
+            return (cudaError_t.cudaErrorInvalidValue,)
+        return (cudaError_t.cudaSuccess,)
 
     def _within(self, table: dict, ptr: int, count: int) -> bool:
         return any(a <= ptr and ptr + count <= a + ctypes.sizeof(b) for a, b in table.items())
@@ -240,7 +242,9 @@ class CudaDouble:
                 mark = next((op for op in ops if isinstance(op, _EventMark) and op.event == int(event)), None)
                 if mark is not None:
                     d._run(stream, upto=mark)
-            return (cudaError_t.cudaSuccess,) if int(event) in d.events else (cudaError_t.cudaErrorInvalidResourceHandle,)
+            if int(event) not in d.events:
+                return (cudaError_t.cudaErrorInvalidResourceHandle,)
+            return (cudaError_t.cudaSuccess,)
 
         def cudaEventElapsedTime(start, end):
             t0, t1 = d.events.get(int(start)), d.events.get(int(end))
