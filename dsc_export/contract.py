@@ -75,6 +75,11 @@ class ServerLoad:
             size); NaN when the server has no profile.
         window_s: the recent window, seconds.
         requests: requests in the window.
+        handover_ms, handover_ms_per_MB: the server's time on a request outside its handler
+            (Triton's hand-over to it and back) over the recent window, as a fixed part (ms per
+            request) and a part per MB (1e6 bytes) of request (ms per MB)
+            (:meth:`~dsc_export.serving.load.HandOver.fit`); NaN when not measured (no
+            requests, a stock Triton, or a server from before these fields).
     """
 
     queue_depth: float
@@ -83,16 +88,19 @@ class ServerLoad:
     s: float
     window_s: float
     requests: float
+    handover_ms: float = float("nan")
+    handover_ms_per_MB: float = float("nan")
 
     def to_array(self) -> np.ndarray:
-        """float64 [6], in field order: what the load query sends."""
-        return np.array([self.queue_depth, self.utilization, self.q_ms, self.s, self.window_s, self.requests],
-                        dtype=np.float64)
+        """float64 [8], in field order: what the load query sends."""
+        return np.array([self.queue_depth, self.utilization, self.q_ms, self.s, self.window_s, self.requests,
+                         self.handover_ms, self.handover_ms_per_MB], dtype=np.float64)
 
     @classmethod
     def from_array(cls, a: np.ndarray) -> ServerLoad:
-        """The load as the ``dsc_load`` query returns it: six float64 values in field order."""
-        return cls(*(float(x) for x in list(a.ravel())[:6]))
+        """The load as the ``dsc_load`` query returns it: eight float64 values in field order
+        (six from a server before the hand-over fields: they are then NaN)."""
+        return cls(*(float(x) for x in list(a.ravel())[:8]))
 
 
 def output_names(manifest: Manifest) -> list[str]:

@@ -281,3 +281,33 @@ def test_a_server_with_its_profile_reports_the_slowdown(tiny, tmp_path):
             remote.close()
     assert load.requests == 4  # the warm-up is not counted
     assert load.s == pytest.approx(sum(m / profiled_ms for m in ms) / 4, rel=0.02)
+
+
+def test_the_load_answer_measures_the_hand_over_inside_the_round_trip(tiny):
+    """The hand-over the server reports (Triton's own time on a request minus its handler's) is
+    part of what is left of each round trip after queue_ms and server_ms, and more than nothing."""
+    pytest.importorskip("pytriton", reason="the 'serve' extra (nvidia-pytriton) is not installed")
+    from dsc_export.serving.server import ServeOptions, TailServer, free_ports
+    from dsc_export.serving.transport import connect
+
+    root, _ = tiny
+    split = next(s for s in read_manifest(root).splits if s.kind == "offload")
+    http, grpc, metrics = free_ports(3)
+    srv = TailServer(root, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, threads=1,
+                                        load_window_s=60, log_file=root.parent / "triton-handover.log"))
+    x = np.random.default_rng(2).random((2, 3, 16, 16), dtype=np.float32)
+    with srv:
+        remote = connect(srv.urls()["http"], "http", 10.0)
+        rest = []
+        for _ in range(8):
+            t = time.perf_counter()
+            r = remote.infer(split.id, x, ["logits"])
+            rt = (time.perf_counter() - t) * 1e3
+            rest.append(rt - float(r[SERVER_MS].ravel()[0]) - float(r[QUEUE_MS].ravel()[0]))
+        time.sleep(0.3)  # the server reads Triton's statistics at most every 0.25 s
+        load = remote.load()
+        remote.close()
+    assert load.requests == 8
+    h = load.handover_ms + load.handover_ms_per_MB * x.nbytes / 1e6
+    assert h > 0  # Triton's hand-over to the handler and back takes time
+    assert h <= float(np.median(rest)) + 0.5  # and it lies inside the round trip's remainder

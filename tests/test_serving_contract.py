@@ -192,7 +192,7 @@ def test_merging_follows_the_manifest(dirs):
 class _FakeTriton:
     bound: list = []
 
-    def __init__(self, config):
+    def __init__(self, config, security_config=None):
         pass
 
     def bind(self, **kw):

@@ -355,7 +355,7 @@ class DynamicSplitClient:
         """Per server: (rate, q, s) for the choice, None for one down or in ``skip``."""
         now = time.monotonic()
         return [None if i in skip or not ep.up(now)
-                else (rate or ep.estimate.rate.value, *self.server_state(ep))
+                else (rate or ep.estimate.planning_MBps(), *self.server_state(ep))
                 for i, ep in enumerate(self.endpoints)]
 
     def choose(self, batch: int, skip: set[int] = frozenset()) -> tuple[int | None, str, float]:
@@ -489,7 +489,7 @@ class DynamicSplitClient:
                 sent = payload_bytes(z)  # a codec's: the encoded images' bytes
                 if not self.load_aware:  # today's client: the wait counts as time on the wire
                     queue_ms = 0.0
-                wire_ms = max(round_trip_ms - queue_ms - server_ms, 1e-3)
+                wire_ms = max(round_trip_ms - queue_ms - server_ms - ep.estimate.handover_ms(sent), 1e-3)
                 # the plan's rtt is the per-request overhead (eq4_ms's term), not wire time
                 measured_rate = ep.estimate.observe(
                     sent, round_trip_ms=round_trip_ms, queue_ms=queue_ms, server_ms=server_ms,

@@ -2,8 +2,10 @@
 slowdown s, smoothed from the client's own answered requests and the server's load answers.
 
 The rate is bytes sent over the time on the wire: the request's round trip minus the server's
-reported wait ``queue_ms``, its compute ``server_ms`` and the plan's per-request overhead ``rtt``,
-so a busy server never reads as a slow link. Pure state, no I/O: the client
+reported wait ``queue_ms``, its compute ``server_ms``, its hand-over time outside its handler
+(the load answer's ``handover_ms`` plus ``handover_ms_per_MB`` times the request's MB) and the plan's per-request
+overhead ``rtt``, so a busy server never reads as a slow link. The choice takes the hand-over
+back in as a per-byte cost (:meth:`ServerEstimate.planning_MBps`). Pure state, no I/O: the client
 (:mod:`dsc_export.serving.client`) feeds it.
 """
 
@@ -81,6 +83,8 @@ class ServerEstimate:
         self.rate = RateEstimator(initial_MBps, alpha, min_bytes, window=3, settle=2.0)
         self.alpha = alpha
         self.q_ms, self.s = 0.0, 1.0
+        # the server's time outside its handler: ms per request and ms per MB (load answers)
+        self.handover_fixed_ms, self.handover_ms_per_MB = 0.0, 0.0
         self.heard = -math.inf  # time.monotonic() of the last news of the server
 
     def observe(self, nbytes: int, *, round_trip_ms: float, queue_ms: float, server_ms: float,
@@ -95,18 +99,33 @@ class ServerEstimate:
             tail_ms: the profiled T_tail for this request's own batch size (ms; 0 leaves s as is).
             stale: the estimate is old: the new rate replaces it.
         """
-        wire_ms = round_trip_ms - queue_ms - server_ms - rtt_ms
+        wire_ms = round_trip_ms - queue_ms - server_ms - self.handover_ms(nbytes) - rtt_ms
         measured = self.rate.observe(nbytes, wire_ms / 1e3, stale=stale)
         slow = max(1.0, server_ms / tail_ms) if tail_ms > 0 else None
         self._server(queue_ms, slow)
         return measured
 
+    def handover_ms(self, nbytes: int) -> float:
+        """The server's expected hand-over time for a request of ``nbytes`` bytes, ms."""
+        return self.handover_fixed_ms + self.handover_ms_per_MB * nbytes / 1e6
+
+    def planning_MBps(self) -> float:
+        """The rate the choice plans with, MB/s: the link's, with the server's hand-over time
+        per MB as a further per-byte cost (1 / (1/rate + handover per MB)); the link's rate
+        while none is known. (The fixed part per request is the plan's ``rtt``'s kind of cost.)"""
+        return 1.0 / (1.0 / self.rate.value + self.handover_ms_per_MB / 1e3)
+
     def observe_load(self, load: proto.ServerLoad) -> None:
-        """Take a load query's answer in: its recent wait and slowdown (an idle server: 0 and 1)."""
+        """Take a load query's answer in: its recent wait, slowdown and hand-over time per MB
+        (an idle server: 0 and 1; a hand-over not measured, NaN, leaves the estimate as is)."""
         if load.requests == 0:
             self._server(0.0, 1.0)
         else:
             self._server(load.q_ms, max(1.0, load.s) if load.s == load.s else None)
+        a, b, k = load.handover_ms, load.handover_ms_per_MB, self.alpha
+        if a == a and b == b and a >= 0 and b >= 0:
+            self.handover_fixed_ms = k * a + (1 - k) * self.handover_fixed_ms
+            self.handover_ms_per_MB = k * b + (1 - k) * self.handover_ms_per_MB
 
     def _server(self, q_ms: float, s: float | None) -> None:
         a = self.alpha

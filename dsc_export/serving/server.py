@@ -36,6 +36,7 @@ ONNX; sessions have spinning off so the tails' thread pools do not spin against 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -43,17 +44,18 @@ import sys
 import sysconfig
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dsc_export import codecs
 from dsc_export.artifacts import Profile, read_manifest, verify_files
+from dsc_export.codecs import payload_bytes
 from dsc_export.errors import UserError, lazy_import
 from dsc_export.offload import DecodingRunner, form_of, layout_of
+from dsc_export.serving.load import Gate, HandOver, LoadMeter, Stats, Waiting
 from dsc_export.serving.processes import kill_stubs
 from dsc_export.serving.protocol import (
     INPUT,
@@ -65,7 +67,6 @@ from dsc_export.serving.protocol import (
     QUEUE_MS,
     SERVER_MS,
     OutputContract,
-    ServerLoad,
     fixed_batch,
     mergeable,
     served_outputs,
@@ -73,147 +74,6 @@ from dsc_export.serving.protocol import (
     wait_ready,
     why_not_mergeable,
 )
-
-
-@dataclass
-class Stats:
-    """Per-split batch counts, server-side compute time, and requests' wait at the gate."""
-
-    requests: dict[str, int] = field(default_factory=dict)  # batches run
-    samples: dict[str, int] = field(default_factory=dict)
-    compute_ms: dict[str, float] = field(default_factory=dict)
-    waits: dict[str, int] = field(default_factory=dict)  # requests
-    queue_ms: dict[str, float] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, split: str, batch: int, ms: float, queue_ms: list[float] = ()) -> None:
-        """Count one batch of ``batch`` samples of ``split`` that computed for ``ms`` and whose
-        requests waited ``queue_ms`` each (ms)."""
-        with self.lock:
-            self.requests[split] = self.requests.get(split, 0) + 1
-            self.samples[split] = self.samples.get(split, 0) + batch
-            self.compute_ms[split] = self.compute_ms.get(split, 0.0) + ms
-            self.waits[split] = self.waits.get(split, 0) + len(queue_ms)
-            self.queue_ms[split] = self.queue_ms.get(split, 0.0) + sum(queue_ms)
-
-    def table(self) -> list[tuple[str, ...]]:
-        """The per-split statistics as table rows (a header row first), as ``serve`` prints them."""
-        rows = [("split", "batches", "samples", "compute ms (mean per batch)", "wait ms (mean per request)")]
-        for s in sorted(self.requests):
-            rows.append((s, str(self.requests[s]), str(self.samples[s]), f"{self.compute_ms[s] / self.requests[s]:.2f}",
-                         f"{self.queue_ms.get(s, 0.0) / max(self.waits.get(s, 0), 1):.2f}"))
-        return rows
-
-
-class LoadMeter:
-    """The server's recent load (what the load query answers), from the batches it ran.
-
-    Args:
-        window_s: how far back "recent" reaches, seconds.
-        clock: seconds, monotonic (``time.perf_counter``; a fake one in tests).
-    """
-
-    def __init__(self, window_s: float = 5.0, clock: Callable[[], float] = time.perf_counter):
-        self.window_s, self.clock = window_s, clock
-        self.since = clock()
-        self.waiting = 0  # requests at the gate now
-        self._busy: deque[tuple[float, float]] = deque()  # (start, end) of each batch, seconds
-        self._requests: deque[tuple[float, float, float]] = deque()  # (end, queue ms, slowdown or nan)
-        self.lock = threading.Lock()
-
-    def add(self, start: float, end: float, queue_ms: list[float], slowdown: list[float]) -> None:
-        """One batch ran from ``start`` to ``end`` (s); its requests waited ``queue_ms`` and ran
-        ``slowdown`` times their profiled time (NaN: not known)."""
-        with self.lock:
-            self._busy.append((start, end))
-            self._requests.extend((end, q, x) for q, x in zip(queue_ms, slowdown))
-            self._trim(end)
-
-    def _trim(self, now: float) -> None:
-        lo = now - self.window_s
-        while self._busy and self._busy[0][1] < lo:
-            self._busy.popleft()
-        while self._requests and self._requests[0][0] < lo:
-            self._requests.popleft()
-
-    def load(self) -> ServerLoad:
-        """Queue depth now; utilisation, mean wait and mean slowdown over the recent window."""
-        now = self.clock()
-        with self.lock:
-            self._trim(now)
-            lo = max(now - self.window_s, self.since)
-            busy = sum(min(e, now) - max(s, lo) for s, e in self._busy if e > lo)
-            span = max(now - lo, 1e-9)
-            qs = [q for _, q, _ in self._requests]
-            xs = [x for _, _, x in self._requests if x == x]
-            return ServerLoad(float(self.waiting), min(1.0, busy / span), sum(qs) / len(qs) if qs else 0.0,
-                              sum(xs) / len(xs) if xs else float("nan"), self.window_s, float(len(qs)))
-
-
-class _Waiting:
-    """Requests Triton handed one handler thread, waiting at the gate."""
-
-    def __init__(self, inputs: list[np.ndarray]):
-        self.inputs, self.arrived = inputs, time.perf_counter()
-        self.answers: list[dict[str, np.ndarray]] | None = None
-        self.error: BaseException | None = None
-        self.done = False
-
-
-class Gate:
-    """One batch computes at a time on this server; requests that wait for it are merged.
-
-    A handler thread puts its requests in the split's line and waits while another batch runs;
-    the thread that finds the server free takes the line from the front (up to ``limit`` samples
-    when merging, else one handler's requests) and runs it; threads whose requests it took wait
-    for their answers. Each request's wait (arrival here to the start of its batch) is what
-    :data:`QUEUE_MS` reports.
-    """
-
-    def __init__(self, meter: LoadMeter):
-        self.meter = meter
-        self._cv = threading.Condition()
-        self._busy = False
-        self._lines: dict[str, list[_Waiting]] = {}
-
-    def serve(self, key: str, item: _Waiting, run: Callable[[list[_Waiting], float], None], merge: bool,
-              limit: int) -> list[dict[str, np.ndarray]]:
-        """Wait for the gate, run ``item`` (with whatever waits beside it) or have it run, and
-        return its answers. ``run(items, start)`` fills each item's ``answers``.
-
-        Raises:
-            whatever ``run`` raised for the batch ``item`` was in.
-        """
-        with self._cv:
-            self._lines.setdefault(key, []).append(item)
-            self.meter.waiting += len(item.inputs)
-        while True:
-            with self._cv:
-                while not item.done and self._busy:
-                    self._cv.wait()
-                if item.done:
-                    break
-                self._busy = True
-                line = self._lines[key]
-                take, n = [], 0
-                while line and (not take or (merge and n + len(line[0].inputs) <= limit)):
-                    n += len(line[0].inputs)
-                    take.append(line.pop(0))
-                self.meter.waiting -= n
-            try:
-                run(take, time.perf_counter())
-            except BaseException as exc:
-                for it in take:
-                    it.error = exc
-            finally:
-                with self._cv:
-                    for it in take:
-                        it.done = True
-                    self._busy = False
-                    self._cv.notify_all()
-        if item.error is not None:
-            raise item.error
-        return item.answers
 
 
 def _check_versions() -> None:
@@ -299,6 +159,9 @@ class TailServer:
         self.stats = Stats()
         self.meter = LoadMeter(opt.load_window_s)
         self._gate = Gate(self.meter)
+        self.handover = HandOver(opt.load_window_s)
+        self._token: str | None = None  # PyTriton's access token to its (restricted) statistics
+        self._stats_read = -1.0  # time.perf_counter() of the last read of Triton's statistics
         # the server profile's tail times, for each request's slowdown s (none: s is not reported)
         self._profiled: dict[str, tuple[list[int], list[float]]] = {}
         for t in sorted(profile.timings if profile else [], key=lambda t: t.batch):
@@ -355,7 +218,7 @@ class TailServer:
             return {SERVER_MS: np.full(shape, ms, dtype=np.float32),
                     QUEUE_MS: np.full(shape, queue_ms, dtype=np.float32)}
 
-        def run_items(items: list[_Waiting], start: float) -> None:
+        def run_items(items: list[Waiting], start: float) -> None:
             xs = [x for it in items for x in it.inputs]
             queues = [(start - it.arrived) * 1e3 for it in items for _ in it.inputs]
             if merge and not whole and len(xs) > 1:
@@ -380,8 +243,12 @@ class TailServer:
                 it.answers, k = answers[k:k + len(it.inputs)], k + len(it.inputs)
 
         def infer(requests):
-            item = _Waiting([r[INPUT] for r in requests])
-            return self._gate.serve(split_id, item, run_items, merge, self.max_batch_size)
+            t = time.perf_counter()
+            item = Waiting([r[INPUT] for r in requests])
+            answers = self._gate.serve(split_id, item, run_items, merge, self.max_batch_size)
+            self.handover.handled(split_id, len(requests), (time.perf_counter() - t) * 1e3,
+                                  sum(payload_bytes(x) for x in item.inputs))
+            return answers
 
         return infer
 
@@ -417,7 +284,7 @@ class TailServer:
                            metrics_port=self.options.metrics_port,
                            allow_metrics=False, exit_on_error=True, log_verbose=0, exit_timeout_secs=5,
                            log_file=self.log_file)
-        triton = Triton(config=cfg)
+        triton = Triton(config=cfg, **self._security())
         try:
             for s in tails:
                 self.log(f"loading {s.tail} for {s.id}")
@@ -459,10 +326,13 @@ class TailServer:
                         config=ModelConfig(max_batch_size=8))
 
             def load(requests):
-                return [{LOAD_OUTPUT: self.meter.load().to_array()} for _ in requests]
+                self._read_stats([s.id for s in tails])
+                a, b = self.handover.fit()
+                now = dataclasses.replace(self.meter.load(), handover_ms=a, handover_ms_per_MB=b)
+                return [{LOAD_OUTPUT: now.to_array()} for _ in requests]
 
             triton.bind(model_name=LOAD, infer_func=load, inputs=[Tensor(name=PING, dtype=np.int32, shape=(1,))],
-                        outputs=[Tensor(name=LOAD_OUTPUT, dtype=np.float64, shape=(6,))],
+                        outputs=[Tensor(name=LOAD_OUTPUT, dtype=np.float64, shape=(8,))],
                         config=ModelConfig(batching=False))
             with _into(self.log_file):
                 triton.run()
@@ -511,6 +381,41 @@ class TailServer:
             client.close()
         self.stats = Stats()
         self.meter = self._gate.meter = LoadMeter(self.options.load_window_s)
+        self.handover = HandOver(self.options.load_window_s)
+        self._read_stats([s.id for s in tails], every_s=0.0)  # the baseline
+
+    def _security(self) -> dict:
+        """``Triton``'s keyword for its security settings, with an access token this server knows
+        (PyTriton restricts the statistics that :class:`HandOver` reads); none for a PyTriton
+        without them (its statistics are open)."""
+        try:
+            from pytriton.triton import TritonSecurityConfig
+        except ImportError:
+            return {}
+        sec = TritonSecurityConfig()
+        self._token = sec.access_token
+        return {"security_config": sec}
+
+    def _read_stats(self, models: list[str], every_s: float = 0.25) -> None:
+        """Feed Triton's per-model statistics to :attr:`handover`, at most every ``every_s``
+        seconds; a failed read changes nothing."""
+        import tritonclient.http as th
+
+        from dsc_export.serving.tritonserver import model_stats
+
+        if time.perf_counter() - self._stats_read < every_s:
+            return
+        self._stats_read = time.perf_counter()
+        headers = {"triton-access-token": self._token} if self._token else None
+        url = f"{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.http_port}"
+        client = th.InferenceServerClient(url)
+        try:
+            read = {m: model_stats(client, m, headers) for m in models}
+            self.handover.update({m: (st.requests, st.success_ms) for m, st in read.items()})
+        except Exception:
+            pass
+        finally:
+            client.close()
 
     def _wait_ready(self, models: list[str]) -> None:
         """Return once Triton says every model is ready (PyTriton's own wait only logs a warning)."""

@@ -198,25 +198,30 @@ class ModelStats:
         executions: model executions (several requests merged by dynamic batching run as one).
         queue_ms: total time the requests waited in the scheduler's queue (ms).
         compute_ms: total time of their ``compute_infer`` step (ms), i.e. the model itself.
+        success_ms: total duration of those requests in the server (``success``: from arrival
+            to answer, ms).
     """
 
     requests: int
     executions: int
     queue_ms: float
     compute_ms: float
+    success_ms: float = 0.0
 
     def minus(self, before: ModelStats) -> ModelStats:
         """The statistics of what happened since ``before`` (the totals only grow)."""
         return ModelStats(self.requests - before.requests, self.executions - before.executions,
-                          self.queue_ms - before.queue_ms, self.compute_ms - before.compute_ms)
+                          self.queue_ms - before.queue_ms, self.compute_ms - before.compute_ms,
+                          self.success_ms - before.success_ms)
 
 
-def model_stats(client, model: str) -> ModelStats:
+def model_stats(client, model: str, headers: dict[str, str] | None = None) -> ModelStats:
     """Read one model's statistics (summed over its versions) from a Triton server.
 
     Args:
         client: a ``tritonclient.http`` or ``tritonclient.grpc`` ``InferenceServerClient``.
         model: the model's name.
+        headers: extra request headers (PyTriton's access token: its statistics are restricted).
 
     Returns:
         :class:`ModelStats` from ``model_stats[].inference_stats.{success, queue,
@@ -226,20 +231,21 @@ def model_stats(client, model: str) -> ModelStats:
     Raises:
         tritonclient.utils.InferenceServerException: the server does not know the model.
     """
-    got = client.get_inference_statistics(model)
+    got = client.get_inference_statistics(model, headers=headers)
     if not isinstance(got, dict):  # gRPC: a protobuf message
         from google.protobuf.json_format import MessageToDict
 
         got = MessageToDict(got, preserving_proto_field_name=True)
     req = exe = 0
-    queue_ns = compute_ns = 0.0
+    queue_ns = compute_ns = success_ns = 0.0
     for m in got.get("model_stats", []):
         st = m.get("inference_stats", {})
         req += int(st.get("success", {}).get("count", 0))
+        success_ns += float(st.get("success", {}).get("ns", 0))
         queue_ns += float(st.get("queue", {}).get("ns", 0))
         compute_ns += float(st.get("compute_infer", {}).get("ns", 0))
         exe += int(m.get("execution_count", 0))
-    return ModelStats(req, exe, queue_ns / 1e6, compute_ns / 1e6)
+    return ModelStats(req, exe, queue_ns / 1e6, compute_ns / 1e6, success_ns / 1e6)
 
 
 def stats_load(before: dict[str, ModelStats], after: dict[str, ModelStats],
