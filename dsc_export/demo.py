@@ -202,6 +202,31 @@ def run_demo(model: str | None = None, out: str | os.PathLike = "engines/demo", 
     return rep
 
 
+def session_by_rate(rows: list[dict[str, Any]], jump: float = 2.0) -> list[dict[str, Any]]:
+    """Per simulated rate of the session (pure): the splits run, the mean measured and predicted
+    times, and how many batches at its start were planned at a rate estimate from before the
+    change (``stale``: more than ``jump`` times off the median of the rates measured at this rate,
+    the client's own readings), with the means over the rest (None when none are left)."""
+    out = []
+    for rate in dict.fromkeys(r["rate_MBps"] for r in rows):
+        run = [r for r in rows if r["rate_MBps"] == rate]
+        read = sorted(r["measured_rate_MBps"] for r in run if r.get("measured_rate_MBps"))
+        here = read[len(read) // 2] if read else rate
+        stale = 0
+        while stale < len(run) and not here / jump <= run[stale]["rate_estimate_MBps"] <= here * jump:
+            stale += 1
+        rest = run[stale:]
+
+        def mean(key, rs):
+            return sum(r[key] for r in rs) / len(rs) if rs else None
+
+        out.append({"rate_MBps": rate, "splits": list(dict.fromkeys(r["split"] for r in run)),
+                    "measured_ms": mean("measured_ms", run), "predicted_ms": mean("predicted_ms", run),
+                    "stale": stale, "rest_measured_ms": mean("measured_ms", rest),
+                    "rest_predicted_ms": mean("predicted_ms", rest)})
+    return out
+
+
 def _shares(plan, man) -> dict[str, Any]:
     """The share of the plan's grid each candidate wins, and the share real splits win (pure)."""
     cells = [c for row in plan.choice for c in row]
@@ -280,10 +305,12 @@ def _session(split: Path, plan, batches_per_rate: int, log, slowdown: float = 1.
             count = len(DEMO_RATES) * batches_per_rate
             for k, y in run_batches(client, feed, count, before=set_rate):
                 b, rate = logs[-1], DEMO_RATES[k // batches_per_rate]
+                got = b.measured_rate_MBps  # this transfer's rate (None: nothing sent)
                 if photos:
                     labels.add(k, b.split, y)
                 rows.append({"rate_MBps": rate, "batch": b.batch, "split": b.split,
                              "rate_estimate_MBps": round(b.rate_MBps, 2),
+                             "measured_rate_MBps": None if got is None else round(got, 2),
                              "predicted_ms": round(b.predicted_ms, 1),
                              "measured_ms": round(b.measured_ms, 1), "fallback": b.fallback})
                 log(f"{rate:g} MB/s: batch of {b.batch} -> {b.split} ({b.measured_ms:.0f} ms)")

@@ -268,7 +268,7 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
       dsc-export demo
       dsc-export demo --model efficientnetv2_b0 --out engines/demo-v2   # random weights
     """
-    from dsc_export.demo import run_demo
+    from dsc_export.demo import run_demo, session_by_rate
 
     t0 = time.perf_counter()
     rep = run_demo(model, out, batch_sizes=batch_sizes, slowdown=slowdown, repeats=repeats, serve=serve,
@@ -290,15 +290,15 @@ def demo_cmd(model, out, batch_sizes, slowdown, repeats, serve, resolution) -> N
         click.echo(line)
     if rep.session:
         click.echo(f"short dynamic session (simulated data rates, batch {rep.session[0]['batch']}; predicted at the "
-                   "client's own rate estimate, which lags a change of rate by a batch or more):")
-        by_rate = {}
-        for r in rep.session:
-            by_rate.setdefault(r["rate_MBps"], []).append(r)
-        for rate, rows in by_rate.items():
-            splits = ",".join(dict.fromkeys(r["split"] for r in rows))
-            mean = sum(r["measured_ms"] for r in rows) / len(rows)
-            pred = sum(r["predicted_ms"] for r in rows) / len(rows)
-            click.echo(f"  {rate:6.1f} MB/s -> {splits:20s} measured {mean:6.1f} ms, predicted {pred:6.1f} ms")
+                   "client's own rate estimate: the batch that meets a change of rate was planned at the old one, "
+                   "and after a step up the next one too):")
+        for g in session_by_rate(rep.session):
+            line = (f"  {g['rate_MBps']:6.1f} MB/s -> {','.join(g['splits']):20s} measured {g['measured_ms']:6.1f} ms, "
+                    f"predicted {g['predicted_ms']:6.1f} ms")
+            if g["stale"] and g["rest_measured_ms"] is not None:
+                line += (f"; {g['stale']} batch(es) planned at the old rate estimate, the others: measured "
+                         f"{g['rest_measured_ms']:.1f}, predicted {g['rest_predicted_ms']:.1f} ms")
+            click.echo(line)
     if rep.labels:
         click.echo("labels of the real photos (top-1) through each split the session ran them on, "
                    "and by the whole model:")

@@ -48,10 +48,14 @@ a server whose load alone keeps the batch here (not even a perfect link would wi
 ``probe_every`` batches lie between probes. Transfers under 64 KB are not used for the
 estimate: they are bound by latency and TCP's slow start, and read low.
 
-The rate estimate is robust to one outlier (a cold start, one slow request): it is the median
-of the last three measurements once there are three, and a first measurement more than 2x off
-the assumed rate is provisional: the next probe (after ``probe_every`` local batches, whatever
-the budget) replaces it.
+The rate estimate is robust to one outlier (a cold start, one slow request) and follows a step
+of the link (:class:`~dsc_export.serving.estimation.RateEstimator`): it is the median of the last
+three measurements once there are three; a first measurement more than 2x off the assumed rate
+is provisional and the next replaces it; later, one measurement more than 2x below the estimate
+is believed at once for the next batch (a step down; one slow request thus sets one batch's plan
+low, and the next measurement takes it back), one more than 2x above only once a second agrees
+(a step up). While an estimate is provisional, the next probe comes after ``probe_every`` local
+batches, whatever the budget.
 """
 
 from __future__ import annotations
@@ -372,7 +376,7 @@ class DynamicSplitClient:
         if self.static is None and self._local_streak >= self.options.probe_every \
                 and self._link_matters(batch, exclude, skip):
             probe = self._probe(batch, exclude, states)
-            # a provisional estimate (one first reading far off the prior) is re-probed at once
+            # a provisional estimate (one reading far off: a cold start or a step) is re-probed at once
             unsure = probe is not None and self.endpoints[probe[0]].estimate.rate.provisional
             if probe and probe[1] != split and (unsure or self._budget >= probe[2] - t):
                 self._budget = 0.0
