@@ -10,7 +10,12 @@ after another on the same server and the same rate schedule:
 - ``blind``: dynamic split computing as before (the wait counts as time on the wire, q = 0, s = 1);
 - ``static``: the best static split (the compressive split the plan predicts fastest over the
   rate schedule on an idle server);
-- ``local``: every batch on the device; ``offload``: every batch to the server.
+- ``local``: every batch on the device; ``offload``: every batch to the server;
+- ``oracle``: the best static mixed assignment, device i pinned to a candidate per rate of the
+  link, computed offline from the profiles, the link's rates and a closed queueing model of the
+  shared link and server (:func:`dsc_export.fleet.best_assignment`, exact MVA); reported with the
+  model's prediction against its measured run, and load-aware / oracle (target: within 5 %).
+  The uniform policies (static, local, offload) get the model's prediction too.
 
 **Device emulation (labelled in the results).** A device's own compute is *replayed* from its
 profile — it sleeps for the profiled head time (1 thread of this machine) x ``--device-slowdown``
@@ -44,7 +49,8 @@ from pathlib import Path
 
 from common import HERE, run_devices, shaped_setup, stop, summarize, worker, workspace, write
 
-POLICIES = ["aware", "blind", "static", "local", "offload"]
+POLICIES = ["aware", "blind", "static", "local", "offload", "oracle"]
+HTB = 0.96  # the share of the shaped rate a transfer gets (what the plan is asked with)
 RESULTS = HERE / "results"
 IMAGES = HERE.parent / "docs" / "images"
 
@@ -115,7 +121,7 @@ def plot(results: dict, path: Path, static: str) -> None:
     ns = [int(n) for n in results]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     names = {"aware": "load-aware dynamic", "blind": "load-blind dynamic", "static": f"static {static}",
-             "local": "all-local", "offload": "all-offload"}
+             "local": "all-local", "offload": "all-offload", "oracle": "oracle (best static assignment)"}
     for pol in POLICIES:
         ax.plot(ns, [results[str(n)][pol]["mean_ms"] for n in ns], marker="o", label=names[pol])
     ax.set_xscale("log", base=2)
@@ -149,6 +155,7 @@ def main() -> None:
     if args.quick:
         args.devices, args.seconds = "1,4,8", 8.0
 
+    from dsc_export.fleet import best_assignment, demands, pins, solve
     from dsc_export.planning import make_plan
     from dsc_export.serving.bandwidth import ShapedLink
 
@@ -175,23 +182,28 @@ def main() -> None:
             (tmp / "plan.json").write_text(plan.to_json())
             splits = [s.id for s in man.splits if s.kind == "split"]
             static = min(splits, key=lambda s: sum(
-                plan.choose(args.batch, r * 0.96, exclude=set(plan.candidates) - {s})[1] for r in rates))
+                plan.choose(args.batch, r * HTB, exclude=set(plan.candidates) - {s})[1] for r in rates))
             print(f"rtt {rtt:.2f} ms; device replayed at {k:g}x its 1-thread profile; link {rates} MB/s in turn; "
                   f"best static split {static}; idle-server plan at batch {args.batch}: "
-                  + ", ".join(f"{r:g} MB/s -> {plan.choose(args.batch, r * 0.96)[0]}" for r in rates), flush=True)
+                  + ", ".join(f"{r:g} MB/s -> {plan.choose(args.batch, r * HTB)[0]}" for r in rates), flush=True)
             base = {"root": str(root), "url": url, "plan": str(tmp / "plan.json"), "cache": str(cache), "inputs": 2,
                     "slowdown": k, "static": static, "initial_rate": rates[0]}
             results: dict = {}
             steady = []
+            dem = {r: demands(plan, args.batch, r * HTB) for r in rates}  # per rate: the candidates' parts
             for n in ns:
                 results[str(n)] = {}
+                # the oracle, offline: per rate, the best assignment of the n devices (one shared link)
+                best = {r: best_assignment(dem[r], n) for r in rates}
                 for pol in POLICIES:
                     t0 = time.time() + 4.0 + 0.6 * n  # the processes start (imports) before it
                     t1 = t0 + args.seconds
                     sched = [(t0 + args.seconds * j / len(rates), r) for j, r in enumerate(rates)]
+                    extra = ([{"pin_schedule": [(t, pins(best[r])[d]) for t, r in sched]} for d in range(n)]
+                             if pol == "oracle" else None)
                     link.set_rate(rates[0])
                     recs, loads = run_devices(base, tmp, f"n{n}-{pol}", [pol] * n, [[(t0, t1)]] * n, link, sched[1:],
-                                              url)
+                                              url, extra)
                     warm = args.seconds * 0.15  # the first batches of each rate: estimates settle
                     flat = [r for d in recs for r in d
                             if not any(w <= r["t"] - r["measured_ms"] / 1e3 < w + warm for w, _ in sched)]
@@ -199,6 +211,20 @@ def main() -> None:
                     during = [ld for t, ld in loads if t0 + 2.0 <= t <= t1]
                     summ["server_utilization"] = statistics.mean(ld.utilization for ld in during) if during else None
                     summ["server_q_ms"] = statistics.mean(ld.q_ms for ld in during) if during else None
+                    # the model's prediction for this policy: per rate, then over all batches (batch-weighted)
+                    if pol in ("static", "local", "offload", "oracle"):
+                        one = static if pol == "static" else pol
+                        per = {r: best[r] if pol == "oracle" else
+                               solve(dem[r], [n * (d.id == one) for d in dem[r]]) for r in rates}
+                        xs = {r: sum(per[r].throughput_per_s.values()) for r in rates}
+                        summ["model"] = {
+                            "mean_ms": sum(xs[r] * per[r].mean_ms for r in rates) / sum(xs.values()),
+                            "per_rate": {f"{r:g}": {"assignment": per[r].counts, "mean_ms": per[r].mean_ms,
+                                                    "server_utilization": per[r].server_utilization,
+                                                    "link_utilization": per[r].link_utilization,
+                                                    "server_wait_ms": per[r].server_wait_ms} for r in rates}}
+                        if summ.get("batches"):
+                            summ["model"]["error"] = summ["mean_ms"] / summ["model"]["mean_ms"] - 1
                     results[str(n)][pol] = summ
                     if not summ.get("batches"):  # a busy machine: the devices started too late
                         print(f"N={n} {pol:8s}: no batch in the window", flush=True)
@@ -208,6 +234,18 @@ def main() -> None:
                           f"{summ['samples_per_s']:6.1f} samples/s, predicted {summ['predicted_mean_ms']:7.1f} ms "
                           f"({summ['error'] * 100:+.0f} %), server busy {summ['server_utilization'] or 0:.2f}, "
                           f"splits {', '.join(f'{s} {v:.0%}' for s, v in summ['share'].items())}", flush=True)
+                    if "model" in summ:
+                        m = summ["model"]
+                        err = f"{m['error'] * 100:+.0f} %" if "error" in m else "-"
+                        print(f"      {pol} queueing model (MVA): {m['mean_ms']:7.1f} ms, measured {err}"
+                              + ("; assignment " + "; ".join(
+                                  f"{r} MB/s {', '.join(f'{c} x{k}' for c, k in v['assignment'].items())} "
+                                  f"(server busy {v['server_utilization']:.2f})" for r, v in m["per_rate"].items())
+                                 if pol == "oracle" else ""), flush=True)
+                row = results[str(n)]
+                if row["aware"].get("batches") and row["oracle"].get("batches"):
+                    row["aware_over_oracle"] = row["aware"]["mean_ms"] / row["oracle"]["mean_ms"]
+                    print(f"N={n} load-aware / oracle: {row['aware_over_oracle']:.2f} (measured means)", flush=True)
             # devices join and leave: 1 -> nmax -> 2, load-aware
             span = args.seconds * 1.5
             t0 = time.time() + 4.0 + 0.6 * nmax
@@ -252,6 +290,7 @@ def main() -> None:
     def mean(n, pol):
         return results[str(n)][pol]["mean_ms"]
 
+    ratio = {n: results[str(n)].get("aware_over_oracle") for n in ns}
     never_worse = all(mean(n, "aware") <= 1.03 * min(mean(n, p) for p in ("static", "local", "offload")) for n in ns)
     vs_blind = 1 - mean(nmax, "aware") / mean(nmax, "blind")
     within = all(abs(e) <= 0.15 for n, p, e in steady if p in ("aware", "static", "local", "offload"))
@@ -259,7 +298,9 @@ def main() -> None:
               and abs(sat["aware"]["mean_rate_MBps"] / measured_link - 1) <= 0.2)
     met = {"aware_never_worse_than_best_static_3pct": never_worse,
            f"aware_15pct_below_blind_at_N{nmax}": vs_blind >= 0.15,
-           "measured_within_15pct_of_predicted": within, "rate_estimate_within_20pct_saturated": sat_ok}
+           "measured_within_15pct_of_predicted": within,
+           "aware_within_5pct_of_oracle": all(v is not None and v <= 1.05 for v in ratio.values()),
+           "rate_estimate_within_20pct_saturated": sat_ok}
     print(f"\ntargets: {json.dumps(met)}; aware vs blind at N={nmax}: {vs_blind * 100:.0f} % lower; "
           f"wall {wall / 60:.1f} min (a shared, noisy 2-core machine)")
     payload = {"model": args.model, "batch": args.batch, "rates_MBps": rates, "seconds_per_phase": args.seconds,
@@ -268,6 +309,10 @@ def main() -> None:
                                    f"x {k:g}; cut tensors real; every output checked against the whole model",
                "server": "TailServer, 2 threads, dynamic batching, one batch at a time, in a netns behind tc htb",
                "results": results, "join_leave": join,
+               "oracle": "per N and rate, the best static assignment of devices to candidates by exact MVA of "
+                         "a closed network (device delay: head + rtt; the shared link, processor sharing: bytes / "
+                         "rate; the server, FCFS: tail), run with device i pinned; dsc_export.fleet",
+               "aware_over_oracle": {str(n): v for n, v in ratio.items()},
                "saturated_idle_link": {"link_MBps_tcp": measured_link, **sat}, "aware_vs_blind_at_nmax": vs_blind,
                "met": met, "wall_s": wall, "note": "2-core machine shared with other work: figures are noisy"}
     path = write("fleet.json", payload)

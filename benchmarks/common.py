@@ -124,7 +124,11 @@ def worker(cfg_path: str) -> None:
     kw = {"load_aware": policy != "blind"}
     if policy == "aware":  # against herding: move to a better pair with probability 0.3 per batch
         kw["switch_p"] = float(os.environ.get("DSC_SWITCH_P", "0.3"))
-    if policy not in ("aware", "blind"):
+    # oracle: pinned by a schedule [(from time, split)], one split per rate of the link
+    pinned = cfg.get("pin_schedule")
+    if pinned:
+        kw["static"] = pinned[0][1]
+    elif policy not in ("aware", "blind"):
         kw["static"] = cfg["static"] if policy == "static" else policy
     if cfg.get("pin"):
         kw["static"] = cfg["pin"]
@@ -150,6 +154,9 @@ def worker(cfg_path: str) -> None:
             time.sleep(0.005)
         n = 0
         while time.time() < t1:
+            if pinned:
+                now = time.time()
+                client.static = next((sp for t, sp in reversed(pinned) if t <= now), pinned[0][1])
             i = n % len(inputs)
             got = client.infer(inputs[i])
             ref = cache[f"local_{i}"]
@@ -197,13 +204,16 @@ def workspace(name: str, root: Path, man, batch: int) -> tuple[Path, Path, Path]
 
 
 def run_devices(base: dict, tmp: Path, tag: str, policies: list[str], windows: list[list[tuple[float, float]]],
-                link=None, schedule=None, url: str | None = None) -> tuple[list[list[dict]], list]:
-    """Start one process per device (``policies[d]``, active in ``windows[d]``), change the link's
+                link=None, schedule=None, url: str | None = None,
+                extra: list[dict] | None = None) -> tuple[list[list[dict]], list]:
+    """Start one process per device (``policies[d]``, active in ``windows[d]``, with ``extra[d]`` in
+    its settings: an oracle's ``pin_schedule``), change the link's
     rate by ``schedule`` [(time, rate)], ask the server's load every second while they run (with
     ``url``), and return each device's batch records and the load answers [(time, ServerLoad)]."""
     procs, logs = [], []
     for d, (pol, win) in enumerate(zip(policies, windows)):
-        cfg = {**base, "policy": pol, "windows": win, "log": str(tmp / f"{tag}-{d}.jsonl")}
+        cfg = {**base, **(extra[d] if extra else {}), "policy": pol, "windows": win,
+               "log": str(tmp / f"{tag}-{d}.jsonl")}
         (tmp / f"{tag}-{d}.json").write_text(json.dumps(cfg))
         logs.append(Path(cfg["log"]))
         procs.append(subprocess.Popen(

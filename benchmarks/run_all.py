@@ -98,6 +98,13 @@ def rows() -> list[dict]:
             add("fleet", f"N={n}: load-aware vs best static policy ({best}), mean per batch",
                 f"{row['aware']['mean_ms']:.0f} vs {row[best]['mean_ms']:.0f} ms", "within 3 %",
                 row["aware"]["mean_ms"] <= 1.03 * row[best]["mean_ms"])
+        for n, row in res.items():
+            if "aware_over_oracle" in row:
+                o = row["oracle"]
+                add("fleet", f"N={n}: load-aware vs oracle (best static assignment), mean per batch",
+                    f"{row['aware']['mean_ms']:.0f} vs {o['mean_ms']:.0f} ms "
+                    f"(oracle model {o['model']['mean_ms']:.0f} ms, measured {o['model']['error'] * 100:+.0f} %)",
+                    "within 5 %", row["aware_over_oracle"] <= 1.05)
         add("fleet", f"N={nmax}: load-aware vs load-blind, mean per batch",
             f"{res[nmax]['aware']['mean_ms']:.0f} vs {res[nmax]['blind']['mean_ms']:.0f} ms "
             f"({d['aware_vs_blind_at_nmax'] * 100:.0f} % lower)", ">= 15 % lower", d["aware_vs_blind_at_nmax"] >= 0.15)

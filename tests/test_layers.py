@@ -27,7 +27,7 @@ LAYERS = [
     ("pipeline", ["dsc_export.weights", "dsc_export.export", "dsc_export.splitting", "dsc_export.split_check",
                   "dsc_export.calibration",
                   "dsc_export.offload", "dsc_export.engines*", "dsc_export.backends.tensorrt_tools",
-                  "dsc_export.profiling", "dsc_export.planning", "dsc_export.bundle",
+                  "dsc_export.profiling", "dsc_export.planning", "dsc_export.fleet", "dsc_export.bundle",
                   "dsc_export.triton_repository", "dsc_export.session"]),
     ("serving", ["dsc_export.serving*"]),
     ("front", ["dsc_export.cli*", "dsc_export.demo", "dsc_export.__main__"]),
