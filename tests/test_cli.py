@@ -119,3 +119,28 @@ def test_split_at_non_cut_point_is_one_line(tmp_path):
     res = run("split", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s"), "--at", "b")
     assert res.returncode == 1 and "nearest cut points: 'a', 's'" in res.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("given, want", [([], 1.0), (["--switch-p", "0.3"], 0.3)])
+def test_run_hands_switch_p_to_the_client(tmp_path, monkeypatch, given, want):
+    """``run --switch-p`` reaches ClientOptions (the fleet's damped switch); the client is stopped
+    at its construction, so no server is needed."""
+    from served_models import conv_net
+    from test_serving_contract import _split_with_plan
+
+    import dsc_export.serving.client as client_mod
+
+    root = _split_with_plan(conv_net(outputs=("logits",)), tmp_path / "s", [1])
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(split_dir, urls, plan, options=None, **kw):
+        seen["options"] = options
+        raise Stop
+
+    monkeypatch.setattr(client_mod, "DynamicSplitClient", fake)
+    res = CliRunner().invoke(cli, ["run", str(root), "--server", "127.0.0.1:1", "--batches", "1", *given])
+    assert isinstance(res.exception, Stop), res.output
+    assert seen["options"].switch_p == want

@@ -158,9 +158,13 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
 @click.option("--split", "static", metavar="SPLIT", help="Always use this split (a static baseline).")
 @click.option("--wait-ready", "wait_ready", type=click.FloatRange(min=0), default=60.0, show_default=True,
               metavar="SECONDS", help="Wait this long for the server's models to be ready before the first batch.")
+@click.option("--switch-p", "switch_p", type=click.FloatRange(min=0, min_open=True, max=1), default=1.0,
+              show_default=True, metavar="P",
+              help="Move to a better server and split only with this probability per batch (many devices "
+                   "sharing a server: 0.3 damps herding, see docs/serving.md); 1: at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per batch.")
 def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_dir, batches, batch_size, threads,
-            deadline, static, wait_ready, as_json) -> None:
+            deadline, static, wait_ready, switch_p, as_json) -> None:
     """Run batches with dynamic split computing against a server.
 
     Per batch: estimate the data rate from recent transfers, ask the plan for the split, run
@@ -176,6 +180,7 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
       dsc-export run engines/efficientnet_b0/split --server 127.0.0.1:8000 --batches 50
       dsc-export run b0-device.tar --server 10.0.0.5:8001 --protocol grpc --privacy
       dsc-export run b0-device.tar --server 10.0.0.5:8000 --server 10.0.0.6:8000
+      dsc-export run b0-device.tar --server 10.0.0.5:8000 --switch-p 0.3   # one of many devices
       dsc-export run engines/efficientnet_lite0/split --server 127.0.0.1:8000 --input images --images photos/
     """
 
@@ -211,7 +216,8 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
                             "(or leave --batch-size out)")
         batch_size = batch_size or fixed or 4
         options = ClientOptions(protocol=protocol, privacy=privacy, threads=threads,
-                                deadline_s=deadline, static=static, ready_timeout_s=wait_ready)
+                                deadline_s=deadline, static=static, ready_timeout_s=wait_ready,
+                                switch_p=switch_p)
         with DynamicSplitClient(root, list(server_url), plan, options=options, log=log,
                                 say=log_line) as client:
             shape = [batch_size] + list(client.manifest.model.input.shape[1:])
