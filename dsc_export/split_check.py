@@ -69,6 +69,31 @@ def batch_candidates(model: onnx.ModelProto, exc: ModelRunError) -> list[int]:
     return [b for b in dict.fromkeys([1, baked]) if b and b != exc.batch]
 
 
+def skipping_older_objects(fn):
+    """Decorator: while ``fn`` runs, the cyclic garbage collector skips every object alive before
+    it (``gc.freeze``; ``gc.unfreeze`` after, also on an error). :func:`release_freed_memory`
+    runs a full collection about ten times per split, and each walks every object in the
+    process: after ``import torch`` (``dsc-export demo`` exports first) that is 0.1-0.5 s each,
+    seconds per split. What the split itself creates is still collected; objects freed by their
+    reference count are freed as always. A caller that froze the heap itself (a server about to
+    fork) is left as it is: then nothing is frozen or unfrozen here.
+    """
+    import functools
+    import gc
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if gc.get_freeze_count():
+            return fn(*args, **kwargs)
+        gc.freeze()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.unfreeze()
+
+    return run
+
+
 def release_freed_memory() -> None:
     """Return freed heap pages to the OS (glibc keeps them otherwise, so the process's peak would
     hold the freed model and the verification sessions at once). No-op off glibc."""

@@ -70,6 +70,7 @@ from dsc_export.split_check import (
     cannot_run,
     fixed_batch_note,
     release_freed_memory,
+    skipping_older_objects,
     verification_level,
     verify_splits,
     whole_model_reference,
@@ -458,6 +459,7 @@ def _copy_model(src: Path, dst_dir: Path) -> tuple[Path, list[str]]:
     return dst, save_shared(load_model(src), dst)
 
 
+@skipping_older_objects
 def split_model(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
