@@ -160,7 +160,7 @@ class Gate:
 
 
 class HandOver:
-    """Triton's time on a request outside dsc-export's handler, per MB the request carried: the
+    """Triton's time on a request outside dsc-export's handler, a fixed part and a part per MB: the
     hand-over from Triton's core to the Python backend's stub and on to this process (and the
     answer's way back), which grows with the request's bytes and with the load on the server's
     cores. Neither :data:`~dsc_export.contract.QUEUE_MS` nor :data:`~dsc_export.contract.SERVER_MS`

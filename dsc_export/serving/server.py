@@ -358,8 +358,7 @@ class TailServer:
 
         from dsc_export.ort import ORT_DTYPES, random_array
 
-        url = f"{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.http_port}"
-        client = th.InferenceServerClient(url, network_timeout=self.options.ready_timeout_s)
+        client = th.InferenceServerClient(self._local_url(), network_timeout=self.options.ready_timeout_s)
         fixed, rng = fixed_batch(self.manifest), np.random.default_rng(0)
         try:
             for s in tails:
@@ -407,8 +406,9 @@ class TailServer:
             return
         self._stats_read = time.perf_counter()
         headers = {"triton-access-token": self._token} if self._token else None
-        url = f"{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.http_port}"
-        client = th.InferenceServerClient(url)
+        # a client per read: the reads come from two threads (the warm-up's, the load handler's),
+        # and a tritonclient.http client works in the thread that made it only
+        client = th.InferenceServerClient(self._local_url())
         try:
             read = {m: model_stats(client, m, headers) for m in models}
             self.handover.update({m: (st.requests, st.success_ms) for m, st in read.items()})
@@ -417,11 +417,15 @@ class TailServer:
         finally:
             client.close()
 
+    def _local_url(self) -> str:
+        """``host:port`` of this server's HTTP endpoint as this process reaches it."""
+        return f"{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.http_port}"
+
     def _wait_ready(self, models: list[str]) -> None:
         """Return once Triton says every model is ready (PyTriton's own wait only logs a warning)."""
         import tritonclient.http as th
 
-        url = f"{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.http_port}"
+        url = self._local_url()
         client = th.InferenceServerClient(url)
         try:
             wait_ready(client, models, self.options.ready_timeout_s, url)
