@@ -1,4 +1,3 @@
-import gc
 import os
 import sys
 from pathlib import Path
@@ -13,44 +12,6 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
-
-
-def _freeze_heap() -> None:
-    """Collect, then move every object alive now into the collector's permanent generation.
-
-    ``split_model`` calls ``gc.collect()`` about ten times per split (``release_freed_memory``);
-    a full collection walks every tracked object, and once torch, timm and the servers' clients
-    are imported that is ~0.1-0.5 s each: the synthetic-graph splits took 2-8 s instead of 0.2 s
-    after any test that imported torch. Frozen objects are skipped by later collections; what a
-    test creates is still collected, and ``_thaw_heap`` at each module's end collects the rest.
-    """
-    gc.collect()
-    gc.freeze()
-
-
-def _freezes(item) -> bool:
-    """A module sets ``FREEZE_HEAP = False`` where freezing was seen to break it (test_server_load:
-    after test_real_models a PyTriton model's handshake was refused with the heap frozen)."""
-    return item is not None and getattr(item.module, "FREEZE_HEAP", True)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item):
-    if _freezes(item):
-        _freeze_heap()  # what imports and fixtures left: the test's own collections skip it
-    return (yield)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item, nextitem):
-    try:
-        return (yield)
-    finally:
-        if nextitem is None or nextitem.module is not item.module:  # module fixtures are gone
-            gc.unfreeze()
-            gc.collect()
-            if _freezes(nextitem):
-                gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -88,7 +49,6 @@ def exported(tmp_path_factory):
         if key not in cache:
             out = tmp_path_factory.mktemp(name) / f"{name}.onnx"
             cache[key] = export_model(name, out, **kw)
-            _freeze_heap()  # torch and timm are in now; a fixture that splits next skips them
         return cache[key]
 
     return get

@@ -18,14 +18,14 @@ def test_objects_alive_before_are_frozen_during_and_not_after():
         seen["frozen"] = gc.get_freeze_count()
         return "done"
 
-    gc.unfreeze()  # conftest freezes the heap before each test: start from a caller that did not
+    gc.unfreeze()  # a caller that did not freeze the heap
     try:
         alive = [[] for _ in range(1000)]  # tracked objects alive before the call
         assert work() == "done"
         assert seen["frozen"] >= len(alive)  # the collector skipped them during the call
         assert gc.get_freeze_count() == 0  # and the caller's collector is as it was
     finally:
-        gc.freeze()
+        gc.unfreeze()
 
 
 def test_an_error_unfreezes_and_a_callers_own_freeze_is_left_alone():
@@ -47,4 +47,4 @@ def test_an_error_unfreezes_and_a_callers_own_freeze_is_left_alone():
 
         assert work() == before and gc.get_freeze_count() == before  # not unfrozen behind its back
     finally:
-        gc.freeze()
+        gc.unfreeze()

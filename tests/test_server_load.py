@@ -14,8 +14,6 @@ from dsc_export.planning import make_plan
 from dsc_export.serving.estimation import RateEstimator, ServerEstimate
 from dsc_export.serving.protocol import QUEUE_MS, SERVER_MS, ServerLoad
 
-FREEZE_HEAP = False  # conftest: with the heap frozen, a server here failed after test_real_models (handshake refused)
-
 # --- the estimate alone -----------------------------------------------------------------------
 
 
