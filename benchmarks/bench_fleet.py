@@ -13,7 +13,7 @@ after another on the same server and the same rate schedule:
 - ``local``: every batch on the device; ``offload``: every batch to the server;
 - ``oracle``: the best static mixed assignment, device i pinned to a candidate per rate of the
   link, computed offline from the profiles, the link's rates and a closed queueing model of the
-  shared link and server (:func:`dsc_export.fleet.best_assignment`, exact MVA); reported with the
+  shared link and server (:func:`dsc_export.fleet.best_assignment`, multi-class MVA); reported with the
   model's prediction against its measured run, and load-aware / oracle (target: within 5 %).
   The uniform policies (static, local, offload) get the model's prediction too.
 
@@ -309,7 +309,7 @@ def main() -> None:
                                    f"x {k:g}; cut tensors real; every output checked against the whole model",
                "server": "TailServer, 2 threads, dynamic batching, one batch at a time, in a netns behind tc htb",
                "results": results, "join_leave": join,
-               "oracle": "per N and rate, the best static assignment of devices to candidates by exact MVA of "
+               "oracle": "per N and rate, the best static assignment of devices to candidates by multi-class MVA of "
                          "a closed network (device delay: head + rtt; the shared link, processor sharing: bytes / "
                          "rate; the server, FCFS: tail), run with device i pinned; dsc_export.fleet",
                "aware_over_oracle": {str(n): v for n, v in ratio.items()},
