@@ -122,13 +122,15 @@ def worker(cfg_path: str) -> None:
     inputs = [cache[f"x{i}"] for i in range(cfg["inputs"])]
     policy = cfg["policy"]
     kw = {"load_aware": policy != "blind"}
-    if policy == "aware":  # against herding: move to a better pair with probability 0.3 per batch
+    if policy in ("aware", "selfish"):  # against herding: move to a better pair with probability 0.3 per batch
         kw["switch_p"] = float(os.environ.get("DSC_SWITCH_P", "0.3"))
+        # aware: charged the wait its requests add to other devices' (the default); selfish: not
+        kw["wait_price"] = float(os.environ.get("DSC_WAIT_PRICE", "1")) if policy == "aware" else 0.0
     # oracle: pinned by a schedule [(from time, split)], one split per rate of the link
     pinned = cfg.get("pin_schedule")
     if pinned:
         kw["static"] = pinned[0][1]
-    elif policy not in ("aware", "blind"):
+    elif policy not in ("aware", "selfish", "blind"):
         kw["static"] = cfg["static"] if policy == "static" else policy
     if cfg.get("pin"):
         kw["static"] = cfg["pin"]

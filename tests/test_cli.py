@@ -121,10 +121,12 @@ def test_split_at_non_cut_point_is_one_line(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("given, want", [([], 1.0), (["--switch-p", "0.3"], 0.3)])
-def test_run_hands_switch_p_to_the_client(tmp_path, monkeypatch, given, want):
-    """``run --switch-p`` reaches ClientOptions (the fleet's damped switch); the client is stopped
-    at its construction, so no server is needed."""
+@pytest.mark.parametrize("given, want", [([], (1.0, 1.0)), (["--switch-p", "0.3"], (0.3, 1.0)),
+                                         (["--wait-price", "0"], (1.0, 0.0))])
+def test_run_hands_switch_p_and_wait_price_to_the_client(tmp_path, monkeypatch, given, want):
+    """``run --switch-p`` and ``--wait-price`` reach ClientOptions (the fleet's damped switch and
+    the price of the wait a request adds); the client is stopped at its construction, so no
+    server is needed."""
     from served_models import conv_net
     from test_serving_contract import _split_with_plan
 
@@ -143,4 +145,4 @@ def test_run_hands_switch_p_to_the_client(tmp_path, monkeypatch, given, want):
     monkeypatch.setattr(client_mod, "DynamicSplitClient", fake)
     res = CliRunner().invoke(cli, ["run", str(root), "--server", "127.0.0.1:1", "--batches", "1", *given])
     assert isinstance(res.exception, Stop), res.output
-    assert seen["options"].switch_p == want
+    assert (seen["options"].switch_p, seen["options"].wait_price) == want

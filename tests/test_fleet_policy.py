@@ -1,5 +1,8 @@
 """Many devices, one server, simulated: with the damped switch (policy.damped) the devices
 converge to a share of the server without oscillating; moving at once (switch_p 1) they herd.
+Charged the wait their requests add to others' (``wait_price``, policy.priced_wait_ms) they
+converge to the fleet's best share (brute force over the share) instead of the share where
+offloading stops paying each device alone.
 
 Each round every device chooses with the real plan and policy (best_server, then damped) from
 the server's wait of the round before (the delayed signal every device sees alike); the server
@@ -16,7 +19,7 @@ from dsc_export.serving.policy import best_server, damped
 SERVICE_MS = 30.0  # the simulated server's time per batch
 
 
-def _simulate(plan, n: int, switch_p: float, rounds: int = 80, seed: int = 0) -> list[int]:
+def _simulate(plan, n: int, switch_p: float, rounds: int = 80, seed: int = 0, wait_price: float = 0.0) -> list[int]:
     """Devices on the server per round."""
     rng = random.Random(seed)
     current = [None] * n  # (server index or None, split) per device
@@ -25,7 +28,7 @@ def _simulate(plan, n: int, switch_p: float, rounds: int = 80, seed: int = 0) ->
     for _ in range(rounds):
         state = [(rate, q, 1.0)]
         for d in range(n):
-            best = best_server(plan, 2, state, current=current[d])
+            best = best_server(plan, 2, state, current=current[d], wait_price=wait_price)
             kept = None
             if current[d] is not None:
                 i, split = current[d]
@@ -66,3 +69,30 @@ def test_devices_sharing_a_server_converge_with_the_damped_switch(tiny):  # noqa
         assert statistics.pstdev(tail) <= 1.5, on
         swings = sum(abs(a - b) for a, b in zip(tail, tail[1:])) / len(tail)
         assert swings <= 1.5, on  # about one device moves per round, not the fleet
+
+
+def _fleet_mean_ms(plan, n: int, k: int) -> float:
+    """The mean latency over the fleet's n devices with k of them on the server (brute force)."""
+    rate = 2 * 3 * 16 * 16 * 4 / 0.02 / 1e6
+    local = plan.latencies(2, 1.0)[plan.candidates.index("local")]
+    remote = min(t for c, t in zip(plan.candidates, plan.latencies(2, rate, q_ms=max(0, k - 1) * SERVICE_MS))
+                 if c != "local") if k else 0.0
+    return (k * remote + (n - k) * local) / n
+
+
+def test_priced_devices_converge_to_the_fleets_best_share(tiny):  # noqa: F811
+    _, plan = tiny
+    n = 8
+    best = min(range(n + 1), key=lambda k: _fleet_mean_ms(plan, n, k))
+    selfish = max(_equilibrium(plan, n))
+    assert best < selfish  # each device alone would offload past the fleet's best share
+    for seed in range(3):
+        priced = _simulate(plan, n, switch_p=0.2, seed=seed, wait_price=1.0)[30:]
+        alone = _simulate(plan, n, switch_p=0.2, seed=seed)[30:]
+        # nearer the best share by at least half a device; one device's move changes the wait by
+        # a whole service time here, so the share hovers between the best and one above it
+        assert abs(statistics.mean(priced) - best) + 0.5 <= abs(statistics.mean(alone) - best), (priced, alone)
+        assert n not in priced and statistics.pstdev(priced) <= 1.2, priced  # no herd onto the server
+        fleet = statistics.mean(_fleet_mean_ms(plan, n, k) for k in priced)
+        assert fleet < 0.97 * statistics.mean(_fleet_mean_ms(plan, n, k) for k in alone), (priced, alone)
+        assert fleet <= 1.12 * _fleet_mean_ms(plan, n, best), (priced, best)

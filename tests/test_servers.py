@@ -73,6 +73,27 @@ def test_best_server_is_the_fastest_pair_of_server_and_split(tiny):  # noqa: F81
     assert best_server(plan, 2, [(100.0, 0.0, 1.0)] * 2, exclude={"offload"})[1] != "offload"
 
 
+@pytest.mark.parametrize("price", [0.5, 1.0])
+def test_a_priced_wait_chooses_by_time_plus_price_and_predicts_the_time(tiny, price):  # noqa: F811
+    """best_server(wait_price=w): the pair with the least Eq. 4 time + w x q wins (brute force over
+    every pair), and the time it returns is Eq. 4's, the price left out."""
+    _, plan = tiny
+    for states in ([(100.0, 30.0, 1.0)], [(100.0, 60.0, 1.0), (10.0, 5.0, 1.0)], [(1.0, 0.0, 1.0), None],
+                   [(100.0, 40.0, 2.0), (100.0, 45.0, 1.0)]):
+        for batch in (1, 2):
+            pairs = _pairs(plan, batch, states)
+            cost = {(i, c): t + (price * states[i][1] if i is not None else 0.0) for i, c, t in pairs}
+            i, split, t = best_server(plan, batch, states, wait_price=price)
+            assert cost[(i, split)] <= min(cost.values()) * (1 + plan.margin) + 1e-9
+            assert (i, split, t) in pairs  # the predicted time, not the cost
+    # a server whose wait makes offloading pay this device but cost the fleet more: here
+    local = plan.latencies(2, 1.0)[plan.candidates.index("local")]
+    remote = min(plan.latencies(2, 100.0))
+    q = (local - remote) * 0.75  # remote + q < local < remote + 2q
+    assert best_server(plan, 2, [(100.0, q, 1.0)])[0] == 0
+    assert best_server(plan, 2, [(100.0, q, 1.0)], wait_price=1.0)[:2] == (None, "local")
+
+
 def test_stats_load_is_the_mean_wait_of_the_window():
     before = {"a": ModelStats(10, 5, 100.0, 50.0), "b": ModelStats(4, 4, 8.0, 40.0)}
     after = {"a": ModelStats(14, 7, 180.0, 70.0), "b": ModelStats(4, 4, 8.0, 40.0), "c": ModelStats(2, 1, 6.0, 9.0)}

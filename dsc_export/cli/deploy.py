@@ -162,9 +162,12 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
               show_default=True, metavar="P",
               help="Move to a better server and split only with this probability per batch (many devices "
                    "sharing a server: 0.3 damps herding, see docs/serving.md); 1: at once.")
+@click.option("--wait-price", "wait_price", type=click.FloatRange(min=0, max=1), default=1.0, show_default=True,
+              metavar="W", help="Charge a request to a server W times the wait it adds to other devices' requests "
+                                "(the fleet's share, see docs/serving.md); 0: each device chooses for itself alone.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per batch.")
 def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_dir, batches, batch_size, threads,
-            deadline, static, wait_ready, switch_p, as_json) -> None:
+            deadline, static, wait_ready, switch_p, wait_price, as_json) -> None:
     """Run batches with dynamic split computing against a server.
 
     Per batch: estimate the data rate from recent transfers, ask the plan for the split, run
@@ -217,7 +220,7 @@ def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_
         batch_size = batch_size or fixed or 4
         options = ClientOptions(protocol=protocol, privacy=privacy, threads=threads,
                                 deadline_s=deadline, static=static, ready_timeout_s=wait_ready,
-                                switch_p=switch_p)
+                                switch_p=switch_p, wait_price=wait_price)
         with DynamicSplitClient(root, list(server_url), plan, options=options, log=log,
                                 say=log_line) as client:
             shape = [batch_size] + list(client.manifest.model.input.shape[1:])

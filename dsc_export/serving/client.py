@@ -167,6 +167,10 @@ class ClientOptions:
             probability per batch (:func:`~dsc_export.serving.policy.damped`, against herding
             when many devices share a server); 1: at once.
         seed: the seed of that draw (None: fresh per client).
+        wait_price: charge a request to a server the wait it adds to other devices' requests
+            too, this weight times its expected wait q
+            (:func:`~dsc_export.serving.policy.priced_wait_ms`): 1 (the default) is fair to a
+            fleet that shares the server; 0 lets each device choose for itself alone.
     """
 
     protocol: str = "http"
@@ -186,6 +190,7 @@ class ClientOptions:
     load_probe_s: float = 1.0
     switch_p: float = 1.0
     seed: int | None = None
+    wait_price: float = 1.0
 
 
 class DynamicSplitClient:
@@ -261,6 +266,8 @@ class DynamicSplitClient:
         self._rng = random.Random(opt.seed)
         if not 0 < opt.switch_p <= 1:
             raise UserError("switch_p must be in (0, 1]")
+        if not 0 <= opt.wait_price <= 1:
+            raise UserError("wait_price must be in [0, 1]")
         if opt.device_slowdown < 1:
             raise UserError("device_slowdown must be at least 1")
         if opt.device_slowdown > 1:
@@ -369,7 +376,9 @@ class DynamicSplitClient:
         if self.static is not None:
             exclude = set(self.plan.candidates) - {self.static}
         states = self._states(skip)
-        i, split, t = best_server(self.plan, batch, states, current=self._current, exclude=exclude)
+        price = self.options.wait_price if self.load_aware else 0.0
+        i, split, t = best_server(self.plan, batch, states, current=self._current, exclude=exclude,
+                                  wait_price=price)
         if self.options.switch_p < 1 and self._current is not None and not skip:
             i, split, t = damped((i, split, t), self._kept(batch, states, exclude),
                                  self.options.switch_p, self._rng.random())
@@ -398,7 +407,8 @@ class DynamicSplitClient:
         and slowdown keep the batch here even over a perfect link (the load query, not a probe
         of the link, says when that ends)."""
         perfect = self._states(skip, rate=1e9)
-        return best_server(self.plan, batch, perfect, exclude=exclude)[0] is not None
+        price = self.options.wait_price if self.load_aware else 0.0
+        return best_server(self.plan, batch, perfect, exclude=exclude, wait_price=price)[0] is not None
 
     def _probe(self, batch: int, exclude: set[str], states) -> tuple[int, str, float] | None:
         """The cheapest (by the plan, at the current estimates) server and candidate that sends
