@@ -7,8 +7,8 @@ loop (each sends its next batch once the last one is answered). Per N, the polic
 after another on the same server and the same rate schedule:
 
 - ``aware``: dynamic split computing with the server's wait q and slowdown s in Eq. 4, each
-  request also charged the wait it adds to other devices' (``wait_price`` 1, the default:
-  :func:`dsc_export.serving.policy.priced_wait_ms`);
+  request also charged the delay it adds to other devices' (``wait_price`` 1, the default:
+  :func:`dsc_export.serving.policy.priced_state`);
 - ``selfish``: the same without that charge (``wait_price`` 0: each device for itself);
 - ``blind``: dynamic split computing as before (the wait counts as time on the wire, q = 0, s = 1);
 - ``static``: the best static split (the compressive split the plan predicts fastest over the
@@ -51,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HERE, run_devices, shaped_setup, stop, summarize, worker, workspace, write
+from common import HERE, new_result, run_devices, shaped_setup, stop, summarize, worker, workspace, write
 
 POLICIES = ["aware", "selfish", "blind", "static", "local", "offload", "oracle"]
 HTB = 0.96  # the share of the shaped rate a transfer gets (what the plan is asked with)
@@ -332,8 +332,7 @@ def main() -> None:
                "saturated_idle_link": {"link_MBps_tcp": measured_link, **sat}, "aware_vs_blind_at_nmax": vs_blind,
                "met": met, "wall_s": wall, "note": "2-core machine shared with other work: figures are noisy"}
     path = write("fleet.json", payload)
-    RESULTS.mkdir(exist_ok=True)
-    dest = RESULTS / f"fleet-cpu-2core-{time.strftime('%Y-%m-%d')}{'-quick' if args.quick else ''}.json"
+    dest = new_result(RESULTS, f"fleet-cpu-2core-{time.strftime('%Y-%m-%d')}{'-quick' if args.quick else ''}")
     dest.write_text(path.read_text())
     print(f"wrote {dest}")
     if not args.quick:

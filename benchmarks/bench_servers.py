@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HERE, OUT, run_devices, split_dir, stop, summarize, workspace, write
+from common import HERE, OUT, new_result, run_devices, split_dir, stop, summarize, workspace, write
 
 RESULTS = HERE / "results"
 
@@ -198,8 +198,7 @@ def main() -> None:
                "note": note,
                "plan_rtt_ms": plan.rtt_ms, "results": results}
     path = write("servers.json", payload)
-    RESULTS.mkdir(exist_ok=True)
-    dest = RESULTS / f"servers-cpu-{cores}core-{time.strftime('%Y-%m-%d')}{'-quick' if args.quick else ''}.json"
+    dest = new_result(RESULTS, f"servers-cpu-{cores}core-{time.strftime('%Y-%m-%d')}{'-quick' if args.quick else ''}")
     dest.write_text(path.read_text())
     print(f"wrote {dest}")
 

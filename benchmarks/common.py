@@ -106,6 +106,16 @@ def write(name: str, payload: dict) -> Path:
     return path
 
 
+def new_result(folder: Path, stem: str) -> Path:
+    """``folder/stem.json``, or ``stem-2.json``, ``-3``, ... if taken: a run never overwrites the
+    results of an earlier one (the docs cite them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path, k = folder / f"{stem}.json", 2
+    while path.exists():
+        path, k = folder / f"{stem}-{k}.json", k + 1
+    return path
+
+
 # --- emulated devices (bench_fleet.py, bench_servers.py) ------------------------------------------
 
 def worker(cfg_path: str) -> None:

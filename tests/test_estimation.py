@@ -92,3 +92,24 @@ def test_the_demo_table_counts_the_batches_planned_at_the_old_rate():
     assert five["measured_ms"] == pytest.approx(315.0) and five["predicted_ms"] == pytest.approx(240.0)
     assert five["rest_measured_ms"] == pytest.approx(310.0) and five["rest_predicted_ms"] == pytest.approx(860 / 3)
     assert only["stale"] == 1 and only["rest_measured_ms"] is None
+
+
+def test_the_uncongested_rate_is_the_fastest_recent_reading():
+    """A link shared with other devices: readings between its rate alone (40) and a quarter of
+    it; the uncongested rate is the fastest of the last 8 (brute force), never below the
+    estimate, and a single unconfirmed reading far above it does not count."""
+    rng = random.Random(3)
+    est = steady(40.0)
+    readings = [40.0 / rng.choice([1, 1.5, 2, 3]) for _ in range(30)]
+    seen = [40.0] * 4  # steady's
+    for r in readings:
+        feed(est, r)
+        seen.append(r)
+        v = est.rate.value  # a reading more than 2x above it is a suspected step up: not counted yet
+        assert est.rate.uncongested_MBps == pytest.approx(max([v, *(x for x in seen[-8:] if x <= 2 * v)]))
+    assert max(readings[-8:]) == 40.0  # the fastest of the last 8 had the link to itself
+    feed(est, *[10.0] * 8)  # the link itself slowed down: the old fast readings age out
+    assert est.rate.uncongested_MBps == pytest.approx(10.0)
+    feed(est, 95.0)  # one reading far above, not yet confirmed
+    assert est.rate.uncongested_MBps == pytest.approx(10.0)
+    assert est.uncongested_planning_MBps() == pytest.approx(10.0)  # no hand-over measured

@@ -1,6 +1,6 @@
 """Many devices, one server, simulated: with the damped switch (policy.damped) the devices
 converge to a share of the server without oscillating; moving at once (switch_p 1) they herd.
-Charged the wait their requests add to others' (``wait_price``, policy.priced_wait_ms) they
+Charged the wait their requests add to others' (``wait_price``, policy.priced_state) they
 converge to the fleet's best share (brute force over the share) instead of the share where
 offloading stops paying each device alone.
 

@@ -75,14 +75,22 @@ def test_best_server_is_the_fastest_pair_of_server_and_split(tiny):  # noqa: F81
 
 @pytest.mark.parametrize("price", [0.5, 1.0])
 def test_a_priced_wait_chooses_by_time_plus_price_and_predicts_the_time(tiny, price):  # noqa: F811
-    """best_server(wait_price=w): the pair with the least Eq. 4 time + w x q wins (brute force over
-    every pair), and the time it returns is Eq. 4's, the price left out."""
+    """best_server(wait_price=w): the pair with the least Eq. 4 time + w x (q + the link's delay
+    beyond its uncongested time) wins (brute force over every pair), and the time it returns is
+    Eq. 4's, the price left out."""
     _, plan = tiny
+
+    def delay(i, c, batch, st):  # what the request meets beyond an idle server and a free link
+        link = plan.times[c]["bytes"] * batch / 1e3 * (1 / st[0] - 1 / st[3]) if len(st) > 3 else 0.0
+        return st[1] + link
+
     for states in ([(100.0, 30.0, 1.0)], [(100.0, 60.0, 1.0), (10.0, 5.0, 1.0)], [(1.0, 0.0, 1.0), None],
-                   [(100.0, 40.0, 2.0), (100.0, 45.0, 1.0)]):
+                   [(100.0, 40.0, 2.0), (100.0, 45.0, 1.0)], [(5.0, 10.0, 1.0, 20.0), (5.0, 12.0, 1.0, 5.0)],
+                   [(2.0, 0.0, 1.0, 8.0)]):
         for batch in (1, 2):
             pairs = _pairs(plan, batch, states)
-            cost = {(i, c): t + (price * states[i][1] if i is not None else 0.0) for i, c, t in pairs}
+            cost = {(i, c): t + (price * delay(i, c, batch, states[i]) if i is not None else 0.0)
+                    for i, c, t in pairs}
             i, split, t = best_server(plan, batch, states, wait_price=price)
             assert cost[(i, split)] <= min(cost.values()) * (1 + plan.margin) + 1e-9
             assert (i, split, t) in pairs  # the predicted time, not the cost
@@ -92,6 +100,15 @@ def test_a_priced_wait_chooses_by_time_plus_price_and_predicts_the_time(tiny, pr
     q = (local - remote) * 0.75  # remote + q < local < remote + 2q
     assert best_server(plan, 2, [(100.0, q, 1.0)])[0] == 0
     assert best_server(plan, 2, [(100.0, q, 1.0)], wait_price=1.0)[:2] == (None, "local")
+    # the same on a shared link: a free link's rate, and the rate a crowded one leaves this device
+    lat = dict(zip(plan.candidates, plan.latencies(2, 100.0)))
+    c = min((c for c in plan.candidates if c != "local"), key=lat.get)
+    nbytes_ms = plan.times[c]["bytes"] * 2 / 1e3  # ms per 1/(MB/s)
+    r = 1 / (1 / 100.0 + (local - lat[c]) * 0.3 / nbytes_ms)  # it meets a delay of 0.3 of the gap to local
+    assert best_server(plan, 2, [(r, 0.0, 1.0, 100.0)])[:2] == (0, c)
+    priced = best_server(plan, 2, [(r, 0.0, 1.0, 100.0)], wait_price=1.0)[1]
+    assert plan.times[priced]["bytes"] < plan.times[c]["bytes"]  # fewer bytes on the crowded link, or none
+    assert best_server(plan, 2, [(r, 0.0, 1.0, r)], wait_price=1.0)[:2] == (0, c)  # uncrowded: no price
 
 
 def test_stats_load_is_the_mean_wait_of_the_window():

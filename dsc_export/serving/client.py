@@ -167,10 +167,11 @@ class ClientOptions:
             probability per batch (:func:`~dsc_export.serving.policy.damped`, against herding
             when many devices share a server); 1: at once.
         seed: the seed of that draw (None: fresh per client).
-        wait_price: charge a request to a server the wait it adds to other devices' requests
-            too, this weight times its expected wait q
-            (:func:`~dsc_export.serving.policy.priced_wait_ms`): 1 (the default) is fair to a
-            fleet that shares the server; 0 lets each device choose for itself alone.
+        wait_price: charge a request to a server the delays it adds to other devices' requests
+            too, this weight times the delays it meets (the server's wait q, and on a shared link
+            its time beyond the link's uncongested rate:
+            :func:`~dsc_export.serving.policy.priced_state`): 1 (the default) is fair to a fleet
+            that shares the server and the link; 0 lets each device choose for itself alone.
     """
 
     protocol: str = "http"
@@ -362,11 +363,13 @@ class DynamicSplitClient:
                 ep.estimate.observe_load(load)
 
     def _states(self, skip: set[int], rate: float | None = None
-                ) -> list[tuple[float, float, float] | None]:
-        """Per server: (rate, q, s) for the choice, None for one down or in ``skip``."""
+                ) -> list[tuple[float, float, float, float] | None]:
+        """Per server: (rate, q, s, the link's uncongested rate) for the choice, None for one
+        down or in ``skip``. ``rate``: this rate instead of the estimates (both)."""
         now = time.monotonic()
         return [None if i in skip or not ep.up(now)
-                else (rate or ep.estimate.planning_MBps(), *self.server_state(ep))
+                else (rate or ep.estimate.planning_MBps(), *self.server_state(ep),
+                      rate or ep.estimate.uncongested_planning_MBps())
                 for i, ep in enumerate(self.endpoints)]
 
     def choose(self, batch: int, skip: set[int] = frozenset()) -> tuple[int | None, str, float]:
@@ -398,7 +401,7 @@ class DynamicSplitClient:
         i, split = self._current
         if split in exclude or (i is not None and (i >= len(states) or states[i] is None)):
             return None
-        rate, q, s = states[i] if i is not None else (1.0, 0.0, 1.0)
+        rate, q, s = states[i][:3] if i is not None else (1.0, 0.0, 1.0)
         others = set(self.plan.candidates) - {split}
         return i, split, self.plan.choose(batch, rate, None, exclude=others, q_ms=q, s=s)[1]
 

@@ -69,6 +69,7 @@ class RateEstimator:
         self._settling = False  # the first reading was far off the prior: the next replaces it
         self._held: tuple[float, list[float], float] | None = None  # (value, window, low reading)
         self._high: float | None = None  # a reading far above the estimate, waiting for a second
+        self._readings: deque[float] = deque(maxlen=8)  # the last readings, for uncongested_MBps
 
     def observe(self, nbytes: int, seconds: float, stale: bool = False) -> float | None:
         """Add one transfer; tiny ones (latency-bound) are not counted. Returns its rate.
@@ -78,6 +79,7 @@ class RateEstimator:
         if nbytes < self.min_bytes or seconds <= 0:
             return None
         rate = nbytes / seconds / 1e6
+        self._readings.append(rate)
         first = self.observations == 0 or stale
         self.observations += 1
         if first or self._settling:
@@ -106,6 +108,17 @@ class RateEstimator:
             if self.window and len(self._recent) >= self.window:
                 self.value = statistics.median(self._recent)
         return rate
+
+    @property
+    def uncongested_MBps(self) -> float:
+        """The link's rate with nobody else on it, as far as the last 8 readings tell, MB/s: the
+        fastest of them (a transfer that had the link to itself), never below the estimate; a
+        reading more than ``jump`` times above the estimate and not yet confirmed is left out.
+        On a link that other devices share (a processor-sharing bottleneck such as one htb
+        class), bytes / this rate is a transfer's time alone and the rest of its time on the wire
+        is the delay the others add (:func:`~dsc_export.serving.policy.priced_state`)."""
+        ok = [r for r in self._readings if not self.jump or r <= self.value * self.jump]
+        return max([self.value, *ok])
 
     def _restart(self, readings: list[float]) -> None:
         """Forget the readings before these; the estimate is the latest."""
@@ -165,6 +178,11 @@ class ServerEstimate:
         per MB as a further per-byte cost (1 / (1/rate + handover per MB)); the link's rate
         while none is known. (The fixed part per request is the plan's ``rtt``'s kind of cost.)"""
         return 1.0 / (1.0 / self.rate.value + self.handover_ms_per_MB / 1e3)
+
+    def uncongested_planning_MBps(self) -> float:
+        """:meth:`planning_MBps` at the link's uncongested rate
+        (:attr:`RateEstimator.uncongested_MBps`), MB/s."""
+        return 1.0 / (1.0 / self.rate.uncongested_MBps + self.handover_ms_per_MB / 1e3)
 
     def observe_load(self, load: proto.ServerLoad) -> None:
         """Take a load query's answer in: its recent wait, slowdown and hand-over time per MB

@@ -28,29 +28,32 @@ def server_urls(server_url: str | list[str] | tuple[str, ...] | None) -> list[st
     return urls
 
 
-def best_server(plan: Plan, batch: int, states: list[tuple[float, float, float] | None], *,
+State = tuple[float, ...]  # (rate MB/s, q ms, s) or (rate, q, s, the link's uncongested rate MB/s)
+
+
+def best_server(plan: Plan, batch: int, states: list[State | None], *,
                 current: tuple[int | None, str] | None = None,
                 exclude: set[str] | frozenset[str] = frozenset(), wait_price: float = 0.0) -> Choice:
     """Choose split and server together (pure): per server that is up, the plan's best split for
-    its (rate, q priced by :func:`priced_wait_ms`, s) (:meth:`Plan.choose`, through
-    :func:`~dsc_export.planning.eq4_ms`); then
-    among those pairs and running here, :func:`~dsc_export.planning.margin_choice`: the fastest
-    pair wins, running here wins when within the plan's margin of it (the tie-break toward the
-    device), and the pair in use (``current``) is kept unless another is faster by more than
-    the margin.
+    its (rate, q, s), priced by :func:`priced_state` (:meth:`Plan.choose`, through
+    :func:`~dsc_export.planning.eq4_ms`); then among those pairs and running here,
+    :func:`~dsc_export.planning.margin_choice`: the cheapest pair wins, running here wins when
+    within the plan's margin of it (the tie-break toward the device), and the pair in use
+    (``current``) is kept unless another is cheaper by more than the margin. Unpriced
+    (``wait_price`` 0) the cost is the predicted time.
 
     Args:
         batch: samples in the batch.
-        states: per server, (rate MB/s, q ms, s), or None for a server that is down.
+        states: per server, (rate MB/s, q ms, s) or (rate, q, s, the link's uncongested rate
+            MB/s), or None for a server that is down.
         current: (server index or None for local, split) in use.
         exclude: candidates not to consider (privacy: ``offload``).
-        wait_price: the weight of the wait a request adds to other devices' requests
-            (:func:`priced_wait_ms`): a server's pairs are compared at their predicted time plus
-            ``wait_price`` x q; 0 compares predicted times alone (each device for itself).
+        wait_price: the weight of the delay a request adds to other devices' requests
+            (:func:`priced_state`); 0 compares predicted times alone (each device for itself).
 
     Returns:
-        (server index, or None to run here; split; predicted ms: Eq. 4 with the server's q, the
-        price not included).
+        (server index, or None to run here; split; predicted ms: Eq. 4 at the server's state,
+        the price not included).
 
     Raises:
         UserError: as :meth:`Plan.choose`.
@@ -60,13 +63,12 @@ def best_server(plan: Plan, batch: int, states: list[tuple[float, float, float] 
     for i, st in enumerate(states):
         if st is None:
             continue
-        rate, q, sl = st
+        rate, q, sl = st[:3]
         cur = current[1] if current and current[0] == i else None
-        # every candidate of a server sends, so each pays the same price: compared at q + price
-        split, cost = plan.choose(batch, rate, cur, exclude=set(exclude) | {"local"},
-                                  q_ms=priced_wait_ms(q, wait_price), s=sl)
+        p_rate, p_q = priced_state(rate, q, st[3] if len(st) > 3 else None, wait_price)
+        split, cost = plan.choose(batch, p_rate, cur, exclude=set(exclude) | {"local"}, q_ms=p_q, s=sl)
         if not math.isinf(cost):
-            t = cost if not wait_price else plan.choose(  # the split's own Eq. 4 time
+            t = cost if (p_rate, p_q) == (rate, q) else plan.choose(  # the split's own Eq. 4 time
                 batch, rate, exclude=set(plan.candidates) - {split}, q_ms=q, s=sl)[1]
             options.append((i, split, cost, t))
     # margin_choice's tie-break goes to the highest index: slowest pairs first, so that among
@@ -80,29 +82,48 @@ def best_server(plan: Plan, batch: int, states: list[tuple[float, float, float] 
     return i, split, predicted
 
 
-def priced_wait_ms(q_ms: float, wait_price: float) -> float:
-    """The wait a request to a server is charged, ms: the wait it meets (q) and ``wait_price``
-    times the wait it adds to the requests of other devices, which is q again on average (pure).
+def priced_state(rate_MBps: float, q_ms: float, uncongested_MBps: float | None,
+                 wait_price: float) -> tuple[float, float]:
+    """The (rate, q) a request to a server is charged at (pure): besides the delays it meets
+    itself, ``wait_price`` times the delays it adds to other devices' requests, taken to be the
+    ones it meets (Eq. 4 at the result is its time plus that price):
 
-    Why q: a FCFS server adds to the waits of the requests queued behind a request exactly that
-    request's service time, once per request behind it; summed over requests, the waits
-    requests add to others equal the waits they meet (every millisecond one request waits is
-    one the request in service ahead of it adds). So q, the mean wait a request meets, is also
-    the mean wait it adds. Charged it, devices that each choose for themselves stop offloading
-    where their own gain is smaller than the others' loss: the marginal-cost toll that makes a
-    selfish (Wardrop) equilibrium the fleet's best (A. C. Pigou 1920; M. Beckmann, C. B.
-    McGuire, C. B. Winsten 1956; for queues, P. Naor, Econometrica 37(1), 1969). Without it
-    (``wait_price`` 0), devices offload until a batch at the server takes as long as one here,
-    so sharing the server gains the fleet nothing (bench_fleet: load-aware at the best static
-    policy's mean, 1.24-1.34x the oracle). The mean is the closed loop's: in an open M/G/1
-    queue the marginal toll is q / (1 - rho) (Pollaczek-Khinchine differentiated), which
-    over-charges a fleet of a few devices (each waits for the others, not an endless stream).
+    * at the server: its wait q, charged (1 + w) q;
+    * on a shared link: its time on the wire beyond the link's uncongested time, B / r - B / r0
+      per byte B (r: the rate it gets; r0: ``uncongested_MBps``, the link alone), charged as a
+      rate r' with 1 / r' = (1 + w) / r - w / r0 (none where r0 is None or not above r).
+
+    Why the delay it meets: a FCFS server adds to the wait of each request queued behind one
+    request exactly that request's service time; summed over requests, the waits requests add
+    to others equal the waits they meet (every millisecond one request waits is one the request
+    in service ahead of it adds), so the mean wait a request adds is q. A processor-sharing link
+    is symmetric too: two transfers that overlap slow each other down alike. Charged that,
+    devices that each choose for themselves stop offloading where their own gain is smaller
+    than the others' loss: the marginal-cost toll that makes a selfish (Wardrop) equilibrium
+    the fleet's best (A. C. Pigou 1920; M. Beckmann, C. B. McGuire, C. B. Winsten 1956; for
+    queues, P. Naor, Econometrica 37(1), 1969). Without it (w = 0), devices offload until a
+    batch at the server takes as long as one here, and sharing gains the fleet nothing
+    (bench_fleet, 2026-12-04: load-aware 1.24-1.34x the oracle at N = 4 and 8). In an open
+    M/G/1 queue the marginal toll is q / (1 - rho) (Pollaczek-Khinchine differentiated); that
+    over-charges a closed fleet of a few devices, and the server's utilisation is not needed.
+    The server's slowdown s is not charged: it also holds the server being slower than its
+    profile with nobody else on it.
 
     Args:
+        rate_MBps: r, the rate the device gets on the link (MB/s).
         q_ms: the server's expected wait, ms (>= 0).
-        wait_price: 0 (each device for itself) to 1 (the mean wait a request adds, in full).
+        uncongested_MBps: r0, the link's rate with nobody else on it (MB/s), or None.
+        wait_price: w, 0 (each device for itself) to 1 (the delay a request adds, in full).
+
+    Returns:
+        (r', q'): the rate and wait to compare candidates at.
     """
-    return q_ms * (1.0 + wait_price)
+    if not wait_price:
+        return rate_MBps, q_ms
+    r = rate_MBps
+    if uncongested_MBps is not None and uncongested_MBps > r:
+        r = 1.0 / ((1.0 + wait_price) / rate_MBps - wait_price / uncongested_MBps)
+    return r, q_ms * (1.0 + wait_price)
 
 
 def damped(best: Choice, kept: Choice | None, switch_p: float, u: float) -> Choice:
