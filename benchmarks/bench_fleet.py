@@ -160,7 +160,7 @@ def main() -> None:
     if args.quick:
         args.devices, args.seconds = "1,4,8", 8.0
 
-    from dsc_export.fleet import best_assignment, demands, pins, solve
+    from dsc_export.fleet import best_assignment, demands, equilibria, pins, solve
     from dsc_export.planning import make_plan
     from dsc_export.serving.bandwidth import ShapedLink
 
@@ -200,6 +200,15 @@ def main() -> None:
                 results[str(n)] = {}
                 # the oracle, offline: per rate, the best assignment of the n devices (one shared link)
                 best = {r: best_assignment(dem[r], n) for r in rates}
+                # where devices each choosing for itself settle, per the same model (worst equilibrium)
+                price = float(os.environ.get("DSC_WAIT_PRICE", "1"))
+                eqs = {f"{r:g}": {name: {"assignment": e[-1].counts, "over_oracle": e[-1].mean_ms / best[r].mean_ms}
+                                  for name, e in (("unpriced", equilibria(dem[r], n)),
+                                                  ("priced", equilibria(dem[r], n, price)))}
+                       for r in rates}
+                print(f"N={n} model, worst equilibrium / oracle: " + "; ".join(
+                    f"{r} MB/s unpriced {v['unpriced']['over_oracle']:.2f}, priced {v['priced']['over_oracle']:.2f}"
+                    for r, v in eqs.items()), flush=True)
                 for pol in POLICIES:
                     t0 = time.time() + 4.0 + 0.6 * n  # the processes start (imports) before it
                     t1 = t0 + args.seconds
@@ -248,6 +257,7 @@ def main() -> None:
                                   f"(server busy {v['server_utilization']:.2f})" for r, v in m["per_rate"].items())
                                  if pol == "oracle" else ""), flush=True)
                 row = results[str(n)]
+                row["model_equilibria"] = eqs
                 if row["aware"].get("batches") and row["oracle"].get("batches"):
                     row["aware_over_oracle"] = row["aware"]["mean_ms"] / row["oracle"]["mean_ms"]
                     uniform = min(row[p]["mean_ms"] for p in ("static", "local", "offload") if row[p].get("batches"))

@@ -170,3 +170,36 @@ def pins(sol: Solution) -> list[str]:
     """Device i's candidate under an assignment: ids repeated by their counts, in the solution's
     order (device 0 first)."""
     return [c for c, m in sol.counts.items() for _ in range(m)]
+
+
+def equilibria(ds: Sequence[Demand], n: int, wait_price: float = 0.0,
+               shared_link: bool = True) -> list[Solution]:
+    """The assignments of ``n`` devices where no device gains by moving alone to another
+    candidate (Nash equilibria of the fleet's devices, each choosing for itself), as the model
+    predicts them, best first: what devices that each choose by their own predicted time settle
+    at, given time to. A device's cost is its latency plus ``wait_price`` times the queueing delay
+    it meets at the link and the server (the charge of
+    :func:`dsc_export.serving.policy.priced_state`); 0 is each device for itself.
+
+    Raises:
+        ValueError: ``n`` < 1 or no candidate.
+    """
+    if n < 1 or not ds:
+        raise ValueError(f"need at least one device and one candidate (n={n}, {len(ds)} candidates)")
+    got = _sweep(ds, n, shared_link)
+
+    def cost(vec: tuple[int, ...], c: int) -> float:  # its latency, and the price of what of it is queueing
+        r = got[vec][0][c]
+        return r + wait_price * (r - ds[c].alone_ms)
+
+    found = []
+    for vec in got:
+        if sum(vec) != n:
+            continue
+        stay = all(cost(vec, c) <= cost(moved, c2) * (1 + 1e-9)
+                   for c in range(len(ds)) if vec[c]
+                   for c2 in range(len(ds)) if c2 != c
+                   for moved in [tuple(m - (j == c) + (j == c2) for j, m in enumerate(vec))])
+        if stay:
+            found.append(_solution(ds, vec, got[vec]))
+    return sorted(found, key=lambda s: s.mean_ms)

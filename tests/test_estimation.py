@@ -113,3 +113,15 @@ def test_the_uncongested_rate_is_the_fastest_recent_reading():
     feed(est, 95.0)  # one reading far above, not yet confirmed
     assert est.rate.uncongested_MBps == pytest.approx(10.0)
     assert est.uncongested_planning_MBps() == pytest.approx(10.0)  # no hand-over measured
+
+
+def test_the_uncontended_slowdown_is_the_least_recent_one():
+    """Each answered request's slowdown (server_ms / the profiled tail); the uncontended one is the
+    least of the last 8 (brute force), never above the smoothed estimate."""
+    est = ServerEstimate(10.0)
+    slows = [3.0, 1.2, 4.0, 6.0, 2.5, 5.0, 7.0, 3.5, 6.5, 4.5, 8.0]
+    for k, sl in enumerate(slows):
+        est.observe(1_000_000, round_trip_ms=100.0 + 10 * sl, queue_ms=0.0, server_ms=10 * sl, rtt_ms=0.0,
+                    tail_ms=10.0)
+        assert est.uncontended_s() == pytest.approx(min([est.s, *slows[max(0, k - 7):k + 1]]))
+    assert est.uncontended_s() == pytest.approx(2.5) and 2.5 < est.s  # 1.2 aged out

@@ -1,5 +1,6 @@
 """The fleet model (dsc_export.fleet): exact MVA against a discrete-event simulation of the same
-closed network, N = 1 against the sum of the parts, and the assignment search against brute force."""
+closed network, N = 1 against the sum of the parts, the assignment search against brute force, and the
+equilibria of devices each choosing for itself (unpriced and priced) against a brute force over solve()."""
 
 import heapq
 import itertools
@@ -7,7 +8,7 @@ import random
 
 import pytest
 
-from dsc_export.fleet import Demand, best_assignment, pins, solve
+from dsc_export.fleet import Demand, best_assignment, equilibria, pins, solve
 
 
 def simulate(ds, counts, batches=60000, seed=1, shared_link=True):
@@ -154,6 +155,45 @@ def test_a_mixed_assignment_beats_every_uniform_one():
     assert solve([ds[0]], [1]).mean_ms < ds[1].delay_ms  # alone, offload wins
 
 
+def _brute_equilibria(ds, n, price):
+    """Every assignment where no device gains by moving alone: solve() per assignment and move."""
+    def cost(vec, c):
+        r = solve(ds, vec).latency_ms[ds[c].id]
+        return r + price * (r - ds[c].alone_ms)  # the price: w x its queueing at the link and server
+    found = set()
+    for vec in itertools.product(range(n + 1), repeat=len(ds)):
+        if sum(vec) != n:
+            continue
+        moves = [(c, tuple(m - (j == c) + (j == c2) for j, m in enumerate(vec)), c2)
+                 for c in range(len(ds)) if vec[c] for c2 in range(len(ds)) if c2 != c]
+        if all(cost(vec, c) <= cost(v2, c2) * (1 + 1e-9) for c, v2, c2 in moves):
+            found.add(vec)
+    return found
+
+
+SHARED = [Demand("offload", 5.0, 16.0, 48.0), Demand("cut", 140.0, 13.0, 30.0), Demand("local", 300.0, 0.0, 0.0)]
+
+
+@pytest.mark.parametrize("n", [2, 4, 6])
+@pytest.mark.parametrize("price", [0.0, 1.0])
+def test_equilibria_match_brute_force(n, price):
+    got = equilibria(SHARED, n, price)
+    assert {tuple(e.counts.get(d.id, 0) for d in SHARED) for e in got} == _brute_equilibria(SHARED, n, price)
+    assert [e.mean_ms for e in got] == sorted(e.mean_ms for e in got)
+
+
+def test_the_price_moves_the_equilibrium_to_the_fleets_best():
+    """Each for itself, the devices crowd the server and the link past the fleet's best; priced,
+    the worst equilibrium comes within 10 % of the best assignment (one device more on the server
+    than the best: 3 of 6, against 2), the unpriced one is 1.5x it (all 6 on the server)."""
+    n = 6
+    best = best_assignment(SHARED, n).mean_ms
+    selfish, priced = equilibria(SHARED, n), equilibria(SHARED, n, 1.0)
+    assert selfish and priced
+    assert selfish[-1].mean_ms > 1.3 * best
+    assert priced[-1].mean_ms <= 1.10 * best
+
+
 def test_bad_counts_are_refused():
     with pytest.raises(ValueError):
         solve([A, B], [1])
@@ -161,3 +201,5 @@ def test_bad_counts_are_refused():
         solve([A], [0])
     with pytest.raises(ValueError):
         best_assignment([A], 0)
+    with pytest.raises(ValueError):
+        equilibria([A], 0)

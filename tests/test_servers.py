@@ -82,11 +82,12 @@ def test_a_priced_wait_chooses_by_time_plus_price_and_predicts_the_time(tiny, pr
 
     def delay(i, c, batch, st):  # what the request meets beyond an idle server and a free link
         link = plan.times[c]["bytes"] * batch / 1e3 * (1 / st[0] - 1 / st[3]) if len(st) > 3 else 0.0
-        return st[1] + link
+        tail = (st[2] - st[4]) * plan.parts_ms(c, batch)[1] if len(st) > 4 else 0.0
+        return st[1] + link + tail
 
     for states in ([(100.0, 30.0, 1.0)], [(100.0, 60.0, 1.0), (10.0, 5.0, 1.0)], [(1.0, 0.0, 1.0), None],
                    [(100.0, 40.0, 2.0), (100.0, 45.0, 1.0)], [(5.0, 10.0, 1.0, 20.0), (5.0, 12.0, 1.0, 5.0)],
-                   [(2.0, 0.0, 1.0, 8.0)]):
+                   [(2.0, 0.0, 1.0, 8.0)], [(50.0, 5.0, 6.0, 50.0, 1.5), (20.0, 8.0, 2.0, 40.0, 2.0)]):
         for batch in (1, 2):
             pairs = _pairs(plan, batch, states)
             cost = {(i, c): t + (price * delay(i, c, batch, states[i]) if i is not None else 0.0)

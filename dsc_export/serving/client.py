@@ -168,10 +168,11 @@ class ClientOptions:
             when many devices share a server); 1: at once.
         seed: the seed of that draw (None: fresh per client).
         wait_price: charge a request to a server the delays it adds to other devices' requests
-            too, this weight times the delays it meets (the server's wait q, and on a shared link
-            its time beyond the link's uncongested rate:
-            :func:`~dsc_export.serving.policy.priced_state`): 1 (the default) is fair to a fleet
-            that shares the server and the link; 0 lets each device choose for itself alone.
+            too, this weight times the delays it meets (the server's wait q, its tail's time beyond
+            the server's uncontended slowdown, and on a shared link its time beyond the link's
+            uncongested rate: :func:`~dsc_export.serving.policy.priced_state`): 1 (the default)
+            is fair to a fleet that shares the server and the link; 0 lets each device choose
+            for itself alone.
     """
 
     protocol: str = "http"
@@ -363,13 +364,15 @@ class DynamicSplitClient:
                 ep.estimate.observe_load(load)
 
     def _states(self, skip: set[int], rate: float | None = None
-                ) -> list[tuple[float, float, float, float] | None]:
-        """Per server: (rate, q, s, the link's uncongested rate) for the choice, None for one
-        down or in ``skip``. ``rate``: this rate instead of the estimates (both)."""
+                ) -> list[tuple[float, float, float, float, float] | None]:
+        """Per server: (rate, q, s, the link's uncongested rate, the server's uncontended s) for
+        the choice (:func:`~dsc_export.serving.policy.best_server`), None for one down or in
+        ``skip``. ``rate``: this rate instead of the estimates (both)."""
         now = time.monotonic()
         return [None if i in skip or not ep.up(now)
                 else (rate or ep.estimate.planning_MBps(), *self.server_state(ep),
-                      rate or ep.estimate.uncongested_planning_MBps())
+                      rate or ep.estimate.uncongested_planning_MBps(),
+                      ep.estimate.uncontended_s() if self.load_aware else 1.0)
                 for i, ep in enumerate(self.endpoints)]
 
     def choose(self, batch: int, skip: set[int] = frozenset()) -> tuple[int | None, str, float]:

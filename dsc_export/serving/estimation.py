@@ -150,6 +150,7 @@ class ServerEstimate:
         # the server's time outside its handler: ms per request and ms per MB (load answers)
         self.handover_fixed_ms, self.handover_ms_per_MB = 0.0, 0.0
         self.heard = -math.inf  # time.monotonic() of the last news of the server
+        self._slow: deque[float] = deque(maxlen=8)  # the last requests' slowdowns, for uncontended_s
 
     def observe(self, nbytes: int, *, round_trip_ms: float, queue_ms: float, server_ms: float,
                 rtt_ms: float, tail_ms: float, stale: bool = False) -> float | None:
@@ -166,6 +167,8 @@ class ServerEstimate:
         wire_ms = round_trip_ms - queue_ms - server_ms - self.handover_ms(nbytes) - rtt_ms
         measured = self.rate.observe(nbytes, wire_ms / 1e3, stale=stale)
         slow = max(1.0, server_ms / tail_ms) if tail_ms > 0 else None
+        if slow is not None:
+            self._slow.append(slow)
         self._server(queue_ms, slow)
         return measured
 
@@ -183,6 +186,12 @@ class ServerEstimate:
         """:meth:`planning_MBps` at the link's uncongested rate
         (:attr:`RateEstimator.uncongested_MBps`), MB/s."""
         return 1.0 / (1.0 / self.rate.uncongested_MBps + self.handover_ms_per_MB / 1e3)
+
+    def uncontended_s(self) -> float:
+        """The server's slowdown with nobody else on it, as far as this client's last 8 answered
+        requests tell: the least of their slowdowns (a request whose tail ran alone), never above
+        the estimate :attr:`s` (:func:`~dsc_export.serving.policy.priced_state`)."""
+        return min([self.s, *self._slow])
 
     def observe_load(self, load: proto.ServerLoad) -> None:
         """Take a load query's answer in: its recent wait, slowdown and hand-over time per MB

@@ -28,7 +28,7 @@ def server_urls(server_url: str | list[str] | tuple[str, ...] | None) -> list[st
     return urls
 
 
-State = tuple[float, ...]  # (rate MB/s, q ms, s) or (rate, q, s, the link's uncongested rate MB/s)
+State = tuple[float, ...]  # (rate MB/s, q ms, s), optionally + (the link's uncongested rate, uncontended s)
 
 
 def best_server(plan: Plan, batch: int, states: list[State | None], *,
@@ -44,8 +44,9 @@ def best_server(plan: Plan, batch: int, states: list[State | None], *,
 
     Args:
         batch: samples in the batch.
-        states: per server, (rate MB/s, q ms, s) or (rate, q, s, the link's uncongested rate
-            MB/s), or None for a server that is down.
+        states: per server, (rate MB/s, q ms, s), optionally followed by the link's uncongested
+            rate (MB/s) and the server's uncontended slowdown (:func:`priced_state`; None: not
+            known), or None for a server that is down.
         current: (server index or None for local, split) in use.
         exclude: candidates not to consider (privacy: ``offload``).
         wait_price: the weight of the delay a request adds to other devices' requests
@@ -65,10 +66,11 @@ def best_server(plan: Plan, batch: int, states: list[State | None], *,
             continue
         rate, q, sl = st[:3]
         cur = current[1] if current and current[0] == i else None
-        p_rate, p_q = priced_state(rate, q, st[3] if len(st) > 3 else None, wait_price)
-        split, cost = plan.choose(batch, p_rate, cur, exclude=set(exclude) | {"local"}, q_ms=p_q, s=sl)
+        r0, s0 = (tuple(st[3:]) + (None, None))[:2]
+        priced = priced_state(rate, q, sl, r0, s0, wait_price)
+        split, cost = plan.choose(batch, priced[0], cur, exclude=set(exclude) | {"local"}, q_ms=priced[1], s=priced[2])
         if not math.isinf(cost):
-            t = cost if (p_rate, p_q) == (rate, q) else plan.choose(  # the split's own Eq. 4 time
+            t = cost if priced == (rate, q, sl) else plan.choose(  # the split's own Eq. 4 time
                 batch, rate, exclude=set(plan.candidates) - {split}, q_ms=q, s=sl)[1]
             options.append((i, split, cost, t))
     # margin_choice's tie-break goes to the highest index: slowest pairs first, so that among
@@ -82,48 +84,57 @@ def best_server(plan: Plan, batch: int, states: list[State | None], *,
     return i, split, predicted
 
 
-def priced_state(rate_MBps: float, q_ms: float, uncongested_MBps: float | None,
-                 wait_price: float) -> tuple[float, float]:
-    """The (rate, q) a request to a server is charged at (pure): besides the delays it meets
-    itself, ``wait_price`` times the delays it adds to other devices' requests, taken to be the
-    ones it meets (Eq. 4 at the result is its time plus that price):
+def priced_state(rate_MBps: float, q_ms: float, s: float, uncongested_MBps: float | None,
+                 uncontended_s: float | None, wait_price: float) -> tuple[float, float, float]:
+    """The (rate, q, s) a request to a server is charged at (pure): besides the delays it meets
+    itself, ``wait_price`` (w) times the delays it adds to other devices' requests, taken to be
+    the ones it meets (Eq. 4 at the result is its time plus that price):
 
-    * at the server: its wait q, charged (1 + w) q;
-    * on a shared link: its time on the wire beyond the link's uncongested time, B / r - B / r0
-      per byte B (r: the rate it gets; r0: ``uncongested_MBps``, the link alone), charged as a
-      rate r' with 1 / r' = (1 + w) / r - w / r0 (none where r0 is None or not above r).
+    * its wait at the server q: charged (1 + w) q;
+    * on a shared link, its time on the wire beyond the link's uncongested time, B / r - B / r0
+      per B bytes (r: the rate it gets; r0: ``uncongested_MBps``, the link with nobody else on
+      it): charged as a rate r' with 1 / r' = (1 + w) / r - w / r0;
+    * at the server, its tail's time beyond the tail's uncontended time, (s - s0) T_tail (s0:
+      ``uncontended_s``; a server that merges waiting requests into one batch, or shares its
+      cores between them, runs each request's tail slower the more requests it has):
+      charged as s' = (1 + w) s - w s0.
+
+    A part whose uncongested figure is None, or not better than the one met, is not charged.
 
     Why the delay it meets: a FCFS server adds to the wait of each request queued behind one
     request exactly that request's service time; summed over requests, the waits requests add
     to others equal the waits they meet (every millisecond one request waits is one the request
-    in service ahead of it adds), so the mean wait a request adds is q. A processor-sharing link
-    is symmetric too: two transfers that overlap slow each other down alike. Charged that,
-    devices that each choose for themselves stop offloading where their own gain is smaller
-    than the others' loss: the marginal-cost toll that makes a selfish (Wardrop) equilibrium
-    the fleet's best (A. C. Pigou 1920; M. Beckmann, C. B. McGuire, C. B. Winsten 1956; for
-    queues, P. Naor, Econometrica 37(1), 1969). Without it (w = 0), devices offload until a
-    batch at the server takes as long as one here, and sharing gains the fleet nothing
-    (bench_fleet, 2026-12-04: load-aware 1.24-1.34x the oracle at N = 4 and 8). In an open
-    M/G/1 queue the marginal toll is q / (1 - rho) (Pollaczek-Khinchine differentiated); that
-    over-charges a closed fleet of a few devices, and the server's utilisation is not needed.
-    The server's slowdown s is not charged: it also holds the server being slower than its
-    profile with nobody else on it.
+    in service ahead of it adds), so the mean wait a request adds is q. Transfers that overlap
+    on a processor-sharing link, and requests merged into one batch, slow each other down
+    alike. Charged that, devices that each choose for themselves stop offloading where their
+    own gain is smaller than the others' loss: the marginal-cost toll that makes a selfish
+    (Wardrop) equilibrium the fleet's best (A. C. Pigou 1920; M. Beckmann, C. B. McGuire,
+    C. B. Winsten 1956; for queues, P. Naor, Econometrica 37(1), 1969). Without it (w = 0),
+    devices offload until a batch at the server takes as long as one here, and sharing gains the
+    fleet little (bench_fleet, 2026-12-04: load-aware 1.24-1.34x the oracle at N = 4 and 8).
+    In an open M/G/1 queue the marginal toll is q / (1 - rho) (Pollaczek-Khinchine
+    differentiated); that over-charges a closed fleet of a few devices
+    (:func:`dsc_export.fleet.equilibria`).
 
     Args:
         rate_MBps: r, the rate the device gets on the link (MB/s).
         q_ms: the server's expected wait, ms (>= 0).
-        uncongested_MBps: r0, the link's rate with nobody else on it (MB/s), or None.
-        wait_price: w, 0 (each device for itself) to 1 (the delay a request adds, in full).
+        s: the server's slowdown against its profile now.
+        uncongested_MBps: r0, or None.
+        uncontended_s: s0, or None.
+        wait_price: w, 0 (each device for itself) to 1 (the delays a request adds, in full).
 
     Returns:
-        (r', q'): the rate and wait to compare candidates at.
+        (r', q', s'): the rate, wait and slowdown to compare candidates at.
     """
     if not wait_price:
-        return rate_MBps, q_ms
-    r = rate_MBps
+        return rate_MBps, q_ms, s
+    r, sl = rate_MBps, s
     if uncongested_MBps is not None and uncongested_MBps > r:
         r = 1.0 / ((1.0 + wait_price) / rate_MBps - wait_price / uncongested_MBps)
-    return r, q_ms * (1.0 + wait_price)
+    if uncontended_s is not None and uncontended_s < s:
+        sl = (1.0 + wait_price) * s - wait_price * uncontended_s
+    return r, q_ms * (1.0 + wait_price), sl
 
 
 def damped(best: Choice, kept: Choice | None, switch_p: float, u: float) -> Choice:
