@@ -54,6 +54,7 @@ from pathlib import Path
 from common import HERE, new_result, run_devices, shaped_setup, stop, summarize, worker, workspace, write
 
 POLICIES = ["aware", "selfish", "blind", "static", "local", "offload", "oracle"]
+UNIFORM = ("static", "local", "offload")  # the uniform policies: every device on one candidate
 HTB = 0.96  # the share of the shaped rate a transfer gets (what the plan is asked with)
 RESULTS = HERE / "results"
 IMAGES = HERE.parent / "docs" / "images"
@@ -115,7 +116,7 @@ def start_server(link, root: Path, profile: Path, log_dir: Path, instances: int,
     raise SystemExit(f"the server did not start; see {log_dir / 'server.err'}")
 
 
-def plot(results: dict, path: Path, static: str) -> None:
+def plot(results: dict, path: Path, static: str, policies: list[str]) -> None:
     """Mean latency per batch against N, one line per policy."""
     import matplotlib
 
@@ -127,7 +128,7 @@ def plot(results: dict, path: Path, static: str) -> None:
     names = {"aware": "load-aware dynamic", "selfish": "load-aware, unpriced wait", "blind": "load-blind dynamic",
              "static": f"static {static}", "local": "all-local", "offload": "all-offload",
              "oracle": "oracle (best static assignment)"}
-    for pol in POLICIES:
+    for pol in policies:
         ax.plot(ns, [results[str(n)][pol]["mean_ms"] for n in ns], marker="o", label=names[pol])
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
@@ -151,6 +152,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=24.0, help="per N and policy (split among the rates)")
     ap.add_argument("--rates", default="40,10", help="MB/s of the shared link, in turn within each phase")
     ap.add_argument("--device-slowdown", type=float, default=4.0)
+    ap.add_argument("--privacy", action="store_true",
+                    help="the privacy fleet: the raw input never leaves a device (no offload candidate); "
+                         "dynamic against all-local, the best static split and the oracle of the splits")
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker)
@@ -186,30 +190,34 @@ def main() -> None:
             plan = make_plan(man, dev.scaled(k), srv, rtt_ms=rtt)
             (tmp / "plan.json").write_text(plan.to_json())
             splits = [s.id for s in man.splits if s.kind == "split"]
+            raw = {s.id for s in man.splits if s.kind == "offload"}  # what privacy never sends
+            allowed = [c for c in plan.candidates if c not in raw] if args.privacy else None
+            policies = [p for p in POLICIES if not (args.privacy and p in ("blind", "offload"))]
             static = min(splits, key=lambda s: sum(
                 plan.choose(args.batch, r * HTB, exclude=set(plan.candidates) - {s})[1] for r in rates))
             print(f"rtt {rtt:.2f} ms; device replayed at {k:g}x its 1-thread profile; link {rates} MB/s in turn; "
                   f"best static split {static}; idle-server plan at batch {args.batch}: "
                   + ", ".join(f"{r:g} MB/s -> {plan.choose(args.batch, r * HTB)[0]}" for r in rates), flush=True)
             base = {"root": str(root), "url": url, "plan": str(tmp / "plan.json"), "cache": str(cache), "inputs": 2,
-                    "slowdown": k, "static": static, "initial_rate": rates[0]}
+                    "slowdown": k, "static": static, "initial_rate": rates[0], "privacy": args.privacy}
             results: dict = {}
             steady = []
             dem = {r: demands(plan, args.batch, r * HTB) for r in rates}  # per rate: the candidates' parts
             for n in ns:
                 results[str(n)] = {}
                 # the oracle, offline: per rate, the best assignment of the n devices (one shared link)
-                best = {r: best_assignment(dem[r], n) for r in rates}
+                best = {r: best_assignment(dem[r], n, allowed=allowed) for r in rates}
                 # where devices each choosing for itself settle, per the same model (worst equilibrium)
                 price = float(os.environ.get("DSC_WAIT_PRICE", "1"))
+                mine = {r: [d for d in dem[r] if allowed is None or d.id in allowed] for r in rates}
                 eqs = {f"{r:g}": {name: {"assignment": e[-1].counts, "over_oracle": e[-1].mean_ms / best[r].mean_ms}
-                                  for name, e in (("unpriced", equilibria(dem[r], n)),
-                                                  ("priced", equilibria(dem[r], n, price)))}
+                                  for name, e in (("unpriced", equilibria(mine[r], n)),
+                                                  ("priced", equilibria(mine[r], n, price)))}
                        for r in rates}
                 print(f"N={n} model, worst equilibrium / oracle: " + "; ".join(
                     f"{r} MB/s unpriced {v['unpriced']['over_oracle']:.2f}, priced {v['priced']['over_oracle']:.2f}"
                     for r, v in eqs.items()), flush=True)
-                for pol in POLICIES:
+                for pol in policies:
                     t0 = time.time() + 4.0 + 0.6 * n  # the processes start (imports) before it
                     t1 = t0 + args.seconds
                     sched = [(t0 + args.seconds * j / len(rates), r) for j, r in enumerate(rates)]
@@ -260,7 +268,7 @@ def main() -> None:
                 row["model_equilibria"] = eqs
                 if row["aware"].get("batches") and row["oracle"].get("batches"):
                     row["aware_over_oracle"] = row["aware"]["mean_ms"] / row["oracle"]["mean_ms"]
-                    uniform = min(row[p]["mean_ms"] for p in ("static", "local", "offload") if row[p].get("batches"))
+                    uniform = min(row[p]["mean_ms"] for p in UNIFORM if row.get(p, {}).get("batches"))
                     row["aware_over_best_static"] = row["aware"]["mean_ms"] / uniform
                     if row["selfish"].get("batches"):
                         row["selfish_over_oracle"] = row["selfish"]["mean_ms"] / row["oracle"]["mean_ms"]
@@ -283,11 +291,11 @@ def main() -> None:
                 print(f"join/leave, {m} device(s): mean {j['mean_ms']:7.1f} ms "
                       f"(predicted {j['predicted_mean_ms']:.1f}), "
                       f"splits {', '.join(f'{s} {v:.0%}' for s, v in j['share'].items())}", flush=True)
-            # a saturated server, an idle link: does the rate estimate read the link?
+            # a saturated server, an idle link: does the rate estimate read the link? (it sends the raw input)
             link.set_rate(rates[0])
             measured_link = link.measure_rate()
             sat = {}
-            for pol in ("aware", "blind"):
+            for pol in () if args.privacy else ("aware", "blind"):
                 # inside the namespace: the generators' requests do not cross the shaped link
                 gen = subprocess.Popen(link.exec_argv([sys.executable, "-c", LOADGEN, url, "offload", "8",
                                                        str(args.seconds * 0.6 + 6), "2"]), cwd=HERE.parent)
@@ -300,9 +308,10 @@ def main() -> None:
                             "mean_queue_ms": statistics.mean(r["queue_ms"] for r in recs[0]) if recs[0] else None,
                             "splits": sorted({r["split"] for r in recs[0]}),
                             "server_utilization": statistics.mean(ld.utilization for _, ld in loads) if loads else None}
-            print(f"saturated server, idle link ({measured_link:.1f} MB/s by TCP): rate estimate load-aware "
-                  f"{sat['aware']['mean_rate_MBps']:.1f} MB/s, load-blind {sat['blind']['mean_rate_MBps']:.1f} MB/s",
-                  flush=True)
+            if sat:
+                print(f"saturated server, idle link ({measured_link:.1f} MB/s by TCP): rate estimate load-aware "
+                      f"{sat['aware']['mean_rate_MBps']:.1f} MB/s, load-blind {sat['blind']['mean_rate_MBps']:.1f} "
+                      "MB/s", flush=True)
         finally:
             stop(proc)
     wall = time.time() - t_start
@@ -312,23 +321,24 @@ def main() -> None:
         return results[str(n)][pol]["mean_ms"]
 
     ratio = {n: results[str(n)].get("aware_over_oracle") for n in ns}
-    never_worse = all(mean(n, "aware") <= 1.03 * min(mean(n, p) for p in ("static", "local", "offload")) for n in ns)
-    vs_blind = 1 - mean(nmax, "aware") / mean(nmax, "blind")
-    within = all(abs(e) <= 0.15 for n, p, e in steady if p in ("aware", "static", "local", "offload"))
-    sat_ok = (sat["aware"]["mean_rate_MBps"] is not None
+    never_worse = all(mean(n, "aware") <= 1.03 * min(mean(n, p) for p in UNIFORM if p in policies) for n in ns)
+    vs_blind = None if args.privacy else 1 - mean(nmax, "aware") / mean(nmax, "blind")
+    within = all(abs(e) <= 0.15 for n, p, e in steady if p in ("aware", *UNIFORM))
+    sat_ok = (None if not sat else sat["aware"]["mean_rate_MBps"] is not None
               and abs(sat["aware"]["mean_rate_MBps"] / measured_link - 1) <= 0.2)
     met = {"aware_never_worse_than_best_static_3pct": never_worse,
-           f"aware_15pct_below_blind_at_N{nmax}": vs_blind >= 0.15,
+           f"aware_15pct_below_blind_at_N{nmax}": None if vs_blind is None else vs_blind >= 0.15,
            "measured_within_15pct_of_predicted": within,
            "aware_within_5pct_of_oracle": all(v is not None and v <= 1.05 for v in ratio.values()),
            # the issue's targets against the best uniform policy: <= 0.90 at N = 4, 0.95 at 8, 1.03 at 1 and 2
            "aware_vs_best_static": all(results[str(n)].get("aware_over_best_static", 9)
                                        <= {4: 0.90, 8: 0.95}.get(n, 1.03) for n in ns),
            "rate_estimate_within_20pct_saturated": sat_ok}
-    print(f"\ntargets: {json.dumps(met)}; aware vs blind at N={nmax}: {vs_blind * 100:.0f} % lower; "
-          f"wall {wall / 60:.1f} min (a shared, noisy 2-core machine)")
+    print(f"\ntargets: {json.dumps(met)}; "
+          + (f"aware vs blind at N={nmax}: {vs_blind * 100:.0f} % lower; " if vs_blind is not None else "")
+          + f"wall {wall / 60:.1f} min (a shared, noisy 2-core machine)")
     payload = {"model": args.model, "batch": args.batch, "rates_MBps": rates, "seconds_per_phase": args.seconds,
-               "quick": args.quick, "rtt_ms": rtt, "best_static": static,
+               "quick": args.quick, "privacy": args.privacy, "rtt_ms": rtt, "best_static": static,
                "aware_options": {"switch_p": float(os.environ.get("DSC_SWITCH_P", "0.3")),
                                  "wait_price": float(os.environ.get("DSC_WAIT_PRICE", "1"))},
                "device_emulation": f"replayed: each device sleeps its profiled head time (1 thread of this machine) "
@@ -341,14 +351,15 @@ def main() -> None:
                "aware_over_oracle": {str(n): v for n, v in ratio.items()},
                "saturated_idle_link": {"link_MBps_tcp": measured_link, **sat}, "aware_vs_blind_at_nmax": vs_blind,
                "met": met, "wall_s": wall, "note": "2-core machine shared with other work: figures are noisy"}
-    path = write("fleet.json", payload)
-    dest = new_result(RESULTS, f"fleet-cpu-2core-{time.strftime('%Y-%m-%d')}{'-quick' if args.quick else ''}")
+    kind = "fleet-privacy" if args.privacy else "fleet"
+    path = write(f"{kind}.json", payload)
+    dest = new_result(RESULTS, f"{kind}-cpu-2core-{time.strftime('%Y-%m-%d')}{'-quick' if args.quick else ''}")
     dest.write_text(path.read_text())
     print(f"wrote {dest}")
     if not args.quick:
         IMAGES.mkdir(parents=True, exist_ok=True)
-        plot(results, IMAGES / "fleet-latency-vs-devices.png", static)
-        print(f"wrote {IMAGES / 'fleet-latency-vs-devices.png'}")
+        plot(results, IMAGES / f"{kind}-latency-vs-devices.png", static, policies)
+        print(f"wrote {IMAGES / f'{kind}-latency-vs-devices.png'}")
 
 
 if __name__ == "__main__":

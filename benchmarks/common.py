@@ -131,7 +131,7 @@ def worker(cfg_path: str) -> None:
     cache = dict(np.load(cfg["cache"]))
     inputs = [cache[f"x{i}"] for i in range(cfg["inputs"])]
     policy = cfg["policy"]
-    kw = {"load_aware": policy != "blind"}
+    kw = {"load_aware": policy != "blind", "privacy": bool(cfg.get("privacy"))}
     if policy in ("aware", "selfish"):  # against herding: move to a better pair with probability 0.3 per batch
         kw["switch_p"] = float(os.environ.get("DSC_SWITCH_P", "0.3"))
         # aware: charged the wait its requests add to other devices' (the default); selfish: not

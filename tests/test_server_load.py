@@ -126,6 +126,29 @@ def test_choice_moves_to_the_device_while_the_server_waits_and_back(tiny):
     assert min(b.rate_MBps for b in logs) > 0.5 * server.rate
 
 
+@pytest.mark.parametrize("price", [0.0, 1.0])
+def test_a_priced_client_probes_from_its_budget_only(tiny, price):
+    """A server that waits 45 ms over a link where the input takes 40 ms: offloading (43 ms + the
+    wait) beats running here (100 ms) for this device alone, not once the wait it adds to others
+    is charged (43 + 2 x 45), though it would over a perfect link (3 + 2 x 45: so the link is worth
+    probing). Unpriced the client offloads every batch; priced it runs here and probes from its
+    budget only (5 % of 100 ms a batch against 33 ms extra: about one probe in 7 batches), not
+    after every probe_every (3) local batches, as the probe's time alone would allow."""
+    root, plan = tiny
+    x = np.random.default_rng(0).integers(0, 255, (2, 3, 16, 16)).astype(np.float32)
+    server = FakeServer(root, rate_MBps=x.nbytes / 0.04 / 1e6)
+    server.queue_ms = server.recent_q = 45.0
+    logs = []
+    with _client(root, plan, server, log=logs.append, initial_rate_MBps=server.rate, wait_price=price) as client:
+        for _ in range(30):
+            client.infer(x)
+    sent = [b.split != "local" for b in logs[4:]]
+    if price == 0:
+        assert all(sent)
+    else:
+        assert 1 <= sum(sent) <= 5, [b.split for b in logs]  # every 4th batch would be 6 or 7
+
+
 def test_client_recovers_from_a_slow_first_answer(tiny):
     """A cold start: the first answer takes 400 ms more on the wire than the link would (the
     20 ms link reads as 20x slower). The reading is provisional (far off the assumed rate): the

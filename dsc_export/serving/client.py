@@ -78,7 +78,7 @@ from dsc_export.offload import Encoder, layout_of
 from dsc_export.planning import Plan, read_plan
 from dsc_export.serving import protocol as proto  # "protocol" is the http/grpc parameter
 from dsc_export.serving.estimation import ServerEstimate
-from dsc_export.serving.policy import best_server, damped, server_urls
+from dsc_export.serving.policy import best_server, damped, priced_ms, server_urls
 from dsc_export.serving.transport import connect
 
 
@@ -390,12 +390,14 @@ class DynamicSplitClient:
                                  self.options.switch_p, self._rng.random())
         if self.static is None and self._local_streak >= self.options.probe_every \
                 and self._link_matters(batch, exclude, skip):
-            probe = self._probe(batch, exclude, states)
+            probe = self._probe(batch, exclude, states, price)
             # a provisional estimate (one reading far off: a cold start or a step) is re-probed at once
             unsure = probe is not None and self.endpoints[probe[0]].estimate.rate.provisional
-            if probe and probe[1] != split and (unsure or self._budget >= probe[2] - t):
+            # the probe's extra cost, as the choice counts costs (priced: a probe adds to others' waits too)
+            cost = t if i is None else priced_ms(self.plan, batch, states[i], split, price)
+            if probe and probe[1] != split and (unsure or self._budget >= probe[3] - cost):
                 self._budget = 0.0
-                i, split, t = probe
+                i, split, t = probe[:3]
         return i, split, t
 
     def _kept(self, batch: int, states, exclude: set[str]) -> tuple[int | None, str, float] | None:
@@ -416,9 +418,11 @@ class DynamicSplitClient:
         price = self.options.wait_price if self.load_aware else 0.0
         return best_server(self.plan, batch, perfect, exclude=exclude, wait_price=price)[0] is not None
 
-    def _probe(self, batch: int, exclude: set[str], states) -> tuple[int, str, float] | None:
-        """The cheapest (by the plan, at the current estimates) server and candidate that sends
-        enough bytes to measure the link; small transfers are latency-bound and would read low."""
+    def _probe(self, batch: int, exclude: set[str], states, price: float
+               ) -> tuple[int, str, float, float] | None:
+        """The cheapest (by the plan, at the current estimates, priced as the choice prices)
+        server and candidate that sends enough bytes to measure the link; small transfers are
+        latency-bound and would read low. (server index, split, predicted ms, priced ms)."""
         best = None
         for i, st in enumerate(states):
             if st is None:
@@ -427,10 +431,10 @@ class DynamicSplitClient:
             senders = {s.id for s in self.manifest.splits
                        if s.kind != "local" and s.bytes * batch >= est.min_bytes} - exclude
             if senders:
-                others = set(self.plan.candidates) - senders
-                split, t = self.plan.choose(batch, st[0], None, exclude=others, q_ms=st[1], s=st[2])
-                if best is None or t < best[2]:
-                    best = (i, split, t)
+                split = min(sorted(senders), key=lambda c: priced_ms(self.plan, batch, st, c, price))
+                cost = priced_ms(self.plan, batch, st, split, price)
+                if best is None or cost < best[3]:
+                    best = (i, split, priced_ms(self.plan, batch, st, split, 0.0), cost)
         return best
 
     def _constant_values(self) -> dict[str, np.ndarray]:

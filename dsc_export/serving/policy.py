@@ -84,6 +84,14 @@ def best_server(plan: Plan, batch: int, states: list[State | None], *,
     return i, split, predicted
 
 
+def priced_ms(plan: Plan, batch: int, state: State, split: str, wait_price: float) -> float:
+    """What a batch on ``split`` at a server in ``state`` is charged (pure): Eq. 4 at
+    :func:`priced_state` (its predicted time plus the price), ms; as :func:`best_server` compares."""
+    r0, s0 = (tuple(state[3:]) + (None, None))[:2]
+    rate, q, sl = priced_state(*state[:3], r0, s0, wait_price)
+    return plan.choose(batch, rate, exclude=set(plan.candidates) - {split}, q_ms=q, s=sl)[1]
+
+
 def priced_state(rate_MBps: float, q_ms: float, s: float, uncongested_MBps: float | None,
                  uncontended_s: float | None, wait_price: float) -> tuple[float, float, float]:
     """The (rate, q, s) a request to a server is charged at (pure): besides the delays it meets
