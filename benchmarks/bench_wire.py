@@ -120,6 +120,7 @@ def export_random_on_photos(name: str, onnx_path: Path, photos: Path, log) -> No
     recalibrate_batchnorm(torch, net, lambda: next(batches), batches=-(-len(cal) // BN_BATCH))
     net.eval()
     ckpt = onnx_path.parent / f"{name}-random-bn-photos.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), ckpt)
     export_model(name, onnx_path, weights=str(ckpt), verify=False)
     sess = make_session(onnx_path)
