@@ -463,6 +463,7 @@ def main() -> None:
         results[name] = res
         _write(results, [], args)  # what is done so far survives an interrupted run
     results.update(earlier_results([m for m in MODELS if m not in results]))
+    results = {m: results[m] for m in [*MODELS, *results] if m in results}  # the pictures in MODELS' order
     paths = pictures(results)
     _write(results, paths, args)
 
