@@ -268,8 +268,8 @@ class DynamicSplitClient:
         self._rng = random.Random(opt.seed)
         if not 0 < opt.switch_p <= 1:
             raise UserError("switch_p must be in (0, 1]")
-        if not 0 <= opt.wait_price <= 1:
-            raise UserError("wait_price must be in [0, 1]")
+        if not 0 <= opt.wait_price <= 10:
+            raise UserError("wait_price must be in [0, 10]")
         if opt.device_slowdown < 1:
             raise UserError("device_slowdown must be at least 1")
         if opt.device_slowdown > 1:

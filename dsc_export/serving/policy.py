@@ -130,7 +130,9 @@ def priced_state(rate_MBps: float, q_ms: float, s: float, uncongested_MBps: floa
         s: the server's slowdown against its profile now.
         uncongested_MBps: r0, or None.
         uncontended_s: s0, or None.
-        wait_price: w, 0 (each device for itself) to 1 (the delays a request adds, in full).
+        wait_price: w, 0 (each device for itself); 1: the delays a request adds taken to be
+            those it meets (their mean, summed over requests); above 1: the marginal delay, which
+            is larger where the server is busy (1 / (1 - rho) in an open queue).
 
     Returns:
         (r', q', s'): the rate, wait and slowdown to compare candidates at.
