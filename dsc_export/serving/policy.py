@@ -66,8 +66,7 @@ def best_server(plan: Plan, batch: int, states: list[State | None], *,
             continue
         rate, q, sl = st[:3]
         cur = current[1] if current and current[0] == i else None
-        r0, s0 = (tuple(st[3:]) + (None, None))[:2]
-        priced = priced_state(rate, q, sl, r0, s0, wait_price)
+        priced = _priced(st, wait_price)
         split, cost = plan.choose(batch, priced[0], cur, exclude=set(exclude) | {"local"}, q_ms=priced[1], s=priced[2])
         if not math.isinf(cost):
             t = cost if priced == (rate, q, sl) else plan.choose(  # the split's own Eq. 4 time
@@ -87,9 +86,14 @@ def best_server(plan: Plan, batch: int, states: list[State | None], *,
 def priced_ms(plan: Plan, batch: int, state: State, split: str, wait_price: float) -> float:
     """What a batch on ``split`` at a server in ``state`` is charged (pure): Eq. 4 at
     :func:`priced_state` (its predicted time plus the price), ms; as :func:`best_server` compares."""
-    r0, s0 = (tuple(state[3:]) + (None, None))[:2]
-    rate, q, sl = priced_state(*state[:3], r0, s0, wait_price)
+    rate, q, sl = _priced(state, wait_price)
     return plan.choose(batch, rate, exclude=set(plan.candidates) - {split}, q_ms=q, s=sl)[1]
+
+
+def _priced(state: State, wait_price: float) -> tuple[float, float, float]:
+    """:func:`priced_state` of a :data:`State` (its optional parts None where absent)."""
+    r0, s0 = (tuple(state[3:]) + (None, None))[:2]
+    return priced_state(*state[:3], r0, s0, wait_price)
 
 
 def priced_state(rate_MBps: float, q_ms: float, s: float, uncongested_MBps: float | None,
