@@ -100,16 +100,22 @@ def test_the_uncongested_rate_is_the_fastest_recent_reading():
     estimate, and a single unconfirmed reading far above it does not count."""
     rng = random.Random(3)
     est = steady(40.0)
-    readings = [40.0 / rng.choice([1, 1.5, 2, 3]) for _ in range(30)]
+    readings = [40.0 / rng.choice([1, 1.25, 1.5, 1.9]) for _ in range(30)]  # none 2x below: no restart
     seen = [40.0] * 4  # steady's
     for r in readings:
         feed(est, r)
         seen.append(r)
         v = est.rate.value  # a reading more than 2x above it is a suspected step up: not counted yet
+        assert not est.rate.provisional
         assert est.rate.uncongested_MBps == pytest.approx(max([v, *(x for x in seen[-8:] if x <= 2 * v)]))
     assert max(readings[-8:]) == 40.0  # the fastest of the last 8 had the link to itself
-    feed(est, *[10.0] * 8)  # the link itself slowed down: the old fast readings age out
+    before = est.rate.value
+    feed(est, 10.0)  # one slow reading (maybe one slow request): the fast readings still count
+    assert est.rate.provisional
+    assert est.rate.uncongested_MBps == pytest.approx(max(x for x in seen[-7:] if x <= 2 * before))
+    feed(est, 10.0)  # a second: the link itself slowed down (a step): its old rate is forgotten at once
     assert est.rate.uncongested_MBps == pytest.approx(10.0)
+    feed(est, *[10.0] * 6)
     feed(est, 95.0)  # one reading far above, not yet confirmed
     assert est.rate.uncongested_MBps == pytest.approx(10.0)
     assert est.uncongested_planning_MBps() == pytest.approx(10.0)  # no hand-over measured

@@ -113,17 +113,22 @@ class RateEstimator:
     def uncongested_MBps(self) -> float:
         """The link's rate with nobody else on it, as far as the last 8 readings tell, MB/s: the
         fastest of them (a transfer that had the link to itself), never below the estimate; a
-        reading more than ``jump`` times above the estimate and not yet confirmed is left out.
+        reading more than ``jump`` times above the estimate (the one before a provisional low
+        reading) and not yet confirmed is left out, and a step of the link (a restart of the
+        estimate) forgets the readings before it.
         On a link that other devices share (a processor-sharing bottleneck such as one htb
         class), bytes / this rate is a transfer's time alone and the rest of its time on the wire
         is the delay the others add (:func:`~dsc_export.serving.policy.priced_state`)."""
-        ok = [r for r in self._readings if not self.jump or r <= self.value * self.jump]
+        ref = self._held[0] if self._held is not None else self.value  # not one slow reading's
+        ok = [r for r in self._readings if not self.jump or r <= ref * self.jump]
         return max([self.value, *ok])
 
     def _restart(self, readings: list[float]) -> None:
-        """Forget the readings before these; the estimate is the latest."""
+        """Forget the readings before these (the link changed: its uncongested rate too); the
+        estimate is the latest."""
         self._recent.clear()
         self._recent.extend(readings)
+        self._readings = deque(readings, maxlen=self._readings.maxlen)
         self.value, self._held, self._high, self.provisional = readings[-1], None, None, False
 
 
