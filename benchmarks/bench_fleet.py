@@ -7,7 +7,7 @@ loop (each sends its next batch once the last one is answered). Per N, the polic
 after another on the same server and the same rate schedule:
 
 - ``aware``: dynamic split computing with the server's wait q and slowdown s in Eq. 4, each
-  request also charged the delay it adds to other devices' (``wait_price`` 1, the default:
+  request also charged the delays it adds to other devices' (``wait_price``, the default 3:
   :func:`dsc_export.serving.policy.priced_state`);
 - ``selfish``: the same without that charge (``wait_price`` 0: each device for itself);
 - ``blind``: dynamic split computing as before (the wait counts as time on the wire, q = 0, s = 1);
@@ -167,6 +167,7 @@ def main() -> None:
     from dsc_export.fleet import best_assignment, demands, equilibria, pins, solve
     from dsc_export.planning import make_plan
     from dsc_export.serving.bandwidth import ShapedLink
+    from dsc_export.serving.client import ClientOptions
 
     setup = shaped_setup(args.model)
     if setup is None:
@@ -208,7 +209,7 @@ def main() -> None:
                 # the oracle, offline: per rate, the best assignment of the n devices (one shared link)
                 best = {r: best_assignment(dem[r], n, allowed=allowed) for r in rates}
                 # where devices each choosing for itself settle, per the same model (worst equilibrium)
-                price = float(os.environ.get("DSC_WAIT_PRICE", "1"))
+                price = float(os.environ.get("DSC_WAIT_PRICE") or ClientOptions().wait_price)
                 mine = {r: [d for d in dem[r] if allowed is None or d.id in allowed] for r in rates}
                 eqs = {f"{r:g}": {name: {"assignment": e[-1].counts, "over_oracle": e[-1].mean_ms / best[r].mean_ms}
                                   for name, e in (("unpriced", equilibria(mine[r], n)),
@@ -340,7 +341,7 @@ def main() -> None:
     payload = {"model": args.model, "batch": args.batch, "rates_MBps": rates, "seconds_per_phase": args.seconds,
                "quick": args.quick, "privacy": args.privacy, "rtt_ms": rtt, "best_static": static,
                "aware_options": {"switch_p": float(os.environ.get("DSC_SWITCH_P", "0.3")),
-                                 "wait_price": float(os.environ.get("DSC_WAIT_PRICE", "1"))},
+                                 "wait_price": float(os.environ.get("DSC_WAIT_PRICE") or ClientOptions().wait_price)},
                "device_emulation": f"replayed: each device sleeps its profiled head time (1 thread of this machine) "
                                    f"x {k:g}; cut tensors real; every output checked against the whole model",
                "server": "TailServer, 2 threads, dynamic batching, one batch at a time, in a netns behind tc htb",

@@ -134,8 +134,10 @@ def worker(cfg_path: str) -> None:
     kw = {"load_aware": policy != "blind", "privacy": bool(cfg.get("privacy"))}
     if policy in ("aware", "selfish"):  # against herding: move to a better pair with probability 0.3 per batch
         kw["switch_p"] = float(os.environ.get("DSC_SWITCH_P", "0.3"))
-        # aware: charged the wait its requests add to other devices' (the default); selfish: not
-        kw["wait_price"] = float(os.environ.get("DSC_WAIT_PRICE", "1")) if policy == "aware" else 0.0
+        # aware: charged the delays its requests add to other devices' (ClientOptions' default, or
+        # DSC_WAIT_PRICE); selfish: not
+        if policy == "selfish" or os.environ.get("DSC_WAIT_PRICE"):
+            kw["wait_price"] = float(os.environ["DSC_WAIT_PRICE"]) if policy == "aware" else 0.0
     # oracle: pinned by a schedule [(from time, split)], one split per rate of the link
     pinned = cfg.get("pin_schedule")
     if pinned:

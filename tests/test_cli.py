@@ -121,7 +121,7 @@ def test_split_at_non_cut_point_is_one_line(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("given, want", [([], (1.0, 1.0)), (["--switch-p", "0.3"], (0.3, 1.0)),
+@pytest.mark.parametrize("given, want", [([], (1.0, 3.0)), (["--switch-p", "0.3"], (0.3, 3.0)),
                                          (["--wait-price", "0"], (1.0, 0.0))])
 def test_run_hands_switch_p_and_wait_price_to_the_client(tmp_path, monkeypatch, given, want):
     """``run --switch-p`` and ``--wait-price`` reach ClientOptions (the fleet's damped switch and

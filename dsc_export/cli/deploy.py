@@ -162,9 +162,10 @@ def serve_cmd(source, host, http_port, grpc_port, metrics_port, threads, max_bat
               show_default=True, metavar="P",
               help="Move to a better server and split only with this probability per batch (many devices "
                    "sharing a server: 0.3 damps herding, see docs/serving.md); 1: at once.")
-@click.option("--wait-price", "wait_price", type=click.FloatRange(min=0, max=10), default=1.0, show_default=True,
-              metavar="W", help="Charge a request to a server W times the delay it adds to other devices' requests "
-                                "(the fleet's share, see docs/serving.md); 0: each device chooses for itself alone.")
+@click.option("--wait-price", "wait_price", type=click.FloatRange(min=0, max=10), default=3.0, show_default=True,
+              metavar="W", help="Charge a request to a server W times the delays it meets, for those it adds to "
+                                "other devices' requests (a fleet's fair share, see docs/serving.md); 0: each device "
+                                "chooses for itself alone.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per batch.")
 def run_cmd(source, server_url, protocol, plan_path, privacy, input_kind, image_dir, batches, batch_size, threads,
             deadline, static, wait_ready, switch_p, wait_price, as_json) -> None:

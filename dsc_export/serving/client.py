@@ -170,9 +170,10 @@ class ClientOptions:
         wait_price: charge a request to a server the delays it adds to other devices' requests
             too, this weight times the delays it meets (the server's wait q, its tail's time beyond
             the server's uncontended slowdown, and on a shared link its time beyond the link's
-            uncongested rate: :func:`~dsc_export.serving.policy.priced_state`): 1 (the default)
-            is fair to a fleet that shares the server and the link; 0 lets each device choose
-            for itself alone.
+            uncongested rate: :func:`~dsc_export.serving.policy.priced_state`); 0 lets each
+            device choose for itself alone. 1 charges the mean delay a request adds; the marginal
+            one is larger on a busy server, and 3 (the default) is where the queueing model's
+            worst equilibria lie closest to the fleet's best (``benchmarks/fleet_price.py``).
     """
 
     protocol: str = "http"
@@ -192,7 +193,7 @@ class ClientOptions:
     load_probe_s: float = 1.0
     switch_p: float = 1.0
     seed: int | None = None
-    wait_price: float = 1.0
+    wait_price: float = 3.0
 
 
 class DynamicSplitClient:
