@@ -149,6 +149,43 @@ def test_a_priced_client_probes_from_its_budget_only(tiny, price):
         assert 1 <= sum(sent) <= 5, [b.split for b in logs]  # every 4th batch would be 6 or 7
 
 
+@pytest.mark.parametrize("alone", [True, False])
+def test_the_price_falls_on_other_clients_requests_only(tiny, alone):
+    """A server that waits 40 ms (a link where the input takes 40 ms): charged at the default w = 3,
+    offloading (83 ms, + 3 x 40 charged) loses to running here (100 ms) while the server's load
+    answers count requests of other clients; when every request it counts is this client's own
+    (it is alone: the delays it adds fall on its own next requests, already in its own time), the
+    price falls away and the client offloads, as it would unpriced."""
+    root, plan = tiny
+    x = np.random.default_rng(0).integers(0, 255, (2, 3, 16, 16)).astype(np.float32)
+    server = FakeServer(root, rate_MBps=x.nbytes / 0.04 / 1e6)
+    server.queue_ms = server.recent_q = 40.0
+    answered = []
+    real_infer = server.infer
+
+    def infer(model, z, outputs):
+        answered.append(time.monotonic())
+        return real_infer(model, z, outputs)
+
+    def load():  # the requests of its 2 s window: this client's only, or 30 with other clients'
+        mine = sum(t >= time.monotonic() - 2.0 for t in answered)
+        return ServerLoad(1, 0.5, server.recent_q, 1.0, 2.0, mine if alone else 30)
+
+    server.infer, server.load = infer, load
+    logs = []
+    with _client(root, plan, server, log=logs.append, initial_rate_MBps=server.rate) as client:
+        assert client.options.wait_price == 3.0
+        for _ in range(16):
+            client.infer(x)
+    late = [b.split for b in logs[6:]]
+    if alone:
+        assert all(s != "local" for s in late), [b.split for b in logs]
+        assert client.endpoints[0].estimate.others_share < 0.1
+    else:
+        assert late.count("local") >= len(late) - 3, [b.split for b in logs]  # probes aside
+        assert client.endpoints[0].estimate.others_share > 0.5
+
+
 def test_client_recovers_from_a_slow_first_answer(tiny):
     """A cold start: the first answer takes 400 ms more on the wire than the link would (the
     20 ms link reads as 20x slower). The reading is provisional (far off the assumed rate): the

@@ -162,7 +162,8 @@ class ClientOptions:
             them out of the rate estimate; False is the load-blind client (the round trip less
             the compute counts as time on the wire, q = 0, s = 1), a baseline for comparisons.
         load_probe_s: ask a server's load when nothing was heard of it for this long (a stock
-            Triton: read its statistics this often), seconds.
+            Triton, or a priced client (``wait_price`` > 0), which needs to know whose requests
+            the server has: this often), seconds.
         switch_p: move from the server and split in use to a better pair only with this
             probability per batch (:func:`~dsc_export.serving.policy.damped`, against herding
             when many devices share a server); 1: at once.
@@ -352,8 +353,9 @@ class DynamicSplitClient:
         if not self.load_aware:
             return
         now = time.monotonic()
+        priced = self.options.wait_price > 0  # asks while sending too: whose requests the server has
         for ep in self.endpoints:
-            last = ep.asked if not getattr(ep.remote, "has_server_ms", True) else ep.estimate.heard
+            last = ep.asked if priced or not getattr(ep.remote, "has_server_ms", True) else ep.estimate.heard
             if not ep.up(now) or now - last < self.options.load_probe_s:
                 continue
             ep.asked = now
@@ -365,15 +367,16 @@ class DynamicSplitClient:
                 ep.estimate.observe_load(load)
 
     def _states(self, skip: set[int], rate: float | None = None
-                ) -> list[tuple[float, float, float, float, float] | None]:
-        """Per server: (rate, q, s, the link's uncongested rate, the server's uncontended s) for
-        the choice (:func:`~dsc_export.serving.policy.best_server`), None for one down or in
-        ``skip``. ``rate``: this rate instead of the estimates (both)."""
+                ) -> list[tuple[float, float, float, float, float, float] | None]:
+        """Per server: (rate, q, s, the link's uncongested rate, the server's uncontended s,
+        others' share of its requests) for the choice
+        (:func:`~dsc_export.serving.policy.best_server`), None for one down or in ``skip``.
+        ``rate``: this rate instead of the estimates (both)."""
         now = time.monotonic()
         return [None if i in skip or not ep.up(now)
                 else (rate or ep.estimate.planning_MBps(), *self.server_state(ep),
                       rate or ep.estimate.uncongested_planning_MBps(),
-                      ep.estimate.uncontended_s() if self.load_aware else 1.0)
+                      ep.estimate.uncontended_s() if self.load_aware else 1.0, ep.estimate.others_share)
                 for i, ep in enumerate(self.endpoints)]
 
     def choose(self, batch: int, skip: set[int] = frozenset()) -> tuple[int | None, str, float]:

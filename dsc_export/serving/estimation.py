@@ -156,6 +156,10 @@ class ServerEstimate:
         self.handover_fixed_ms, self.handover_ms_per_MB = 0.0, 0.0
         self.heard = -math.inf  # time.monotonic() of the last news of the server
         self._slow: deque[float] = deque(maxlen=8)  # the last requests' slowdowns, for uncontended_s
+        # the share of the server's recent requests that were other clients' (the load answers'
+        # count less this client's own): what a request's added delays fall on; 1 until told
+        self.others_share = 1.0
+        self._answered: deque[float] = deque()  # time.monotonic() of this client's answered requests
 
     def observe(self, nbytes: int, *, round_trip_ms: float, queue_ms: float, server_ms: float,
                 rtt_ms: float, tail_ms: float, stale: bool = False) -> float | None:
@@ -169,6 +173,7 @@ class ServerEstimate:
             tail_ms: the profiled T_tail for this request's own batch size (ms; 0 leaves s as is).
             stale: the estimate is old: the new rate replaces it.
         """
+        self._answered.append(time.monotonic())
         wire_ms = round_trip_ms - queue_ms - server_ms - self.handover_ms(nbytes) - rtt_ms
         measured = self.rate.observe(nbytes, wire_ms / 1e3, stale=stale)
         slow = max(1.0, server_ms / tail_ms) if tail_ms > 0 else None
@@ -200,11 +205,20 @@ class ServerEstimate:
 
     def observe_load(self, load: proto.ServerLoad) -> None:
         """Take a load query's answer in: its recent wait, slowdown and hand-over time per MB
-        (an idle server: 0 and 1; a hand-over not measured, NaN, leaves the estimate as is)."""
+        (an idle server: 0 and 1; a hand-over not measured, NaN, leaves the estimate as is), and
+        the share of its recent requests that were not this client's (:attr:`others_share`,
+        smoothed: the requests in the server's window less this client's answered ones)."""
+        now = time.monotonic()
+        while self._answered and self._answered[0] < now - max(load.window_s, 60.0):
+            self._answered.popleft()
         if load.requests == 0:
             self._server(0.0, 1.0)
+            share = 0.0  # nobody else's requests to delay (nor this client's)
         else:
             self._server(load.q_ms, max(1.0, load.s) if load.s == load.s else None)
+            mine = sum(t >= now - load.window_s for t in self._answered)
+            share = max(0.0, load.requests - mine) / load.requests
+        self.others_share = self.alpha * share + (1 - self.alpha) * self.others_share
         a, b, k = load.handover_ms, load.handover_ms_per_MB, self.alpha
         if a == a and b == b and a >= 0 and b >= 0:
             self.handover_fixed_ms = k * a + (1 - k) * self.handover_fixed_ms

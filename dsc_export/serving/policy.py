@@ -28,7 +28,8 @@ def server_urls(server_url: str | list[str] | tuple[str, ...] | None) -> list[st
     return urls
 
 
-State = tuple[float, ...]  # (rate MB/s, q ms, s), optionally + (the link's uncongested rate, uncontended s)
+# (rate MB/s, q ms, s), optionally + (the link's uncongested rate, the uncontended s, others' share of the requests)
+State = tuple[float, ...]
 
 
 def best_server(plan: Plan, batch: int, states: list[State | None], *,
@@ -45,8 +46,11 @@ def best_server(plan: Plan, batch: int, states: list[State | None], *,
     Args:
         batch: samples in the batch.
         states: per server, (rate MB/s, q ms, s), optionally followed by the link's uncongested
-            rate (MB/s) and the server's uncontended slowdown (:func:`priced_state`; None: not
-            known), or None for a server that is down.
+            rate (MB/s), the server's uncontended slowdown (:func:`priced_state`; None: not
+            known) and the share of the server's requests that are other clients' (0-1; the
+            price is weighted by it: the delays a request adds to its own client's next
+            requests are in that client's own time already; 1 where not given), or None for a
+            server that is down.
         current: (server index or None for local, split) in use.
         exclude: candidates not to consider (privacy: ``offload``).
         wait_price: the weight of the delay a request adds to other devices' requests
@@ -91,9 +95,10 @@ def priced_ms(plan: Plan, batch: int, state: State, split: str, wait_price: floa
 
 
 def _priced(state: State, wait_price: float) -> tuple[float, float, float]:
-    """:func:`priced_state` of a :data:`State` (its optional parts None where absent)."""
-    r0, s0 = (tuple(state[3:]) + (None, None))[:2]
-    return priced_state(*state[:3], r0, s0, wait_price)
+    """:func:`priced_state` of a :data:`State` (its optional parts None, and others' share 1,
+    where absent)."""
+    r0, s0, others = (tuple(state[3:]) + (None, None, 1.0))[:3]
+    return priced_state(*state[:3], r0, s0, wait_price * (1.0 if others is None else others))
 
 
 def priced_state(rate_MBps: float, q_ms: float, s: float, uncongested_MBps: float | None,
