@@ -24,8 +24,9 @@ BatchNorm statistics re-estimated on the calibration photos: :func:`export_rando
    per steady phase the dynamic client's measured mean against the plan's prediction, and every
    static candidate the plan chose anywhere on the same link, plus local, offload and JPEG-95.
 
-The machine is shared and noisy: every profile figure is a median of 2 interleaved rounds of 4 runs (8 runs).
-Writes ``benchmarks/out/wire.json``, ``benchmarks/results/wire-<date>.json``, the pictures
+The machine is shared and noisy: every profile figure is the median of 4 runs in 2 interleaved rounds of 2
+(``repeats=4`` is the total over the rounds). Writes ``benchmarks/out/wire.json``,
+``benchmarks/results/wire-<date>.json`` (``-2``, ``-3``, ... if taken: never over an earlier run's), the pictures
 ``docs/images/wire-*.png``. About 30 minutes on 2 cores.
 
     python benchmarks/bench_wire.py [--models efficientnet_lite0,efficientnet_b0] [--no-e2e] [--reuse]
@@ -48,7 +49,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from common import HERE, OUT, stop, write
+from common import HERE, OUT, new_result, stop, write
 
 ROOT = HERE.parent
 MODELS = {"efficientnet_lite0": True, "efficientnet_b0": False}  # name -> trained weights
@@ -287,7 +288,7 @@ def e2e(split: Path, photos: Path, man, dev, srv, ids: list[str], log, batch: in
     from dsc_export.images import read_folder
     from dsc_export.planning import make_plan
     from dsc_export.serving.bandwidth import ShapedLink, permitted
-    from dsc_export.serving.client import DynamicSplitClient
+    from dsc_export.serving.client import ClientOptions, DynamicSplitClient
 
     why = permitted()
     if why:
@@ -317,11 +318,11 @@ def e2e(split: Path, photos: Path, man, dev, srv, ids: list[str], log, batch: in
             log(f"  e2e: rtt {rtt:.2f} ms; rates {[round(r, 2) for r in rates]} MB/s; plan at batch {batch}: "
                 + ", ".join(f"{r:.3g} -> {plan.choose(batch, r)[0]}" for r in rates))
             logs: list = []
-            dyn = DynamicSplitClient(split, url, plan, threads=1, log=logs.append, deadline_s=60,
-                                     initial_rate_MBps=rates[0], device_slowdown=SLOWDOWN)
+            dyn = DynamicSplitClient(split, url, plan, log=logs.append, options=ClientOptions(
+                threads=1, deadline_s=60, initial_rate_MBps=rates[0], device_slowdown=SLOWDOWN))
             dyn.warm_up(batch)
-            fixed = {s: DynamicSplitClient(split, url, plan, threads=1, deadline_s=60, static=s,
-                                           device_slowdown=SLOWDOWN) for s in statics}
+            fixed = {s: DynamicSplitClient(split, url, plan, options=ClientOptions(
+                threads=1, deadline_s=60, static=s, device_slowdown=SLOWDOWN)) for s in statics}
             for c in fixed.values():
                 c.warm_up(batch)
             phases, k = [], 0
@@ -335,7 +336,7 @@ def e2e(split: Path, photos: Path, man, dev, srv, ids: list[str], log, batch: in
                 measured = [b.measured_ms for b in steady]
                 predicted = [plan.choose(batch, rate * 0.96, None, exclude=set(plan.candidates) - {b.split})[1]
                              for b in steady]
-                static_ms = {}
+                static_ms, static_terms = {}, {}
                 for s, c in fixed.items():
                     slogs = []
                     c.log = slogs.append
@@ -343,16 +344,21 @@ def e2e(split: Path, photos: Path, man, dev, srv, ids: list[str], log, batch: in
                         c.infer(xs[k % len(xs)])
                         k += 1
                     static_ms[s] = statistics.median(b.measured_ms for b in slogs[1:])
+                    static_terms[s] = terms(slogs[1:], plan, rate * 0.96)
                 sent = [b.bytes / b.batch for b in steady if b.bytes]
                 row = {"rate_MBps": rate,
                        "choices": {s: sum(b.split == s for b in steady) for s in {b.split for b in steady}},
                        "measured_ms": statistics.median(measured), "predicted_ms": statistics.median(predicted),
-                       "static_ms": static_ms, "bytes_per_sample_sent": statistics.mean(sent) if sent else 0.0}
+                       "terms": terms(steady, plan, rate * 0.96), "static_ms": static_ms,
+                       "static_terms": static_terms, "bytes_per_sample_sent": statistics.mean(sent) if sent else 0.0}
                 row["error"] = row["measured_ms"] / row["predicted_ms"] - 1
                 phases.append(row)
                 log(f"  {rate:7.2f} MB/s: dynamic {row['measured_ms']:7.1f} ms (predicted {row['predicted_ms']:7.1f}, "
                     f"{row['error'] * 100:+5.1f} %), chose {row['choices']}; static: "
                     + ", ".join(f"{s} {v:.1f}" for s, v in static_ms.items()))
+                for s, tm in [("dynamic", row["terms"]), *static_terms.items()]:
+                    log(f"    {s:14s} " + "; ".join(f"{t} {v['measured']:.1f} vs {v['predicted']:.1f}"
+                                                  for t, v in tm.items() if t != "split"))
             for c in [dyn, *fixed.values()]:
                 c.close()
         finally:
@@ -364,6 +370,38 @@ def e2e(split: Path, photos: Path, man, dev, srv, ids: list[str], log, batch: in
             "dynamic_mean_ms": dyn_mean, "static_mean_ms": static_mean, "best_static": best,
             "dynamic_vs_best_static": dyn_mean / static_mean[best] - 1,
             "statistic": "median over the steady batches of each phase"}
+
+
+def terms(batches: list, plan, rate_MBps: float) -> dict:
+    """Where a phase's time went against Eq. 4's terms, medians over ``batches`` (client
+    ``BatchLog``s of one split, the most frequent one if several; pure): the device's head (the
+    client's, slowed like the profile) against the profile's; the time on the wire (round trip
+    less the server's wait and compute, the plan's rtt in it) against bytes / rate + rtt; the
+    server's tail (its reported compute) against the profile's; the rest (the client's work around
+    the request, the server's hand-over), which Eq. 4 does not have; the whole batch against Eq. 4."""
+    if not batches:
+        return {}
+    split = statistics.mode([b.split for b in batches])
+    mine = [b for b in batches if b.split == split]
+    batch = statistics.mode([b.batch for b in mine])
+    head, tail = plan.parts_ms(split, batch)
+    nbytes = statistics.median(b.bytes for b in mine)
+    sends = split != "local"
+    wire = (nbytes / (rate_MBps * 1e3) + plan.rtt_ms) if sends else 0.0
+    predicted = {"head_ms": head, "wire_ms": wire, "tail_ms": tail if sends else 0.0}
+    measured = {"head_ms": statistics.median(b.head_ms if sends else b.measured_ms for b in mine),
+                "wire_ms": statistics.median(b.wire_ms for b in mine),
+                "tail_ms": statistics.median(b.server_ms for b in mine)}
+    # the rest: the client's own work around the request, the server's hand-over (not in Eq. 4)
+    predicted["other_ms"] = 0.0
+    measured["other_ms"] = statistics.median(
+        b.measured_ms - (b.head_ms if sends else b.measured_ms) - b.wire_ms - b.server_ms for b in mine)
+    out: dict = {"split": split}
+    for t in predicted:
+        out[t] = {"measured": measured[t], "predicted": predicted[t]}
+    out["total_ms"] = {"measured": statistics.median(b.measured_ms for b in mine),
+                       "predicted": plan.choose(batch, rate_MBps, None, exclude=set(plan.candidates) - {split})[1]}
+    return out
 
 
 def pictures(results: dict) -> list[str]:
@@ -426,8 +464,12 @@ def main() -> None:
     def log(s: str) -> None:
         print(s, flush=True)
 
+    names = args.models.split(",")
+    # read before this run writes anything: its own dated file must never be where they come from
+    earlier = earlier_results([m for m in MODELS if m not in names])
+    args.dated = new_result(ROOT / "benchmarks" / "results", f"wire-{time.strftime('%Y-%m-%d')}")
     results = {}
-    for name in args.models.split(","):
+    for name in names:
         trained = MODELS.get(name, False)
         split, photos = OUT / "wire" / name / "split", photo_folder(name)
         if not (args.reuse and (split / "device.json").is_file() and (split / "server.json").is_file()):
@@ -456,13 +498,14 @@ def main() -> None:
             res["_plan"], res["_plan_title"] = richest[0], richest[1]
             if name == "efficientnet_lite0" and not args.no_e2e:
                 res["e2e"] = e2e(split, photos, man, dev, srv, richest[2], log)
-        if "e2e" not in res and (OUT / "wire.json").is_file():  # --no-e2e: keep an earlier run's
-            before = json.loads((OUT / "wire.json").read_text())["results"].get(name, {})
-            if "e2e" in before:
-                res["e2e"] = before["e2e"]
+        if "e2e" not in res and (OUT / "wire.json").is_file():  # --no-e2e: keep an earlier run's, marked
+            before = json.loads((OUT / "wire.json").read_text())
+            e = before["results"].get(name, {}).get("e2e")
+            if e:
+                res["e2e"] = {**e, "from": e.get("from", f"an earlier run ({before.get('date')})")}
         results[name] = res
         _write(results, [], args)  # what is done so far survives an interrupted run
-    results.update(earlier_results([m for m in MODELS if m not in results]))
+    results.update(earlier)
     results = {m: results[m] for m in [*MODELS, *results] if m in results}  # the pictures in MODELS' order
     paths = pictures(results)
     _write(results, paths, args)
@@ -473,23 +516,31 @@ def earlier_results(names: list[str]) -> dict:
     this run (``--models``) left out, each saying where it came from: the picture of every form
     keeps them, and wire.json says which figures are this run's."""
     out = {}
-    for path in sorted((ROOT / "benchmarks" / "results").glob("wire-*.json"), reverse=True):
+    for path in sorted((ROOT / "benchmarks" / "results").glob("wire-*.json"), key=_run_order, reverse=True):
         for name, res in json.loads(path.read_text())["results"].items():
-            if name in names and name not in out:
-                out[name] = {**res, "from": path.name}
+            if name in names and name not in out:  # a carried entry keeps the file it was measured in
+                out[name] = {**res, "from": res.get("from", path.name)}
     return out
 
 
+def _run_order(path: Path) -> tuple[str, int]:
+    """``wire-DATE.json`` < ``wire-DATE-2.json`` < ``wire-DATE-3.json`` < a later date's
+    (:func:`common.new_result`'s names)."""
+    stem = path.stem.removeprefix("wire-")
+    date, _, k = stem[:10], stem[10:11], stem[11:]
+    return date, int(k) if k.isdigit() else 1
+
+
 def _write(results: dict, paths: list[str], args) -> None:
-    """wire.json and its dated copy in benchmarks/results/, without the in-memory plans."""
+    """wire.json and this run's dated copy in benchmarks/results/ (``args.dated``), without the
+    in-memory plans."""
     results = {k: {f: v for f, v in r.items() if not f.startswith("_")} for k, r in results.items()}
     payload = {"slowdown": SLOWDOWN, "floor": FLOOR, "batches_profiled": list(BATCHES),
                "grid": "batch 1-64 x 64 rates 1-128 MB/s (log)", "offload_forms": list(OFFLOAD),
-               "statistic": "profile medians of 2 interleaved rounds x 4 runs; e2e medians per phase",
+               "statistic": "profile medians of 4 runs (2 interleaved rounds of 2); e2e medians per phase",
                "results": results, "pictures": paths, "models": args.models.split(",")}
     write("wire.json", payload)
-    (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
-    dated = ROOT / "benchmarks" / "results" / f"wire-{time.strftime('%Y-%m-%d')}.json"
+    dated = args.dated  # this run's own file (common.new_result): an earlier run's is never overwritten
     dated.write_text(json.dumps(json.loads((OUT / "wire.json").read_text()), indent=1) + "\n")
     print(f"wrote {dated}")
 
