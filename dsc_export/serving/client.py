@@ -162,8 +162,7 @@ class ClientOptions:
             them out of the rate estimate; False is the load-blind client (the round trip less
             the compute counts as time on the wire, q = 0, s = 1), a baseline for comparisons.
         load_probe_s: ask a server's load when nothing was heard of it for this long (a stock
-            Triton, or a priced client (``wait_price`` > 0), which needs to know whose requests
-            the server has: this often), seconds.
+            Triton: read its statistics this often), seconds.
         switch_p: move from the server and split in use to a better pair only with this
             probability per batch (:func:`~dsc_export.serving.policy.damped`, against herding
             when many devices share a server); 1: at once.
@@ -353,9 +352,8 @@ class DynamicSplitClient:
         if not self.load_aware:
             return
         now = time.monotonic()
-        priced = self.options.wait_price > 0  # asks while sending too: whose requests the server has
         for ep in self.endpoints:
-            last = ep.asked if priced or not getattr(ep.remote, "has_server_ms", True) else ep.estimate.heard
+            last = ep.asked if not getattr(ep.remote, "has_server_ms", True) else ep.estimate.heard
             if not ep.up(now) or now - last < self.options.load_probe_s:
                 continue
             ep.asked = now

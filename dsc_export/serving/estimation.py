@@ -157,7 +157,8 @@ class ServerEstimate:
         self.heard = -math.inf  # time.monotonic() of the last news of the server
         self._slow: deque[float] = deque(maxlen=8)  # the last requests' slowdowns, for uncontended_s
         # the share of the server's recent requests that were other clients' (the load answers'
-        # count less this client's own): what a request's added delays fall on; 1 until told
+        # count less this client's own): what a request's added delays fall on; 1 until a load
+        # answer tells (a client that sends all the time asks none: it keeps the last it heard)
         self.others_share = 1.0
         self._answered: deque[float] = deque()  # time.monotonic() of this client's answered requests
 
