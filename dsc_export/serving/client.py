@@ -18,7 +18,10 @@ Per batch (paper Section 3, with the run-time details the paper leaves open):
    server so never reads as a slow link;
 2. the plan gives the split for (batch size, rate, q, s) —
    :func:`~dsc_export.planning.eq4_ms` on the profiled times, not the nearest grid cell —
-   keeping the split in use unless another wins by the plan's margin;
+   keeping the split in use unless another wins by the plan's margin; a candidate that sends is
+   compared at its predicted time plus the price of the delays it adds to other clients'
+   requests (``wait_price``: :func:`~dsc_export.serving.policy.priced_state`), so that devices
+   sharing a server take the fleet's best share of it, not each its own;
 3. the head runs here; the cut tensor goes to the server with ``tritonclient`` as binary tensor
    data (HTTP or gRPC); the server's tail returns the outputs.
 
