@@ -436,10 +436,11 @@ class DynamicSplitClient:
             senders = {s.id for s in self.manifest.splits
                        if s.kind != "local" and s.bytes * batch >= est.min_bytes} - exclude
             if senders:
-                split = min(sorted(senders), key=lambda c: priced_ms(self.plan, batch, st, c, price))
-                cost = priced_ms(self.plan, batch, st, split, price)
-                if best is None or cost < best[3]:
-                    best = (i, split, priced_ms(self.plan, batch, st, split, 0.0), cost)
+                costs = {c: priced_ms(self.plan, batch, st, c, price) for c in sorted(senders)}
+                split = min(costs, key=costs.get)
+                if best is None or costs[split] < best[3]:
+                    t = costs[split] if not price else priced_ms(self.plan, batch, st, split, 0.0)
+                    best = (i, split, t, costs[split])
         return best
 
     def _constant_values(self) -> dict[str, np.ndarray]:

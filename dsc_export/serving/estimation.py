@@ -174,7 +174,10 @@ class ServerEstimate:
             tail_ms: the profiled T_tail for this request's own batch size (ms; 0 leaves s as is).
             stale: the estimate is old: the new rate replaces it.
         """
-        self._answered.append(time.monotonic())
+        now = time.monotonic()
+        self._answered.append(now)
+        while self._answered[0] < now - 60.0:  # a client that never asks the load keeps a minute
+            self._answered.popleft()
         wire_ms = round_trip_ms - queue_ms - server_ms - self.handover_ms(nbytes) - rtt_ms
         measured = self.rate.observe(nbytes, wire_ms / 1e3, stale=stale)
         slow = max(1.0, server_ms / tail_ms) if tail_ms > 0 else None
